@@ -1,0 +1,62 @@
+# triaged: `make run` starts the node on the embedded defaults, `make test` runs every check.
+# A fresh machine needs only Python 3.11, gcc, make and apt: everything else is installed here.
+# Research use only - not for diagnosis.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := dcmtk dicom3tools orthanc
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test bench lint typecheck contracts pytest sysdeps venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# CPU torch first, from the exact pinned release, so nothing can pull a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Test peers: DCMTK (storescu, echoscu, storescp, findscu), dicom3tools (dciodvfy) and Orthanc.
+# Debian's orthanc package starts a system service on 4242/8042; the tests run their own, so stop it.
+sysdeps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  ($(SUDO) systemctl disable --now orthanc || $(SUDO) service orthanc stop) >/dev/null 2>&1 || true; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/triaged check-config config.yaml
+	exec $(BIN)/triaged serve --config config.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check triaged tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+contracts: $(STAMP)
+	$(BIN)/lint-imports
+
+pytest: $(STAMP) sysdeps
+	$(BIN)/triaged check-config config.yaml
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck contracts pytest
+
+bench: $(STAMP) sysdeps
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,309 @@
+"""The listener against real peers: DCMTK echoscu/storescu and a pynetdicom SCU, on a free port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage
+
+from tests.conftest import make_config, require_tool
+from tests.integration.conftest import storescu, wait_for
+from triaged.config import Config
+from triaged.daemon import Node
+from triaged.domain import JobState
+from triaged.net.scp import (
+    STATUS_INSTANCE_MISMATCH,
+    STATUS_INVALID_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_TRUNCATED_PIXELS,
+    STATUS_UNDECODABLE,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _scu(ae_title: str = "TESTSCU", contexts: list[str] | None = None) -> AE:
+    ae = AE(ae_title=ae_title)
+    for cx in contexts or [CTImageStorage]:
+        ae.add_requested_context(cx, [ExplicitVRLittleEndian])
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
+
+
+def _send(node: Node, items: list[Dataset | Path], ae_title: str = "TESTSCU") -> list[Dataset]:
+    host, port = node.listener.address
+    assoc = _scu(ae_title).associate(host, port, ae_title="TRIAGED")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(item) for item in items]
+    finally:
+        assoc.release()
+
+
+def test_echoscu_gets_a_c_echo_answer(node_factory: Callable[[Config], Node], tmp_path: Path) -> None:
+    require_tool("echoscu")
+    node = node_factory(make_config(tmp_path))
+    host, port = node.listener.address
+    proc = subprocess.run(
+        ["echoscu", "-aec", "TRIAGED", host, str(port)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    [assoc] = node.ledger.associations(limit=5)
+    assert assoc.calling_ae == "ECHOSCU" and assoc.accepted
+
+
+def test_a_real_ct_series_from_storescu_is_stored_completed_and_queued(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    require_tool("storescu")
+    node = node_factory(make_config(tmp_path))
+    proc = storescu(*node.listener.address, pet_ct_dx)
+    assert proc.returncode == 0, proc.stderr
+    [study] = node.ledger.studies()
+    assert study.instances == 30 and study.series == 1
+    # Every acknowledged instance is on disk with the bytes storescu sent.
+    for path, *_ in node.ledger.study_instances(study.study_instance_uid):
+        ds = dcmread(node.spool.root / path)
+        assert ds.StudyInstanceUID == study.study_instance_uid
+    job = wait_for(
+        lambda: next(iter(node.ledger.jobs(states=[JobState.QUEUED])), None), what="the job to be queued"
+    )
+    assert (
+        "30" in job.detail and job.series_instance_uid == dcmread(next(pet_ct_dx.iterdir())).SeriesInstanceUID
+    )
+    [audit] = node.ledger.associations()
+    assert (audit.calling_ae, audit.instances, audit.failures) == ("STORESCU", 30, 0)
+
+
+def test_a_study_too_short_to_analyse_is_ignored_with_the_reason(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    node = node_factory(make_config(tmp_path))
+    files = sorted(pet_ct_dx.iterdir())[:12]
+    assert all(s.Status == 0 for s in _send(node, files))
+    job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.IGNORED])), None), what="IGNORED")
+    assert "12" in job.detail and "20" in job.detail, job.detail
+
+
+def test_unknown_calling_ae_is_rejected_with_the_standard_reason(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    node = node_factory(make_config(tmp_path, listener={"allowed_calling_aes": ["PACS"]}))
+    host, port = node.listener.address
+    assoc = _scu("STRANGER").associate(host, port, ae_title="TRIAGED")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)  # calling AE not recognised
+    proc = subprocess.run(
+        ["echoscu", "-aet", "STRANGER", "-aec", "TRIAGED", host, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0 and "Calling AE Title Not Recognized" in proc.stderr + proc.stdout
+    assoc = _scu("PACS").associate(host, port, ae_title="TRIAGED")
+    assert assoc.is_established
+    assoc.release()
+    refused = [a for a in node.ledger.associations() if not a.accepted]
+    assert len(refused) == 2 and "STRANGER" in refused[0].reject_reason
+
+
+def test_a_source_outside_the_allowed_networks_is_rejected(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    node = node_factory(make_config(tmp_path, listener={"allowed_networks": ["10.99.0.0/16"]}))
+    assoc = _scu().associate(*node.listener.address, ae_title="TRIAGED")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
+    assert "127.0.0.1" in node.ledger.associations()[0].reject_reason
+
+
+def _ct(pet_ct_dx: Path) -> Dataset:
+    return dcmread(sorted(pet_ct_dx.iterdir())[0])
+
+
+def test_bad_datasets_get_documented_statuses_are_quarantined_and_the_node_keeps_serving(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    node = node_factory(make_config(tmp_path))
+    no_study = _ct(pet_ct_dx)
+    no_study.SOPInstanceUID = generate_uid()
+    del no_study.StudyInstanceUID
+    hostile = _ct(pet_ct_dx)
+    hostile.SOPInstanceUID = generate_uid()
+    hostile.SeriesInstanceUID = "1.2/../../../etc"
+    truncated = _ct(pet_ct_dx)
+    truncated.SOPInstanceUID = generate_uid()
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 2]
+    statuses = [int(s.Status) for s in _send(node, [no_study, hostile, truncated])]
+    assert statuses == [STATUS_INVALID_UID, STATUS_INVALID_UID, STATUS_TRUNCATED_PIXELS]
+
+    # Garbage after a valid file meta header, sent raw (pynetdicom does not decode chunked sends).
+    good = pet_ct_dx / "1-01.dcm"
+    garbage = tmp_path / "garbage.dcm"
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, dcmread(good, stop_before_pixels=True).file_meta)
+    garbage.write_bytes(
+        b"\0" * 128 + b"DICM" + meta.getvalue() + b"\x08\x00\x16\x00UI\xff\xff" + b"\xfe" * 64
+    )
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        [rsp] = _send(node, [garbage])
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert int(rsp.Status) == STATUS_UNDECODABLE, rsp
+
+    reasons = [r for _, r in node.spool.quarantined()]
+    assert len(reasons) == 4
+    assert any("StudyInstanceUID is missing" in r for r in reasons)
+    assert any("not a valid UID" in r for r in reasons)
+    assert not list((node.spool.root / "studies").rglob("*etc*"))
+    # Still serving: a good instance is stored.
+    [ok] = _send(node, [_ct(pet_ct_dx)])
+    assert ok.Status == 0
+    assert node.ledger.studies()[0].instances == 1
+
+
+def test_a_dataset_whose_uid_differs_from_the_request_is_refused(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    node = node_factory(make_config(tmp_path))
+    host, port = node.listener.address
+    assoc = _scu().associate(host, port, ae_title="TRIAGED")
+    # pynetdicom takes the request's Affected SOP Instance UID from the file meta of a file it sends
+    # raw, so a file whose meta names another instance puts the mismatch on the wire.
+    raw = (pet_ct_dx / "1-01.dcm").read_bytes()
+    uid = str(dcmread(pet_ct_dx / "1-01.dcm").SOPInstanceUID).encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(raw.replace(uid, other, 1))  # the first occurrence is in the file meta
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        rsp = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert int(rsp.Status) == STATUS_INSTANCE_MISMATCH
+
+
+def test_a_non_image_sop_class_that_is_not_configured_is_not_negotiated(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    node = node_factory(make_config(tmp_path))
+    ae = _scu(contexts=[BasicTextSRStorage, CTImageStorage])
+    assoc = ae.associate(*node.listener.address, ae_title="TRIAGED")
+    assert assoc.is_established
+    rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+    assoc.release()
+    assert rejected == {BasicTextSRStorage: 0x03}  # abstract syntax not supported (PS3.8 9.3.3.2)
+
+
+def test_configured_extra_sop_classes_are_stored_but_never_analysed(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    node = node_factory(make_config(tmp_path, listener={"extra_storage_sop_classes": ["BasicTextSRStorage"]}))
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.SOPClassUID = BasicTextSRStorage
+    sr.SOPInstanceUID = generate_uid()
+    sr.StudyInstanceUID = generate_uid()
+    sr.SeriesInstanceUID = generate_uid()
+    sr.Modality = "SR"
+    host, port = node.listener.address
+    assoc = _scu(contexts=[BasicTextSRStorage]).associate(host, port, ae_title="TRIAGED")
+    assert assoc.send_c_store(sr).Status == 0
+    assoc.release()
+    job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.IGNORED])), None), what="IGNORED")
+    assert "no axial CT series" in job.detail
+
+
+def test_a_full_disk_answers_out_of_resources_and_stores_nothing(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    node = node_factory(make_config(tmp_path, storage={"min_free_mb": 10**9}))
+    [rsp] = _send(node, [_ct(pet_ct_dx)])
+    assert int(rsp.Status) == STATUS_OUT_OF_RESOURCES
+    assert "MiB free" in rsp.ErrorComment
+    assert node.ledger.studies() == []
+
+
+def test_duplicates_are_acknowledged_once_and_a_late_instance_reopens_the_study(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    node = node_factory(make_config(tmp_path))
+    files = sorted(pet_ct_dx.iterdir())
+    assert all(s.Status == 0 for s in _send(node, files[:29]))
+    assert all(s.Status == 0 for s in _send(node, files[:3]))  # re-sent: identical bytes
+    first = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.QUEUED])), None), what="QUEUED")
+    assert node.ledger.studies()[0].instances == 29
+    assert all(s.Status == 0 for s in _send(node, files[29:]))  # the late one
+    second = wait_for(
+        lambda: next((j for j in node.ledger.jobs(states=[JobState.QUEUED]) if j.id != first.id), None),
+        what="the re-opened study to be queued again",
+    )
+    assert second.revision == first.revision + 1
+    assert node.ledger.job(first.id).state is JobState.SUPERSEDED
+    assert node.ledger.studies()[0].instances == 30
+
+
+def test_compressed_transfer_syntaxes_are_accepted(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    # (encoder command or None for pydicom's JPEG 2000 encoder, storescu option proposing that syntax)
+    encoders = [(["dcmcjpeg", "+e1"], "-xs"), (["dcmcjpls"], "-xt"), (["dcmcrle"], "-xr"), (None, "-xv")]
+    node = node_factory(make_config(tmp_path))
+    for i, ((encoder, propose), src) in enumerate(zip(encoders, sorted(pet_ct_dx.iterdir()), strict=False)):
+        out = tmp_path / f"compressed-{i}.dcm"
+        if encoder is None:
+            ds = dcmread(src)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(out)
+        else:
+            require_tool(encoder[0])
+            subprocess.run([*encoder, str(src), str(out)], check=True, capture_output=True)
+        proc = storescu(*node.listener.address, [out], extra=[propose])
+        assert proc.returncode == 0, proc.stderr
+    study = node.ledger.studies()[0]
+    stored = {
+        dcmread(node.spool.root / p).file_meta.TransferSyntaxUID
+        for p, *_ in node.ledger.study_instances(study.study_instance_uid)
+    }
+    assert stored == {JPEGLosslessSV1, JPEGLSLossless, RLELossless, JPEG2000Lossless}
+
+
+def test_a_restart_keeps_every_acknowledged_instance_and_the_ledger_state(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> None:
+    config = make_config(tmp_path, completion={"delay_seconds": 600})
+    node = node_factory(config)
+    assert all(s.Status == 0 for s in _send(node, sorted(pet_ct_dx.iterdir())[:5]))
+    node.stop(drain_seconds=2)
+    # A power loss after the fsync of a file but before its ledger row: the reconcile records it.
+    late = _ct(pet_ct_dx)
+    src = sorted(pet_ct_dx.iterdir())[5]
+    rel = f"studies/{late.StudyInstanceUID}/{late.SeriesInstanceUID}/{dcmread(src).SOPInstanceUID}.dcm"
+    shutil.copy(src, config.storage.spool / rel)
+    again = node_factory(config)
+    [study] = again.ledger.studies()
+    assert study.instances == 6
+    assert len(again.ledger.study_instances(study.study_instance_uid)) == 6
+    assert [j.state for j in again.ledger.jobs()] == [JobState.RECEIVING]

@@ -1,0 +1,189 @@
+"""The ``triaged`` command line.  Every output that shows results says they are for research use only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from triaged import __version__
+from triaged.config import Config, load_config
+from triaged.errors import ConfigError, TriagedError
+
+DEFAULT_CONFIG = Path("config.yaml")
+RESEARCH_NOTE = "Research use only - not for diagnosis."
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _ledger(config: Config):  # type: ignore[no-untyped-def]
+    from triaged.ledger import Ledger
+
+    if not config.storage.ledger.exists():
+        print(f"no ledger at {config.storage.ledger} (has the node run yet?)", file=sys.stderr)
+        raise SystemExit(1)
+    return Ledger(config.storage.ledger)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    lst = config.listener
+    print(f"{args.config}: valid. Listener {lst.ae_title} on {lst.bind_address}:{lst.port}; "
+          f"{len(config.destinations)} destination(s); completion after {config.completion.delay_seconds:g} s.")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from triaged.daemon import serve
+
+    try:
+        return serve(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        rows = ledger.studies(limit=args.limit)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([
+            {"study_instance_uid": s.study_instance_uid, "first_seen": s.first_seen.isoformat(),
+             "last_seen": s.last_seen.isoformat(), "instances": s.instances, "bytes": s.bytes,
+             "series": s.series, "state": s.state, "accession_number": s.accession_number}
+            for s in rows], indent=2))
+        return 0
+    print(_table(
+        ["study", "accession", "series", "instances", "MB", "last seen (UTC)", "state"],
+        [[s.study_instance_uid, s.accession_number, s.series, s.instances, f"{s.bytes / 1e6:.1f}",
+          s.last_seen.strftime("%Y-%m-%d %H:%M:%S"), s.state] for s in rows],
+    ))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from triaged.domain import JobState
+
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        if args.job is not None:
+            job = ledger.job(args.job)
+            print(f"job {job.id}  study {job.study_instance_uid}  revision {job.revision}  state {job.state.value}")
+            if job.series_instance_uid:
+                print(f"series {job.series_instance_uid}")
+            print(_table(["at (UTC)", "from", "to", "detail"],
+                         [[at.strftime("%Y-%m-%d %H:%M:%S"), f or "", t, d] for at, f, t, d in job.history]))
+            return 0
+        states = [JobState(s.upper()) for s in args.state] if args.state else None
+        rows = ledger.jobs(states=states, limit=args.limit)
+    finally:
+        ledger.close()
+    print(_table(
+        ["job", "study", "rev", "state", "updated (UTC)", "detail"],
+        [[j.id, j.study_instance_uid, j.revision, j.state.value, j.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+          j.detail[:100]] for j in rows],
+    ))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from triaged.net.scu import echo
+
+    config = _load(args.config)
+    lst = config.listener
+    host = "127.0.0.1" if lst.bind_address in ("0.0.0.0", "::") else lst.bind_address  # noqa: S104
+    try:
+        status = echo(host, lst.port, lst.ae_title, timeout=5)
+        listening = f"up (C-ECHO status 0x{status:04X})"
+    except TriagedError:
+        listening = "not answering"
+    print(f"listener   {lst.ae_title}@{host}:{lst.port}: {listening}")
+    spool = config.storage.spool
+    if spool.exists():
+        du = shutil.disk_usage(spool)
+        print(f"spool      {spool}: {du.free / 2**30:.1f} GiB free of {du.total / 2**30:.1f} GiB "
+              f"(refuses below {config.storage.min_free_mb} MiB)")
+    if config.storage.ledger.exists():
+        ledger = _ledger(config)
+        try:
+            depth = ledger.queue_depth()
+        finally:
+            ledger.close()
+        print("jobs       " + (", ".join(f"{s.value} {n}" for s, n in depth.items() if n) or "none"))
+    else:
+        print(f"ledger     {config.storage.ledger}: not created yet")
+    return 0 if listening.startswith("up") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triaged",
+        description=f"A DICOM node that triages chest CT for COVID-19. {RESEARCH_NOTE}",
+    )
+    parser.add_argument("--version", action="version", version=f"triaged {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the node in the foreground"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and list every error with its path and line")
+    p.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("studies", help="studies in the ledger, most recent first"))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies)
+
+    p = with_config(sub.add_parser("jobs", help="jobs and their states; give a job id for its history"))
+    p.add_argument("job", type=int, nargs="?")
+    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs)
+
+    p = with_config(sub.add_parser("status", help="listener, queue depth and free disk"))
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TriagedError as exc:
+        print(f"triaged: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Composition root: builds the adapters from a Config and runs the node until SIGTERM.
+
+SIGTERM/SIGINT: stop accepting associations, let in-flight stores finish, stop the scheduler, exit 0.
+SIGHUP: re-read the config file; a valid one replaces the running one atomically, an invalid one is
+refused with every error logged and the old one stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from triaged.config import Config, LoggingConfig, load_config
+from triaged.errors import ConfigError
+from triaged.ledger import Ledger
+from triaged.net.scp import Listener, StoreService
+from triaged.scheduler import build_scheduler, reschedule_sweep
+from triaged.spool import Spool
+from triaged.stages import Stages
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = "triaged is for research use only; its results are not for diagnosis."
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(cfg: LoggingConfig) -> None:
+    """Route logs to stderr (journald under systemd) and optionally a file."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg.file is not None:
+        cfg.file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(cfg.file))
+    fmt: logging.Formatter = (
+        _JsonFormatter() if cfg.format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(cfg.level)
+    # pynetdicom logs every PDU at INFO; keep its chatter to warnings unless debugging.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING)
+
+
+class Node:
+    """One running triaged node.
+
+    Parameters
+    ----------
+    config : Config
+        The validated configuration.
+    config_path : Path or None
+        Where SIGHUP re-reads the configuration from.
+    """
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self._config = config
+        self._stop = threading.Event()
+        self.ledger = Ledger(config.storage.ledger)
+        self.spool = Spool(config.storage.spool, config.storage.min_free_mb)
+        self.stages = Stages(self.ledger, self.spool, lambda: self._config)
+        self.service = StoreService(self.spool, self.ledger, config.listener)
+        self.listener = Listener(config.listener, self.service)
+        self.scheduler = build_scheduler(self.stages, config.completion.sweep_interval_seconds)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def start(self) -> None:
+        """Recover from the last stop, then listen and sweep."""
+        log.info("%s", DISCLAIMER)
+        self.stages.reconcile_spool()
+        self.stages.resume_interrupted()
+        self.listener.start()
+        self.scheduler.start()
+
+    def reload(self) -> bool:
+        """Re-read the config file; swap only a valid config.  Returns whether it was applied."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for where, msg in exc.problems:
+                log.error("config reload refused, keeping the running config: %s: %s", where, msg)
+            return False
+        restart_needed = [
+            name for name, old, cur in (
+                ("listener.ae_title", self._config.listener.ae_title, new.listener.ae_title),
+                ("listener.port", self._config.listener.port, new.listener.port),
+                ("listener.bind_address", self._config.listener.bind_address, new.listener.bind_address),
+                ("listener.extra_storage_sop_classes", self._config.listener.extra_storage_sop_classes,
+                 new.listener.extra_storage_sop_classes),
+                ("storage", self._config.storage, new.storage),
+            ) if old != cur
+        ]
+        for name in restart_needed:
+            log.warning("config reload: %s changed; it takes effect at the next restart", name)
+        self._config = new
+        self.service.reload(new.listener)
+        reschedule_sweep(self.scheduler, new.completion.sweep_interval_seconds)
+        configure_logging(new.logging)
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting, drain in-flight associations, stop the scheduler, close the ledger."""
+        self._stop.set()
+        self.listener.stop(drain_seconds)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.ledger.close()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+
+def serve(config_path: Path) -> int:
+    """Run the node in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    config = load_config(config_path)
+    configure_logging(config.logging)
+    node = Node(config, config_path)
+    reload_requested = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping (in-flight stores finish first)", signal.Signals(signum).name)
+        node.request_stop()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        reload_requested.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    node.start()
+    # Signal handlers only set flags; the work happens here, outside the handler.
+    while not node.stop_requested:
+        if reload_requested.wait(0.5):
+            reload_requested.clear()
+            node.reload()
+    node.stop()
+    return 0

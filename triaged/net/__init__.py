@@ -1,0 +1,1 @@
+"""DICOM networking adapters: the listener (SCP) and the sender (SCU)."""

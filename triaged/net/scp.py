@@ -1,0 +1,401 @@
+"""The DICOM listener: C-ECHO and C-STORE (PS3.4 Annex A and B) on pynetdicom.
+
+The C-STORE handler validates, writes the encoded dataset durably to the spool, records it in the
+ledger and only then answers Success; anything slow (header parsing of whole studies, pixel decoding,
+analysis) happens elsewhere.  Status codes are listed in ``docs/conformance.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from triaged.config import ListenerConfig, sop_class_uids
+from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome
+from triaged.errors import InvalidDatasetError, StorageError
+from triaged.ledger import Ledger
+from triaged.spool import Spool, validate_uid
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted for storage; pixel data is decoded only when a volume is loaded.
+STORAGE_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+# C-STORE status codes (PS3.4 B.2.3; the 0xC2xx values are ours within the "Cannot understand" range).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_INVALID_UID = 0xC210
+STATUS_UNDECODABLE = 0xC211
+STATUS_INSTANCE_MISMATCH = 0xC212
+STATUS_TRUNCATED_PIXELS = 0xC213
+
+_UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
+
+
+@dataclass
+class _AssocStats:
+    ledger_id: int | None
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO: 64 characters at most
+    return ds
+
+
+class StoreService:
+    """Event handlers of the listener; dependencies come in through the constructor.
+
+    Parameters
+    ----------
+    spool, ledger
+        Where instances are written and recorded.
+    config
+        The listener section; swapped by :meth:`reload` on SIGHUP (access rules take effect for new
+        associations; storage classes need a restart because presentation contexts are fixed).
+    """
+
+    def __init__(self, spool: Spool, ledger: Ledger, config: ListenerConfig) -> None:
+        self.spool = spool
+        self.ledger = ledger
+        self._config = config
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+
+    def reload(self, config: ListenerConfig) -> None:
+        self._config = config
+
+    # -- association level -------------------------------------------------------------------
+    def on_conn_open(self, event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is not None:
+            # Nagle + delayed ACK costs ~40 ms per small PDU exchange (one per C-STORE response).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def access_refusal(self, calling_ae: str, address: str) -> tuple[int, int, int, str] | None:
+        """(result, source, diagnostic, reason) of an A-ASSOCIATE-RJ for a stranger, else None (PS3.8 9.3.4)."""
+        cfg = self._config
+        if cfg.allowed_networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                ip = None
+            if ip is None or not any(ip in ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks):
+                # PS3.8 has no diagnostic for addresses: rejected-permanent, service-user, no reason given.
+                return (0x01, 0x01, 0x01, f"source address {address} is not in listener.allowed_networks")
+        if cfg.allowed_calling_aes and calling_ae not in cfg.allowed_calling_aes:
+            return (0x01, 0x01, 0x03, f"calling AE title {calling_ae!r} is not in listener.allowed_calling_aes")
+        return None
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc: Association = event.assoc
+        rq = assoc.requestor
+        primitive = rq.primitive
+        calling = (primitive.calling_ae_title if primitive else "").strip()
+        called = (primitive.called_ae_title if primitive else "").strip()
+        refusal = self.access_refusal(calling, rq.address)
+        if refusal is None:
+            return
+        result, source, diagnostic, reason = refusal
+        log.warning("association from %s:%s (%s -> %s) rejected: %s", rq.address, rq.port, calling, called, reason)
+        try:
+            self.ledger.open_association(
+                calling_ae=calling, called_ae=called, peer_address=rq.address, peer_port=rq.port,
+                accepted=False, reject_reason=reason,
+            )
+        except Exception:  # noqa: BLE001 - the audit row must not keep a stranger connected
+            log.exception("could not record a rejected association")
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.kill()  # lets the DUL flush the A-ASSOCIATE-RJ before the socket closes
+
+    def on_established(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        try:
+            ledger_id: int | None = self.ledger.open_association(
+                calling_ae=rq.ae_title.strip(), called_ae=assoc.acceptor.ae_title.strip(),
+                peer_address=rq.address, peer_port=rq.port,
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("could not record association from %s", rq.address)
+            ledger_id = None
+        with self._lock:
+            self._stats[id(assoc)] = _AssocStats(ledger_id)
+        log.info("association %s from %s@%s:%s", ledger_id, rq.ae_title.strip(), rq.address, rq.port)
+
+    def on_ended(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        aborted = event.event is evt.EVT_ABORTED
+        elapsed = time.monotonic() - stats.started
+        log.info(
+            "association %s %s: %d stored (%.1f MB), %d refused, %.1f s",
+            stats.ledger_id, "aborted" if aborted else "released", stats.instances, stats.bytes / 1e6,
+            stats.failures, elapsed,
+        )
+        if stats.ledger_id is not None:
+            try:
+                self.ledger.close_association(
+                    stats.ledger_id, instances=stats.instances, bytes=stats.bytes,
+                    failures=stats.failures, aborted=aborted,
+                )
+            except Exception:  # noqa: BLE001
+                log.exception("could not close association %s in the ledger", stats.ledger_id)
+
+    # -- DIMSE --------------------------------------------------------------------------------
+    def on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def on_store(self, event: evt.Event) -> Dataset | int:
+        """Persist one instance, then answer; see the module docstring."""
+        with self._lock:
+            stats = self._stats.get(id(event.assoc))
+        try:
+            raw = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises several types for a bad stream
+            return self._refuse(stats, b"", STATUS_UNDECODABLE, f"cannot encode received stream: {exc}", event)
+        try:
+            record = self._validate(event, raw)
+        except _Refusal as ref:
+            return self._refuse(stats, raw, ref.status, ref.comment, event)
+        try:
+            stored = self.spool.store_instance(record.path, raw)
+            outcome = self.ledger.record_instance(
+                dataclasses.replace(record, sha256=stored.sha256),
+                association_id=stats.ledger_id if stats else None,
+            )
+        except StorageError as exc:
+            log.error("out of resources storing %s: %s", record.sop_instance_uid, exc)
+            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, f"storage failed: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - the sender must get an answer and keep its copy
+            log.exception("cannot record %s", record.sop_instance_uid)
+            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, f"ledger failed: {type(exc).__name__}"))
+        if outcome is not StoreOutcome.NEW:
+            log.info("instance %s received again: %s", record.sop_instance_uid, outcome.value)
+        if stats is not None:
+            stats.instances += 1
+            stats.bytes += len(raw)
+        return STATUS_SUCCESS
+
+    def _validate(self, event: evt.Event, raw: bytes) -> InstanceRecord:
+        try:
+            ds = event.dataset
+            _check_complete(ds)
+            study = ds.get("StudyInstanceUID")
+            series = ds.get("SeriesInstanceUID")
+            sop = ds.get("SOPInstanceUID")
+            sop_class = ds.get("SOPClassUID")
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a corrupt stream
+            raise _Refusal(STATUS_UNDECODABLE, f"cannot decode dataset: {exc}") from exc
+        try:
+            study = validate_uid(study, "StudyInstanceUID")
+            series = validate_uid(series, "SeriesInstanceUID")
+            sop = validate_uid(sop, "SOPInstanceUID")
+        except InvalidDatasetError as exc:
+            raise _Refusal(STATUS_INVALID_UID, str(exc)) from exc
+        rq = cast(C_STORE, event.request)
+        if sop != str(rq.AffectedSOPInstanceUID).strip("\x00 "):
+            raise _Refusal(STATUS_INSTANCE_MISMATCH, "SOPInstanceUID differs from the request's")
+        if sop_class is not None and str(sop_class) != str(rq.AffectedSOPClassUID):
+            raise _Refusal(STATUS_SOP_CLASS_MISMATCH, f"SOPClassUID {sop_class} differs from the context's")
+        ts = str(event.context.transfer_syntax)
+        try:
+            self._check_pixels(ds, ts)
+            record = InstanceRecord(
+                study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+                sop_class_uid=str(rq.AffectedSOPClassUID), transfer_syntax_uid=ts,
+                path=self.spool.instance_path(study, series, sop), size=len(raw), sha256="",
+                modality=str(ds.get("Modality", "") or ""),
+                series_number=_int_or_none(ds.get("SeriesNumber")),
+                series_description=str(ds.get("SeriesDescription", "") or ""),
+                study_date=str(ds.get("StudyDate", "") or ""),
+                study_description=str(ds.get("StudyDescription", "") or ""),
+                accession_number=str(ds.get("AccessionNumber", "") or ""),
+            )
+        except _Refusal:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _Refusal(STATUS_UNDECODABLE, f"cannot decode dataset: {exc}") from exc
+        return record
+
+    @staticmethod
+    def _check_pixels(ds: Dataset, ts: str) -> None:
+        # A truncated stream usually still parses: check native pixel data against its declared size.
+        if ts not in _UNCOMPRESSED or "PixelData" not in ds:
+            return
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = rows * cols * spp * frames * bits // 8
+        actual = len(ds.PixelData)
+        if expected and actual < expected:
+            raise _Refusal(STATUS_TRUNCATED_PIXELS, f"pixel data has {actual} bytes, {expected} expected")
+
+    def _refuse(self, stats: _AssocStats | None, raw: bytes, status: int, comment: str, event: evt.Event) -> Dataset:
+        origin = f"from {event.assoc.requestor.ae_title.strip()}@{event.assoc.requestor.address}"
+        where = self.spool.quarantine(raw, f"0x{status:04X} {comment}", origin) if raw else None
+        log.warning("C-STORE refused with 0x%04X (%s) %s; quarantined as %s", status, comment, origin, where)
+        return self._count_failure(stats, _status(status, comment))
+
+    @staticmethod
+    def _count_failure(stats: _AssocStats | None, status: Dataset) -> Dataset:
+        if stats is not None:
+            stats.failures += 1
+        return status
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Raise if a top-level element holds fewer bytes than its declared length (a cut-off stream).
+
+    pydicom parses leniently and would hand back a short value; the raw elements still carry the
+    declared length, so the check costs no decoding.
+    """
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None:
+            if len(raw.value) < raw.length:
+                raise ValueError(f"element {tag} declares {raw.length} bytes but the stream ends after {len(raw.value)}")
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def storage_sop_classes(config: ListenerConfig) -> list[str]:
+    """CT, Enhanced CT and the configured extra storage SOP classes."""
+    extra = sop_class_uids(config.extra_storage_sop_classes)
+    return sorted(CT_SOP_CLASSES) + [u for u in extra if u not in CT_SOP_CLASSES]
+
+
+class Listener:
+    """The running DICOM listener (one pynetdicom server)."""
+
+    def __init__(self, config: ListenerConfig, service: StoreService) -> None:
+        self.config = config
+        self.service = service
+        ae = AE(ae_title=config.ae_title)
+        ae.maximum_pdu_size = config.max_pdu
+        ae.maximum_associations = config.max_associations
+        ae.acse_timeout = config.acse_timeout
+        ae.dimse_timeout = config.dimse_timeout
+        ae.network_timeout = config.network_timeout
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for uid in storage_sop_classes(config):
+            ae.add_supported_context(uid, STORAGE_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when the config asked for port 0."""
+        if self._server is None:
+            return (self.config.bind_address, self.config.port)
+        host, port = self._server.server_address[:2]
+        return (str(host), int(port))
+
+    def start(self, port: int | None = None) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self.service.on_conn_open),
+            (evt.EVT_REQUESTED, self.service.on_requested),
+            (evt.EVT_ESTABLISHED, self.service.on_established),
+            (evt.EVT_RELEASED, self.service.on_ended),
+            (evt.EVT_ABORTED, self.service.on_ended),
+            (evt.EVT_C_ECHO, self.service.on_echo),
+            (evt.EVT_C_STORE, self.service.on_store),
+        ]
+        bind = (self.config.bind_address, self.config.port if port is None else port)
+        server = self.ae.start_server(bind, block=False, evt_handlers=handlers)
+        self._server = server  # type: ignore[assignment]
+        log.info("listening as %s on %s:%s", self.config.ae_title, *self.address)
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish for ``drain_seconds``, abort the rest."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        active = server.active_associations
+        server.shutdown()  # closes the listening socket; running associations carry on
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline:
+            # Only established associations can have stores in flight; a rejected one may linger
+            # until its ARTIM timer expires and must not hold the stop up.
+            active = [a for a in active if a.is_alive() and a.is_established]
+            if not active:
+                break
+            time.sleep(0.05)
+        for assoc in active:
+            log.warning("aborting association from %s still open after %.0f s", assoc.requestor.address, drain_seconds)
+            assoc.abort()
+        log.info("listener stopped")
+
+
+def accepted_sop_classes(listener: Listener) -> Iterable[str]:
+    return [str(cx.abstract_syntax) for cx in listener.ae.supported_contexts]
