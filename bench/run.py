@@ -138,8 +138,12 @@ def main() -> int:
         print("| --- | --- | --- | --- |")
         for name, t in (("DCMTK storescp (no fsync, no ledger)", ref), ("triaged (fsync + ledger)", ours)):
             print(f"| {name} | {SLICES / t:.0f} | {nbytes / t / 1e6:.0f} | {ref / t:.2f} |")
-        print(f"target: >= 250 images/s and >= 125 MB/s -> images/s {'met' if SLICES / ours >= 250 else 'NOT met'}, "
-              f"MB/s {'met' if nbytes / ours / 1e6 >= 125 else 'NOT met'}")
+        ratio = ref / ours
+        print(f"target: >= 250 images/s and >= 125 MB/s on the reference machine, where storescp does ~1,440 "
+              f"images/s: a ratio of >= {250 / 1440:.2f}. Here: ratio {ratio:.2f} "
+              f"({'met' if ratio >= 250 / 1440 else 'NOT met'}); absolute {SLICES / ours:.0f} images/s "
+              f"({'met' if SLICES / ours >= 250 else 'NOT met'}), {nbytes / ours / 1e6:.0f} MB/s "
+              f"({'met' if nbytes / ours / 1e6 >= 125 else 'NOT met'})")
     return 0
 
 

@@ -36,10 +36,8 @@ def pet_ct_dx() -> Path:
     return PET_CT_DX
 
 
-def make_config(tmp_path: Path, **sections: dict[str, object]) -> Config:
-    """A config with its own port, spool and ledger under tmp_path; sections override defaults."""
-    import yaml
-
+def config_data(tmp_path: Path, **sections: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Config data with its own port, spool and ledger under tmp_path; sections override defaults."""
     data: dict[str, dict[str, object]] = {
         "listener": {"ae_title": "TRIAGED", "bind_address": "127.0.0.1", "port": free_port()},
         "storage": {
@@ -48,10 +46,28 @@ def make_config(tmp_path: Path, **sections: dict[str, object]) -> Config:
             "min_free_mb": 0,
         },
         "completion": {"delay_seconds": 1, "sweep_interval_seconds": 0.2},
+        # Fast, deterministic stand-in pipelines (tests/worker_pipelines.py); analysis tests override.
+        "analysis": {"registry": "tests.worker_pipelines:registry", "default_pipeline": "ok", "threads": 1},
     }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
-    return parse_config(yaml.safe_dump(data), "test-config", base_dir=tmp_path)
+    return data
+
+
+def make_config(tmp_path: Path, **sections: dict[str, object]) -> Config:
+    """A validated config with its own port, spool and ledger under tmp_path."""
+    import yaml
+
+    return parse_config(yaml.safe_dump(config_data(tmp_path, **sections)), "test-config", base_dir=tmp_path)
+
+
+def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
+    """The same as :func:`make_config`, written to ``tmp_path/config.yaml`` (for the CLI)."""
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(tmp_path, **sections)))
+    return path
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from triaged.config import load_config, parse_config
+from triaged.config import load_config, parse_config, validate_pipelines
 from triaged.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +84,170 @@ def test_check_config_exits_non_zero_and_prints_each_problem(tmp_path: Path) -> 
     )
     assert good.returncode == 0, good.stderr
     assert "valid" in good.stdout
+
+
+ROUTING_ERRORS = """\
+destinations:
+  demo: {ae_title: DEMO, host: 127.0.0.1, port: 11113}
+routing:
+  rules:
+    - name: chest
+      match:
+        study:
+          Modalty: CT
+          StudyDescription: {regex: "thorax("}
+        series:
+          SliceThickness: {range: [5, 1]}
+          KVP: {range: [100]}
+          ImageType: {in: [AXIAL], present: true}
+        Modality: CT
+      action: {pipelines: [multitask]}
+"""
+
+
+def test_routing_rules_report_each_bad_condition_with_its_path_and_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(ROUTING_ERRORS, "r.yaml")
+    problems = dict(info.value.problems)
+    at = "routing.rules[0].match"
+    assert (
+        problems[f"r.yaml:8: {at}.study.Modalty"]
+        == "'Modalty' is not a DICOM keyword (did you mean 'Modality'?)"
+    )
+    assert problems[f"r.yaml:9: {at}.study.StudyDescription.regex"].startswith(
+        "'thorax(' is not a valid regular expression: missing )"
+    )
+    assert (
+        problems[f"r.yaml:11: {at}.series.SliceThickness.range"]
+        == "range [5, 1] is empty: min is larger than max"
+    )
+    assert problems[f"r.yaml:12: {at}.series.KVP.range"].startswith("range must be [min, max]")
+    assert problems[f"r.yaml:13: {at}.series.ImageType"].startswith("give exactly one of")
+    assert "go under `study:` or `series:`" in problems[f"r.yaml:14: {at}.Modality"]
+    assert len(problems) == 6
+
+
+def test_routing_refers_only_to_configured_destinations_and_policies() -> None:
+    text = """\
+destinations:
+  demo: {ae_title: DEMO, host: 127.0.0.1, port: 11113}
+routing:
+  default:
+    destinations: [demo, {name: pacs, outputs: [sr]}]
+  rules:
+    - name: icu
+      match: {called_ae: TRIAGED_ICU}
+      action: {priority_policy: icu-first}
+    - name: icu
+      match: {}
+      action: {ignore: catch-all}
+priority:
+  policies:
+    outbreak: {scenario: both, weights: {p_covid: 1, severity: 2}}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "r.yaml")
+    assert info.value.problems == [
+        ("r.yaml:10: routing.rules[1].name", "rule name 'icu' is already used by rules[0]"),
+        ("r.yaml:5: routing.default.destinations[1]", "unknown destination 'pacs' (destinations: demo)"),
+        (
+            "r.yaml:9: routing.rules[0].action.priority_policy",
+            "unknown priority policy 'icu-first' (priority.policies: outbreak)",
+        ),
+        (
+            "r.yaml:14: priority.policies",
+            "no policy named 'both', which routes use when they name none: "
+            "add it or set routing.default.priority_policy",
+        ),
+    ]
+
+
+def test_priority_policies_are_validated_with_their_paths() -> None:
+    text = """\
+priority:
+  waiting_alert_minutes: 0
+  policies:
+    clinic:
+      scenario: identification
+      weights: {p_covid: 1}
+    icu:
+      scenario: severity
+      escalate:
+        - {measure: ct_grade, at_least: CT5, level: STAT}
+        - {measure: severity_pct, at_least: 50, level: ROUTINE}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "p.yaml")
+    problems = dict(info.value.problems)
+    assert problems["p.yaml:2: priority.waiting_alert_minutes"].startswith("Input should be greater than 0")
+    assert (
+        problems["p.yaml:4: priority.policies.clinic"]
+        == "weights apply only to scenario 'both', not 'identification'"
+    )
+    assert (
+        problems["p.yaml:10: priority.policies.icu.escalate[0]"]
+        == "ct_grade threshold must be CT0..CT4, not 'CT5'"
+    )
+    assert (
+        problems["p.yaml:11: priority.policies.icu.escalate[1].level"] == "Input should be 'STAT' or 'URGENT'"
+    )
+
+
+def test_an_ignore_action_takes_no_pipelines_or_destinations() -> None:
+    text = "routing:\n  rules:\n    - name: x\n      action: {ignore: why, pipelines: [a]}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "i.yaml")
+    assert info.value.problems == [
+        ("i.yaml:4: routing.rules[0].action", "an ignore action takes no pipelines")
+    ]
+
+
+def test_the_shipped_routing_sends_every_study_to_the_default_pipeline_and_the_demo_peer() -> None:
+    config = load_config(REPO / "config.yaml")
+    assert config.routing.rules == []
+    assert config.routing.default.pipelines is None  # analysis.default_pipeline
+    assert [d.name for d in config.routing.default.destinations or ()] == ["demo"]
+    assert set(config.priority.policies) == {"identification", "severity", "both"}
+
+
+def test_pipeline_names_are_checked_against_the_names_the_caller_knows() -> None:
+    text = """\
+analysis: {default_pipeline: classical}
+routing:
+  default: {pipelines: [classical]}
+  rules:
+    - name: research
+      match: {called_ae: RESEARCH}
+      action: {pipelines: [classical, multitsk]}
+"""
+    config = parse_config(text, "p.yaml")
+    assert validate_pipelines(config, {"classical", "multitask"}) == [
+        (
+            "routing.rules[0].action.pipelines[1]",
+            "unknown pipeline 'multitsk' (pipelines: classical, multitask)",
+        )
+    ]
+    assert validate_pipelines(config, {"classical", "multitask"}, source="p.yaml", text=text) == [
+        (
+            "p.yaml:7: routing.rules[0].action.pipelines[1]",
+            "unknown pipeline 'multitsk' (pipelines: classical, multitask)",
+        )
+    ]
+    assert [w for w, _ in validate_pipelines(config, {"multitask"})] == [
+        "analysis.default_pipeline",
+        "routing.default.pipelines[0]",
+        "routing.rules[0].action.pipelines[0]",
+        "routing.rules[0].action.pipelines[1]",
+    ]
+
+
+def test_the_documented_routing_example_is_valid_and_the_documented_policies_are_the_built_in_ones() -> None:
+    import re
+
+    from triaged.config import PriorityConfig
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "configuration.md").read_text(), re.S)
+    peers = "destinations:\n  demo: {ae_title: D, host: 127.0.0.1, port: 1}\n  pacs: {ae_title: P, host: 10.0.0.5, port: 2}\n"
+    routed = parse_config(peers + blocks[0], "docs-routing")
+    assert [r.name for r in routed.routing.rules] == ["no-ct", "icu", "thin-chest"]
+    assert parse_config(blocks[1], "docs-priority").priority == PriorityConfig()

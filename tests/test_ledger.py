@@ -117,7 +117,7 @@ def ledger(db: Path) -> Iterator[Ledger]:
 def test_opening_a_fresh_file_creates_the_schema_in_wal_mode(ledger: Ledger, db: Path) -> None:
     tables = {r[0] for r in raw(db, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"studies", "series", "instances", "associations", "jobs", "job_transitions"} <= tables
-    assert raw(db, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert raw(db, "SELECT version_num FROM alembic_version") == [("0002",)]
     assert raw(db, "PRAGMA journal_mode") == [("wal",)]
 
 
@@ -127,7 +127,7 @@ def test_reopening_a_migrated_ledger_is_idempotent(db: Path) -> None:
     for _ in range(2):
         Ledger(db).close()
     assert raw(db, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
-    assert raw(db, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert raw(db, "SELECT version_num FROM alembic_version") == [("0002",)]
 
 
 def test_the_models_match_the_migration(ledger: Ledger, db: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from triaged import __version__
 from triaged.config import Config, load_config
+from triaged.domain import Findings
 from triaged.errors import ConfigError, TriagedError
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -98,7 +99,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             if job.series_instance_uid:
                 print(f"series {job.series_instance_uid}")
             print(_table(["at (UTC)", "from", "to", "detail"],
-                         [[at.strftime("%Y-%m-%d %H:%M:%S"), f or "", t, d] for at, f, t, d in job.history]))
+                         [[at.strftime("%Y-%m-%d %H:%M:%S"), f or "-", t, d] for at, f, t, d in job.history]))
             return 0
         states = [JobState(s.upper()) for s in args.state] if args.state else None
         rows = ledger.jobs(states=states, limit=args.limit)
@@ -141,6 +142,88 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if listening.startswith("up") else 1
 
 
+def _registry():  # type: ignore[no-untyped-def]
+    from triaged.analysis import default_registry
+
+    return default_registry()
+
+
+def findings_table(findings: Findings) -> str:
+    """The findings of one analysis as a text table (shared by analyze and selftest)."""
+    rows = []
+    for name, m in (("right lung", findings.right), ("left lung", findings.left), ("both lungs", findings.both)):
+        rows.append([name, f"{m.lung_ml:.0f}", f"{m.lesion_ml:.0f}", f"{m.affected_pct:.1f}",
+                     f"{m.consolidation_pct:.1f}"])
+    text = _table(["", "lung mL", "lesion mL", "affected %", "consolidation %"], rows)
+    extra = [f"CT grade {findings.ct_grade.name} (worse lung {findings.severity_pct:.1f} %)"]
+    if findings.p_covid is not None:
+        extra.append(f"P(COVID-19) {findings.p_covid:.2f}")
+    if findings.key_slices:
+        extra.append("key slices " + ", ".join(str(z) for z in findings.key_slices))
+    extra.append(f"{len(findings.lesion_boxes)} lesion box(es)")
+    return text + "\n" + "; ".join(extra) + "\n" + RESEARCH_NOTE
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from triaged.analysis.overview import render_overview
+    from triaged.domain import findings_to_json
+    from triaged.volume import load_nifti, load_series_folder, write_nifti
+
+    registry = _registry()
+    if args.list:
+        for name in registry.names():
+            p = registry.get(name)
+            print(f"{name:20s} {p.version:8s} {p.description}")
+        return 0
+    if args.path is None:
+        print("triaged analyze: give a DICOM folder or a NIfTI file (or --list)", file=sys.stderr)
+        return 2
+    config = load_config(args.config) if args.config.exists() else Config()
+    pipeline = registry.get(args.pipeline or config.analysis.default_pipeline)
+    path: Path = args.path
+    if not path.exists():
+        print(f"triaged analyze: {path} does not exist", file=sys.stderr)
+        return 2
+    out: Path = args.out or Path(f"{path.name.removesuffix('.gz').removesuffix('.nii')}-triaged")
+    with tqdm(total=100, unit="%", desc="load", disable=args.quiet, bar_format="{desc:<28}{bar}| {n:.0f}%") as bar:
+        if path.is_dir():
+            volume, choice = load_series_folder(path, config.series_selection)
+            bar.write(f"series: {choice.reason}")
+        else:
+            volume = load_nifti(path)
+        bar.update(10)
+
+        def progress(fraction: float, message: str) -> None:
+            bar.set_description_str(message[:28])
+            bar.n = 10 + 80 * max(0.0, min(1.0, fraction))
+            bar.refresh()
+
+        bar.set_description_str(pipeline.name)
+        result = pipeline.run(volume, progress=progress)
+        bar.set_description_str("write")
+        bar.n = 90
+        bar.refresh()
+        out.mkdir(parents=True, exist_ok=True)
+        masks = result.masks
+        write_nifti(volume, masks.lungs, out / "lungs.nii.gz")
+        write_nifti(volume, masks.lesions.astype(np.uint8), out / "lesions.nii.gz")
+        write_nifti(volume, masks.consolidation.astype(np.uint8), out / "consolidation.nii.gz")
+        if masks.lobes is not None:
+            write_nifti(volume, masks.lobes, out / "lobes.nii.gz")
+        (out / "findings.json").write_text(findings_to_json(result.findings) + "\n", encoding="utf-8")
+        Image.fromarray(render_overview(volume, masks, result.findings)).save(out / "overview.png")
+        bar.n = 100
+        bar.set_description_str("done")
+        bar.refresh()
+    print(findings_table(result.findings))
+    print(f"masks, findings.json and overview.png in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triaged",
@@ -173,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("status", help="listener, queue depth and free disk"))
     p.set_defaults(func=cmd_status)
+
+    p = with_config(sub.add_parser("analyze", help="analyse a DICOM folder or a NIfTI file offline"))
+    p.add_argument("path", type=Path, nargs="?", help="DICOM folder (the best series is chosen) or NIfTI in HU")
+    p.add_argument("--pipeline", "-p", help="pipeline name (default: analysis.default_pipeline)")
+    p.add_argument("--out", "-o", type=Path, help="output folder (default: <name>-triaged)")
+    p.add_argument("--list", action="store_true", help="list the pipelines and exit")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

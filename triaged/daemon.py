@@ -22,6 +22,7 @@ from triaged.net.scp import Listener, StoreService
 from triaged.scheduler import build_scheduler, reschedule_sweep
 from triaged.spool import Spool
 from triaged.stages import Stages
+from triaged.worker import TaskQueue, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ def configure_logging(cfg: LoggingConfig) -> None:
         root.addHandler(h)
     root.setLevel(cfg.level)
     # pynetdicom logs every PDU at INFO; keep its chatter to warnings unless debugging.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING)
+    quiet = logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING
+    for chatty in ("pynetdicom", "alembic", "apscheduler.executors", "apscheduler.scheduler"):
+        logging.getLogger(chatty).setLevel(quiet)
 
 
 class Node:
@@ -78,7 +81,16 @@ class Node:
         self.stages = Stages(self.ledger, self.spool, lambda: self._config)
         self.service = StoreService(self.spool, self.ledger, config.listener)
         self.listener = Listener(config.listener, self.service)
-        self.scheduler = build_scheduler(self.stages, config.completion.sweep_interval_seconds)
+        self.queue = TaskQueue(config.analysis.aging_seconds)
+        self.workers = WorkerPool(
+            self.queue, self.stages.start_analysis, self.stages.finish_analysis,
+            workers=config.analysis.workers, threads=config.analysis.threads,
+            timeout=config.analysis.timeout_seconds, memory_limit_mb=config.analysis.memory_limit_mb,
+        )
+        self.scheduler = build_scheduler(
+            self.stages, config.completion.sweep_interval_seconds,
+            submit=lambda: self.stages.submit_queued(self.queue, self.workers.running()),
+        )
 
     @property
     def config(self) -> Config:
@@ -90,6 +102,7 @@ class Node:
         self.stages.reconcile_spool()
         self.stages.resume_interrupted()
         self.listener.start()
+        self.workers.start()
         self.scheduler.start()
 
     def reload(self) -> bool:
@@ -127,6 +140,7 @@ class Node:
         self.listener.stop(drain_seconds)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        self.workers.stop()
         self.ledger.close()
         log.info("stopped")
 

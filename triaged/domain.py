@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
+
+from triaged.errors import InvalidDatasetError
+
+# PS3.5 9.1: digits and dots, 64 characters at most.  Leading zeros are tolerated (seen in the wild);
+# anything else would let a peer choose file names.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def validate_uid(value: object, keyword: str) -> str:
+    """Return ``value`` as a UID string or raise :class:`InvalidDatasetError` naming ``keyword``.
+
+    Parameters
+    ----------
+    value : object
+        The element value as pydicom gives it (``str``/``UID``, or ``None`` when absent).
+    keyword : str
+        The DICOM keyword, for the error message (e.g. ``"SOPInstanceUID"``).
+    """
+    if value is None or value == "":
+        raise InvalidDatasetError(f"{keyword} is missing")
+    text = str(value).strip("\x00 ")
+    if len(text) > 64 or not _UID_RE.match(text):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidDatasetError(f"{keyword} {shown!r} is not a valid UID (PS3.5 9.1)")
+    return text
+
 
 # DICOM SOP Class UIDs the node treats as analysable CT (PS3.4 Annex B.5).
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -159,4 +186,165 @@ class JobRow:
     series_instance_uid: str | None = None
     next_attempt_at: datetime | None = None
     attempts: int = 0
+    pipeline: str | None = None
+    priority_level: str | None = None
+    priority_score: float | None = None
+    priority_reasons: str = ""
+    result_at: datetime | None = None
     history: tuple[tuple[datetime, str, str, str], ...] = field(default=())  # (at, from, to, detail)
+
+
+class CTGrade(enum.IntEnum):
+    """Russian visual CT severity scale used by seed 004 (METHODS.md, "Common vocabulary")."""
+
+    CT0 = 0  # no findings
+    CT1 = 1  # <= 25 % of a lung affected
+    CT2 = 2  # 25-50 %
+    CT3 = 3  # 50-75 % (hospitalise)
+    CT4 = 4  # >= 75 % (intensive care)
+
+    @classmethod
+    def from_affected_pct(cls, pct: float) -> CTGrade:
+        """Grade from the affected percentage of the worse lung (seed 004)."""
+        if pct <= 0:
+            return cls.CT0
+        if pct <= 25:
+            return cls.CT1
+        if pct <= 50:
+            return cls.CT2
+        if pct < 75:
+            return cls.CT3
+        return cls.CT4
+
+
+@dataclass(frozen=True)
+class LungMeasures:
+    """Volumes of one lung (or both) in mL and the affected percentage (lesion / lung x 100)."""
+
+    lung_ml: float
+    lesion_ml: float
+    consolidation_ml: float
+
+    @property
+    def affected_pct(self) -> float:
+        return 100.0 * self.lesion_ml / self.lung_ml if self.lung_ml > 0 else 0.0
+
+    @property
+    def consolidation_pct(self) -> float:
+        return 100.0 * self.consolidation_ml / self.lung_ml if self.lung_ml > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """A lesion's bounding box on one slice (the slice where the lesion is largest).
+
+    ``z`` indexes the volume; ``sop_instance_uid``/``frame_number`` name the source image; the box is
+    in pixel coordinates of that image: rows ``row_min..row_max`` and columns ``col_min..col_max``
+    inclusive.
+    """
+
+    z: int
+    sop_instance_uid: str
+    row_min: int
+    col_min: int
+    row_max: int
+    col_max: int
+    volume_ml: float
+    side: str  # "left" | "right"
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Masks on the analysed volume's grid, (z, y, x).
+
+    ``lungs``: 0 background, 1 right lung, 2 left lung.  ``lobes`` (optional): 0 background, 1 RUL,
+    2 RML, 3 RLL, 4 LUL, 5 LLL.  ``lesions`` and ``consolidation``: boolean.
+    """
+
+    lungs: npt.NDArray[np.uint8]
+    lesions: npt.NDArray[np.bool_]
+    consolidation: npt.NDArray[np.bool_]
+    lobes: npt.NDArray[np.uint8] | None = None
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What a pipeline measured on one study (ARCHITECTURE.md; METHODS.md for each figure).
+
+    ``severity_pct`` is the affected percentage of the worse lung (seed 004), ``whole_lung_pct`` the
+    affected share of both lungs together (seed 001), ``consolidation_pct`` consolidation volume over
+    lung volume (seed 001's consolidation score, in percent).
+    """
+
+    pipeline: str
+    pipeline_version: str
+    right: LungMeasures
+    left: LungMeasures
+    ct_grade: CTGrade
+    key_slices: tuple[int, ...] = ()  # z indices, highest lesion burden first
+    lesion_boxes: tuple[LesionBox, ...] = ()
+    p_covid: float | None = None
+    class_probabilities: tuple[tuple[str, float], ...] = ()  # e.g. (("covid", 0.9), ("healthy", 0.05), ...)
+    model_sha256: str | None = None  # of the weights used, for the model card link
+    provenance: tuple[tuple[str, str], ...] = ()  # (key, value): thresholds, device, timings
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def both(self) -> LungMeasures:
+        return LungMeasures(
+            self.right.lung_ml + self.left.lung_ml,
+            self.right.lesion_ml + self.left.lesion_ml,
+            self.right.consolidation_ml + self.left.consolidation_ml,
+        )
+
+    @property
+    def severity_pct(self) -> float:
+        return max(self.right.affected_pct, self.left.affected_pct)
+
+    @property
+    def whole_lung_pct(self) -> float:
+        return self.both.affected_pct
+
+    @property
+    def consolidation_pct(self) -> float:
+        return self.both.consolidation_pct
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """A pipeline's output: the findings and the masks they were measured from."""
+
+    findings: Findings
+    masks: Masks
+
+
+def findings_to_json(findings: Findings) -> str:
+    """Serialise Findings for the ledger (stable keys; numbers as JSON numbers)."""
+    import json
+    from dataclasses import asdict
+
+    data = asdict(findings)
+    data["ct_grade"] = int(findings.ct_grade)
+    return json.dumps(data, sort_keys=True)
+
+
+def findings_from_json(text: str) -> Findings:
+    """Inverse of :func:`findings_to_json`."""
+    import json
+
+    d = json.loads(text)
+    return Findings(
+        pipeline=d["pipeline"],
+        pipeline_version=d["pipeline_version"],
+        right=LungMeasures(**d["right"]),
+        left=LungMeasures(**d["left"]),
+        ct_grade=CTGrade(d["ct_grade"]),
+        key_slices=tuple(d.get("key_slices", ())),
+        lesion_boxes=tuple(LesionBox(**b) for b in d.get("lesion_boxes", ())),
+        p_covid=d.get("p_covid"),
+        class_probabilities=tuple((str(k), float(v)) for k, v in d.get("class_probabilities", ())),
+        model_sha256=d.get("model_sha256"),
+        provenance=tuple((str(k), str(v)) for k, v in d.get("provenance", ())),
+        warnings=tuple(d.get("warnings", ())),
+    )

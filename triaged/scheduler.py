@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -18,15 +19,31 @@ def _sweep(stages: Stages) -> None:
         log.exception("completion sweep failed")
 
 
-def build_scheduler(stages: Stages, sweep_interval_seconds: float) -> BackgroundScheduler:
-    """A scheduler with the completion sweep; one run at a time, missed runs coalesced."""
+def _submit(submit: Callable[[], int]) -> None:
+    try:
+        submit()
+    except Exception:  # noqa: BLE001
+        log.exception("submitting queued jobs failed")
+
+
+def build_scheduler(
+    stages: Stages, sweep_interval_seconds: float, submit: Callable[[], int] | None = None
+) -> BackgroundScheduler:
+    """A scheduler with the completion sweep and the analysis feeder; one run of each at a time."""
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(
         _sweep, "interval", args=[stages], seconds=sweep_interval_seconds, id="completion-sweep",
         max_instances=1, coalesce=True, misfire_grace_time=None,
     )
+    if submit is not None:
+        scheduler.add_job(
+            _submit, "interval", args=[submit], seconds=sweep_interval_seconds, id="submit-queued",
+            max_instances=1, coalesce=True, misfire_grace_time=None,
+        )
     return scheduler
 
 
 def reschedule_sweep(scheduler: BackgroundScheduler, sweep_interval_seconds: float) -> None:
-    scheduler.reschedule_job("completion-sweep", trigger="interval", seconds=sweep_interval_seconds)
+    for job_id in ("completion-sweep", "submit-queued"):
+        if scheduler.get_job(job_id) is not None:
+            scheduler.reschedule_job(job_id, trigger="interval", seconds=sweep_interval_seconds)

@@ -4,6 +4,7 @@ Layout under the spool root::
 
     studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances
     quarantine/<UTC time>-<n>.dcm + .reason.txt                              refused datasets, kept for inspection
+    work/<job id>/                                                           a job's masks, findings and outputs
     tmp/                                                                     partial writes (same file system)
 
 Instances stay in ``studies/`` for the life of the study (a late instance re-opens a study, and the
@@ -17,40 +18,16 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import shutil
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from triaged.errors import InvalidDatasetError, StorageError
+from triaged.domain import validate_uid
+from triaged.errors import StorageError
 
 log = logging.getLogger(__name__)
-
-# PS3.5 9.1: digits and dots, 64 characters at most.  Leading zeros are tolerated (seen in the wild);
-# anything else would let a peer choose file names.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def validate_uid(value: object, keyword: str) -> str:
-    """Return ``value`` as a UID string or raise :class:`InvalidDatasetError` naming ``keyword``.
-
-    Parameters
-    ----------
-    value : object
-        The element value as pydicom gives it (``str``/``UID``, or ``None`` when absent).
-    keyword : str
-        The DICOM keyword, for the error message (e.g. ``"SOPInstanceUID"``).
-    """
-    if value is None or value == "":
-        raise InvalidDatasetError(f"{keyword} is missing")
-    text = str(value).strip("\x00 ")
-    if len(text) > 64 or not _UID_RE.match(text):
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InvalidDatasetError(f"{keyword} {shown!r} is not a valid UID (PS3.5 9.1)")
-    return text
-
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -79,7 +56,7 @@ class Spool:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._counter = itertools.count()
         self._lock = threading.Lock()
-        for sub in ("studies", "quarantine", "tmp"):
+        for sub in ("studies", "quarantine", "tmp", "work"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
 
@@ -100,6 +77,10 @@ class Spool:
         if not path.is_relative_to(self.root.resolve()):
             raise StorageError(f"{rel_path!r} is outside the spool", retryable=False)
         return path
+
+    def work_dir(self, job_id: int) -> Path:
+        """Where a job's analysis results (masks, findings) and encoded outputs live."""
+        return self.root / "work" / str(int(job_id))
 
     def free_bytes(self) -> int:
         """Bytes available to this process on the spool's file system."""

@@ -16,11 +16,12 @@ from pydicom import dcmread
 
 from triaged.assembly import select_series
 from triaged.config import Config
-from triaged.domain import InstanceRecord, JobState
+from triaged.domain import InstanceRecord, JobRow, JobState, findings_from_json
 from triaged.errors import StateError, TriagedError
 from triaged.ledger import Ledger
 from triaged.spool import Spool, validate_uid
 from triaged.volume import read_headers
+from triaged.worker import AnalysisTask, TaskOutcome, TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,95 @@ class Stages:
         return added
 
     def resume_interrupted(self) -> None:
-        """Put jobs a stop interrupted back on their way (COMPLETE: choose again)."""
+        """Put jobs a stop interrupted back on their way.
+
+        COMPLETE: choose the series again.  ANALYSING: back to QUEUED (the analysis is re-run).
+        ENCODING: delivered again from the recorded findings.
+        """
         for job in self.ledger.jobs(states=[JobState.COMPLETE], limit=100000):
             log.info("job %s resumed after restart", job.id)
             self.choose_series(job.id, job.study_instance_uid)
+        for job in self.ledger.jobs(states=[JobState.ANALYSING], limit=100000):
+            try:
+                self.ledger.transition(job.id, JobState.ANALYSING, JobState.QUEUED, "analysis interrupted by a stop")
+            except StateError:
+                continue
+        for job in self.ledger.jobs(states=[JobState.ENCODING], limit=100000):
+            self.deliver(job.id)
+
+    # -- analysis ----------------------------------------------------------------------------
+    def analysis_task(self, job: JobRow) -> AnalysisTask:
+        """The worker's task for a QUEUED job (instances of its study, the chosen series)."""
+        cfg = self._config().analysis
+        if job.series_instance_uid is None:
+            raise TriagedError(f"job {job.id} was queued without a series")
+        paths = tuple(r[0] for r in self.ledger.study_instances(job.study_instance_uid)
+                      if r[2] == job.series_instance_uid)
+        return AnalysisTask(
+            job_id=job.id, study_uid=job.study_instance_uid, series_uid=job.series_instance_uid,
+            pipeline=job.pipeline or cfg.default_pipeline, spool_root=str(self.spool.root),
+            instance_paths=paths, work_dir=str(self.spool.work_dir(job.id)),
+            device=cfg.device, threads=cfg.threads, registry=cfg.registry,
+        )
+
+    def submit_queued(self, queue: TaskQueue, running: set[int]) -> int:
+        """Put QUEUED jobs that are not yet waiting or running on the worker queue."""
+        waiting = queue.job_ids() | running
+        added = 0
+        for job in reversed(self.ledger.jobs(states=[JobState.QUEUED], limit=100000)):  # oldest first
+            if job.id in waiting:
+                continue
+            try:
+                queue.put(self.analysis_task(job))
+            except TriagedError as exc:
+                self._fail(job.id, JobState.QUEUED, f"analysis: {exc}")
+                continue
+            added += 1
+        return added
+
+    def start_analysis(self, task: AnalysisTask) -> bool:
+        """QUEUED → ANALYSING just before a worker takes the task; False if the job moved on."""
+        try:
+            self.ledger.transition(task.job_id, JobState.QUEUED, JobState.ANALYSING,
+                                   f"pipeline {task.pipeline} on {task.device}")
+        except StateError as exc:
+            log.info("job %s not analysed: %s", task.job_id, exc)
+            return False
+        return True
+
+    def finish_analysis(self, task: AnalysisTask, outcome: TaskOutcome) -> None:
+        """Record findings (ANALYSING → ENCODING …) or the failure (ANALYSING → FAILED)."""
+        if not outcome.ok:
+            log.error("job %s study %s: %s", task.job_id, task.study_uid, outcome.error)
+            self._fail(task.job_id, JobState.ANALYSING, outcome.error)
+            return
+        findings = findings_from_json(outcome.findings_json)
+        self.ledger.record_findings(task.job_id, findings)
+        summary = (f"{findings.pipeline} {findings.pipeline_version}: {findings.ct_grade.name}, "
+                   f"worse lung {findings.severity_pct:.1f} %, whole lung {findings.whole_lung_pct:.1f} % "
+                   f"({outcome.seconds:.1f} s, peak {outcome.peak_rss_mb:.0f} MiB)")
+        try:
+            self.ledger.transition(task.job_id, JobState.ANALYSING, JobState.ENCODING, summary)
+        except StateError as exc:  # superseded while it ran: its results are not sent
+            log.info("job %s finished analysis but moved on: %s", task.job_id, exc)
+            return
+        log.info("job %s study %s analysed: %s", task.job_id, task.study_uid, summary)
+        self.deliver(task.job_id)
+
+    def deliver(self, job_id: int) -> None:
+        """ENCODING → DISPATCHING → DONE.  Result objects and C-STORE dispatch come with issue 5."""
+        try:
+            self.ledger.transition(job_id, JobState.ENCODING, JobState.DISPATCHING,
+                                   "no result encoders configured yet; findings are in the ledger")
+            self.ledger.transition(job_id, JobState.DISPATCHING, JobState.DONE, "findings recorded")
+        except StateError as exc:
+            log.info("job %s moved on during delivery: %s", job_id, exc)
+
+    def _fail(self, job_id: int, from_state: JobState, reason: str) -> None:
+        try:
+            self.ledger.transition(job_id, from_state, JobState.FAILED, reason)
+        except StateError as exc:
+            log.info("job %s could not be marked failed: %s", job_id, exc)
 
     def queue_summary(self) -> dict[str, int]:
         depth = self.ledger.queue_depth()

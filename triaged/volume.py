@@ -32,6 +32,7 @@ from triaged.assembly import (
     instance_positions,
     slice_normal,
 )
+from triaged.config import SeriesSelectionConfig
 from triaged.domain import ENHANCED_CT_IMAGE_STORAGE, InstanceHeader, SeriesChoice, Volume
 from triaged.errors import AssemblyError, InvalidDatasetError, StorageError, TriagedError
 
@@ -617,3 +618,63 @@ def _name(ref: _SliceRef) -> str:
 def _listed(items: Sequence[str]) -> str:
     shown = "; ".join(items[:_MAX_LISTED])
     return shown + (f"; and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+# ------------------------------------------------------------------------------------- NIfTI
+
+
+def load_nifti(path: Path) -> Volume:
+    """Read a NIfTI (or any SimpleITK-readable) CT image in HU into a :class:`Volume`.
+
+    ITK keeps geometry in LPS whatever the file's RAS convention, so direction × spacing and the
+    origin give the LPS affine directly.  There are no SOP Instance UIDs: outputs that reference
+    source images cannot be made from such a volume.
+    """
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InvalidDatasetError(f"{path}: cannot read as an image: {exc}") from exc
+    if image.GetDimension() != 3:
+        raise AssemblyError(f"{path}: a 3D image is needed, this one has {image.GetDimension()} dimensions")
+    hu = sitk.GetArrayFromImage(image)
+    hu = np.clip(np.rint(hu), -1024, 32767).astype(np.int16)
+    sx, sy, sz = image.GetSpacing()
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection(), float).reshape(3, 3) * np.array([sx, sy, sz])
+    affine[:3, 3] = image.GetOrigin()
+    return Volume(
+        hu=hu, spacing=(sz, sy, sx), affine=affine, sop_instance_uids=("",) * hu.shape[0],
+        series_instance_uid="", study_instance_uid="",
+    )
+
+
+def write_nifti(volume: Volume, array: npt.NDArray[Any], path: Path) -> None:
+    """Write ``array`` (on the volume's grid, (z, y, x)) as NIfTI with the volume's geometry."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (volume.affine[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in volume.affine[:3, 3]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def load_series_folder(folder: Path, rules: SeriesSelectionConfig) -> tuple[Volume, SeriesChoice]:
+    """Choose and load the best series of a folder of DICOM files (``triaged analyze``)."""
+    from triaged.assembly import select_series
+
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    headers, _problems = read_headers(folder, paths)
+    if not headers:
+        raise AssemblyError(f"{folder}: no DICOM image found among {len(paths)} file(s)")
+    choice = select_series(headers, rules)
+    if choice.series_uid is None:
+        raise AssemblyError(f"{folder}: {choice.reason}")
+    first = folder / choice.instances[0].path
+    study_uid = str(dcmread(first, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
+        "StudyInstanceUID", ""))
+    return load_volume(folder, choice, study_uid), choice

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage
 
 from tests.conftest import make_config, require_tool
 from tests.integration.conftest import storescu, wait_for
+from triaged.assembly import select_series
 from triaged.config import Config
 from triaged.daemon import Node
 from triaged.domain import JobState
@@ -35,6 +36,7 @@ from triaged.net.scp import (
     STATUS_TRUNCATED_PIXELS,
     STATUS_UNDECODABLE,
 )
+from triaged.volume import load_volume, read_headers
 
 pytestmark = pytest.mark.integration
 
@@ -83,13 +85,25 @@ def test_a_real_ct_series_from_storescu_is_stored_completed_and_queued(
         ds = dcmread(node.spool.root / path)
         assert ds.StudyInstanceUID == study.study_instance_uid
     job = wait_for(
-        lambda: next(iter(node.ledger.jobs(states=[JobState.QUEUED])), None), what="the job to be queued"
+        lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), what="the job to be analysed"
     )
-    assert (
-        "30" in job.detail and job.series_instance_uid == dcmread(next(pet_ct_dx.iterdir())).SeriesInstanceUID
-    )
+    queued = next(d for _, _, to, d in node.ledger.job(job.id).history if to == "QUEUED")
+    assert "30 axial slices" in queued
+    assert job.series_instance_uid == dcmread(next(pet_ct_dx.iterdir())).SeriesInstanceUID
+    assert node.ledger.findings(job.id) is not None
     [audit] = node.ledger.associations()
     assert (audit.calling_ae, audit.instances, audit.failures) == ("STORESCU", 30, 0)
+    # The chosen series assembles from the spool with the geometry of the source files.
+    rows = node.ledger.study_instances(study.study_instance_uid)
+    headers, problems = read_headers(node.spool.root, [r[0] for r in rows])
+    choice = select_series(headers, node.config.series_selection)
+    volume = load_volume(node.spool.root, choice, study.study_instance_uid)
+    assert problems == [] and volume.hu.shape == (30, 512, 512)
+    first = min((dcmread(f, stop_before_pixels=True) for f in pet_ct_dx.iterdir()),
+                key=lambda d: float(d.ImagePositionPatient[2]))
+    assert volume.affine[:3, 3] == pytest.approx([float(v) for v in first.ImagePositionPatient])
+    assert volume.spacing == pytest.approx((8.0, float(first.PixelSpacing[0]), float(first.PixelSpacing[1])), rel=1e-3)
+    assert volume.hu.min() >= -1024
 
 
 def test_a_study_too_short_to_analyse_is_ignored_with_the_reason(
@@ -249,16 +263,17 @@ def test_a_full_disk_answers_out_of_resources_and_stores_nothing(
 def test_duplicates_are_acknowledged_once_and_a_late_instance_reopens_the_study(
     node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
 ) -> None:
-    node = node_factory(make_config(tmp_path))
+    # The first analysis hangs, so the late instance finds the first job still running.
+    node = node_factory(make_config(tmp_path, analysis={"default_pipeline": "hang"}))
     files = sorted(pet_ct_dx.iterdir())
     assert all(s.Status == 0 for s in _send(node, files[:29]))
     assert all(s.Status == 0 for s in _send(node, files[:3]))  # re-sent: identical bytes
-    first = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.QUEUED])), None), what="QUEUED")
+    first = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.ANALYSING])), None), what="ANALYSING")
     assert node.ledger.studies()[0].instances == 29
     assert all(s.Status == 0 for s in _send(node, files[29:]))  # the late one
     second = wait_for(
         lambda: next((j for j in node.ledger.jobs(states=[JobState.QUEUED]) if j.id != first.id), None),
-        what="the re-opened study to be queued again",
+        what="the re-opened study to be queued behind the running analysis",
     )
     assert second.revision == first.revision + 1
     assert node.ledger.job(first.id).state is JobState.SUPERSEDED

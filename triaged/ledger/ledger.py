@@ -45,9 +45,28 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from triaged.domain import TRANSITIONS, InstanceRecord, JobRow, JobState, StoreOutcome, StudyRow
+from triaged.domain import (
+    TRANSITIONS,
+    Findings,
+    InstanceRecord,
+    JobRow,
+    JobState,
+    StoreOutcome,
+    StudyRow,
+    findings_from_json,
+    findings_to_json,
+)
 from triaged.errors import InvalidDatasetError, StateError, StorageError, TriagedError
-from triaged.ledger.schema import Association, Instance, Job, JobTransition, Series, Study, UTCDateTime
+from triaged.ledger.schema import (
+    Association,
+    FindingsRecord,
+    Instance,
+    Job,
+    JobTransition,
+    Series,
+    Study,
+    UTCDateTime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +83,7 @@ _instances = cast(Table, Instance.__table__)
 _associations = cast(Table, Association.__table__)
 _jobs = cast(Table, Job.__table__)
 _transitions = cast(Table, JobTransition.__table__)
+_findings = cast(Table, FindingsRecord.__table__)
 
 
 @dataclass(frozen=True)
@@ -746,6 +766,13 @@ class Ledger:
             j.c.created_at,
             j.c.updated_at,
             j.c.series_instance_uid,
+            j.c.next_attempt_at,
+            j.c.attempts,
+            j.c.pipeline,
+            j.c.priority_level,
+            j.c.priority_score,
+            j.c.priority_reasons,
+            j.c.result_at,
         ).join(st, st.c.id == j.c.study_id)
 
     @staticmethod
@@ -759,6 +786,13 @@ class Ledger:
             created_at=r.created_at,
             updated_at=r.updated_at,
             series_instance_uid=r.series_instance_uid,
+            next_attempt_at=r.next_attempt_at,
+            attempts=r.attempts,
+            pipeline=r.pipeline,
+            priority_level=r.priority_level,
+            priority_score=r.priority_score,
+            priority_reasons=r.priority_reasons or "",
+            result_at=r.result_at,
             history=history,
         )
 
@@ -878,6 +912,49 @@ class Ledger:
             for state, count in conn.execute(select(j.c.state, func.count()).group_by(j.c.state)):
                 depth[JobState(state)] = int(count)
         return depth
+
+    # ------------------------------------------------------------------ analysis results
+
+    def set_pipeline(self, job_id: int, pipeline: str) -> None:
+        """Record which pipeline a job runs (chosen by routing when the job is queued)."""
+        with self._write("set_pipeline") as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(pipeline=pipeline))
+
+    def record_findings(self, job_id: int, findings: Findings) -> None:
+        """Store a job's findings (replacing earlier ones of the same job, e.g. after a resumed run)."""
+        now = datetime.now(UTC)
+        values = {
+            "job_id": job_id,
+            "pipeline": findings.pipeline,
+            "pipeline_version": findings.pipeline_version,
+            "created_at": now,
+            "severity_pct": findings.severity_pct,
+            "whole_lung_pct": findings.whole_lung_pct,
+            "consolidation_pct": findings.consolidation_pct,
+            "ct_grade": int(findings.ct_grade),
+            "p_covid": findings.p_covid,
+            "data": findings_to_json(findings),
+        }
+        stmt = sqlite_insert(_findings).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=[_findings.c.job_id], set_=values)
+        with self._write("record_findings") as conn:
+            conn.execute(stmt)
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(result_at=now))
+
+    def findings(self, job_id: int) -> Findings | None:
+        """The findings a job recorded, or None."""
+        with self._read("findings") as conn:
+            data = conn.execute(select(_findings.c.data).where(_findings.c.job_id == job_id)).scalar_one_or_none()
+        return findings_from_json(data) if data is not None else None
+
+    def set_priority(self, job_id: int, *, score: float, level: str, reasons: str) -> None:
+        """Record a job's triage priority (score in [0, 1], level, human-readable reasons)."""
+        with self._write("set_priority") as conn:
+            conn.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id)
+                .values(priority_score=score, priority_level=level, priority_reasons=reasons)
+            )
 
 
 __all__ = ["AssociationRow", "Ledger"]

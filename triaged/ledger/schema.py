@@ -14,6 +14,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -186,6 +187,12 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer)
+    # Added in 0002: the pipeline the job runs, and the triage priority its findings earned.
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    priority_score: Mapped[float | None] = mapped_column(Float)
+    priority_level: Mapped[str | None] = mapped_column(String(16))
+    priority_reasons: Mapped[str | None] = mapped_column(Text)
+    result_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class JobTransition(Base):
@@ -200,3 +207,21 @@ class JobTransition(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text)
+
+
+class FindingsRecord(Base):
+    """What a job's pipeline measured (0002): summary columns for queries, the whole Findings as JSON."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    pipeline_version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    severity_pct: Mapped[float] = mapped_column(Float)
+    whole_lung_pct: Mapped[float] = mapped_column(Float)
+    consolidation_pct: Mapped[float] = mapped_column(Float)
+    ct_grade: Mapped[int] = mapped_column(Integer)
+    p_covid: Mapped[float | None] = mapped_column(Float)
+    data: Mapped[str] = mapped_column(Text)

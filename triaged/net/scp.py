@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -41,10 +41,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triaged.config import ListenerConfig, sop_class_uids
-from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome
+from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome, validate_uid
 from triaged.errors import InvalidDatasetError, StorageError
-from triaged.ledger import Ledger
-from triaged.spool import Spool, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +73,32 @@ STATUS_INSTANCE_MISMATCH = 0xC212
 STATUS_TRUNCATED_PIXELS = 0xC213
 
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
+
+
+class InstanceStore(Protocol):
+    """Where received bytes go (:class:`triaged.spool.Spool`); adapters do not import each other."""
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str: ...
+    def store_instance(self, rel_path: str, data: bytes) -> StoredFileLike: ...
+    def quarantine(self, data: bytes, reason: str, origin: str) -> Any: ...
+
+
+class StoredFileLike(Protocol):
+    @property
+    def sha256(self) -> str: ...
+
+
+class InstanceRecorder(Protocol):
+    """The ledger's part in receiving (:class:`triaged.ledger.Ledger`)."""
+
+    def open_association(
+        self, *, calling_ae: str, called_ae: str, peer_address: str, peer_port: int,
+        accepted: bool = True, reject_reason: str = "",
+    ) -> int: ...
+    def close_association(self, association_id: int, *, instances: int, bytes: int, failures: int,
+                          aborted: bool) -> None: ...
+    def record_instance(self, rec: InstanceRecord, *, association_id: int | None,
+                        now: Any = None) -> StoreOutcome: ...
 
 
 @dataclass
@@ -113,7 +137,7 @@ class StoreService:
         associations; storage classes need a restart because presentation contexts are fixed).
     """
 
-    def __init__(self, spool: Spool, ledger: Ledger, config: ListenerConfig) -> None:
+    def __init__(self, spool: InstanceStore, ledger: InstanceRecorder, config: ListenerConfig) -> None:
         self.spool = spool
         self.ledger = ledger
         self._config = config

@@ -1,0 +1,75 @@
+"""Findings and priority in the ledger, and the 0001 -> 0002 migration of an existing ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import create_engine
+
+from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LesionBox, LungMeasures
+from triaged.ledger import Ledger
+from triaged.ledger.ledger import _MIGRATIONS
+
+
+def _record(n: int = 1) -> InstanceRecord:
+    return InstanceRecord(
+        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid=f"1.2.3.4.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"studies/1.2.3/1.2.3.4/1.2.3.4.{n}.dcm", size=10, sha256=f"{n:064d}",
+    )
+
+
+def _findings() -> Findings:
+    return Findings(
+        pipeline="threshold", pipeline_version="1.0",
+        right=LungMeasures(lung_ml=2000.0, lesion_ml=1160.0, consolidation_ml=100.0),
+        left=LungMeasures(lung_ml=1800.0, lesion_ml=300.0, consolidation_ml=0.0),
+        ct_grade=CTGrade.CT3, key_slices=(12, 11, 30), p_covid=0.94,
+        lesion_boxes=(LesionBox(12, "1.2.3.4.12", 10, 20, 30, 40, 55.5, "right"),),
+        class_probabilities=(("covid", 0.94), ("healthy", 0.06)),
+        provenance=(("threshold_hu", "-700..300"),),
+    )
+
+
+def test_findings_round_trip_and_mark_the_result_time(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        ledger.record_instance(_record(), association_id=None)
+        [job] = ledger.jobs()
+        assert ledger.findings(job.id) is None
+        findings = _findings()
+        ledger.record_findings(job.id, findings)
+        assert ledger.findings(job.id) == findings
+        assert findings.severity_pct == 58.0 and ledger.job(job.id).result_at is not None
+        ledger.record_findings(job.id, findings)  # a resumed run replaces, never duplicates
+        ledger.set_priority(job.id, score=0.9, level="STAT", reasons="CT3: 58 % of the right lung affected")
+        ledger.set_pipeline(job.id, "threshold")
+        row = ledger.job(job.id)
+        assert (row.priority_level, row.priority_score, row.pipeline) == ("STAT", 0.9, "threshold")
+        assert "58 %" in row.priority_reasons
+
+
+def test_a_ledger_written_by_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite"
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    engine.dispose()
+    with sqlite3.connect(db) as raw:
+        raw.execute("INSERT INTO studies VALUES (1, '1.2.3', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1, 10, '', '', '')")
+        raw.execute(
+            "INSERT INTO jobs (id, study_id, revision, state, detail, created_at, updated_at, attempts) "
+            "VALUES (1, 1, 1, 'QUEUED', 'old job', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 0)"
+        )
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+    with Ledger(db) as ledger:
+        [job] = ledger.jobs()
+        assert (job.state, job.detail, job.priority_level) == (JobState.QUEUED, "old job", None)
+        ledger.record_findings(job.id, _findings())
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]

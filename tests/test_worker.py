@@ -1,0 +1,124 @@
+"""Worker processes and the priority queue: real spawned processes, real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from triaged.worker import AnalysisTask, TaskQueue, WorkerProcess
+
+REGISTRY = "tests.worker_pipelines:registry"
+
+
+def _task(job_id: int, level: str = "ROUTINE", pipeline: str = "ok", root: Path = Path("."),
+          paths: tuple[str, ...] = (), work: Path = Path(".")) -> AnalysisTask:
+    return AnalysisTask(job_id=job_id, study_uid="1.2", series_uid="1.2.3", pipeline=pipeline,
+                        spool_root=str(root), instance_paths=paths, work_dir=str(work), level=level,
+                        registry=REGISTRY)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_urgent_tasks_run_first_in_arrival_order() -> None:
+    queue = TaskQueue(aging_seconds=600, clock=_Clock())
+    for job_id, level in [(1, "ROUTINE"), (2, "URGENT"), (3, "STAT"), (4, "URGENT"), (5, "ROUTINE")]:
+        queue.put(_task(job_id, level))
+    order = [t.job_id for t in iter(lambda: queue.get(timeout=0), None)]
+    assert order == [3, 2, 4, 1, 5]
+
+
+def test_a_routine_task_that_waited_long_enough_overtakes_new_urgent_ones() -> None:
+    clock = _Clock()
+    queue = TaskQueue(aging_seconds=60, clock=clock)
+    queue.put(_task(1, "ROUTINE"))
+    clock.now = 61.0  # more than one level's worth of waiting
+    queue.put(_task(2, "URGENT"))
+    assert queue.get(timeout=0).job_id == 1  # type: ignore[union-attr]
+    assert queue.get(timeout=0).job_id == 2  # type: ignore[union-attr]
+
+
+def test_a_closed_queue_answers_none() -> None:
+    queue = TaskQueue()
+    queue.close()
+    assert queue.get(timeout=1) is None
+
+
+@pytest.fixture(scope="module")
+def worker() -> WorkerProcess:
+    proc = WorkerProcess("test-worker", threads=1)
+    yield proc
+    proc.stop()
+
+
+def _series(pet_ct_dx: Path) -> tuple[Path, tuple[str, ...]]:
+    return pet_ct_dx, tuple(sorted(p.name for p in pet_ct_dx.iterdir()))
+
+
+def test_a_task_loads_the_series_runs_the_pipeline_and_writes_masks_and_findings(
+    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+) -> None:
+    root, paths = _series(pet_ct_dx)
+    from pydicom import dcmread
+
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    task = AnalysisTask(job_id=7, study_uid="1.2", series_uid=series_uid, pipeline="ok", spool_root=str(root),
+                        instance_paths=paths, work_dir=str(tmp_path / "work"), registry=REGISTRY)
+    outcome = worker.run(task, timeout=120, memory_limit_mb=0)
+    assert outcome.ok, outcome.error
+    assert json.loads(outcome.findings_json)["pipeline"] == "ok"
+    masks = np.load(tmp_path / "work" / "masks.npz")
+    assert masks["lungs"].shape == (30, 512, 512)
+    assert (tmp_path / "work" / "findings.json").read_text() == outcome.findings_json
+
+
+def test_an_exception_in_the_pipeline_is_reported_with_its_stage(worker: WorkerProcess, pet_ct_dx: Path,
+                                                                 tmp_path: Path) -> None:
+    root, paths = _series(pet_ct_dx)
+    from pydicom import dcmread
+
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    task = AnalysisTask(job_id=8, study_uid="1.2", series_uid=series_uid, pipeline="raise", spool_root=str(root),
+                        instance_paths=paths, work_dir=str(tmp_path), registry=REGISTRY)
+    outcome = worker.run(task, timeout=120, memory_limit_mb=0)
+    assert not outcome.ok
+    assert outcome.error == "analysis: ValueError: no lungs found in this volume"
+
+
+def test_a_series_that_cannot_be_read_fails_at_the_load_stage(worker: WorkerProcess, tmp_path: Path) -> None:
+    outcome = worker.run(_task(9, paths=("missing.dcm",), root=tmp_path, work=tmp_path), timeout=60, memory_limit_mb=0)
+    assert not outcome.ok and outcome.error.startswith("load: ")
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "timeout", "memory_mb", "expected"),
+    [
+        ("crash", 120, 0, "analysis: worker process crashed (exit code 70)"),
+        ("hang", 3, 0, "analysis: timed out after 3 s"),
+        ("hog", 120, 1024, "analysis: memory guard: "),
+    ],
+)
+def test_a_crashing_hanging_or_greedy_worker_is_killed_reported_and_replaced(
+    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path, pipeline: str, timeout: float, memory_mb: float,
+    expected: str,
+) -> None:
+    root, paths = _series(pet_ct_dx)
+    from pydicom import dcmread
+
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    task = AnalysisTask(job_id=10, study_uid="1.2", series_uid=series_uid, pipeline=pipeline, spool_root=str(root),
+                        instance_paths=paths, work_dir=str(tmp_path), registry=REGISTRY)
+    outcome = worker.run(task, timeout=timeout, memory_limit_mb=memory_mb)
+    assert not outcome.ok and outcome.error.startswith(expected), outcome.error
+    # The next task gets a fresh process and succeeds.
+    ok = worker.run(AnalysisTask(**{**task.__dict__, "pipeline": "ok", "work_dir": str(tmp_path / "next")}),
+                    timeout=120, memory_limit_mb=0)
+    assert ok.ok, ok.error

@@ -1,0 +1,45 @@
+"""Pipelines that misbehave on purpose, for the worker tests (named by ``analysis.registry``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from triaged.domain import AnalysisResult, CTGrade, Findings, LungMeasures, Masks, Volume
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    name: str
+    version: str = "test"
+
+    def run(self, volume: Volume, *, progress: object = None) -> AnalysisResult:
+        if self.name == "crash":
+            os._exit(70)  # as a segfault in native code would: no exception, no answer
+        if self.name == "hang":
+            time.sleep(3600)
+        if self.name == "hog":
+            ballast = np.ones(3 * 2**30 // 8)  # 3 GiB, touched
+            time.sleep(60)
+            del ballast
+        if self.name == "raise":
+            raise ValueError("no lungs found in this volume")
+        lungs = np.zeros(volume.hu.shape, np.uint8)
+        lungs[:, :, : lungs.shape[2] // 2] = 1
+        lungs[:, :, lungs.shape[2] // 2 :] = 2
+        empty = np.zeros(volume.hu.shape, bool)
+        measures = LungMeasures(lung_ml=1000.0, lesion_ml=0.0, consolidation_ml=0.0)
+        findings = Findings(self.name, self.version, measures, measures, CTGrade.CT0)
+        return AnalysisResult(findings, Masks(lungs, empty, empty))
+
+
+class _Registry:
+    def get(self, name: str) -> _Pipeline:
+        return _Pipeline(name)
+
+
+def registry() -> _Registry:
+    return _Registry()
