@@ -107,7 +107,7 @@ def bench_triaged(series: Path, work: Path) -> list[float]:
         cfg.write_text(
             f"listener: {{bind_address: 127.0.0.1, port: {port}}}\n"
             f"storage: {{spool: spool-{r}, ledger: ledger-{r}.sqlite, min_free_mb: 0}}\n"
-            "completion: {delay_seconds: 600}\nlogging: {level: WARNING}\n"
+            "completion: {delay_seconds: 600}\nlogging: {level: WARNING}\nworklist: {http_port: 0}\n"
         )
         proc = subprocess.Popen([sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)])
         try:

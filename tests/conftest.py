@@ -48,6 +48,7 @@ def config_data(tmp_path: Path, **sections: dict[str, object]) -> dict[str, dict
         "completion": {"delay_seconds": 1, "sweep_interval_seconds": 0.2},
         # Fast, deterministic stand-in pipelines (tests/worker_pipelines.py); analysis tests override.
         "analysis": {"registry": "tests.worker_pipelines:registry", "default_pipeline": "ok", "threads": 1},
+        "worklist": {"http_port": 0},
     }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)

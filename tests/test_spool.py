@@ -69,5 +69,7 @@ def test_quarantine_keeps_the_bytes_and_the_reason(tmp_path: Path) -> None:
 def test_leftover_partial_writes_are_removed_at_start(tmp_path: Path) -> None:
     (tmp_path / "spool" / "tmp").mkdir(parents=True)
     (tmp_path / "spool" / "tmp" / "123.part").write_bytes(b"half")
-    Spool(tmp_path / "spool")
+    Spool(tmp_path / "spool")  # another process's spool: must not touch writes in flight
+    assert [p.name for p in (tmp_path / "spool" / "tmp").iterdir()] == ["123.part"]
+    Spool(tmp_path / "spool", clean_partial=True)
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []

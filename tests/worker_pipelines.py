@@ -31,8 +31,13 @@ class _Pipeline:
         lungs[:, :, : lungs.shape[2] // 2] = 1
         lungs[:, :, lungs.shape[2] // 2 :] = 2
         empty = np.zeros(volume.hu.shape, bool)
-        measures = LungMeasures(lung_ml=1000.0, lesion_ml=0.0, consolidation_ml=0.0)
-        findings = Findings(self.name, self.version, measures, measures, CTGrade.CT0)
+        pct, p_covid = 0.0, None
+        if self.name.startswith("sev:"):  # "sev:<affected % of the right lung>:<P(COVID-19)>"
+            _, pct_text, p_text = self.name.split(":")
+            pct, p_covid = float(pct_text), float(p_text)
+        right = LungMeasures(lung_ml=1000.0, lesion_ml=10.0 * pct, consolidation_ml=0.0)
+        left = LungMeasures(lung_ml=1000.0, lesion_ml=0.0, consolidation_ml=0.0)
+        findings = Findings(self.name, self.version, right, left, CTGrade.from_affected_pct(pct), p_covid=p_covid)
         return AnalysisResult(findings, Masks(lungs, empty, empty))
 
 

@@ -145,6 +145,39 @@ class AnalysisConfig(_Model):
     registry: str = Field("triaged.analysis:default_registry", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+class DispatchConfig(_Model):
+    """Sending result objects to destinations: retries with capped exponential backoff."""
+
+    interval_seconds: float = Field(5.0, gt=0)
+    #: Delay after the first failure; each further failure multiplies it, up to ``max_delay_seconds``.
+    base_delay_seconds: float = Field(10.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_delay_seconds: float = Field(600.0, gt=0)
+    #: After this long without success an item is dead-lettered (ERROR log, ledger flag, job FAILED).
+    max_age_hours: float = Field(24.0, gt=0)
+    calling_ae_title: AETitle = "TRIAGED"
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class WorklistConfig(_Model):
+    """How the radiology worklist reads the ledger: C-FIND on the listener and a JSON endpoint."""
+
+    #: Answer Study Root C-FIND on the listener with the ledger's studies in priority order.
+    c_find: bool = True
+    #: A read-only HTTP endpoint serving the worklist as JSON (``GET /worklist``); 0 disables it.
+    http_port: int = Field(8088, ge=0, le=65535)
+    http_bind_address: str = "127.0.0.1"
+
+    @field_validator("http_bind_address")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IP address") from exc
+        return v
+
+
 class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -350,12 +383,15 @@ class RouteAction(_Model):
     priority_policy: str | None = Field(None, min_length=1)
     #: Do not analyse; the job is recorded IGNORED with this reason.
     ignore: str | None = Field(None, min_length=1)
+    #: How soon the analysis runs (worker queue rank; waiting ages routine work up so it is never starved).
+    analysis_priority: Literal["STAT", "URGENT", "ROUTINE"] | None = None
 
     @model_validator(mode="after")
     def _ignore_alone(self) -> RouteAction:
         if self.ignore is not None:
             extra = [
-                n for n in ("pipelines", "destinations", "priority_policy") if getattr(self, n) is not None
+                n for n in ("pipelines", "destinations", "priority_policy", "analysis_priority")
+                if getattr(self, n) is not None
             ]
             if extra:
                 raise ValueError(f"an ignore action takes no {', '.join(extra)}")
@@ -484,6 +520,10 @@ class Config(_Model):
     series_selection: SeriesSelectionConfig = Field(default_factory=lambda: SeriesSelectionConfig())
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     analysis: AnalysisConfig = Field(default_factory=lambda: AnalysisConfig())
+    dispatch: DispatchConfig = Field(default_factory=lambda: DispatchConfig())
+    worklist: WorklistConfig = Field(default_factory=lambda: WorklistConfig())
+    #: Re-read the config file when it changes (as on SIGHUP); an invalid file is refused.
+    reload_on_change: bool = True
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
     priority: PriorityConfig = Field(default_factory=lambda: PriorityConfig())

@@ -19,6 +19,7 @@ from triaged.config import Config, LoggingConfig, load_config
 from triaged.errors import ConfigError
 from triaged.ledger import Ledger
 from triaged.net.scp import Listener, StoreService
+from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule_sweep
 from triaged.spool import Spool
 from triaged.stages import Stages
@@ -77,10 +78,14 @@ class Node:
         self._config = config
         self._stop = threading.Event()
         self.ledger = Ledger(config.storage.ledger)
-        self.spool = Spool(config.storage.spool, config.storage.min_free_mb)
+        self.spool = Spool(config.storage.spool, config.storage.min_free_mb, clean_partial=True)
         self.stages = Stages(self.ledger, self.spool, lambda: self._config)
         self.service = StoreService(self.spool, self.ledger, config.listener)
-        self.listener = Listener(config.listener, self.service)
+        find = WorklistFind(self.stages.worklist, self.stages.study_header) if config.worklist.c_find else None
+        self.listener = Listener(config.listener, self.service, find)
+        self.http: WorklistHTTP | None = None
+        if config.worklist.http_port:
+            self.http = WorklistHTTP(self.stages.worklist, config.worklist.http_bind_address, config.worklist.http_port)
         self.queue = TaskQueue(config.analysis.aging_seconds)
         self.workers = WorkerPool(
             self.queue, self.stages.start_analysis, self.stages.finish_analysis,
@@ -90,6 +95,7 @@ class Node:
         self.scheduler = build_scheduler(
             self.stages, config.completion.sweep_interval_seconds,
             submit=lambda: self.stages.submit_queued(self.queue, self.workers.running()),
+            dispatch_interval_seconds=config.dispatch.interval_seconds,
         )
 
     @property
@@ -102,6 +108,8 @@ class Node:
         self.stages.reconcile_spool()
         self.stages.resume_interrupted()
         self.listener.start()
+        if self.http is not None:
+            self.http.start()
         self.workers.start()
         self.scheduler.start()
 
@@ -138,6 +146,8 @@ class Node:
         """Stop accepting, drain in-flight associations, stop the scheduler, close the ledger."""
         self._stop.set()
         self.listener.stop(drain_seconds)
+        if self.http is not None:
+            self.http.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.workers.stop()
@@ -150,6 +160,13 @@ class Node:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def serve(config_path: Path) -> int:
@@ -171,9 +188,15 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     node.start()
     # Signal handlers only set flags; the work happens here, outside the handler.
+    seen = _mtime(config_path)
     while not node.stop_requested:
         if reload_requested.wait(0.5):
             reload_requested.clear()
+            node.reload()
+            seen = _mtime(config_path)
+        elif node.config.reload_on_change and _mtime(config_path) != seen:
+            seen = _mtime(config_path)
+            log.info("%s changed on disk", config_path)
             node.reload()
     node.stop()
     return 0

@@ -58,7 +58,7 @@ class JobState(enum.StrEnum):
     SUPERSEDED = "SUPERSEDED"
 
 
-#: States from which a job never moves again.
+#: States in which a job waits for nothing (only `triaged resend` moves DONE and FAILED jobs again).
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.IGNORED, JobState.FAILED, JobState.SUPERSEDED})
 
 #: Allowed transitions; the ledger refuses anything else.  FAILED is reachable from every live state
@@ -72,9 +72,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.ENCODING: frozenset({JobState.DISPATCHING, JobState.FAILED, JobState.SUPERSEDED}),
     JobState.DISPATCHING: frozenset({JobState.DONE, JobState.RETRY_WAIT, JobState.FAILED}),
     JobState.RETRY_WAIT: frozenset({JobState.DISPATCHING, JobState.FAILED}),
-    JobState.DONE: frozenset(),
+    # `triaged resend`: a delivered or dead-lettered job's outbox is sent again.
+    JobState.DONE: frozenset({JobState.DISPATCHING}),
     JobState.IGNORED: frozenset(),
-    JobState.FAILED: frozenset(),
+    JobState.FAILED: frozenset({JobState.DISPATCHING}),
     JobState.SUPERSEDED: frozenset(),
 }
 
@@ -191,6 +192,7 @@ class JobRow:
     priority_score: float | None = None
     priority_reasons: str = ""
     result_at: datetime | None = None
+    route: str = ""  # JSON of the routing decision (rule, pipelines, destinations, policy)
     history: tuple[tuple[datetime, str, str, str], ...] = field(default=())  # (at, from, to, detail)
 
 
@@ -348,3 +350,67 @@ def findings_from_json(text: str) -> Findings:
         provenance=tuple((str(k), str(v)) for k, v in d.get("provenance", ())),
         warnings=tuple(d.get("warnings", ())),
     )
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A result object waiting for, or delivered to, one destination."""
+
+    id: int
+    job_id: int
+    destination: str
+    kind: str  # "sr" | "seg" | "sc"
+    path: str  # relative to the spool root
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: str  # PENDING | SENT | DEAD
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    sent_at: datetime | None = None
+    last_status: int | None = None
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """One study on the radiology worklist: its latest job, triage priority and why."""
+
+    study_instance_uid: str
+    accession_number: str
+    study_date: str
+    study_description: str
+    arrived: datetime
+    job_id: int
+    state: str
+    priority_level: str | None
+    priority_score: float | None
+    priority_reasons: str
+    result_at: datetime | None
+    severity_pct: float | None = None
+    ct_grade: int | None = None
+    p_covid: float | None = None
+    overdue: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        """The row as JSON-ready data (the same for ``triaged worklist --json`` and the HTTP endpoint)."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "accession_number": self.accession_number,
+            "study_date": self.study_date,
+            "study_description": self.study_description,
+            "arrived": self.arrived.isoformat(),
+            "job_id": self.job_id,
+            "state": self.state,
+            "priority_level": self.priority_level,
+            "priority_score": self.priority_score,
+            "priority_reasons": self.priority_reasons,
+            "result_at": self.result_at.isoformat() if self.result_at else None,
+            "minutes_to_result": round((self.result_at - self.arrived).total_seconds() / 60, 2)
+            if self.result_at else None,
+            "severity_pct": self.severity_pct,
+            "ct_grade": f"CT{self.ct_grade}" if self.ct_grade is not None else None,
+            "p_covid": self.p_covid,
+            "overdue": self.overdue,
+            "note": "research use only - not for diagnosis",
+        }

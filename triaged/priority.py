@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from triaged.config import Escalation, PriorityPolicyConfig
-from triaged.domain import CTGrade, Findings
+from triaged.domain import CTGrade, Findings, WorklistRow
 
 
 class PriorityLevel(enum.StrEnum):
@@ -197,3 +197,24 @@ def _escalation_text(esc: Escalation, value: float) -> str:
         "consolidation_pct": "consolidation",
     }[esc.measure]
     return f"{label} {_pct(value)} >= {esc.at_least:g} %"
+
+
+def order_worklist(rows: Sequence[WorklistRow], now: datetime, waiting_alert_minutes: float | None) -> list[WorklistRow]:
+    """The worklist in reading order: priority level (STAT first), higher score, then earlier arrival.
+
+    Studies without a priority yet (still being received or analysed, or ignored) come after every
+    prioritised one, oldest first.  ``overdue`` marks studies still without a result after
+    ``waiting_alert_minutes`` (the triage itself is late).
+    """
+    ranks = {level.value: rank for level, rank in PRIORITY_ORDER.items()}
+
+    def key(row: WorklistRow) -> tuple[int, float, datetime]:
+        rank = ranks.get(row.priority_level or "", len(ranks))
+        return (rank, -(row.priority_score or 0.0), row.arrived)
+
+    out = []
+    for row in sorted(rows, key=key):
+        late = row.result_at is None and row.state not in ("IGNORED", "FAILED", "SUPERSEDED") and is_overdue(
+            row.arrived, now, waiting_alert_minutes)
+        out.append(replace(row, overdue=late))
+    return out

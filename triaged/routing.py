@@ -78,6 +78,7 @@ class RouteDecision:
     priority_policy: str
     ignore_reason: str | None = None
     explanation: tuple[str, ...] = ()
+    analysis_priority: str = "ROUTINE"
 
     @property
     def ignored(self) -> bool:
@@ -153,7 +154,8 @@ def _decide(config: Config, name: str, action: RouteAction, explanation: list[st
         destinations = tuple(RouteTarget(n) for n in config.destinations)
     else:
         destinations = tuple(RouteTarget(t.name, t.outputs) for t in targets)
-    return RouteDecision(name, tuple(pipelines), destinations, delay, policy, None, tuple(explanation))
+    level = action.analysis_priority or default.analysis_priority or "ROUTINE"
+    return RouteDecision(name, tuple(pipelines), destinations, delay, policy, None, tuple(explanation), level)
 
 
 # --- matching ---------------------------------------------------------------------------------------

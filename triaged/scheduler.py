@@ -26,10 +26,20 @@ def _submit(submit: Callable[[], int]) -> None:
         log.exception("submitting queued jobs failed")
 
 
+def _dispatch(stages: Stages) -> None:
+    try:
+        stages.dispatch_due()
+    except Exception:  # noqa: BLE001 - the outbox is durable: the next tick tries again
+        log.exception("dispatch failed")
+
+
 def build_scheduler(
-    stages: Stages, sweep_interval_seconds: float, submit: Callable[[], int] | None = None
+    stages: Stages,
+    sweep_interval_seconds: float,
+    submit: Callable[[], int] | None = None,
+    dispatch_interval_seconds: float | None = None,
 ) -> BackgroundScheduler:
-    """A scheduler with the completion sweep and the analysis feeder; one run of each at a time."""
+    """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced."""
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(
         _sweep, "interval", args=[stages], seconds=sweep_interval_seconds, id="completion-sweep",
@@ -38,6 +48,11 @@ def build_scheduler(
     if submit is not None:
         scheduler.add_job(
             _submit, "interval", args=[submit], seconds=sweep_interval_seconds, id="submit-queued",
+            max_instances=1, coalesce=True, misfire_grace_time=None,
+        )
+    if dispatch_interval_seconds is not None:
+        scheduler.add_job(
+            _dispatch, "interval", args=[stages], seconds=dispatch_interval_seconds, id="dispatch",
             max_instances=1, coalesce=True, misfire_grace_time=None,
         )
     return scheduler

@@ -46,19 +46,22 @@ class Spool:
     ----------
     root : Path
         The spool folder; created if missing.
+    clean_partial : bool
+        Remove partial writes left by a crashed process (the daemon does this at start).
     min_free_mb : int
         :meth:`store_instance` refuses (``StorageError``) when fewer MiB than this are free, so a
         full disk is reported to the sender as "out of resources" before a write half-fails.
     """
 
-    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+    def __init__(self, root: Path, min_free_mb: int = 0, *, clean_partial: bool = False) -> None:
         self.root = root
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._counter = itertools.count()
         self._lock = threading.Lock()
         for sub in ("studies", "quarantine", "tmp", "work"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        self._clean_tmp()
+        if clean_partial:  # only the daemon at start: other processes may be writing right now
+            self._clean_tmp()
 
     def _clean_tmp(self) -> None:
         # Partial writes of a crashed process were never acknowledged: the sender still has them.

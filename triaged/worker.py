@@ -11,6 +11,7 @@ one priority level), so a stream of urgent studies cannot starve routine ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -46,6 +47,13 @@ class AnalysisTask:
     threads: int = 2
     #: "module:function" returning the pipeline registry; tests name their own (crashing, hanging).
     registry: str = "triaged.analysis:default_registry"
+    #: Encode SR/SEG/SC after the analysis (the route has destinations).
+    encode: bool = False
+    revision: int = 1
+    predecessor_sr: tuple[str, str, str] | None = None
+    #: The route's priority policy (a ``PriorityPolicyConfig``): the level is burned into the SC.
+    policy: Any = None
+    key_slice_images: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class TaskOutcome:
     error: str = ""  # "stage: reason"
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    #: Encoded objects: (kind, path relative to the spool root, SOP Class UID, SOP Instance UID).
+    outputs: tuple[tuple[str, str, str, str], ...] = ()
+    #: (score, level, reasons) from the route's policy, when one was given.
+    priority: tuple[float, str, str] | None = None
 
 
 @dataclass(order=True)
@@ -154,11 +166,61 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
         os.replace(tmp, work / "masks.npz")
         text = findings_to_json(result.findings)
         (work / "findings.json").write_text(text, encoding="utf-8")
-        return TaskOutcome(task.job_id, True, text, seconds=time.perf_counter() - t0)
+        priority = None
+        if task.policy is not None:
+            from triaged.priority import prioritise
+
+            p = prioritise(result.findings, task.policy)
+            priority = (p.score, str(p.level), p.summary)
+        outputs: tuple[tuple[str, str, str, str], ...] = ()
+        if task.encode:
+            stage = "encode"
+            outputs = _encode(task, result, volume, series, root, priority[1] if priority else None)
+        return TaskOutcome(task.job_id, True, text, seconds=time.perf_counter() - t0, outputs=outputs,
+                           priority=priority)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as the job's failure reason
         log.debug("task %s failed:\n%s", task.job_id, traceback.format_exc())
         return TaskOutcome(task.job_id, False, error=f"{stage}: {type(exc).__name__}: {exc}",
                            seconds=time.perf_counter() - t0)
+
+
+def _output_kind(sop_class_uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(sop_class_uid).name
+    if "Segmentation" in name:
+        return "seg"
+    if "SR" in name or "Report" in name:
+        return "sr"
+    return "sc"
+
+
+def _encode(
+    task: AnalysisTask, result: Any, volume: Any, series: tuple[Any, ...], root: Path, level: str | None
+) -> tuple[tuple[str, str, str, str], ...]:
+    """Build SR, SEG and SC and write them under ``work/<job>/outputs`` (atomically, fsynced)."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    from triaged import __version__
+    from triaged.encode import OutputContext, build_outputs
+    from triaged.spool import Spool
+
+    source = [dcmread(root / h.path, stop_before_pixels=True) for h in series]
+    ctx = OutputContext(
+        software_version=__version__, revision=task.revision, predecessor_sr=task.predecessor_sr,
+        priority_level=level, key_slice_images=task.key_slice_images,
+    )
+    spool = Spool(root, 0)
+    out = []
+    for ds in build_outputs(result.findings, result.masks, volume, source, ctx):
+        kind = _output_kind(str(ds.SOPClassUID))
+        rel = f"work/{task.job_id}/outputs/{kind}-{ds.SOPInstanceUID}.dcm"
+        buffer = DicomBytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        spool.store_instance(rel, buffer.getvalue())
+        out.append((kind, rel, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return tuple(out)
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
@@ -254,8 +316,7 @@ class WorkerProcess:
             while True:
                 if conn.poll(0.2):
                     outcome: TaskOutcome = conn.recv()
-                    return TaskOutcome(outcome.job_id, outcome.ok, outcome.findings_json, outcome.error,
-                                       outcome.seconds, max(peak, _rss_mb(proc.pid)))
+                    return dataclasses.replace(outcome, peak_rss_mb=max(peak, _rss_mb(proc.pid)))
                 if not proc.is_alive():
                     break
                 rss = _rss_mb(proc.pid)

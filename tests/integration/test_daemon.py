@@ -25,7 +25,7 @@ def _config_text(tmp_path: Path, port: int, extra: str = "") -> str:
     return (
         f"listener: {{bind_address: 127.0.0.1, port: {port}{extra}}}\n"
         f"storage: {{spool: {tmp_path / 'spool'}, ledger: {tmp_path / 'ledger.sqlite'}, min_free_mb: 0}}\n"
-        "completion: {delay_seconds: 600}\n"
+        "completion: {delay_seconds: 600}\nworklist: {http_port: 0}\n"
     )
 
 

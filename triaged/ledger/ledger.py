@@ -51,8 +51,10 @@ from triaged.domain import (
     InstanceRecord,
     JobRow,
     JobState,
+    OutboxEntry,
     StoreOutcome,
     StudyRow,
+    WorklistRow,
     findings_from_json,
     findings_to_json,
 )
@@ -63,6 +65,7 @@ from triaged.ledger.schema import (
     Instance,
     Job,
     JobTransition,
+    OutboxItem,
     Series,
     Study,
     UTCDateTime,
@@ -84,6 +87,7 @@ _associations = cast(Table, Association.__table__)
 _jobs = cast(Table, Job.__table__)
 _transitions = cast(Table, JobTransition.__table__)
 _findings = cast(Table, FindingsRecord.__table__)
+_outbox = cast(Table, OutboxItem.__table__)
 
 
 @dataclass(frozen=True)
@@ -773,6 +777,7 @@ class Ledger:
             j.c.priority_score,
             j.c.priority_reasons,
             j.c.result_at,
+            j.c.route,
         ).join(st, st.c.id == j.c.study_id)
 
     @staticmethod
@@ -793,6 +798,7 @@ class Ledger:
             priority_score=r.priority_score,
             priority_reasons=r.priority_reasons or "",
             result_at=r.result_at,
+            route=r.route or "",
             history=history,
         )
 
@@ -955,6 +961,129 @@ class Ledger:
                 .where(_jobs.c.id == job_id)
                 .values(priority_score=score, priority_level=level, priority_reasons=reasons)
             )
+
+    def set_route(self, job_id: int, route_json: str) -> None:
+        """Record the routing decision a job follows (JSON)."""
+        with self._write("set_route") as conn:
+            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(route=route_json))
+
+    def study_source(self, study_uid: str) -> tuple[str, str, str] | None:
+        """(calling AE, called AE, peer address) of the association that last brought the study an instance."""
+        a, ins, se, st = _associations, _instances, _series, _studies
+        stmt = (
+            select(a.c.calling_ae, a.c.called_ae, a.c.peer_address)
+            .join(ins, ins.c.association_id == a.c.id)
+            .join(se, se.c.id == ins.c.series_id)
+            .join(st, st.c.id == se.c.study_id)
+            .where(st.c.study_instance_uid == study_uid)
+            .order_by(ins.c.received_at.desc())
+            .limit(1)
+        )
+        with self._read("study_source") as conn:
+            row = conn.execute(stmt).first()
+        return (row.calling_ae, row.called_ae, row.peer_address) if row else None
+
+    # ------------------------------------------------------------------ outbox
+
+    def enqueue_outbox(self, job_id: int, items: Iterable[tuple[str, str, str, str, str]]) -> int:
+        """Add result objects ``(destination, kind, path, sop_class_uid, sop_instance_uid)`` as PENDING.
+
+        Idempotent: an item already in the outbox (same job, destination and SOP Instance UID) is kept
+        as it is, so a resumed job never sends twice.  Returns how many were added.
+        """
+        now = datetime.now(UTC)
+        rows = [
+            {"job_id": job_id, "destination": d, "kind": k, "path": p, "sop_class_uid": c, "sop_instance_uid": u,
+             "state": "PENDING", "attempts": 0, "created_at": now, "next_attempt_at": now, "last_error": ""}
+            for d, k, p, c, u in items
+        ]
+        if not rows:
+            return 0
+        stmt = sqlite_insert(_outbox).on_conflict_do_nothing(
+            index_elements=[_outbox.c.job_id, _outbox.c.destination, _outbox.c.sop_instance_uid]
+        )
+        with self._write("enqueue_outbox") as conn:
+            return int(conn.execute(stmt, rows).rowcount or 0)
+
+    @staticmethod
+    def _outbox_row(r: Any) -> OutboxEntry:
+        return OutboxEntry(
+            id=r.id, job_id=r.job_id, destination=r.destination, kind=r.kind, path=r.path,
+            sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid, state=r.state,
+            attempts=r.attempts, created_at=r.created_at, next_attempt_at=r.next_attempt_at,
+            sent_at=r.sent_at, last_status=r.last_status, last_error=r.last_error,
+        )
+
+    def outbox(
+        self, *, job_id: int | None = None, states: Iterable[str] | None = None, due_before: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[OutboxEntry]:
+        """Outbox items, oldest first, filtered by job, state and due time."""
+        o = _outbox
+        stmt = select(o).order_by(o.c.id).limit(limit)
+        if job_id is not None:
+            stmt = stmt.where(o.c.job_id == job_id)
+        if states is not None:
+            stmt = stmt.where(o.c.state.in_(list(states)))
+        if due_before is not None:
+            stmt = stmt.where(o.c.next_attempt_at <= _utc(due_before))
+        with self._read("outbox") as conn:
+            return [self._outbox_row(r) for r in conn.execute(stmt)]
+
+    def mark_sent(self, item_id: int, status: int) -> None:
+        """The destination stored the object (Success or a warning status)."""
+        with self._write("mark_sent") as conn:
+            conn.execute(update(_outbox).where(_outbox.c.id == item_id).values(
+                state="SENT", sent_at=datetime.now(UTC), last_status=status, last_error="",
+                attempts=_outbox.c.attempts + 1))
+
+    def mark_attempt_failed(self, item_id: int, *, status: int | None, error: str, next_attempt_at: datetime) -> None:
+        """One failed attempt; the item stays PENDING until ``next_attempt_at``."""
+        with self._write("mark_attempt_failed") as conn:
+            conn.execute(update(_outbox).where(_outbox.c.id == item_id).values(
+                last_status=status, last_error=error, next_attempt_at=_utc(next_attempt_at),
+                attempts=_outbox.c.attempts + 1))
+
+    def mark_dead(self, item_id: int, reason: str) -> None:
+        """Give up on an item (dead letter); ``triaged resend`` puts it back."""
+        with self._write("mark_dead") as conn:
+            conn.execute(update(_outbox).where(_outbox.c.id == item_id).values(state="DEAD", last_error=reason))
+
+    def requeue_outbox(self, job_id: int) -> int:
+        """Put every item of a job back to PENDING, due now (``triaged resend``); returns how many."""
+        now = datetime.now(UTC)
+        with self._write("requeue_outbox") as conn:
+            result = conn.execute(update(_outbox).where(_outbox.c.job_id == job_id).values(
+                state="PENDING", attempts=0, next_attempt_at=now, created_at=now, sent_at=None, last_error=""))
+            return int(result.rowcount or 0)
+
+    # ------------------------------------------------------------------ worklist
+
+    def worklist(self) -> list[WorklistRow]:
+        """Every study with its latest job and priority (unsorted: the caller applies the policy order)."""
+        j, st, f = _jobs, _studies, _findings
+        latest = select(j.c.study_id, func.max(j.c.revision).label("revision")).group_by(j.c.study_id).subquery()
+        stmt = (
+            select(
+                st.c.study_instance_uid, st.c.accession_number, st.c.study_date, st.c.study_description,
+                st.c.first_seen, j.c.id, j.c.state, j.c.priority_level, j.c.priority_score, j.c.priority_reasons,
+                j.c.result_at, f.c.severity_pct, f.c.ct_grade, f.c.p_covid,
+            )
+            .join(latest, latest.c.study_id == st.c.id)
+            .join(j, (j.c.study_id == st.c.id) & (j.c.revision == latest.c.revision))
+            .outerjoin(f, f.c.job_id == j.c.id)
+        )
+        with self._read("worklist") as conn:
+            return [
+                WorklistRow(
+                    study_instance_uid=r.study_instance_uid, accession_number=r.accession_number,
+                    study_date=r.study_date, study_description=r.study_description, arrived=r.first_seen,
+                    job_id=r.id, state=r.state, priority_level=r.priority_level, priority_score=r.priority_score,
+                    priority_reasons=r.priority_reasons or "", result_at=r.result_at, severity_pct=r.severity_pct,
+                    ct_grade=r.ct_grade, p_covid=r.p_covid,
+                )
+                for r in conn.execute(stmt)
+            ]
 
 
 __all__ = ["AssociationRow", "Ledger"]

@@ -193,6 +193,8 @@ class Job(Base):
     priority_level: Mapped[str | None] = mapped_column(String(16))
     priority_reasons: Mapped[str | None] = mapped_column(Text)
     result_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Added in 0003: the routing decision (JSON: rule, pipelines, destinations with outputs, policy).
+    route: Mapped[str | None] = mapped_column(Text)
 
 
 class JobTransition(Base):
@@ -225,3 +227,36 @@ class FindingsRecord(Base):
     ct_grade: Mapped[int] = mapped_column(Integer)
     p_covid: Mapped[float | None] = mapped_column(Float)
     data: Mapped[str] = mapped_column(Text)
+
+
+OUTBOX_STATES_SQL = "'PENDING', 'SENT', 'DEAD'"
+
+
+class OutboxItem(Base):
+    """One result object for one destination (0003): the durable outbox of dispatch.
+
+    PENDING until the destination answers Success (SENT), or until the retry age runs out (DEAD,
+    dead-lettered with an ERROR log); ``next_attempt_at`` drives the capped exponential backoff.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", "sop_instance_uid"),
+        CheckConstraint(f"state IN ({OUTBOX_STATES_SQL})", name="state"),
+        Index("ix_outbox_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text)

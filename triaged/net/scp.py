@@ -43,6 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from triaged.config import ListenerConfig, sop_class_uids
 from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome, validate_uid
 from triaged.errors import InvalidDatasetError, StorageError
+from triaged.net.worklist import STUDY_ROOT_FIND
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +359,11 @@ def storage_sop_classes(config: ListenerConfig) -> list[str]:
 class Listener:
     """The running DICOM listener (one pynetdicom server)."""
 
-    def __init__(self, config: ListenerConfig, service: StoreService) -> None:
+    def __init__(self, config: ListenerConfig, service: StoreService, find: Any = None) -> None:
+        """``find``: a :class:`triaged.net.worklist.WorklistFind` to answer Study Root C-FIND, or None."""
         self.config = config
         self.service = service
+        self.find = find
         ae = AE(ae_title=config.ae_title)
         ae.maximum_pdu_size = config.max_pdu
         ae.maximum_associations = config.max_associations
@@ -371,6 +374,8 @@ class Listener:
         ae.add_supported_context(Verification)
         for uid in storage_sop_classes(config):
             ae.add_supported_context(uid, STORAGE_TRANSFER_SYNTAXES)
+        if find is not None:
+            ae.add_supported_context(STUDY_ROOT_FIND)
         self.ae = ae
         self._server: ThreadedAssociationServer | None = None
 
@@ -392,6 +397,8 @@ class Listener:
             (evt.EVT_C_ECHO, self.service.on_echo),
             (evt.EVT_C_STORE, self.service.on_store),
         ]
+        if self.find is not None:
+            handlers.append((evt.EVT_C_FIND, self.find.on_find))
         bind = (self.config.bind_address, self.config.port if port is None else port)
         server = self.ae.start_server(bind, block=False, evt_handlers=handlers)
         self._server = server  # type: ignore[assignment]

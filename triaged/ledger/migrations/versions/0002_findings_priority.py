@@ -38,9 +38,9 @@ def upgrade() -> None:
         sa.Column("ct_grade", sa.Integer(), nullable=False),
         sa.Column("p_covid", sa.Float(), nullable=True),
         sa.Column("data", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("job_id"),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE", name="fk_findings_job_id_jobs"),
+        sa.PrimaryKeyConstraint("id", name="pk_findings"),
+        sa.UniqueConstraint("job_id", name="uq_findings_job_id"),
     )
 
 

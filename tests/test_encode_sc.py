@@ -1,0 +1,140 @@
+"""Secondary Capture encoder: real series, round trip, dciodvfy, and a picture that reads like a CXR."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from tests.encode_fixtures import Case, dciodvfy, errors, load_real_case, round_trip
+from triaged.encode import OutputContext, build_sc
+from triaged.encode.context import NOT_FOR_DIAGNOSTIC_USE, SC_SERIES_DESCRIPTION
+from triaged.encode.sc import render_overview
+
+CTX = OutputContext(
+    software_version="0.1.0",
+    priority_level="STAT",
+    key_slice_images=2,
+    content_datetime=datetime(2026, 1, 2, 3, 4, 5),
+)
+#: The colour the burned-in "NOT FOR DIAGNOSTIC USE" line is drawn in (sc._WARNING_RGB).
+WARNING_RGB = (255, 70, 70)
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    from tests.conftest import PET_CT_DX
+
+    if not PET_CT_DX.is_dir():
+        pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
+    return load_real_case(PET_CT_DX)
+
+
+@pytest.fixture(scope="module")
+def images(case: Case) -> list[hd.sc.SCImage]:
+    return build_sc(case.findings, case.masks, case.volume, case.source, CTX)
+
+
+def test_every_sc_round_trips_and_dciodvfy_reports_no_errors(
+    images: list[hd.sc.SCImage], tmp_path: Path
+) -> None:
+    assert len(images) == 3  # overview + 2 key slices
+    for i, sc in enumerate(images):
+        lines = dciodvfy(round_trip(sc), tmp_path / f"sc{i}.dcm")
+        assert errors(lines) == [], "\n".join(lines)
+
+
+def test_the_sc_joins_the_study_in_its_own_series_and_says_not_for_diagnosis(
+    images: list[hd.sc.SCImage], case: Case
+) -> None:
+    series = {sc.SeriesInstanceUID for sc in images}
+    assert len(series) == 1 and case.volume.series_instance_uid not in series
+    assert len({sc.SOPInstanceUID for sc in images}) == len(images)
+    for sc in map(round_trip, images):
+        assert sc.StudyInstanceUID == case.volume.study_instance_uid
+        assert sc.PatientID == case.source[0].PatientID
+        assert sc.SeriesDescription == SC_SERIES_DESCRIPTION
+        assert sc.BurnedInAnnotation == "YES"
+        assert NOT_FOR_DIAGNOSTIC_USE in sc.ImageComments
+        assert sc.BodyPartExamined == "CHEST"
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    overview = round_trip(images[0])
+    assert list(overview.PatientOrientation) == ["L", "F"]  # PA convention: patient's right on the left
+    assert overview.PixelSpacing[0] == overview.PixelSpacing[1]  # square pixels: the aspect is right
+    key = round_trip(images[1])
+    assert (
+        key.SourceImageSequence[0].ReferencedSOPInstanceUID
+        == case.volume.sop_instance_uids[case.findings.key_slices[0]]
+    )
+
+
+def test_the_warning_text_is_burned_into_every_image(images: list[hd.sc.SCImage]) -> None:
+    for sc in images:
+        pixels = round_trip(sc).pixel_array
+        warning = np.all(pixels == WARNING_RGB, axis=-1)
+        rows = np.nonzero(warning.any(axis=1))[0]
+        # Anti-aliased glyphs have at least a few hundred pixels of the exact colour; all in the text band.
+        assert warning.sum() > 150
+        assert rows.min() > pixels.shape[0] * 0.6
+
+
+def test_the_overview_reads_like_a_chest_radiograph(case: Case, tmp_path: Path) -> None:
+    rgb, pixel_mm = render_overview(case.findings, case.masks, case.volume, CTX)
+    Image.fromarray(rgb).save(tmp_path / "overview.png")
+    grey = rgb.astype(np.float32).mean(axis=-1)
+    # The lung projections, resampled like the image: (superior->inferior, right->left).
+    lungs = case.masks.lungs[::-1]  # volume z runs inferior->superior here
+    height = int(round(lungs.shape[0] * case.volume.spacing[0] / pixel_mm))
+    right = ndimage.zoom(
+        (lungs == 1).any(axis=1).astype(np.uint8),
+        (height / lungs.shape[0], rgb.shape[1] / lungs.shape[2]),
+        order=0,
+    )
+    left = ndimage.zoom(
+        (lungs == 2).any(axis=1).astype(np.uint8),
+        (height / lungs.shape[0], rgb.shape[1] / lungs.shape[2]),
+        order=0,
+    )
+    image = grey[: right.shape[0]]
+    right, left = right[: image.shape[0]].astype(bool), left[: image.shape[0]].astype(bool)
+    # Patient's right on the viewer's left.
+    assert np.nonzero(right)[1].mean() < np.nonzero(left)[1].mean()
+    # Lungs dark, mediastinum and spine (between the lungs) bright, air around the patient black.
+    between = np.zeros_like(right)
+    r_edge, l_edge = int(np.nonzero(right)[1].max()), int(np.nonzero(left)[1].min())
+    rows = np.nonzero(right.any(axis=1) & left.any(axis=1))[0]
+    between[rows[len(rows) // 4 : 3 * len(rows) // 4], r_edge - 10 : l_edge + 10] = True
+    between &= ~(right | left)
+    lung_mean = np.median(image[(right | left) & ~_heat(rgb[: image.shape[0]])])
+    assert np.median(image[between]) > lung_mean + 60
+    assert image[:, :5].mean() < lung_mean or image[-5:, :].mean() < 200
+    # Lesions highlighted: the heat colour (red over green and blue) sits inside the right lung.
+    heat = _heat(rgb[: image.shape[0]])
+    assert heat.sum() > 500
+    assert (heat & right).sum() > 0.8 * heat.sum()
+
+
+def test_the_overview_without_findings_still_renders(case: Case) -> None:
+    from dataclasses import replace
+
+    empty = replace(
+        case.masks,
+        lesions=np.zeros_like(case.masks.lesions),
+        consolidation=np.zeros_like(case.masks.consolidation),
+    )
+    findings = replace(case.findings, p_covid=None, key_slices=(), lesion_boxes=())
+    rgb, pixel_mm = render_overview(findings, empty, case.volume, OutputContext(software_version="0.1.0"))
+    height = int(round(case.volume.hu.shape[0] * case.volume.spacing[0] / pixel_mm))
+    assert not _heat(rgb[:height]).any()  # below is the text band, whose warning line is red
+    images = build_sc(findings, empty, case.volume, case.source, OutputContext(software_version="0.1.0"))
+    assert len(images) == 1
+
+
+def _heat(rgb: np.ndarray) -> np.ndarray:
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    return (r > g + 40) & (r > b + 80)

@@ -1,0 +1,276 @@
+"""TID 1500 SR encoder: real series, round trip, dciodvfy, and the content tree read back by highdicom."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import SegmentationStorage
+
+from tests.encode_fixtures import Case, dciodvfy, errors, load_real_case, round_trip
+from triaged.encode import OutputContext, build_outputs, build_seg, build_sr, codes, segmentation_reference
+from triaged.encode.context import RESEARCH_USE_TEXT, SR_SERIES_DESCRIPTION
+
+WHEN = datetime(2026, 1, 2, 3, 4, 5)
+PREDECESSOR = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3")
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    from tests.conftest import PET_CT_DX
+
+    if not PET_CT_DX.is_dir():
+        pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
+    return load_real_case(PET_CT_DX)
+
+
+@pytest.fixture(scope="module")
+def ctx() -> OutputContext:
+    return OutputContext(
+        software_version="0.1.0",
+        revision=2,
+        predecessor_sr=PREDECESSOR,
+        priority_level="URGENT",
+        institution="Test Hospital",
+        content_datetime=WHEN,
+    )
+
+
+@pytest.fixture(scope="module")
+def outputs(case: Case, ctx: OutputContext) -> list[Dataset]:
+    return [round_trip(ds) for ds in build_outputs(case.findings, case.masks, case.volume, case.source, ctx)]
+
+
+def _measurements(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations,
+) -> dict[tuple[str, str], tuple[float, str]]:
+    return {
+        (m.name.value, m.name.scheme_designator): (float(m.value), m.unit.value)
+        for m in group.get_measurements()
+    }
+
+
+def _key(code: Code) -> tuple[str, str]:
+    return (code.value, code.scheme_designator)
+
+
+def test_the_sr_round_trips_and_dciodvfy_reports_no_errors(outputs: list[Dataset], tmp_path: Path) -> None:
+    sr = outputs[0]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    lines = dciodvfy(sr, tmp_path / "sr.dcm")
+    assert errors(lines) == [], "\n".join(lines)
+
+
+def test_the_sr_joins_the_source_study_in_its_own_series_and_names_its_predecessor(
+    outputs: list[Dataset], case: Case
+) -> None:
+    sr, first = outputs[0], case.source[0]
+    assert sr.StudyInstanceUID == first.StudyInstanceUID
+    assert sr.PatientID == first.PatientID and sr.PatientName == first.PatientName
+    assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in case.source}
+    assert sr.SeriesDescription == SR_SERIES_DESCRIPTION and "research use only" in sr.SeriesDescription
+    assert sr.InstitutionName == "Test Hospital"
+    assert (sr.ContentDate, sr.ContentTime) == ("20260102", "030405")
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    pred = sr.PredecessorDocumentsSequence[0]
+    assert pred.StudyInstanceUID == PREDECESSOR[0]
+    assert pred.ReferencedSeriesSequence[0].SeriesInstanceUID == PREDECESSOR[1]
+    assert (
+        pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == PREDECESSOR[2]
+    )
+    schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    assert codes.PRIVATE_SCHEME in schemes
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert {ds.SOPInstanceUID for ds in case.source} | {outputs[1].SOPInstanceUID} == evidence
+
+
+def test_the_lung_groups_carry_the_measurements_and_reference_the_seg_segments(
+    outputs: list[Dataset], case: Case, tmp_path: Path
+) -> None:
+    sr_path = tmp_path / "sr.dcm"
+    outputs[0].save_as(sr_path, enforce_file_format=True)
+    report = hd.sr.srread(sr_path).content
+    seg = outputs[1]
+    numbers = {item.SegmentLabel: int(item.SegmentNumber) for item in seg.SegmentSequence}
+    groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    assert set(groups) == {"Right lung", "Left lung", "Lesion", "Lung consolidation"}
+
+    for label, measures, site in (
+        ("Right lung", case.findings.right, codes.RIGHT_LUNG),
+        ("Left lung", case.findings.left, codes.LEFT_LUNG),
+    ):
+        group = groups[label]
+        segment = group.referenced_segment
+        assert (segment.referenced_sop_class_uid, segment.referenced_sop_instance_uid) == (
+            SegmentationStorage,
+            seg.SOPInstanceUID,
+        )
+        assert segment.referenced_segment_numbers == [numbers[label]]
+        assert segment.source_series_for_segmentation.value == case.volume.series_instance_uid
+        # The SR group and the SEG segment track the same structure.
+        seg_item = seg.SegmentSequence[numbers[label] - 1]
+        assert group.tracking_uid == seg_item.TrackingUID
+        assert [fs.value for fs in group.finding_sites] == [hd.sr.CodedConcept.from_code(site)]
+        values = _measurements(group)
+        assert values[_key(codes.VOLUME)] == (pytest.approx(measures.lung_ml, abs=1e-3), "ml")
+        assert values[_key(codes.LESION_VOLUME)] == (pytest.approx(measures.lesion_ml, abs=1e-3), "ml")
+        assert values[_key(codes.CONSOLIDATION_VOLUME)][0] == pytest.approx(
+            measures.consolidation_ml, abs=1e-3
+        )
+        assert values[_key(codes.AFFECTED_PERCENT)] == (pytest.approx(measures.affected_pct, abs=1e-3), "%")
+        assert values[_key(codes.CONSOLIDATION_PERCENT)][0] == pytest.approx(
+            measures.consolidation_pct, abs=1e-3
+        )
+
+    lesion_segment = groups["Lesion"].referenced_segment
+    assert lesion_segment.referenced_segment_numbers == [numbers["COVID-19 lesions (GGO + consolidation)"]]
+    assert _measurements(groups["Lesion"])[_key(codes.VOLUME)][0] == pytest.approx(
+        case.findings.both.lesion_ml, abs=1e-3
+    )
+
+
+def test_the_study_groups_hold_severity_grade_probabilities_and_key_slices(
+    outputs: list[Dataset], case: Case, tmp_path: Path
+) -> None:
+    sr_path = tmp_path / "sr.dcm"
+    outputs[0].save_as(sr_path, enforce_file_format=True)
+    report = hd.sr.srread(sr_path).content
+    f = case.findings
+    groups = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
+
+    both = groups["Both lungs"]
+    values = _measurements(both)
+    assert values[_key(codes.VOLUME)][0] == pytest.approx(f.both.lung_ml, abs=1e-3)
+    assert values[_key(codes.AFFECTED_PERCENT)][0] == pytest.approx(f.whole_lung_pct, abs=1e-3)
+    assert values[_key(codes.CONSOLIDATION_PERCENT)][0] == pytest.approx(f.consolidation_pct, abs=1e-3)
+    assert values[_key(codes.SEVERITY_PERCENT)] == (pytest.approx(f.severity_pct, abs=1e-3), "%")
+    (grade,) = both.get_qualitative_evaluations()
+    assert grade.name == hd.sr.CodedConcept.from_code(codes.CT_SEVERITY_GRADE)
+    assert grade.value == hd.sr.CodedConcept.from_code(codes.ct_grade_code(f.ct_grade))
+    assert grade.value.value == f.ct_grade.name
+
+    probabilities = _measurements(groups["Classification"])
+    assert probabilities[_key(codes.PROBABILITY_COVID_19)] == (pytest.approx(0.87), "{probability}")
+    assert probabilities[_key(codes.class_probability_code("healthy"))][0] == pytest.approx(0.05)
+    assert len(probabilities) == 4  # covid once (from p_covid), healthy, bacterial, other
+
+    key = groups["Key slices, highest lesion burden first"]
+    assert key.finding_type == hd.sr.CodedConcept.from_code(codes.KEY_IMAGES)
+    referenced = [img.referenced_sop_instance_uid for img in key.source_images]
+    assert referenced == [case.volume.sop_instance_uids[z] for z in f.key_slices]
+
+
+def test_lesion_boxes_are_closed_rectangles_on_their_source_image(
+    outputs: list[Dataset], case: Case, tmp_path: Path
+) -> None:
+    sr_path = tmp_path / "sr.dcm"
+    outputs[0].save_as(sr_path, enforce_file_format=True)
+    report = hd.sr.srread(sr_path).content
+    (group,) = report.get_planar_roi_measurement_groups()
+    box = case.findings.lesion_boxes[0]
+    region = group.roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    points = region.value
+    assert points.shape == (5, 2) and (points[0] == points[-1]).all()
+    assert points.min(axis=0).tolist() == [box.col_min, box.row_min]
+    assert points.max(axis=0).tolist() == [box.col_max + 1, box.row_max + 1]
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == box.sop_instance_uid
+    assert _measurements(group)[_key(codes.VOLUME)][0] == pytest.approx(box.volume_ml, abs=1e-3)
+    assert [fs.value for fs in group.finding_sites] == [hd.sr.CodedConcept.from_code(codes.RIGHT_LUNG)]
+
+
+def test_the_observer_algorithm_research_text_and_priority_are_in_the_tree(outputs: list[Dataset]) -> None:
+    report = hd.sr.Comprehensive3DSR.from_dataset(outputs[0]).content
+    (device,) = report.get_observer_contexts(observer_type=Code("121007", "DCM", "Device"))
+    assert device.observer_identifying_attributes.name == "triaged"
+    root = list(outputs[0].ContentSequence)
+    texts = {
+        (item.ConceptNameCodeSequence[0].CodeValue, item.TextValue)
+        for item in _walk(root)
+        if item.ValueType == "TEXT"
+    }
+    assert (codes.COMMENT.value, RESEARCH_USE_TEXT) in texts
+    assert (codes.TRIAGE_PRIORITY.value, "URGENT") in texts
+    assert ("111001", "threshold-test") in texts  # Algorithm Name (TID 4019)
+    assert ("111003", "0.0.1") in texts  # Algorithm Version
+    assert ("111002", "model_sha256=" + "ab" * 32) in texts  # Algorithm Parameters: the model card hash
+    assert ("121013", "triaged") in texts  # Device Observer Name (TID 1004)
+    assert ("121015", "threshold-test") in texts  # Device Observer Model Name: the pipeline
+    assert "not for diagnosis" in RESEARCH_USE_TEXT
+
+
+def test_without_a_seg_the_lung_groups_are_plain_measurement_groups(case: Case, ctx: OutputContext) -> None:
+    sr = round_trip(build_sr(case.findings, case.masks, case.volume, case.source, ctx, segmentation=None))
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert report.get_volumetric_roi_measurement_groups() == []
+    labels = {g.tracking_identifier for g in report.get_image_measurement_groups()}
+    assert {"Right lung", "Left lung", "Both lungs"} <= labels
+
+
+def test_the_same_analysis_gets_the_same_uids_and_a_revision_new_ones(case: Case, ctx: OutputContext) -> None:
+    args = (case.findings, case.masks, case.volume, case.source)
+    first = build_outputs(*args, ctx)
+    again = build_outputs(*args, ctx)
+    assert [ds.SOPInstanceUID for ds in first] == [ds.SOPInstanceUID for ds in again]
+    assert [ds.SeriesInstanceUID for ds in first] == [ds.SeriesInstanceUID for ds in again]
+    # With a fixed content time a re-send is the same object byte for byte (a PACS sees a duplicate).
+    assert [_encoded(ds) for ds in first] == [_encoded(ds) for ds in again]
+    revised = build_outputs(*args, replace(ctx, revision=3))
+    assert not {ds.SOPInstanceUID for ds in first} & {ds.SOPInstanceUID for ds in revised}
+    assert not {ds.SeriesInstanceUID for ds in first} & {ds.SeriesInstanceUID for ds in revised}
+    other_version = build_outputs(replace(case.findings, pipeline_version="9"), *args[1:], ctx)
+    assert other_version[0].SOPInstanceUID != first[0].SOPInstanceUID
+    for ds in first:
+        assert ds.SOPInstanceUID.startswith("2.25.") and len(ds.SOPInstanceUID) <= 64
+
+
+def test_lobe_masks_add_lobe_groups_that_reference_lobe_segments(case: Case, ctx: OutputContext) -> None:
+    lungs = case.masks.lungs
+    z_mid = lungs.shape[0] // 2
+    upper = (np.arange(lungs.shape[0]) >= z_mid)[:, None, None]
+    lobes = np.where(
+        lungs == 1, np.where(upper, 1, 3), np.where(lungs == 2, np.where(upper, 4, 5), 0)
+    ).astype(np.uint8)
+    masks = replace(case.masks, lobes=lobes)
+    seg = build_seg(case.findings, masks, case.volume, case.source, ctx)
+    assert seg is not None
+    sr = round_trip(
+        build_sr(
+            case.findings, masks, case.volume, case.source, ctx, segmentation=segmentation_reference(seg)
+        )
+    )
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    lobe = groups["Upper lobe of right lung"]
+    voxel_ml = float(np.prod(case.volume.spacing)) / 1000.0
+    assert _measurements(lobe)[_key(codes.VOLUME)][0] == pytest.approx(
+        (lobes == 1).sum() * voxel_ml, abs=1e-3
+    )
+    assert "Middle lobe of right lung" not in groups  # empty lobes are left out, as in the SEG
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _walk(items: list[Dataset]) -> list[Dataset]:
+    out: list[Dataset] = []
+    for item in items:
+        out.append(item)
+        if "ContentSequence" in item:
+            out.extend(_walk(list(item.ContentSequence)))
+    return out

@@ -1,0 +1,151 @@
+"""Coded concepts used by the SR, SEG and SC encoders (PS3.16 coding schemes and a private scheme).
+
+Every concept is an immutable :class:`pydicom.sr.coding.Code` (a named tuple), so the constants cannot
+be altered by one builder and leak into another; highdicom accepts ``Code`` wherever it wants a coded
+concept and converts it to a fresh ``CodedConcept`` item each time.
+
+Standard codes are used wherever DICOM or SNOMED CT has one:
+
+* SNOMED CT (``SCT``): anatomy (lungs, lobes), findings (lesion, lung consolidation, COVID-19,
+  pneumonia), segmentation property categories (PS3.16 CID 7150) and laterality.
+* DICOM (``DCM``, PS3.16 Annex D): report structure, ground-glass opacity (CID 6104), key images, comment.
+* UCUM: units (``ml``, ``%``, ``{probability}``).
+* LOINC (``LN``): the procedure reported (CT Chest).
+* UMLS: the TID 1500 "Qualitative Evaluations" container (PS3.16 TID 1500 row 12).
+
+Concepts that no public scheme names (the affected-lung percentages, the CT0–CT4 grades of the Russian
+visual severity scale, class probabilities of the triage classifier, the triage priority) use the
+private coding scheme :data:`PRIVATE_SCHEME` (``99TRIAGED``), declared in each object's Coding Scheme
+Identification Sequence (PS3.3 C.12.1.1.2) by :func:`private_scheme_identification` and documented in
+``docs/codes.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from triaged.domain import CTGrade
+
+#: Coding Scheme Designator of the project's private codes ("99" prefix: PS3.16 8.2, local schemes).
+PRIVATE_SCHEME: Final[str] = "99TRIAGED"
+#: Version of the private scheme; bump when a code's meaning changes (never reuse a code value).
+PRIVATE_SCHEME_VERSION: Final[str] = "1"
+PRIVATE_SCHEME_NAME: Final[str] = "triaged private codes (research use, see docs/codes.md)"
+PRIVATE_SCHEME_ORGANIZATION: Final[str] = "triaged project"
+
+# --- anatomy (SNOMED CT; lobes as in PS3.16 CID 6170 with side-specific concepts) -------------------
+LUNG: Final = Code("39607008", "SCT", "Lung")
+RIGHT_LUNG: Final = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG: Final = Code("44029006", "SCT", "Left lung")
+RIGHT_UPPER_LOBE: Final = Code("42400003", "SCT", "Upper lobe of right lung")
+RIGHT_MIDDLE_LOBE: Final = Code("72481006", "SCT", "Middle lobe of right lung")
+RIGHT_LOWER_LOBE: Final = Code("266005", "SCT", "Lower lobe of right lung")
+LEFT_UPPER_LOBE: Final = Code("44714003", "SCT", "Upper lobe of left lung")
+LEFT_LOWER_LOBE: Final = Code("41224006", "SCT", "Lower lobe of left lung")
+CHEST: Final = Code("51185008", "SCT", "Thorax")
+RIGHT: Final = Code("24028007", "SCT", "Right")
+LEFT: Final = Code("7771000", "SCT", "Left")
+
+#: Lobe label of :class:`triaged.domain.Masks` ``lobes`` (1..5) -> concept.
+LOBES: Final[tuple[tuple[int, Code], ...]] = (
+    (1, RIGHT_UPPER_LOBE),
+    (2, RIGHT_MIDDLE_LOBE),
+    (3, RIGHT_LOWER_LOBE),
+    (4, LEFT_UPPER_LOBE),
+    (5, LEFT_LOWER_LOBE),
+)
+
+# --- findings ---------------------------------------------------------------------------------------
+LESION: Final = Code("52988006", "SCT", "Lesion")
+LUNG_CONSOLIDATION: Final = Code("95436008", "SCT", "Lung consolidation")
+GROUND_GLASS_OPACITY: Final = Code("112120", "DCM", "Ground glass opacity")  # CID 6104
+COVID_19: Final = Code("840539006", "SCT", "COVID-19")
+PNEUMONIA: Final = Code("233604007", "SCT", "Pneumonia")
+
+# --- segmentation property categories (PS3.16 CID 7150) ---------------------------------------------
+ANATOMICAL_STRUCTURE: Final = Code("123037004", "SCT", "Anatomical Structure")
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE: Final = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+
+# --- measurements and report structure --------------------------------------------------------------
+VOLUME: Final = Code("118565006", "SCT", "Volume")
+KEY_IMAGES: Final = Code("121180", "DCM", "Key Images")
+COMMENT: Final = Code("121106", "DCM", "Comment")
+QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
+CT_CHEST: Final = Code("24627-2", "LN", "CT Chest")
+ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+
+# --- units (UCUM) -----------------------------------------------------------------------------------
+UNIT_ML: Final = Code("ml", "UCUM", "milliliter")
+UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
+UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
+
+# --- private codes (99TRIAGED); docs/codes.md explains each ------------------------------------------
+LESION_VOLUME: Final = Code("LESVOL", PRIVATE_SCHEME, "Lesion volume (GGO + consolidation)")
+CONSOLIDATION_VOLUME: Final = Code("CONSVOL", PRIVATE_SCHEME, "Consolidation volume")
+AFFECTED_PERCENT: Final = Code("AFFPCT", PRIVATE_SCHEME, "Affected lung percentage")
+CONSOLIDATION_PERCENT: Final = Code("CONSPCT", PRIVATE_SCHEME, "Consolidation percentage")
+SEVERITY_PERCENT: Final = Code("SEVPCT", PRIVATE_SCHEME, "Study severity, affected percentage of worse lung")
+CT_SEVERITY_GRADE: Final = Code("CTGRADE", PRIVATE_SCHEME, "CT severity grade (CT0-CT4)")
+TRIAGE_PRIORITY: Final = Code("PRIORITY", PRIVATE_SCHEME, "Triage priority")
+PROBABILITY_COVID_19: Final = Code("PCOVID", PRIVATE_SCHEME, "Probability of COVID-19 pneumonia")
+
+#: CT0–CT4 values of the Russian visual scale (seed 004): no SNOMED CT or DICOM code exists for them.
+CT_GRADES: Final[tuple[tuple[CTGrade, Code], ...]] = (
+    (CTGrade.CT0, Code("CT0", PRIVATE_SCHEME, "CT0: no findings of viral pneumonia")),
+    (CTGrade.CT1, Code("CT1", PRIVATE_SCHEME, "CT1: mild, 25 % or less of a lung affected")),
+    (CTGrade.CT2, Code("CT2", PRIVATE_SCHEME, "CT2: moderate, 25-50 % of a lung affected")),
+    (CTGrade.CT3, Code("CT3", PRIVATE_SCHEME, "CT3: severe, 50-75 % of a lung affected")),
+    (CTGrade.CT4, Code("CT4", PRIVATE_SCHEME, "CT4: critical, 75 % or more of a lung affected")),
+)
+
+#: Class names the classifiers emit -> private probability concept (``PROB-<CLASS>`` otherwise).
+_CLASS_PROBABILITIES: Final[tuple[tuple[str, Code], ...]] = (
+    ("covid", PROBABILITY_COVID_19),
+    ("healthy", Code("PHEALTHY", PRIVATE_SCHEME, "Probability of no pneumonia")),
+    ("bacterial", Code("PBACTERIAL", PRIVATE_SCHEME, "Probability of bacterial pneumonia")),
+    ("other", Code("POTHER", PRIVATE_SCHEME, "Probability of other lung disease")),
+)
+
+# Short String (SH) limit of Code Value (PS3.5 6.2) for generated class codes.
+_CODE_VALUE_MAX = 16
+
+
+def ct_grade_code(grade: CTGrade) -> Code:
+    """Private code of a CT0–CT4 grade."""
+    for g, code in CT_GRADES:
+        if g == grade:
+            return code
+    raise ValueError(f"unknown CT grade {grade!r}")
+
+
+def class_probability_code(class_name: str) -> Code:
+    """Private concept name for the probability of one classifier class.
+
+    Known classes (covid, healthy, bacterial, other) have fixed codes; any other class name becomes
+    ``P-<NAME>`` (upper case, characters outside ``A-Z0-9`` dropped, at most 16 characters), meaning
+    "Probability of class '<name>'".
+    """
+    key = class_name.strip().lower()
+    for name, code in _CLASS_PROBABILITIES:
+        if name == key:
+            return code
+    value = ("P-" + re.sub(r"[^A-Z0-9]", "", class_name.upper()))[:_CODE_VALUE_MAX]
+    return Code(value, PRIVATE_SCHEME, f"Probability of class '{class_name.strip()}'")
+
+
+def private_scheme_identification() -> Dataset:
+    """One Coding Scheme Identification Sequence item declaring :data:`PRIVATE_SCHEME`.
+
+    PS3.3 C.12.1.1.2: a private Coding Scheme Designator used in an instance should be identified in
+    (0008,0110) with its name, version and responsible organization.
+    """
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item

@@ -1,0 +1,319 @@
+"""Encode the analysis masks as a DICOM Segmentation (PS3.3 A.51 Segmentation IOD, C.8.20 SEG modules).
+
+One BINARY Segmentation instance in the analysed study, in its own series, derived from the analysed CT
+series.  Segments (numbered in this order, empty ones left out):
+
+1. right lung, 2. left lung (SCT anatomical structure),
+3. COVID-19 lesions, ground-glass opacity and consolidation together (SCT Lesion, morphologically
+   abnormal structure), 4. consolidation (SCT Lung consolidation),
+5–9. lobes RUL, RML, RLL, LUL, LLL when the pipeline produced ``masks.lobes``.
+
+Lesions overlap the lungs and consolidation overlaps lesions, so the segments are encoded as separate
+binary frames (a label map cannot hold them).  Every segment carries the pipeline's Segment Algorithm
+Identification (PS3.3 C.8.20.2.1, algorithm type AUTOMATIC) with the model's SHA-256 as a parameter;
+frames without any pixel of their segment are omitted (highdicom's ``omit_empty_frames``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import SegmentationStorage
+
+from triaged.domain import Findings, Masks, Volume
+from triaged.encode import codes
+from triaged.encode.context import (
+    SEG_SERIES_DESCRIPTION,
+    OutputContext,
+    SourceImages,
+    body_part,
+    map_source_images,
+    set_content_datetime,
+)
+from triaged.encode.uids import OutputUIDs, derive_uid, output_uids, tracking_uid
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What one segment is: a stable key, its label and its PS3.16 CID 7150/7151 codes."""
+
+    key: str  # "right_lung", "left_lung", "lesions", "consolidation", "lobe_1" ... "lobe_5"
+    label: str
+    category: Code
+    property_type: Code
+    rgb: tuple[int, int, int]  # recommended display colour
+
+
+@dataclass(frozen=True)
+class SegmentationReference:
+    """Where a SEG is and which segment number holds which structure (for the SR's references)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    source_series_instance_uid: str
+    segment_numbers: tuple[tuple[str, int], ...]  # (SegmentSpec.key, Segment Number)
+    sop_class_uid: str = SegmentationStorage
+
+    def number(self, key: str) -> int | None:
+        """Segment Number of the segment with ``key``, None when the SEG has no such segment."""
+        return dict(self.segment_numbers).get(key)
+
+    def evidence(self) -> Dataset:
+        """The minimal dataset highdicom needs to list the SEG as SR evidence (PS3.3 C.17.2.3)."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        return ds
+
+
+# Segments in SEG order, and how each is cut from Masks.
+_LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks], npt.NDArray[np.bool_]]], ...] = (
+    (
+        SegmentSpec("right_lung", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG, (80, 160, 255)),
+        lambda m: m.lungs == 1,
+    ),
+    (
+        SegmentSpec("left_lung", "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG, (80, 220, 120)),
+        lambda m: m.lungs == 2,
+    ),
+    (
+        SegmentSpec(
+            "lesions",
+            "COVID-19 lesions (GGO + consolidation)",
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            codes.LESION,
+            (255, 170, 0),
+        ),
+        lambda m: m.lesions.astype(bool, copy=False),
+    ),
+    (
+        SegmentSpec(
+            "consolidation",
+            "Consolidation",
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            codes.LUNG_CONSOLIDATION,
+            (230, 40, 40),
+        ),
+        lambda m: m.consolidation.astype(bool, copy=False),
+    ),
+)
+_LOBE_COLOURS = ((128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79))
+#: Key of every segment the encoder can write, in SEG order.
+SEGMENT_KEYS: tuple[str, ...] = tuple(s.key for s, _ in _LUNG_SEGMENTS) + tuple(
+    f"lobe_{label}" for label, _ in codes.LOBES
+)
+
+
+def planned_segments(masks: Masks) -> list[tuple[SegmentSpec, npt.NDArray[np.bool_]]]:
+    """The non-empty segments of ``masks`` in SEG order, each with its (z, y, x) boolean mask."""
+    planned: list[tuple[SegmentSpec, npt.NDArray[np.bool_]]] = []
+    for spec, cut in _LUNG_SEGMENTS:
+        mask = cut(masks)
+        if mask.any():
+            planned.append((spec, mask))
+    if masks.lobes is not None:
+        for (label, code), rgb in zip(codes.LOBES, _LOBE_COLOURS, strict=True):
+            mask = masks.lobes == label
+            if mask.any():
+                planned.append(
+                    (SegmentSpec(f"lobe_{label}", code.meaning, codes.ANATOMICAL_STRUCTURE, code, rgb), mask)
+                )
+    return planned
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a cheaper overlap check for stacked boolean segments.
+
+    highdicom decides Segments Overlap (PS3.3 C.8.20.2) by summing the 4D array over segments, which
+    allocates an int64 copy of the whole stack (about 0.6 GB and 2 s for 300 slices of 512 x 512 with
+    four segments).  For a boolean stack, pairwise ``logical_and(...).any()`` answers the same question
+    without the copy.  Anything else goes to highdicom's own check.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls, pixel_array: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        if not (
+            isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4 and pixel_array.dtype == np.bool_
+        ):
+            return super()._check_and_cast_pixel_array(pixel_array, *args, **kwargs)  # type: ignore[misc]
+        n = pixel_array.shape[-1]
+        overlap = any(
+            np.logical_and(pixel_array[..., i], pixel_array[..., j]).any()
+            for i in range(n)
+            for j in range(i + 1, n)
+        )
+        return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
+def algorithm_identification(findings: Findings) -> hd.AlgorithmIdentificationSequence:
+    """PS3.3 C.8.20.2.1 Segment Algorithm Identification of the pipeline (family: AI, DCM 123110)."""
+    parameters = {"model_sha256": findings.model_sha256} if findings.model_sha256 else None
+    return hd.AlgorithmIdentificationSequence(
+        name=findings.pipeline,
+        family=codes.ARTIFICIAL_INTELLIGENCE,
+        version=findings.pipeline_version,
+        source="triaged",
+        parameters=parameters,
+    )
+
+
+def build_seg(
+    findings: Findings,
+    masks: Masks,
+    volume: Volume,
+    source: Sequence[Dataset],
+    ctx: OutputContext,
+    *,
+    uids: OutputUIDs | None = None,
+    workers: int = 0,
+) -> hd.seg.Segmentation | None:
+    """Build the BINARY Segmentation of lungs, lesions, consolidation (and lobes).
+
+    Parameters
+    ----------
+    findings
+        Pipeline name, version and model hash (for the algorithm identification).
+    masks
+        Masks on the volume grid (z, y, x).
+    volume
+        The analysed volume; its per-z SOP Instance UIDs (and frame numbers) name the source images.
+    source
+        Headers of the analysed series (pixel data not needed).
+    ctx
+        Output context (device, revision, series number).
+    uids
+        UIDs to use; derived from the study, pipeline and revision when None.
+    workers
+        Passed to highdicom: processes encoding frames in parallel (0: in this process).
+
+    Returns
+    -------
+    highdicom.seg.Segmentation or None
+        None when every mask is empty (a SEG must hold at least one segment, PS3.3 C.8.20.2).
+
+    Notes
+    -----
+    PS3.3 A.51 (Segmentation IOD), C.8.20.2 (Segmentation Image module), C.7.6.16 (functional groups:
+    plane positions and Derivation Image Sequence are taken from the source images).
+    """
+    planned = planned_segments(masks)
+    if not planned:
+        return None
+    images = map_source_images(volume, source)
+    if masks.lungs.shape != volume.hu.shape:
+        raise ValueError(f"masks shape {masks.lungs.shape} differs from the volume's {volume.hu.shape}")
+    uids = uids or output_uids(
+        volume.study_instance_uid, findings.pipeline, findings.pipeline_version, ctx.revision
+    )
+    algorithm = algorithm_identification(findings)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.label,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=tracking_uid(uids, spec.key),
+            tracking_id=spec.key,
+            display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
+        )
+        for number, (spec, _) in enumerate(planned, start=1)
+    ]
+    pixels = _frame_stack(images, [mask for _, mask in planned])
+    seg = _Segmentation(
+        source_images=list(images.datasets),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.seg_series,
+        series_number=ctx.seg_series_number,
+        sop_instance_uid=uids.seg_instance,
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        manufacturer_model_name=f"{ctx.device_name} {findings.pipeline}"[:64],
+        software_versions=ctx.software_version,
+        device_serial_number=ctx.device_serial_number,
+        content_description="Lungs and COVID-19 lesions, research use only"[:64],
+        content_label="TRIAGED",
+        content_creator_name=None,
+        omit_empty_frames=True,
+        workers=workers,
+    )
+    # highdicom draws a random Dimension Organization UID; derive it like every other UID so that a
+    # re-send of the same analysis is the same object, byte for byte (PS3.3 C.7.6.17).
+    organization = derive_uid(
+        uids.study_instance_uid,
+        uids.pipeline,
+        uids.pipeline_version,
+        uids.revision,
+        "seg-dimension-organization",
+    )
+    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = organization
+    seg.SeriesDescription = SEG_SERIES_DESCRIPTION
+    seg.BodyPartExamined = body_part(images.first)
+    if ctx.institution:
+        seg.InstitutionName = ctx.institution
+    set_content_datetime(seg, ctx.stamp())
+    return seg
+
+
+def segmentation_reference(seg: Dataset) -> SegmentationReference:
+    """Read the UIDs and segment numbers of a SEG built by :func:`build_seg` (or any SEG whose segment
+    property types are those of :func:`planned_segments`)."""
+    by_code = {(s.property_type.value, s.property_type.scheme_designator): s.key for s, _ in _LUNG_SEGMENTS}
+    for label, code in codes.LOBES:
+        by_code[(code.value, code.scheme_designator)] = f"lobe_{label}"
+    numbers: list[tuple[str, int]] = []
+    for item in seg.SegmentSequence:
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        key = by_code.get((str(prop.CodeValue), str(prop.CodingSchemeDesignator)))
+        if key is not None:
+            numbers.append((key, int(item.SegmentNumber)))
+    source_series = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    return SegmentationReference(
+        study_instance_uid=str(seg.StudyInstanceUID),
+        series_instance_uid=str(seg.SeriesInstanceUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        source_series_instance_uid=str(source_series),
+        segment_numbers=tuple(numbers),
+        sop_class_uid=str(seg.SOPClassUID),
+    )
+
+
+def _frame_stack(images: SourceImages, masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.bool_]:
+    """(frames, rows, columns, segments) array in the order highdicom pairs frames with source images.
+
+    Single-frame sources: frame i is source dataset i, i.e. volume slice i.  Enhanced CT: frames follow
+    the source's frame order, so slice z goes to frame ``refs[z].frame_number``; frames the volume
+    dropped (duplicates) stay empty.
+    """
+    nz, rows, cols = masks[0].shape
+    if not images.multi_frame:
+        stack = np.empty((nz, rows, cols, len(masks)), dtype=bool)
+        for s, mask in enumerate(masks):
+            stack[..., s] = mask
+        return stack
+    if len(images.datasets) != 1:
+        raise ValueError("a volume from several multi-frame instances cannot be encoded as one SEG")
+    frames = int(images.first.NumberOfFrames)
+    stack = np.zeros((frames, rows, cols, len(masks)), dtype=bool)
+    for z, ref in enumerate(images.refs):
+        assert ref.frame_number is not None
+        for s, mask in enumerate(masks):
+            stack[ref.frame_number - 1, :, :, s] = mask[z]
+    return stack
