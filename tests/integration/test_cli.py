@@ -59,3 +59,19 @@ def test_a_missing_ledger_is_a_clear_message(tmp_path: Path, capsys: pytest.Capt
         main(["jobs", "--config", str(cfg)])
     assert info.value.code == 1
     assert "no ledger at" in capsys.readouterr().err
+
+
+def test_rules_test_explains_which_route_a_study_folder_takes(
+    tmp_path: Path, pet_ct_dx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = [
+        {"name": "mr-out", "match": {"series": {"Modality": "MR"}}, "action": {"ignore": "not CT"}},
+        {"name": "from-icu", "match": {"calling_ae": "CT_ICU"}, "action": {"analysis_priority": "STAT"}},
+    ]
+    cfg = write_config(tmp_path, routing={"rules": rules})
+    assert main(["rules", "test", "--config", str(cfg), str(pet_ct_dx), "--calling-ae", "CT_ICU"]) == 0
+    out = capsys.readouterr().out
+    assert "rule 'mr-out'" in out and "MR" in out
+    assert "-> rule 'from-icu'" in out and "analysis STAT" in out
+    assert main(["rules", "test", "--config", str(cfg), str(pet_ct_dx), "--calling-ae", "OTHER"]) == 0
+    assert "-> rule 'default'" in capsys.readouterr().out

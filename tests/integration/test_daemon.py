@@ -94,8 +94,9 @@ def test_sighup_with_a_broken_file_keeps_the_running_config_and_a_valid_one_is_a
     proc, cfg, port = daemon
     cfg.write_text(_config_text(tmp_path, port) + "completion: {delay_seconds: -5}\nbogus: 1\n")
     proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reload refused" in (tmp_path / "daemon.log").read_text(), what="the refusal")
     # Still running the old config: any AE may associate.
-    wait_for(lambda: _accepts(port, "ANYONE"), what="the node to keep serving")
+    assert _accepts(port, "ANYONE")
     cfg.write_text(_config_text(tmp_path, port, ", allowed_calling_aes: [PACS]"))
     proc.send_signal(signal.SIGHUP)
     wait_for(lambda: not _accepts(port, "ANYONE"), what="the new access rule to apply")
@@ -108,3 +109,15 @@ def test_sighup_with_a_broken_file_keeps_the_running_config_and_a_valid_one_is_a
     assert f"config reload refused, keeping the running config: {cfg}:" in log
     assert "completion.delay_seconds" in log and "bogus" in log
     assert "configuration reloaded" in log
+
+
+def test_an_edited_config_file_is_applied_without_a_signal(
+    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path
+) -> None:
+    proc, cfg, port = daemon
+    cfg.write_text(_config_text(tmp_path, port, ", allowed_calling_aes: [PACS]"))
+    wait_for(lambda: not _accepts(port, "ANYONE"), what="the edited file to apply")
+    assert _accepts(port, "PACS")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "changed on disk" in (tmp_path / "daemon.log").read_text()

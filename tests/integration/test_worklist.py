@@ -1,0 +1,108 @@
+"""The worklist: DCMTK findscu, the HTTP endpoint and the CLI read the ledger in priority order."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from tests.conftest import free_port, write_config
+from tests.integration.conftest import storescu, wait_for
+from triaged.cli import main
+from triaged.config import Config, load_config
+from triaged.daemon import Node
+from triaged.domain import JobState
+
+pytestmark = pytest.mark.integration
+
+# Accession number -> test pipeline "sev:<affected % of the right lung>:<P(COVID-19)>"
+CASES = {"ACC-MILD": "sev:10:0.97", "ACC-SEVERE": "sev:60:0.40", "ACC-MEDIUM": "sev:30:0.60"}
+
+
+def _copy_study(src: Path, dest: Path, accession: str) -> str:
+    """20 slices of the real series as a new study (new UIDs), with its own accession number."""
+    study, series = generate_uid(), generate_uid()
+    dest.mkdir(parents=True)
+    for path in sorted(src.iterdir())[:20]:
+        ds = dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.AccessionNumber = accession
+        ds.save_as(dest / path.name)
+    return study
+
+
+@pytest.fixture
+def node_with_three_studies(
+    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+) -> tuple[Node, Path, dict[str, str]]:
+    rules = [{"name": acc, "match": {"study": {"AccessionNumber": acc}}, "action": {"pipelines": [pipe]}}
+             for acc, pipe in CASES.items()]
+    cfg = write_config(
+        tmp_path, routing={"rules": rules, "default": {"priority_policy": "severity"}},
+        worklist={"http_port": free_port()},
+    )
+    node = node_factory(load_config(cfg))
+    studies = {}
+    for acc in CASES:
+        studies[acc] = _copy_study(pet_ct_dx, tmp_path / acc, acc)
+        assert storescu(*node.listener.address, tmp_path / acc).returncode == 0
+    wait_for(lambda: len(node.ledger.jobs(states=[JobState.DONE])) == 3, timeout=120, what="three analysed studies")
+    return node, cfg, studies
+
+
+def test_findscu_reads_the_worklist_in_priority_order_with_the_reasons(
+    node_with_three_studies: tuple[Node, Path, dict[str, str]],
+) -> None:
+    node, _, _ = node_with_three_studies
+    host, port = node.listener.address
+    keys = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "AccessionNumber", "RequestedProcedurePriority",
+            "0032,4000", "PatientName"]  # Study Comments is retired: DCMTK knows it by tag only
+    args = ["findscu", "-S", "-aec", "TRIAGED", *[a for k in keys for a in ("-k", k)], host, str(port)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env={"TCP_NODELAY": "1"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    accessions = re.findall(r"\(0008,0050\) SH \[(ACC-[A-Z]+)\s*\]", out)
+    # Severity policy: CT3 (60 %) is STAT, then 30 %, then 10 %.
+    assert accessions == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD"], out
+    assert re.findall(r"\(0040,1003\) SH \[(\w+)\s*\]", out) == ["STAT", "HIGH", "ROUTINE"]
+    assert "CT3: 60 % of the right lung affected" in out
+    assert "Research use only" in out
+    # Matching on the priority attribute returns only the STAT study.
+    only_stat = subprocess.run([*args[:-2], "-k", "RequestedProcedurePriority=STAT", host, str(port)],
+                               capture_output=True, text=True, timeout=60)
+    assert re.findall(r"\[(ACC-[A-Z]+)\s*\]", only_stat.stdout + only_stat.stderr) == ["ACC-SEVERE"]
+
+
+def test_the_http_endpoint_and_the_cli_agree_with_the_ledger(
+    node_with_three_studies: tuple[Node, Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    node, cfg, studies = node_with_three_studies
+    assert node.http is not None
+    host, port = node.http.address
+    with urllib.request.urlopen(f"http://{host}:{port}/worklist", timeout=10) as rsp:  # noqa: S310 - loopback
+        served = json.load(rsp)
+    assert main(["worklist", "--config", str(cfg), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert served == printed
+    assert [r["accession_number"] for r in served] == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD"]
+    for row in served:
+        job = node.ledger.job(row["job_id"])
+        assert (row["priority_level"], row["priority_score"]) == (job.priority_level, job.priority_score)
+        assert row["study_instance_uid"] == studies[row["accession_number"]]
+        assert row["minutes_to_result"] is not None and row["note"].startswith("research use only")
+    assert served[0]["priority_level"] == "STAT" and served[0]["ct_grade"] == "CT3"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{host}:{port}/nothing", timeout=10)  # noqa: S310
+    assert info.value.code == 404
+    assert main(["worklist", "--config", str(cfg)]) == 0
+    table = capsys.readouterr().out
+    assert table.index("ACC-SEVERE") < table.index("ACC-MEDIUM") < table.index("ACC-MILD")
+    assert "Research use only" in table
