@@ -20,7 +20,7 @@ from triaged.errors import ConfigError
 from triaged.ledger import Ledger
 from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
-from triaged.scheduler import build_scheduler, reschedule_sweep
+from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool
 from triaged.stages import Stages
 from triaged.worker import TaskQueue, WorkerPool
@@ -137,7 +137,7 @@ class Node:
             log.warning("config reload: %s changed; it takes effect at the next restart", name)
         self._config = new
         self.service.reload(new.listener)
-        reschedule_sweep(self.scheduler, new.completion.sweep_interval_seconds)
+        reschedule(self.scheduler, new.completion.sweep_interval_seconds, new.dispatch.interval_seconds)
         configure_logging(new.logging)
         log.info("configuration reloaded from %s", self.config_path)
         return True

@@ -58,7 +58,9 @@ def build_scheduler(
     return scheduler
 
 
-def reschedule_sweep(scheduler: BackgroundScheduler, sweep_interval_seconds: float) -> None:
-    for job_id in ("completion-sweep", "submit-queued"):
+def reschedule(scheduler: BackgroundScheduler, sweep_interval_seconds: float, dispatch_interval_seconds: float) -> None:
+    """Apply reloaded intervals to the running jobs."""
+    for job_id, seconds in (("completion-sweep", sweep_interval_seconds), ("submit-queued", sweep_interval_seconds),
+                            ("dispatch", dispatch_interval_seconds)):
         if scheduler.get_job(job_id) is not None:
-            scheduler.reschedule_job(job_id, trigger="interval", seconds=sweep_interval_seconds)
+            scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)
