@@ -251,3 +251,13 @@ def test_the_documented_routing_example_is_valid_and_the_documented_policies_are
     routed = parse_config(peers + blocks[0], "docs-routing")
     assert [r.name for r in routed.routing.rules] == ["no-ct", "icu", "thin-chest"]
     assert parse_config(blocks[1], "docs-priority").priority == PriorityConfig()
+
+
+def test_check_config_reports_unknown_pipeline_names_with_path_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "pipelines.yaml"
+    bad.write_text("routing:\n  default:\n    pipelines: [no-such-pipeline]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "check-config", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:3: routing.default.pipelines[0]: unknown pipeline 'no-such-pipeline'" in proc.stderr

@@ -45,6 +45,9 @@ class _Registry:
     def get(self, name: str) -> _Pipeline:
         return _Pipeline(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name != "not-installed"
+
 
 def registry() -> _Registry:
     return _Registry()

@@ -44,8 +44,13 @@ def _ledger(config: Config):  # type: ignore[no-untyped-def]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from triaged.daemon import pipeline_problems
+
     try:
         config = load_config(args.config)
+        problems = pipeline_problems(config, args.config)
+        if problems:
+            raise ConfigError(str(args.config), problems)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -175,7 +180,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     registry = _registry()
     if args.list:
-        for name in registry.names():
+        for name in registry.pipeline_names():
             p = registry.get(name)
             print(f"{name:20s} {p.version:8s} {p.description}")
         return 0
@@ -342,6 +347,129 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_from_args(args: argparse.Namespace, seed: int):  # type: ignore[no-untyped-def]
+    from triaged.phantom import PhantomSpec
+
+    return PhantomSpec(
+        kind=args.kind, severity=args.severity, seed=seed, matrix=args.matrix,
+        slice_thickness=args.slice_thickness, vendor=args.vendor, feet_first=args.feet_first,
+        with_localizer=args.localizer, with_dose_report=args.dose_report,
+        transfer_syntax=TRANSFER_SYNTAXES[args.transfer_syntax] if args.transfer_syntax else None,
+    )
+
+
+TRANSFER_SYNTAXES = {
+    "explicit": "1.2.840.10008.1.2.1", "jpeg-lossless": "1.2.840.10008.1.2.4.70",
+    "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90", "rle": "1.2.840.10008.1.2.5",
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from triaged.datasets import write_dataset, write_demo_study
+    from triaged.phantom import dataset_specs
+
+    if args.dataset:
+        specs = dataset_specs(args.dataset, args.seed, matrix=args.matrix)
+        write_dataset(specs, args.out, progress=not args.quiet)
+        print(f"{len(specs)} labelled phantom studies in {args.out}/ (labels.csv + one folder per case). "
+              f"Synthetic data. {RESEARCH_NOTE}")
+        return 0
+    try:
+        spec = _spec_from_args(args, args.seed)
+    except ValueError as exc:
+        print(f"triaged demo: {exc}", file=sys.stderr)
+        return 2
+    study = write_demo_study(spec, args.out)
+    print(f"{len(study.dicom_files)} DICOM files in {study.dicom_dir}/, ground truth in {study.truth_dir}/")
+    print(f"send it: TCP_NODELAY=1 storescu -aec TRIAGED +sd +r 127.0.0.1 11112 {study.dicom_dir}")
+    return 0
+
+
+def _sr_severity(sr: object) -> float | None:
+    """Study severity (% of the worse lung) from a triaged SR's content tree (code SEVPCT, 99TRIAGED)."""
+    stack = list(getattr(sr, "ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        names = item.get("ConceptNameCodeSequence", [])
+        if names and names[0].CodeValue == "SEVPCT" and "MeasuredValueSequence" in item:
+            return float(item.MeasuredValueSequence[0].NumericValue)
+        stack.extend(item.get("ContentSequence", []))
+    return None
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from pydicom import dcmread
+
+    from triaged.datasets import read_dataset, write_demo_study
+    from triaged.net.collector import ResultCollector
+    from triaged.net.scu import send_files
+
+    try:
+        called, _, address = args.to.partition("@")
+        host, _, port_text = address.rpartition(":")
+        port = int(port_text)
+        if not called or not host:
+            raise ValueError
+    except ValueError:
+        print(f"triaged selftest: --to must be AE@host:port, not {args.to!r}", file=sys.stderr)
+        return 2
+    spec = _spec_from_args(args, args.seed if args.seed is not None else int(time.time()) % 100000)
+    collector = ResultCollector(args.ae, args.listen_host, args.listen_port)
+    try:
+        collector.start()
+    except OSError as exc:
+        print(f"triaged selftest: cannot listen on {args.listen_host}:{args.listen_port} as the destination: "
+              f"{exc}", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="triaged-selftest-") as tmp:
+            t0 = time.monotonic()
+            study = write_demo_study(spec, Path(tmp))
+            [truth] = read_dataset(study.truth_dir)
+            study_uid = str(dcmread(study.dicom_files[0], stop_before_pixels=True).StudyInstanceUID)
+            print(f"phantom {spec.kind} {truth.affected_pct_max:.1f} % (worse lung): {len(study.dicom_files)} files "
+                  f"in {time.monotonic() - t0:.1f} s; study {study_uid}")
+            results = send_files(study.dicom_files, host, port, called, calling_ae=args.ae)
+            refused = [r for r in results if not r.ok]
+            if refused:
+                print(f"FAIL: {len(refused)} of {len(results)} instances refused, first: "
+                      f"{refused[0].status} {refused[0].comment}", file=sys.stderr)
+                return 1
+            print(f"sent {len(results)} instances to {called}@{host}:{port}; waiting up to {args.timeout:g} s "
+                  f"for SR, SEG and SC as {args.ae}@{args.listen_host}:{args.listen_port}")
+            deadline = time.monotonic() + args.timeout
+            kinds: dict[str, object] = {}
+            with collector.arrived:
+                while time.monotonic() < deadline:
+                    for ds in collector.received:
+                        if str(ds.get("StudyInstanceUID", "")) == study_uid:
+                            kinds.setdefault(str(ds.get("Modality", "")), ds)
+                    if {"SR", "SEG", "OT"} <= set(kinds) or {"SR", "SEG", "SC"} <= set(kinds):
+                        break
+                    collector.arrived.wait(1.0)
+        missing = {"SR", "SEG"} - set(kinds)
+        if missing or not ({"OT", "SC"} & set(kinds)):
+            got = f"only {', '.join(sorted(kinds))}" if kinds else "nothing"
+            print(f"FAIL: after {args.timeout:g} s {got} arrived for the study (SR, SEG and SC expected)",
+                  file=sys.stderr)
+            return 1
+        severity = _sr_severity(kinds["SR"])
+        if severity is None:
+            print("FAIL: the SR carries no study severity", file=sys.stderr)
+            return 1
+        error = abs(severity - truth.affected_pct_max)
+        verdict = "PASS" if error <= args.tolerance else "FAIL"
+        print(f"{verdict}: SR, SEG and SC arrived in the original study; reported severity {severity:.1f} %, "
+              f"ground truth {truth.affected_pct_max:.1f} % (error {error:.1f}, tolerance {args.tolerance:g}). "
+              f"{RESEARCH_NOTE}")
+        return 0 if verdict == "PASS" else 1
+    finally:
+        collector.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triaged",
@@ -399,6 +527,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("resend", help="send a job's result objects again (e.g. after a dead letter)"))
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_resend)
+
+    def phantom_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kind", choices=["healthy", "covid", "bacterial", "other"], default="covid")
+        p.add_argument("--severity", type=float, help="affected %% of the worse lung (covid, bacterial)")
+        p.add_argument("--matrix", type=int, default=512, help="rows = columns (default %(default)s)")
+        p.add_argument("--slice-thickness", type=float, default=2.5, help="mm (0.6-10; default %(default)s)")
+        p.add_argument("--vendor", choices=["siemens", "ge", "philips", "canon"], default="siemens")
+        p.add_argument("--feet-first", action="store_true")
+        p.add_argument("--localizer", action="store_true", help="add a localizer series")
+        p.add_argument("--dose-report", action="store_true", help="add a dose-screen image")
+        p.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES))
+        p.add_argument("--quiet", "-q", action="store_true")
+
+    p = sub.add_parser("demo", help="write a synthetic chest CT study (or a labelled dataset) with ground truth")
+    phantom_options(p)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dataset", type=int, metavar="N", help="write N labelled studies (balanced kinds) instead")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("selftest", help="send a phantom to a running node, act as its destination, check results")
+    phantom_options(p)
+    p.add_argument("--to", required=True, help="the node as AE@host:port, e.g. TRIAGED@127.0.0.1:11112")
+    p.add_argument("--ae", default="TRIAGED_DEMO", help="our AE title as the destination (default %(default)s)")
+    p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument("--listen-port", type=int, default=11113)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the results")
+    p.add_argument("--tolerance", type=float, default=10.0, help="allowed severity error, percentage points")
+    p.set_defaults(func=cmd_selftest)
 
     p = with_config(sub.add_parser("analyze", help="analyse a DICOM folder or a NIfTI file offline"))
     p.add_argument("path", type=Path, nargs="?", help="DICOM folder (the best series is chosen) or NIfTI in HU")

@@ -62,6 +62,24 @@ def configure_logging(cfg: LoggingConfig) -> None:
         logging.getLogger(chatty).setLevel(quiet)
 
 
+def pipeline_problems(config: Config, source: Path | None = None) -> list[tuple[str, str]]:
+    """Pipeline names in the config that the configured registry does not know (with file lines)."""
+    import importlib
+
+    from triaged.config import validate_pipelines
+
+    module, _, factory = config.analysis.registry.partition(":")
+    try:
+        registry = getattr(importlib.import_module(module), factory)()
+    except Exception as exc:  # noqa: BLE001 - a broken plug-in path is a config error
+        return [("analysis.registry", f"cannot load {config.analysis.registry}: {exc}")]
+    names = getattr(registry, "known_names", None) or getattr(registry, "pipeline_names", None)
+    if names is None:
+        return []  # a registry without a name list (tests' stand-ins) cannot be checked
+    text = source.read_text(encoding="utf-8") if source is not None and source.exists() else None
+    return validate_pipelines(config, set(names()), source=str(source or ""), text=text)
+
+
 class Node:
     """One running triaged node.
 
@@ -123,6 +141,11 @@ class Node:
             for where, msg in exc.problems:
                 log.error("config reload refused, keeping the running config: %s: %s", where, msg)
             return False
+        problems = pipeline_problems(new, self.config_path)
+        if problems:
+            for where, msg in problems:
+                log.error("config reload refused, keeping the running config: %s: %s", where, msg)
+            return False
         restart_needed = [
             name for name, old, cur in (
                 ("listener.ae_title", self._config.listener.ae_title, new.listener.ae_title),
@@ -172,6 +195,9 @@ def _mtime(path: Path) -> float:
 def serve(config_path: Path) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit status."""
     config = load_config(config_path)
+    problems = pipeline_problems(config, config_path)
+    if problems:
+        raise ConfigError(str(config_path), problems)
     configure_logging(config.logging)
     node = Node(config, config_path)
     reload_requested = threading.Event()

@@ -200,7 +200,9 @@ class Stages:
         policy = cfg.priority.policies.get(policy_name) if policy_name else None
         return AnalysisTask(
             job_id=job.id, study_uid=job.study_instance_uid, series_uid=job.series_instance_uid,
-            pipeline=job.pipeline or cfg.analysis.default_pipeline, spool_root=str(self.spool.root),
+            pipeline=job.pipeline or cfg.analysis.default_pipeline,
+            fallbacks=tuple(p for p in routed.get("pipelines", ()) if p != job.pipeline),
+            spool_root=str(self.spool.root),
             instance_paths=paths, work_dir=str(self.spool.work_dir(job.id)),
             level=routed.get("analysis_priority", "ROUTINE"),
             device=cfg.analysis.device, threads=cfg.analysis.threads, registry=cfg.analysis.registry,

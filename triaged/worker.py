@@ -47,6 +47,8 @@ class AnalysisTask:
     threads: int = 2
     #: "module:function" returning the pipeline registry; tests name their own (crashing, hanging).
     registry: str = "triaged.analysis:default_registry"
+    #: Used in order when ``pipeline`` is not installed (e.g. its model weights are absent).
+    fallbacks: tuple[str, ...] = ()
     #: Encode SR/SEG/SC after the analysis (the route has destinations).
     encode: bool = False
     revision: int = 1
@@ -150,7 +152,12 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
         volume = load_volume(root, SeriesChoice(task.series_uid, "queued", series), task.study_uid)
         stage = "analysis"
         module, _, factory = task.registry.partition(":")
-        pipeline = getattr(importlib.import_module(module), factory)().get(task.pipeline)
+        registry = getattr(importlib.import_module(module), factory)()
+        names = (task.pipeline, *task.fallbacks)
+        name = next((n for n in names if n in registry), None)
+        if name is None:
+            raise LookupError(f"none of the pipelines {', '.join(names)} is installed")
+        pipeline = registry.get(name)
         result = pipeline.run(volume)
         stage = "write results"
         work = Path(task.work_dir)
