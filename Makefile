@@ -57,6 +57,7 @@ test: lint typecheck contracts pytest
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/analysis.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
