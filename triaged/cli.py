@@ -359,8 +359,7 @@ def _spec_from_args(args: argparse.Namespace, seed: int):  # type: ignore[no-unt
 
 
 TRANSFER_SYNTAXES = {
-    "explicit": "1.2.840.10008.1.2.1", "jpeg-lossless": "1.2.840.10008.1.2.4.70",
-    "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90", "rle": "1.2.840.10008.1.2.5",
+    "explicit": "1.2.840.10008.1.2.1", "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90", "rle": "1.2.840.10008.1.2.5",
 }
 
 
