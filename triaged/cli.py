@@ -469,6 +469,52 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         collector.stop()
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import importlib
+
+    from tqdm import tqdm
+
+    from triaged.analysis.metrics import case_result, markdown_table, table2_row
+    from triaged.datasets import read_dataset
+
+    config = load_config(args.config) if args.config.exists() else Config()
+    module, _, factory = (args.registry or config.analysis.registry).partition(":")
+    registry = getattr(importlib.import_module(module), factory)()
+    names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        print(f"triaged eval: unknown or not installed pipeline(s) {', '.join(unknown)}; "
+              f"installed: {', '.join(registry.pipeline_names())}", file=sys.stderr)
+        return 2
+    cases = read_dataset(args.dataset)
+    if args.limit:
+        cases = cases[: args.limit]
+    if not cases:
+        print(f"triaged eval: no labelled case in {args.dataset}", file=sys.stderr)
+        return 2
+    results: dict[str, list[object]] = {n: [] for n in names}
+    with tqdm(total=len(cases) * len(names), disable=args.quiet, unit="run") as bar:
+        for case in cases:
+            volume = case.volume()
+            truth = {m: case.mask(m) for m in ("lungs", "lesions", "consolidation")}
+            for name in names:
+                bar.set_description_str(f"{name} {case.case_id}"[:32])
+                result = registry.get(name).run(volume)
+                results[name].append(case_result(
+                    case.case_id, case.label, result.findings, true_pct=case.affected_pct_max,
+                    lungs=result.masks.lungs, true_lungs=truth["lungs"],
+                    lesions=result.masks.lesions, true_lesions=truth["lesions"] > 0,
+                    consolidation=result.masks.consolidation, true_consolidation=truth["consolidation"] > 0,
+                ))
+                bar.update()
+    rows = [table2_row(name, results[name]) for name in names]  # type: ignore[arg-type]
+    print(f"{len(cases)} case(s) from {args.dataset}; seed 004 Table 2 columns (ROC AUC of P(COVID-19), or of "
+          f"the severity where a pipeline has no classifier), plus lung and consolidation Dice.")
+    print(markdown_table(rows))
+    print(RESEARCH_NOTE)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triaged",
@@ -526,6 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("resend", help="send a job's result objects again (e.g. after a dead letter)"))
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_resend)
+
+    p = with_config(sub.add_parser("eval", help="the papers' metrics for pipelines on a labelled dataset"))
+    p.add_argument("dataset", type=Path, help="a labelled dataset (triaged demo --dataset N --out DIR)")
+    p.add_argument("--pipelines", "-p", default="threshold,classical", help="comma-separated (default %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    p.add_argument("--registry", help="module:function returning the pipeline registry (default: the config's)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     def phantom_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--kind", choices=["healthy", "covid", "bacterial", "other"], default="covid")
