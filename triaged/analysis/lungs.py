@@ -1,0 +1,705 @@
+"""Non-learned lung segmentation with a right/left split (seed 004, Section 2.1.1, done classically).
+
+Seed 004 (Goncharov et al. 2021) segments both lungs with a 2D U-Net and then splits them into right and
+left by k-means (k = 2) on the lung voxels' coordinates. triaged's non-learned pipelines need lungs
+without a model, so this module does the first step with classical image processing, on the working
+grid of :mod:`triaged.analysis.grid` (in-plane ~2 mm, z untouched, as seed 004 preprocesses):
+
+1. **Body**: voxels above ``body_hu`` (−500 HU), a one-pixel in-plane opening to detach the table and
+   blankets, the largest 3D component, holes filled per slice.
+2. **Air inside the body**: voxels below ``air_hu`` inside the filled body (lungs, airways, gut gas).
+   ``air_hu`` is −300 HU rather than the usual −400/−500: ground glass reaches −300 HU, and a lower
+   cut would carve dense ground glass out of the lung (and out of the affected fraction).
+3. **Trachea and main bronchi** are tracked from the top of the scan downwards, slice by slice, on the
+   stricter ``airway_hu`` (−950 HU: an airway lumen is ~−1000 HU, aerated lung ~−850 HU). Seeds are air
+   components near the body's midline on the most superior slices (the trachea above the carina, both
+   main bronchi on a stack that starts below it). A component on the next slice joins the airway when
+   it overlaps the dilated airway of the slice before, unless it is much larger than that airway: the
+   classical "explosion control" of airway region growing, which stops where an airway merges with
+   lung. The tracked airway, dilated by one working pixel in-plane (its wall's partial volume), is
+   removed from the air mask; that disconnects the lungs from each other through the trachea. Airways
+   that the tracking follows into the lungs come back in step 7, because the lung encloses them.
+4. **Lung components**: the largest 3D component of the remaining air is one lung, or both when it
+   spans the midline. In the first case the other lung is the largest component on the other side of
+   the midline that shares slices with it and holds at least ``second_lung_ratio`` of its volume (this
+   is what keeps stomach and bowel gas out).
+5. **Merged lungs** (touching at the anterior/posterior junction lines) are split by in-plane erosion
+   until two large cores appear, then a watershed on the distance map grows the cores back ("auto"),
+   or by seed 004's k-means on millimetre coordinates ("kmeans", reference code: every 30th voxel,
+   random_state 42). "auto" falls back to k-means when erosion does not separate them.
+6. **Abdominal gas** that joins a lung base through a diaphragm thinner than a pixel (the stomach
+   fundus under the left dome) is cut out: pure-air blobs in the lowest part of the lungs
+   (:func:`_remove_abdominal_gas`).
+7. **Vessels and enclosed lesions**: holes are filled per slice and per lung (intrapulmonary vessels
+   and bronchi belong to the lung, METHODS.md), except the cross-sections of the liver, spleen or heart
+   that a slice through a dome shows surrounded by lung (:func:`_fill_holes_bottom_up`).
+8. **Subpleural consolidation**: COVID-19 opacities are subpleural, and consolidation (~+30 HU)
+   between the aerated lung and the ribs is lost by any air threshold. Rays from the body centre find
+   the rib cage beyond each lung; a gap wider than a normal pleura is filled with the lung
+   (:func:`_close_costal_side`).
+9. **Sides**: the lung whose centroid has the larger LPS x (the affine maps indices to LPS) is the
+   left lung (METHODS.md, "Common vocabulary"), whatever the patient position or column order.
+
+Limits: consolidation that fills a whole lobe (bacterial lobar pneumonia) leaves no aerated lung on
+the rays of step 8 and is lost; a pleural effusion is added by step 8 like consolidation; a
+consolidation layer thinner than ``costal_min_gap_mm`` stays out.
+
+The working-grid labels are returned; :func:`segment_lungs` also upsamples them to the volume grid by
+linear interpolation of each lung's indicator and a 0.5 threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from triaged.analysis.grid import WorkGrid
+from triaged.domain import Volume
+from triaged.errors import TriagedError
+
+U8 = npt.NDArray[np.uint8]
+B = npt.NDArray[np.bool_]
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+RIGHT = 1
+LEFT = 2
+
+
+class NoLungsError(TriagedError):
+    """No aerated lung was found (not a chest CT, or a stack outside the thorax)."""
+
+
+@dataclass(frozen=True)
+class LungParams:
+    """Parameters of :func:`segment_lungs_coarse` (defaults documented in the module docstring).
+
+    Attributes
+    ----------
+    target_mm : float
+        In-plane working pixel, mm (seed 004: 2 mm).
+    body_hu, air_hu, airway_hu : float
+        Thresholds, HU, for the body, aerated lung and airway lumen.
+    airway_seed_mm : float
+        Airway seeds lie within this distance of the body's midline (LPS x), mm.
+    airway_search_mm : float
+        Seeds are looked for on the slices within this distance of the most superior slice, mm.
+    min_lung_ml : float
+        Smaller air components are never a lung.
+    second_lung_ratio : float
+        The second lung holds at least this fraction of the first one's volume.
+    split : {'auto', 'kmeans'}
+        How merged lungs are split: erosion + watershed (k-means as fallback) or seed 004's k-means.
+    kmeans_stride, kmeans_seed : int
+        Seed 004 reference code: fit on every 30th lung voxel, random_state 42.
+    gas_hu, gas_min_ml, gas_low_fraction : float
+        Pure-air blobs (below ``gas_hu``) of at least ``gas_min_ml`` in the lowest
+        ``gas_low_fraction`` of the lungs' height are abdominal gas (:func:`_remove_abdominal_gas`).
+    max_vessel_hole_cm2 : float
+        Holes up to this area are always filled (vessel cross-sections); larger ones only when the
+        lung continues below them (see :func:`_fill_holes_bottom_up`).
+    costal_closing : bool
+        Close each lung's costal outline over dense tissue (step 8 of the module docstring).
+    bone_hu : float
+        Voxels above this are bone (ribs, spine, costal cartilage at 2 mm) and never added.
+    costal_window_deg : float
+        Angular window over which the nearest rib is taken as the chest wall (bridges intercostal
+        spaces).
+    costal_min_gap_mm, costal_max_gap_mm : float
+        Lung-to-rib gaps in this range are filled (a normal pleura and intercostal layer is thinner;
+        a wider gap is not chest wall at all).
+    costal_margin_mm : float
+        What is left unfilled in front of the ribs (parietal pleura, fascia, intercostal muscle).
+    fat_hu : tuple of float
+        Extrapleural and mediastinal fat is never added.
+    """
+
+    target_mm: float = 2.0
+    body_hu: float = -500.0
+    air_hu: float = -300.0
+    airway_hu: float = -950.0
+    airway_seed_mm: float = 40.0
+    airway_search_mm: float = 20.0
+    min_lung_ml: float = 5.0
+    second_lung_ratio: float = 0.08
+    split: Literal["auto", "kmeans"] = "auto"
+    kmeans_stride: int = 30
+    kmeans_seed: int = 42
+    max_vessel_hole_cm2: float = 2.0
+    gas_hu: float = -950.0
+    gas_min_ml: float = 5.0
+    gas_low_fraction: float = 0.35
+    costal_closing: bool = True
+    bone_hu: float = 150.0
+    costal_window_deg: float = 16.0
+    costal_min_gap_mm: float = 8.0
+    costal_max_gap_mm: float = 30.0
+    fat_hu: tuple[float, float] = (-160.0, -60.0)
+    costal_margin_mm: float = 3.0
+
+
+@dataclass(frozen=True)
+class LungSegmentation:
+    """Lungs on the working grid and what was learned on the way.
+
+    Attributes
+    ----------
+    labels : ndarray of uint8
+        Working grid (z, y, x): 0 background, 1 right lung, 2 left lung.
+    body : ndarray of bool
+        The filled body mask on the working grid.
+    airway : ndarray of bool
+        Tracked trachea and bronchi on the working grid.
+    split : str
+        ``two components``, ``one lung``, ``erosion`` or ``kmeans``: how the sides were obtained.
+    warnings : tuple of str
+        Things a reader of the result should know (a missing lung, a fallback).
+    """
+
+    labels: U8
+    body: B
+    airway: B
+    split: str
+    warnings: tuple[str, ...] = ()
+
+
+def body_mask(hu: F32, params: LungParams = LungParams()) -> B:
+    """The patient's body on the working grid: threshold, largest component, holes filled per slice.
+
+    Parameters
+    ----------
+    hu : ndarray of float32
+        Working-grid HU, (z, y, x).
+    params : LungParams
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    dense = hu > params.body_hu
+    # a one-pixel in-plane opening cuts thin bridges to the table, mattress and blankets
+    dense = ndimage.binary_opening(dense, structure=_cross2d())
+    labels, n = ndimage.label(dense)
+    if n == 0:
+        raise NoLungsError(f"no body found: no voxel above {params.body_hu:g} HU")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    body = labels == int(np.argmax(sizes))
+    del labels
+    return body | holes_2d(body)
+
+
+def superior_first(affine: F64, nz: int) -> range:
+    """Slice indices from the most superior to the most inferior (LPS +z is superior)."""
+    return range(nz - 1, -1, -1) if affine[2, 2] > 0 else range(nz)
+
+
+def track_airways(hu: F32, body: B, grid: WorkGrid, affine: F64, params: LungParams = LungParams()) -> B:
+    """Trachea and main bronchi by slice-wise tracking with explosion control (module docstring, 3).
+
+    Parameters
+    ----------
+    hu : ndarray of float32
+        Working-grid HU.
+    body : ndarray of bool
+        Filled body (working grid).
+    grid : WorkGrid
+    affine : ndarray
+        The *working grid's* affine (:meth:`WorkGrid.coarse_affine`).
+    params : LungParams
+
+    Returns
+    -------
+    ndarray of bool
+        The tracked airway (empty when no seed is found, e.g. a stack below the hila).
+    """
+    nz = hu.shape[0]
+    airway = np.zeros(hu.shape, bool)
+    dz, dy, dx = grid.coarse_spacing
+    px_area_cm2 = dy * dx / 100.0
+    order = list(superior_first(affine, nz))
+    lumen = (hu < params.airway_hu) & body
+
+    # seeds: midline air components of a plausible airway size on the most superior slices
+    search = max(1, int(round(params.airway_search_mm / dz)) + 1)
+    start = -1
+    seeds = np.zeros(hu.shape[1:], bool)
+    col_mm = np.abs(affine[0, 0]) if abs(affine[0, 0]) > 1e-6 else dx
+    for k, z in enumerate(order[:search]):
+        cols = np.nonzero(body[z].any(axis=0))[0]
+        if len(cols) == 0:
+            continue
+        mid = 0.5 * (cols[0] + cols[-1])
+        lab, n = ndimage.label(lumen[z])
+        if n == 0:
+            continue
+        idx = np.arange(1, n + 1)
+        areas = ndimage.sum_labels(np.ones_like(lab), lab, idx) * px_area_cm2
+        centres = ndimage.center_of_mass(lumen[z], lab, idx)
+        for i, area, (_, c) in zip(idx, areas, centres, strict=True):
+            if 0.15 <= area <= 12.0 and abs(c - mid) * col_mm <= params.airway_seed_mm:
+                seeds |= lab == i
+        if seeds.any():
+            start = k
+            break
+    if start < 0:
+        return airway
+
+    current = seeds
+    airway[order[start]] = current
+    reach = max(1, int(np.ceil(max(4.0, 0.6 * dz) / min(dy, dx))))  # oblique bronchi drift between slices
+    grow = ndimage.generate_binary_structure(2, 1)
+    for z in order[start + 1 :]:
+        near = ndimage.binary_dilation(current, grow, iterations=reach)
+        lab, n = ndimage.label(lumen[z])
+        hits = np.unique(lab[near & (lab > 0)])
+        if len(hits) == 0:
+            break
+        prev_area = float(current.sum())
+        nxt = np.zeros_like(current)
+        for h in hits:
+            comp = lab == h
+            area = float(comp.sum())
+            # explosion: a component much larger than the airway it continues is lung, not airway
+            if area > max(2.5 * prev_area, prev_area + 3.0 / px_area_cm2):
+                continue
+            nxt |= comp
+        if not nxt.any():
+            break
+        airway[z] = nxt
+        current = nxt
+    return airway
+
+
+def segment_lungs_coarse(
+    hu: F32, grid: WorkGrid, affine: F64, params: LungParams = LungParams()
+) -> LungSegmentation:
+    """Right and left lungs on the working grid (module docstring, steps 1–9).
+
+    Parameters
+    ----------
+    hu : ndarray of float32
+        Working-grid HU (:meth:`WorkGrid.downsample` of the volume).
+    grid : WorkGrid
+    affine : ndarray
+        The *full* volume's affine (``Volume.affine``).
+    params : LungParams
+
+    Returns
+    -------
+    LungSegmentation
+
+    Raises
+    ------
+    NoLungsError
+        No air component large enough to be a lung.
+    """
+    caff = grid.coarse_affine(affine)
+    voxel_ml = grid.coarse_voxel_ml
+    warnings: list[str] = []
+
+    body = body_mask(hu, params)
+    airway = track_airways(hu, body, grid, caff, params)
+    air = (hu < params.air_hu) & body
+    if airway.any():
+        cut = ndimage.binary_dilation(airway, _cross2d())
+        air &= ~cut
+    labels, n = ndimage.label(air)
+    del air
+    if n == 0:
+        raise NoLungsError(f"no air below {params.air_hu:g} HU inside the body")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    order = order[sizes[order] * voxel_ml >= params.min_lung_ml]
+    if len(order) == 0:
+        raise NoLungsError(f"no air component of at least {params.min_lung_ml:g} mL inside the body")
+
+    # midline of the body in working-grid columns (LPS x is along columns for axial series)
+    body_cols = np.nonzero(body.any(axis=(0, 1)))[0]
+    mid_col = 0.5 * (body_cols[0] + body_cols[-1])
+    first = labels == order[0]
+    cols = np.nonzero(first)[2]
+    left_share = float(np.mean(cols > mid_col))
+    two = np.zeros(hu.shape, np.uint8)
+    if min(left_share, 1.0 - left_share) > 0.25:
+        merged = first
+        split, two = _split_merged(merged, grid, caff, params, warnings)
+    else:
+        first_side = cols.mean() > mid_col
+        z_first = set(np.nonzero(first.any(axis=(1, 2)))[0].tolist())
+        second_label = 0
+        for lab_id in order[1:]:
+            if sizes[lab_id] < params.second_lung_ratio * sizes[order[0]]:
+                break
+            comp = labels == lab_id
+            zc, _, xc = np.nonzero(comp)
+            if (xc.mean() > mid_col) == first_side:
+                continue
+            if not z_first.intersection(np.unique(zc).tolist()):
+                continue
+            second_label = int(lab_id)
+            break
+        two[first] = 1
+        if second_label:
+            two[labels == second_label] = 2
+            split = "two components"
+        else:
+            split = "one lung"
+            warnings.append("only one lung found (pneumonectomy, collapse, or a stack through one lung only?)")
+    del labels, first
+    two = _remove_abdominal_gas(two, hu, grid, caff, params)
+
+    out = np.zeros(hu.shape, np.uint8)
+    max_vessel_px = params.max_vessel_hole_cm2 * 100.0 / (grid.coarse_spacing[1] * grid.coarse_spacing[2])
+    for lab_id in (1, 2):
+        lung = _fill_holes_bottom_up(two == lab_id, hu, caff, max_vessel_px)
+        out[lung & (out == 0)] = lab_id
+    if params.costal_closing:
+        out = _close_costal_side(out, hu, body, grid, params)
+    return LungSegmentation(assign_sides(out, caff), body, airway, split, tuple(warnings))
+
+
+def _remove_abdominal_gas(two: U8, hu: F32, grid: WorkGrid, affine: F64, params: LungParams) -> U8:
+    """Cut gas in the stomach or colon out of a lung it touches through a thin diaphragm.
+
+    Where a slice grazes the left dome, the diaphragm between the lung base and the gas bubble of the
+    stomach fundus is thinner than a working pixel, and the bubble joins the lung. Lung parenchyma is
+    ~−850 HU, bowel gas is air (~−1000 HU): a 3D blob of pure air (``< gas_hu``) of at least
+    ``gas_min_ml`` whose centroid lies in the lowest ``gas_low_fraction`` of the lungs' height is gas,
+    not lung (a bulla large enough is an apical, upper-lobe finding). The blob and a one-pixel rim of
+    its partial volume are removed, and each lung keeps its largest piece.
+    """
+    lung = two > 0
+    gas = (hu < params.gas_hu) & lung
+    labels, n = ndimage.label(gas)
+    if n == 0:
+        return two
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    big = np.nonzero(sizes * grid.coarse_voxel_ml >= params.gas_min_ml)[0]
+    if len(big) == 0:
+        return two
+    order = list(superior_first(affine, lung.shape[0]))  # position 0 = most superior
+    height = {z: i for i, z in enumerate(order)}
+    lung_z = [height[int(z)] for z in np.nonzero(lung.any(axis=(1, 2)))[0]]
+    top, bottom = min(lung_z), max(lung_z)
+    cut = np.zeros_like(lung)
+    for g in big:
+        zc = float(np.mean([height[int(z)] for z in np.nonzero((labels == g).any(axis=(1, 2)))[0]]))
+        if bottom > top and (zc - top) / (bottom - top) >= 1.0 - params.gas_low_fraction:
+            cut |= labels == g
+    if not cut.any():
+        return two
+    cut = ndimage.binary_dilation(cut, structure=_cross2d())
+    out = np.where(cut, 0, two).astype(np.uint8)
+    for lab_id in (1, 2):
+        side = out == lab_id
+        comp, m = ndimage.label(side)
+        if m > 1:
+            counts = np.bincount(comp.ravel())
+            counts[0] = 0
+            out[side & (comp != int(np.argmax(counts)))] = 0
+    return out
+
+
+def holes_2d(mask: B) -> B:
+    """Per-slice holes of ``mask``: background pixels not connected, within their slice, to its edge.
+
+    One 3D labelling with an in-plane-only structuring element replaces a loop of 2D hole fillings.
+    """
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    labels, n = ndimage.label(~mask, structure=structure)
+    if n == 0:
+        return np.zeros_like(mask)
+    edge = np.zeros(n + 1, bool)
+    for border in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        edge[np.unique(border)] = True
+    edge[0] = True
+    out: B = ~edge[labels]
+    return out
+
+
+def _fill_holes_bottom_up(lung: B, hu: F32, affine: F64, max_vessel_px: float) -> B:
+    """Fill one lung's holes per slice, except the cross-sections of organs bulging into it.
+
+    Per-slice hole filling puts intrapulmonary vessels, bronchi and enclosed lesions into the lung, but
+    where a slice grazes the top of a diaphragmatic dome (or the heart's apex) the lung surrounds the
+    liver, spleen or heart on that slice too. Those holes continue *downward* into tissue outside the
+    lung, while a vessel or an enclosed lesion has lung, or another accepted hole, below it. Slices are
+    processed from inferior to superior; a hole larger than a vessel cross-section (``max_vessel_px``)
+    is kept out when more than half of its pixels lie outside the finished lung on the slice below and
+    it is solid tissue (≥ 80 % above −150 HU) without air bronchograms (< 3 % below −600 HU).
+    """
+    holes = holes_2d(lung)
+    out = lung | holes
+    if not holes.any():
+        return out
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    labels, n = ndimage.label(holes, structure=structure)
+    sizes = np.bincount(labels.ravel())
+    big = np.nonzero(sizes > max_vessel_px)[0]
+    big = big[big > 0]
+    if len(big) == 0:
+        return out
+    objects = ndimage.find_objects(labels)
+    by_slice: dict[int, list[int]] = {}
+    for h_id in big.tolist():
+        sl = objects[h_id - 1]
+        if sl is not None:
+            by_slice.setdefault(sl[0].start, []).append(int(h_id))
+    step = -1 if affine[2, 2] > 0 else 1  # index offset of the slice below (LPS +z is superior)
+    nz = lung.shape[0]
+    for z in superior_first(affine, nz)[::-1]:  # inferior to superior: the slice below is final
+        for h in by_slice.get(z, []):
+            sl = objects[h - 1]
+            assert sl is not None
+            comp = labels[z, sl[1], sl[2]] == h
+            zb = z + step
+            if 0 <= zb < nz and np.count_nonzero(out[zb, sl[1], sl[2]][comp]) >= 0.5 * sizes[h]:
+                continue
+            values = hu[z, sl[1], sl[2]][comp]
+            solid = np.count_nonzero(values > -150.0) >= 0.8 * sizes[h]
+            aerated = np.count_nonzero(values < -600.0) >= 0.03 * sizes[h]
+            if solid and not aerated:
+                out[z, sl[1], sl[2]][comp] = False
+    return out
+
+
+def assign_sides(labels: U8, affine: F64) -> U8:
+    """Relabel two lung labels (1, 2 in any order) so that 2 is the lung at larger LPS x (left).
+
+    Parameters
+    ----------
+    labels : ndarray of uint8
+        0 background, 1 and 2 the two lungs (either may be absent).
+    affine : ndarray
+        Index (column, row, slice, 1) → LPS of ``labels``' grid.
+
+    Returns
+    -------
+    ndarray of uint8
+        1 right lung, 2 left lung (METHODS.md: the left lung is the one at larger LPS x).
+    """
+    xs: dict[int, float] = {}
+    mid_x = _lps_x(affine, np.array(labels.shape[::-1], dtype=np.float64) / 2.0 - 0.5)
+    for lab_id in (1, 2):
+        idx = np.nonzero(labels == lab_id)
+        if len(idx[0]):
+            centre = np.array([idx[2].mean(), idx[1].mean(), idx[0].mean()])
+            xs[lab_id] = _lps_x(affine, centre)
+    if len(xs) == 2:
+        swap = xs[1] > xs[2]
+    elif len(xs) == 1:
+        (only, x), = xs.items()
+        # a single lung: its side is where its centroid lies relative to the volume's centre
+        is_left = x > mid_x
+        swap = (only == 1) == is_left
+    else:
+        return labels
+    if not swap:
+        return labels
+    out = labels.copy()
+    out[labels == 1] = 2
+    out[labels == 2] = 1
+    return out
+
+
+def kmeans_split(mask: B, affine: F64, stride: int = 30, seed: int = 42) -> U8:
+    """Seed 004's left/right split: k-means (k = 2) on lung voxels' LPS coordinates in mm.
+
+    The reference code fits on every ``stride``-th voxel with ``random_state=42``; every voxel then
+    takes the nearest centre. Sides come from the centres' LPS x (METHODS.md), not the cluster sizes
+    (the paper's text calls the larger cluster the right lung, which fails for a collapsed right lung).
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+        Both lungs, (z, y, x).
+    affine : ndarray
+        Index (column, row, slice, 1) → LPS of ``mask``'s grid.
+    stride, seed : int
+
+    Returns
+    -------
+    ndarray of uint8
+        1 right, 2 left.
+    """
+    idx = np.nonzero(mask)
+    pts = _lps(affine, idx)
+    centres = _kmeans(pts[:: max(1, stride)], 2, seed)
+    d0 = np.sum((pts - centres[0]) ** 2, axis=1)
+    d1 = np.sum((pts - centres[1]) ** 2, axis=1)
+    to_second = d1 < d0
+    left_is_second = centres[1, 0] > centres[0, 0]
+    out = np.zeros(mask.shape, np.uint8)
+    out[idx] = np.where(to_second == left_is_second, LEFT, RIGHT).astype(np.uint8)
+    return out
+
+
+def segment_lungs(volume: Volume, params: LungParams = LungParams()) -> U8:
+    """Lungs of a volume on its own grid: 0 background, 1 right, 2 left (uint8, (z, y, x)).
+
+    A convenience wrapper: downsample (:class:`WorkGrid`), :func:`segment_lungs_coarse`, upsample.
+    """
+    grid = WorkGrid.for_volume(volume.hu.shape, volume.spacing, params.target_mm)  # type: ignore[arg-type]
+    coarse = segment_lungs_coarse(grid.downsample(volume.hu), grid, volume.affine, params)
+    return upsample_labels(coarse.labels, grid)
+
+
+def upsample_labels(labels: U8, grid: WorkGrid) -> U8:
+    """Working-grid lung labels → full grid: each lung's indicator linearly interpolated, > 0.5."""
+    out = np.zeros(grid.shape, np.uint8)
+    out[grid.upsample_above(labels == RIGHT, 0.5)] = RIGHT
+    out[grid.upsample_above(labels == LEFT, 0.5)] = LEFT
+    return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _cross2d() -> npt.NDArray[np.bool_]:
+    """In-plane 4-neighbourhood as a 3D structuring element (no coupling across slices)."""
+    s = np.zeros((1, 3, 3), bool)
+    s[0, 1, :] = True
+    s[0, :, 1] = True
+    return s
+
+
+def _lps(affine: F64, idx: tuple[npt.NDArray[np.intp], ...]) -> F64:
+    """LPS mm of voxel indices given as (z, y, x) arrays."""
+    ijk = np.stack([idx[2], idx[1], idx[0]], axis=1).astype(np.float64)
+    return np.asarray(ijk @ affine[:3, :3].T + affine[:3, 3], dtype=np.float64)
+
+
+def _lps_x(affine: F64, ijk: F64) -> float:
+    return float(affine[0, :3] @ ijk + affine[0, 3])
+
+
+def _kmeans(points: F64, k: int, seed: int, iterations: int = 100) -> F64:
+    """Lloyd's k-means with k-means++ initialisation from ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    centres = [points[int(rng.integers(len(points)))]]
+    for _ in range(1, k):
+        d = np.min([np.sum((points - c) ** 2, axis=1) for c in centres], axis=0)
+        total = float(d.sum())
+        p = d / total if total > 0 else None
+        centres.append(points[int(rng.choice(len(points), p=p))])
+    c = np.array(centres, dtype=np.float64)
+    for _ in range(iterations):
+        d = np.stack([np.sum((points - ci) ** 2, axis=1) for ci in c], axis=1)
+        assign = np.argmin(d, axis=1)
+        new = np.array([points[assign == j].mean(axis=0) if np.any(assign == j) else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return c
+
+
+def _split_merged(
+    merged: B, grid: WorkGrid, affine: F64, params: LungParams, warnings: list[str]
+) -> tuple[str, U8]:
+    """Split one component holding both lungs (module docstring, step 5)."""
+    if params.split == "kmeans":
+        return "kmeans", kmeans_split(merged, affine, params.kmeans_stride, params.kmeans_seed)
+    total = int(merged.sum())
+    eroded = merged.copy()
+    markers: npt.NDArray[np.int32] | None = None
+    for _ in range(12):  # up to 12 working pixels (~24 mm) of in-plane erosion
+        eroded = ndimage.binary_erosion(eroded, _cross2d())
+        lab, n = ndimage.label(eroded)
+        if n < 2:
+            if n == 0:
+                break
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        a, b = np.argsort(sizes)[::-1][:2]
+        if sizes[b] >= 0.1 * sizes[a] and sizes[b] >= 0.01 * total:
+            markers = np.zeros(merged.shape, np.int32)
+            markers[lab == a] = 1
+            markers[lab == b] = 2
+            break
+    if markers is None:
+        warnings.append("lungs touch and erosion did not separate them; split by k-means (seed 004)")
+        return "kmeans", kmeans_split(merged, affine, params.kmeans_stride, params.kmeans_seed)
+    # grow the cores back over the distance map: the watershed line falls on the thin junction
+    box = ndimage.find_objects(merged.astype(np.uint8))[0]
+    assert box is not None
+    sub = np.pad(merged[box], 1)
+    dist = ndimage.distance_transform_edt(sub, sampling=grid.coarse_spacing)
+    grown = watershed(-dist, np.pad(markers[box], 1), mask=sub)[1:-1, 1:-1, 1:-1]
+    out = np.zeros(merged.shape, np.uint8)
+    out[box] = grown.astype(np.uint8)
+    return "erosion", out
+
+
+def _close_costal_side(labels: U8, hu: F32, body: B, grid: WorkGrid, params: LungParams) -> U8:
+    """Add the dense band between each lung and its ribs (module docstring, step 8).
+
+    COVID-19 consolidation is subpleural: it pushes the aerated outline of the lung inward, away from
+    the ribs, and a threshold on air loses it. On each slice, rays are cast from the body's centre in
+    ``180`` angular bins. Along a ray the chest wall lies beyond the lung: the inner surface of the
+    rib cage is the nearest bone (``> bone_hu``) outside the outermost lung pixel. Rays through an
+    intercostal space find no rib, or a farther bone (scapula, arm), so the wall radius is the
+    running median over ``costal_window_deg`` of the bins, which follows the smooth rib cage. Where
+    the gap between the lung and that wall is wider than ``costal_min_gap_mm`` (a normal pleura, fat
+    and intercostal layer is 1–3 mm) and narrower than ``costal_max_gap_mm``, the non-bone pixels of
+    the gap up to ``costal_margin_mm`` short of the wall become lung. Rays through the mediastinum
+    reach the lung only after the heart and vessels, so nothing medial is ever added; a pleural
+    effusion, however, is indistinguishable from consolidation by this rule and is added too.
+    """
+    out = labels.copy()
+    nz, ny, nx = labels.shape
+    _, dy, dx = grid.coarse_spacing
+    nb = 180
+    half = max(1, int(round(params.costal_window_deg / 2.0 / (360.0 / nb))))
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for z in range(nz):
+        lab = labels[z]
+        if not lab.any():
+            continue
+        bz = body[z]
+        rows, cols = np.nonzero(bz)
+        cy, cx = rows.mean(), cols.mean()
+        r = np.hypot((yy - cy) * dy, (xx - cx) * dx)
+        b = (((np.arctan2(yy - cy, xx - cx) + np.pi) / (2 * np.pi)) * nb).astype(np.intp) % nb
+        lung = lab > 0
+        r_lung = np.full(nb, -1.0)
+        np.maximum.at(r_lung, b[lung], r[lung])
+        # which lung owns each bin: the label of its outermost pixel
+        owner = np.zeros(nb, np.uint8)
+        outer = lung & (r >= r_lung[b] - 1e-6)
+        owner[b[outer]] = lab[outer]
+        bone = bz & (hu[z] > params.bone_hu)
+        beyond = bone & (r > r_lung[b]) & (r_lung[b] >= 0)
+        r_wall = np.full(nb, np.inf)
+        np.minimum.at(r_wall, b[beyond], r[beyond])
+        # intercostal rays see a farther bone or none: the wall is the nearest rib within the window
+        window = np.stack([np.roll(r_wall, k) for k in range(-half, half + 1)], axis=1)
+        wall = np.min(window, axis=1)
+        gap = wall - r_lung
+        ok = (r_lung >= 0) & np.isfinite(wall) & (gap >= params.costal_min_gap_mm) & (gap <= params.costal_max_gap_mm)
+        if not ok.any():
+            continue
+        hz = hu[z]
+        fat = (hz > params.fat_hu[0]) & (hz < params.fat_hu[1])
+        add = ok[b] & (r > r_lung[b]) & (r < (wall - params.costal_margin_mm)[b]) & bz & ~bone & ~lung & ~fat
+        if not add.any():
+            continue
+        # only what touches its lung: a band, not islands behind a fissure of soft tissue
+        grown = lab.copy()
+        grown[add] = owner[b[add]]
+        for lab_id in (1, 2):
+            cand = (grown == lab_id)
+            comp, n = ndimage.label(cand)
+            keep = np.unique(comp[lab == lab_id])
+            keep = keep[keep > 0]
+            sel = np.isin(comp, keep) & add & (grown == lab_id)
+            out[z][sel] = lab_id
+    return out

@@ -1,0 +1,309 @@
+"""The :class:`Pipeline` protocol, the pipeline registry and the two non-learned pipelines.
+
+A pipeline turns a :class:`~triaged.domain.Volume` into an :class:`~triaged.domain.AnalysisResult`
+(findings + masks). The registry is an ordinary object: :func:`default_registry` builds a fresh one
+holding the built-in pipelines every time it is called, so nothing is registered as a side effect of
+importing a module, and a test or plug-in can build its own (``analysis.registry`` in the config
+names the factory).
+
+Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
+:mod:`triaged.analysis.grid`, with the classical lungs of :mod:`triaged.analysis.lungs`):
+
+``threshold``
+    Seed 004's thresholding baseline for lesions (Goncharov et al. 2021, Sections 2.1.2 and 5.1) and
+    seed 001's −200 HU consolidation baseline (Wu et al. 2020, Section III-C).
+``classical``
+    The vessel-suppressed density variant of :func:`triaged.analysis.lesions.classical_lesions` and
+    its consolidation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from triaged.analysis.grid import WorkGrid
+from triaged.analysis.lesions import (
+    ClassicalParams,
+    CoarseLesions,
+    ThresholdParams,
+    classical_consolidation,
+    classical_lesions,
+    lesions_to_full,
+    threshold_consolidation,
+    threshold_lesions,
+)
+from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
+from triaged.analysis.severity import findings_from_masks
+from triaged.domain import AnalysisResult, Masks, Volume
+from triaged.errors import TriagedError
+
+B = npt.NDArray[np.bool_]
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+#: ``progress(fraction in [0, 1], message)``, called from the thread running the pipeline.
+Progress = Callable[[float, str], None]
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """What the worker runs: a named, versioned analysis of one volume.
+
+    ``needs`` names what the pipeline requires besides the volume (``{"volume"}`` for the
+    non-learned ones, ``{"volume", "model:<name>"}`` for a learned one), so the caller can check
+    that weights are present before queueing work.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def needs(self) -> frozenset[str]: ...
+
+    @property
+    def description(self) -> str: ...
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse one volume; raise :class:`~triaged.errors.TriagedError` when it cannot be."""
+        ...
+
+
+class UnknownPipelineError(TriagedError):
+    """No pipeline of that name is registered (the message lists the known ones)."""
+
+
+class PipelineRegistry:
+    """Pipelines by name.
+
+    Parameters
+    ----------
+    pipelines : iterable of Pipeline
+        Registered in order; names must be unique.
+    """
+
+    def __init__(self, pipelines: Iterable[Pipeline] = ()) -> None:
+        self._pipelines: dict[str, Pipeline] = {}
+        for p in pipelines:
+            self.register(p)
+
+    def register(self, pipeline: Pipeline, *, replace: bool = False) -> None:
+        """Add a pipeline; a second one with the same name is refused unless ``replace``."""
+        if pipeline.name in self._pipelines and not replace:
+            raise TriagedError(f"a pipeline named {pipeline.name!r} is already registered")
+        self._pipelines[pipeline.name] = pipeline
+
+    def get_pipeline(self, name: str) -> Pipeline:
+        """The pipeline called ``name``.
+
+        Raises
+        ------
+        UnknownPipelineError
+            No such pipeline; the message lists the registered names.
+        """
+        try:
+            return self._pipelines[name]
+        except KeyError:
+            known = ", ".join(self.pipeline_names()) or "none"
+            raise UnknownPipelineError(f"unknown pipeline {name!r}; known pipelines: {known}") from None
+
+    def get(self, name: str) -> Pipeline:
+        """Alias of :meth:`get_pipeline` (the worker's spelling)."""
+        return self.get_pipeline(name)
+
+    def pipeline_names(self) -> tuple[str, ...]:
+        """Registered names, sorted."""
+        return tuple(sorted(self._pipelines))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._pipelines
+
+    def __iter__(self) -> Iterator[Pipeline]:
+        return iter(self._pipelines[n] for n in self.pipeline_names())
+
+    def __len__(self) -> int:
+        return len(self._pipelines)
+
+
+def default_registry(extra: Iterable[Pipeline] = ()) -> PipelineRegistry:
+    """A fresh registry with the built-in pipelines (``threshold``, ``classical``) and ``extra``."""
+    return PipelineRegistry([ThresholdPipeline(), ClassicalPipeline(), *extra])
+
+
+def get_pipeline(name: str) -> Pipeline:
+    """A built-in pipeline by name (from a fresh :func:`default_registry`)."""
+    return default_registry().get_pipeline(name)
+
+
+def pipeline_names() -> tuple[str, ...]:
+    """Names of the built-in pipelines."""
+    return default_registry().pipeline_names()
+
+
+# ----------------------------------------------------------------------------------- the pipelines
+def _no_progress(fraction: float, message: str) -> None:
+    """Default progress sink."""
+
+
+class _Stopwatch:
+    """Wall-clock seconds per step, for the provenance."""
+
+    def __init__(self) -> None:
+        self.laps: list[tuple[str, float]] = []
+        self._start = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((step, now - self._start))
+        self._start = now
+
+    def provenance(self) -> list[tuple[str, str]]:
+        total = sum(s for _, s in self.laps)
+        return [(f"time.{k}_s", f"{s:.2f}") for k, s in self.laps] + [("time.total_s", f"{total:.2f}")]
+
+
+class _Steps(Protocol):
+    """The parts in which the non-learned pipelines differ."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def lung_params(self) -> LungParams: ...
+
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions: ...
+
+    def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B: ...
+
+    def method_provenance(self) -> list[tuple[str, str]]: ...
+
+
+def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisResult:
+    """The shared body of the non-learned pipelines: grid → lungs → lesions → consolidation → findings."""
+    watch = _Stopwatch()
+    lung_params = steps.lung_params
+    shape = volume.hu.shape
+    grid = WorkGrid.for_volume((shape[0], shape[1], shape[2]), volume.spacing, lung_params.target_mm)
+    progress(0.0, "resampling to the working grid")
+    hu_c = grid.downsample(volume.hu)
+    watch.lap("resample")
+    progress(0.15, "segmenting lungs")
+    seg = segment_lungs_coarse(hu_c, grid, volume.affine, lung_params)
+    lungs = upsample_labels(seg.labels, grid)
+    watch.lap("lungs")
+    progress(0.5, "segmenting lesions")
+    coarse = steps.lesion_step(hu_c, seg.labels, grid)
+    del hu_c
+    lesions = lesions_to_full(coarse, lungs, grid)
+    watch.lap("lesions")
+    progress(0.75, "segmenting consolidation")
+    consolidation = steps.consolidation_step(volume, coarse, lesions, grid)
+    watch.lap("consolidation")
+    masks = Masks(lungs=lungs, lesions=lesions, consolidation=consolidation)
+    progress(0.85, "measuring")
+    prov = [
+        ("grid.inplane_block", str(grid.factor)),
+        ("grid.spacing_mm", " x ".join(f"{s:.3f}" for s in grid.coarse_spacing)),
+        ("lungs.method", "classical (threshold, airway tracking, costal band)"),
+        ("lungs.split", seg.split),
+        ("lungs.air_hu", f"{lung_params.air_hu:g}"),
+        *steps.method_provenance(),
+    ]
+    findings = findings_from_masks(
+        volume, masks, pipeline=steps.name, version=steps.version, provenance=prov, warnings=seg.warnings
+    )
+    watch.lap("measure")
+    findings = replace(findings, provenance=findings.provenance + tuple(watch.provenance()))
+    progress(1.0, "done")
+    return AnalysisResult(findings, masks)
+
+
+@dataclass(frozen=True)
+class ThresholdPipeline:
+    """Seed 004's thresholding baseline + seed 001's −200 HU consolidation (module docstring)."""
+
+    name: str = "threshold"
+    version: str = "1.0"
+    needs: frozenset[str] = frozenset({"volume"})
+    description: str = (
+        "HU thresholding baseline of Goncharov et al. 2021 (seed 004): [-700, 300] HU in the lungs, "
+        "Gaussian blur sigma 4 (2 mm grid), > 0.5, components >= 0.1 % of lung volume; consolidation "
+        "= lesion voxels > -200 HU (Wu et al. 2020, seed 001). Non-learned lungs."
+    )
+    lung_params: LungParams = LungParams()
+    params: ThresholdParams = ThresholdParams()
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse ``volume`` (see :class:`Pipeline`)."""
+        return _run_steps(self, volume, progress or _no_progress)
+
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions:
+        """Seed 004's thresholding baseline on the working grid."""
+        return threshold_lesions(hu, lungs, grid, self.params)
+
+    def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B:
+        """Seed 001's −200 HU cut on the volume's own voxels."""
+        return threshold_consolidation(volume.hu, lesions, self.params)
+
+    def method_provenance(self) -> list[tuple[str, str]]:
+        """Thresholds as applied."""
+        p = self.params
+        return [
+            ("lesions.method", "seed 004 thresholding baseline"),
+            ("lesions.hu_window", f"[{p.hu_min:g}, {p.hu_max:g}]"),
+            ("lesions.sigma", f"{p.sigma_slices:g} slices x {p.sigma_mm:g} mm x {p.sigma_mm:g} mm"),
+            ("lesions.min_component", f"{100 * p.min_fraction:g} % of lung volume"),
+            ("consolidation.method", "seed 001 threshold"),
+            ("consolidation.hu", f"> {p.consolidation_hu:g}"),
+        ]
+
+
+@dataclass(frozen=True)
+class ClassicalPipeline:
+    """Vessel-suppressed density lesions and consolidation (module docstring)."""
+
+    name: str = "classical"
+    version: str = "1.0"
+    needs: frozenset[str] = frozenset({"volume"})
+    description: str = (
+        "Classical lesion segmentation: lung HU extended past the pleura, per-slice grey opening "
+        "(vessel suppression), ground glass >= -720 HU, central-vessel and small-component removal; "
+        "consolidation = vessel-suppressed density > -200 HU. Non-learned lungs."
+    )
+    lung_params: LungParams = LungParams()
+    params: ClassicalParams = ClassicalParams()
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse ``volume`` (see :class:`Pipeline`)."""
+        return _run_steps(self, volume, progress or _no_progress)
+
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions:
+        """Vessel-suppressed density lesions on the working grid."""
+        return classical_lesions(hu, lungs, grid, self.params)
+
+    def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B:
+        """−200 HU on the vessel-suppressed density inside the lesion."""
+        return classical_consolidation(coarse, lesions, grid, self.params)
+
+    def method_provenance(self) -> list[tuple[str, str]]:
+        """Parameters as applied."""
+        p = self.params
+        return [
+            ("lesions.method", "vessel-suppressed density (grey opening)"),
+            ("lesions.vessel_radius_mm", f"{p.vessel_radius_mm:g}"),
+            ("lesions.hu_window", f"[{p.ggo_hu:g}, {p.max_hu:g}]"),
+            ("lesions.min_component_ml", f"{p.min_component_ml:g}"),
+            ("consolidation.method", "vessel-suppressed density threshold"),
+            ("consolidation.hu", f"> {p.consolidation_hu:g}"),
+        ]

@@ -1,0 +1,202 @@
+"""Masks → :class:`~triaged.domain.Findings`: per-lung volumes, CT grade, key slices and lesion boxes.
+
+Seed 004 (Goncharov et al. 2021, Section 2.1) ranks studies by the affected fraction of the worse lung:
+lesion volume / lung volume for each lung, the maximum of the two. The CT0–CT4 grade follows from it
+(:meth:`~triaged.domain.CTGrade.from_affected_pct`). Seed 001 (Wu et al. 2020) reports the whole-lung
+ratio and a consolidation score (consolidation / lung volume), both available from the
+:class:`~triaged.domain.Findings` properties. Volumes are voxel counts times the voxel volume
+(``Volume.spacing``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from triaged.domain import CTGrade, Findings, LesionBox, LungMeasures, Masks, Volume
+
+B = npt.NDArray[np.bool_]
+U8 = npt.NDArray[np.uint8]
+
+#: Lesion boxes kept per study (the largest ones): enough for a reader, few enough for an SR.
+MAX_LESION_BOXES = 10
+#: Key slices reported per study.
+KEY_SLICES = 3
+
+
+def voxel_ml(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mL from (z, y, x) spacing in mm."""
+    return float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
+
+
+def lung_measures(
+    lungs: U8, lesions: B, consolidation: B, spacing: Sequence[float]
+) -> tuple[LungMeasures, LungMeasures]:
+    """(right, left) lung, lesion and consolidation volumes in mL.
+
+    Lesion and consolidation voxels count for the lung that holds them; voxels outside both lungs do
+    not count (the affected fraction is defined inside the lungs, seed 004 Section 2.1).
+
+    Parameters
+    ----------
+    lungs : ndarray of uint8
+        0 background, 1 right, 2 left.
+    lesions, consolidation : ndarray of bool
+    spacing : sequence of float
+        (z, y, x) mm.
+
+    Returns
+    -------
+    tuple of LungMeasures
+    """
+    ml = voxel_ml(spacing)
+    # one pass over the volume, in slabs: code = lung label + 3·lesion + 6·consolidation
+    counts = np.zeros(12, np.int64)
+    for z0 in range(0, lungs.shape[0], 32):
+        zs = slice(z0, z0 + 32)
+        code = lungs[zs].astype(np.uint8, copy=True)
+        code += 3 * lesions[zs].view(np.uint8)
+        code += 6 * consolidation[zs].view(np.uint8)
+        counts += np.bincount(code.ravel(), minlength=12)[:12]
+    lung_n = [0, 0, 0]
+    lesion_n = [0, 0, 0]
+    cons_n = [0, 0, 0]
+    for code_value, n in enumerate(counts.tolist()):
+        side, flags = code_value % 3, code_value // 3
+        lung_n[side] += n
+        if flags & 1:
+            lesion_n[side] += n
+        if flags & 2:
+            cons_n[side] += n
+    right = LungMeasures(float(lung_n[1]) * ml, float(lesion_n[1]) * ml, float(cons_n[1]) * ml)
+    left = LungMeasures(float(lung_n[2]) * ml, float(lesion_n[2]) * ml, float(cons_n[2]) * ml)
+    return right, left
+
+
+def key_slices(lesions: B, count: int = KEY_SLICES) -> tuple[int, ...]:
+    """The z indices with the largest lesion area, largest first (ties: lower z first).
+
+    Slices without lesion are never key slices, so a study without lesions has none.
+    """
+    area = lesions.sum(axis=(1, 2))
+    order = np.lexsort((np.arange(len(area)), -area))
+    return tuple(int(z) for z in order[:count] if area[z] > 0)
+
+
+def lesion_boxes(volume: Volume, lungs: U8, lesions: B, limit: int = MAX_LESION_BOXES) -> tuple[LesionBox, ...]:
+    """Bounding boxes of the largest 3D lesion components, each on the slice where it is largest.
+
+    Components are 26-connected. For each of the ``limit`` largest: the slice of largest area, the
+    component's 2D bounding box on it (pixel rows and columns of that image, inclusive), the SOP
+    Instance UID (and frame number for multi-frame sources) of that slice, its volume, and the side
+    of the lung holding most of it.
+
+    Parameters
+    ----------
+    volume : Volume
+    lungs : ndarray of uint8
+    lesions : ndarray of bool
+    limit : int
+
+    Returns
+    -------
+    tuple of LesionBox
+        Largest first.
+    """
+    if not lesions.any():
+        return ()
+    # label only inside the lesions' bounding box: the volume is mostly empty
+    zz = np.nonzero(lesions.any(axis=(1, 2)))[0]
+    yy = np.nonzero(lesions[zz[0] : zz[-1] + 1].any(axis=(0, 2)))[0]
+    xx = np.nonzero(lesions[zz[0] : zz[-1] + 1].any(axis=(0, 1)))[0]
+    origin = (int(zz[0]), int(yy[0]), int(xx[0]))
+    box = lesions[zz[0] : zz[-1] + 1, yy[0] : yy[-1] + 1, xx[0] : xx[-1] + 1]
+    labels, n = ndimage.label(box, structure=np.ones((3, 3, 3), bool))
+    lungs = lungs[zz[0] : zz[-1] + 1, yy[0] : yy[-1] + 1, xx[0] : xx[-1] + 1]
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1][: min(limit, n)]
+    objects = ndimage.find_objects(labels)
+    ml = voxel_ml(volume.spacing)
+    boxes: list[LesionBox] = []
+    for lab_id in order:
+        if sizes[lab_id] == 0:
+            break
+        sl = objects[lab_id - 1]
+        if sl is None:
+            continue
+        comp = labels[sl] == lab_id
+        areas = comp.sum(axis=(1, 2))
+        k = int(np.argmax(areas))
+        rows = np.nonzero(comp[k].any(axis=1))[0]
+        cols = np.nonzero(comp[k].any(axis=0))[0]
+        z = origin[0] + sl[0].start + k
+        sides = np.bincount(lungs[sl][comp], minlength=3)
+        side = "left" if sides[2] > sides[1] else "right"
+        boxes.append(
+            LesionBox(
+                z=int(z),
+                sop_instance_uid=volume.sop_instance_uids[z] if z < len(volume.sop_instance_uids) else "",
+                row_min=int(origin[1] + sl[1].start + rows[0]),
+                col_min=int(origin[2] + sl[2].start + cols[0]),
+                row_max=int(origin[1] + sl[1].start + rows[-1]),
+                col_max=int(origin[2] + sl[2].start + cols[-1]),
+                volume_ml=float(sizes[lab_id]) * ml,
+                side=side,
+                frame_number=int(volume.frame_numbers[z]) if z < len(volume.frame_numbers) else None,
+            )
+        )
+    return tuple(boxes)
+
+
+def findings_from_masks(
+    volume: Volume,
+    masks: Masks,
+    *,
+    pipeline: str,
+    version: str,
+    provenance: Sequence[tuple[str, str]] = (),
+    warnings: Sequence[str] = (),
+    p_covid: float | None = None,
+) -> Findings:
+    """Everything a pipeline reports, measured from its masks (seed 004 Section 2.1; seed 001).
+
+    Parameters
+    ----------
+    volume : Volume
+        The analysed volume (spacing, SOP Instance UIDs, frame numbers).
+    masks : Masks
+        Lungs, lesions and consolidation on the volume's grid.
+    pipeline, version : str
+        Name and version of the pipeline.
+    provenance : sequence of (str, str)
+        Thresholds, timings and method choices, recorded as given.
+    warnings : sequence of str
+        Appended after the volume's own warnings.
+    p_covid : float or None
+        Identification probability, for pipelines that estimate one.
+
+    Returns
+    -------
+    Findings
+    """
+    right, left = lung_measures(masks.lungs, masks.lesions, masks.consolidation, volume.spacing)
+    worse = max(right.affected_pct, left.affected_pct)
+    all_warnings = list(volume.warnings) + list(warnings)
+    if right.lung_ml == 0 or left.lung_ml == 0:
+        all_warnings.append("one lung has no volume: its affected fraction is reported as 0 %")
+    return Findings(
+        pipeline=pipeline,
+        pipeline_version=version,
+        right=right,
+        left=left,
+        ct_grade=CTGrade.from_affected_pct(worse),
+        key_slices=key_slices(masks.lesions),
+        lesion_boxes=lesion_boxes(volume, masks.lungs, masks.lesions),
+        p_covid=p_covid,
+        provenance=tuple(provenance),
+        warnings=tuple(all_warnings),
+    )
