@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -11,7 +12,15 @@ import pytest
 
 from triaged.config import Config, parse_config
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+def _real_data() -> Path:
+    """The shared real CT data: $TRIAGED_REAL_DATA, else ../shared next to the checkout, else /work/shared."""
+    candidates = [Path(p) for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data" / "real", Path("/work/shared/data/real")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+REAL_DATA = _real_data()
 PET_CT_DX = REAL_DATA / "chest-ct-lung-pet-ct-dx"
 LIDC = REAL_DATA / "lidc-idri-small"
 

@@ -6,7 +6,6 @@ that need it skip with a message when it is absent.  Copies and re-encodings are
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -30,13 +29,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tests.conftest import REAL_DATA as REAL  # noqa: E402
 from triaged.assembly import FramedInstanceHeader, select_series
 from triaged.config import SeriesSelectionConfig
 from triaged.domain import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader, SeriesChoice, Volume
 from triaged.errors import AssemblyError
 from triaged.volume import load_volume, read_header, read_headers
 
-REAL = Path(os.environ.get("TRIAGED_REAL_DATA", "/work/shared/data/real"))
 CHEST = REAL / "chest-ct-lung-pet-ct-dx"
 LIDC = REAL / "lidc-idri-small"
 RULES = SeriesSelectionConfig()
