@@ -107,6 +107,7 @@ class Node:
         self.queue = TaskQueue(config.analysis.aging_seconds)
         self.workers = WorkerPool(
             self.queue, self.stages.start_analysis, self.stages.finish_analysis,
+            still_wanted=self.stages.analysis_wanted,
             workers=config.analysis.workers, threads=config.analysis.threads,
             timeout=config.analysis.timeout_seconds, memory_limit_mb=config.analysis.memory_limit_mb,
         )

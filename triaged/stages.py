@@ -249,6 +249,13 @@ class Stages:
             return False
         return True
 
+    def analysis_wanted(self, job_id: int) -> bool:
+        """Whether a running analysis is still needed (False once its job was superseded)."""
+        try:
+            return self.ledger.job(job_id).state is JobState.ANALYSING
+        except TriagedError:
+            return True  # a ledger hiccup is no reason to throw the work away
+
     def finish_analysis(self, task: AnalysisTask, outcome: TaskOutcome) -> None:
         """Record findings and priority (ANALYSING → ENCODING → DISPATCHING) or the failure."""
         if not outcome.ok:

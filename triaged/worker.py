@@ -12,6 +12,7 @@ one priority level), so a stream of urgent studies cannot starve routine ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import multiprocessing as mp
@@ -306,13 +307,18 @@ class WorkerProcess:
             proc.join(5)
         self.kill()
 
-    def run(self, task: AnalysisTask, timeout: float, memory_limit_mb: float) -> TaskOutcome:
+    def run(
+        self, task: AnalysisTask, timeout: float, memory_limit_mb: float,
+        wanted: Callable[[], bool] | None = None,
+    ) -> TaskOutcome:
+        """Run one task; ``wanted`` is asked about once a second and False kills the analysis early."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
         # Local references: kill() from another thread (a stop) clears the attributes.
         proc, conn = self._proc, self._conn
         assert proc is not None and conn is not None
         start = time.monotonic()
+        asked = start
         peak = 0.0
 
         def failed(error: str) -> TaskOutcome:
@@ -334,6 +340,11 @@ class WorkerProcess:
                 if time.monotonic() - start > timeout:
                     self.kill()
                     return failed(f"analysis: timed out after {timeout:g} s")
+                if wanted is not None and time.monotonic() - asked > 1.0:
+                    asked = time.monotonic()
+                    if not wanted():
+                        self.kill()
+                        return failed("analysis: cancelled, the job moved on (e.g. superseded by a late instance)")
         except (EOFError, OSError):
             pass  # the pipe broke: the process died (or was killed by a stop)
         proc.join(2)
@@ -355,6 +366,7 @@ class WorkerPool:
         on_start: Callable[[AnalysisTask], bool],
         on_done: Callable[[AnalysisTask, TaskOutcome], None],
         *,
+        still_wanted: Callable[[int], bool] | None = None,
         workers: int = 1,
         threads: int = 2,
         timeout: float = 600.0,
@@ -363,6 +375,7 @@ class WorkerPool:
         self.queue = queue
         self._on_start = on_start
         self._on_done = on_done
+        self._still_wanted = still_wanted
         self.timeout = timeout
         self.memory_limit_mb = memory_limit_mb
         self._procs = [WorkerProcess(f"triaged-worker-{i}", threads) for i in range(workers)]
@@ -395,7 +408,9 @@ class WorkerPool:
             with self._lock:
                 self._running[task.job_id] = task
             try:
-                outcome = proc.run(task, self.timeout, self.memory_limit_mb)
+                wanted = (functools.partial(self._still_wanted, task.job_id)
+                          if self._still_wanted is not None else None)
+                outcome = proc.run(task, self.timeout, self.memory_limit_mb, wanted)
             finally:
                 with self._lock:
                     self._running.pop(task.job_id, None)

@@ -271,9 +271,10 @@ def test_duplicates_are_acknowledged_once_and_a_late_instance_reopens_the_study(
     first = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.ANALYSING])), None), what="ANALYSING")
     assert node.ledger.studies()[0].instances == 29
     assert all(s.Status == 0 for s in _send(node, files[29:]))  # the late one
+    # The superseded analysis is cancelled, so the worker takes the new revision.
     second = wait_for(
-        lambda: next((j for j in node.ledger.jobs(states=[JobState.QUEUED]) if j.id != first.id), None),
-        what="the re-opened study to be queued behind the running analysis",
+        lambda: next((j for j in node.ledger.jobs(states=[JobState.ANALYSING]) if j.id != first.id), None),
+        what="the re-opened study to be analysed once the superseded analysis is cancelled",
     )
     assert second.revision == first.revision + 1
     assert node.ledger.job(first.id).state is JobState.SUPERSEDED
