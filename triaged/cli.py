@@ -147,10 +147,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if listening.startswith("up") else 1
 
 
-def _registry():  # type: ignore[no-untyped-def]
-    from triaged.analysis import default_registry
+def _registry(config: Config | None = None):  # type: ignore[no-untyped-def]
+    """The configured pipeline registry (non-learned pipelines + shipped learned models)."""
+    import importlib
 
-    return default_registry()
+    spec = (config or Config()).analysis.registry
+    module, _, factory = spec.partition(":")
+    return getattr(importlib.import_module(module), factory)()
 
 
 def findings_table(findings: Findings) -> str:
@@ -178,7 +181,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from triaged.domain import findings_to_json
     from triaged.volume import load_nifti, load_series_folder, write_nifti
 
-    registry = _registry()
+    config = load_config(args.config) if args.config.exists() else Config()
+    registry = _registry(config)
     if args.list:
         for name in registry.pipeline_names():
             p = registry.get(name)
@@ -187,7 +191,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.path is None:
         print("triaged analyze: give a DICOM folder or a NIfTI file (or --list)", file=sys.stderr)
         return 2
-    config = load_config(args.config) if args.config.exists() else Config()
     pipeline = registry.get(args.pipeline or config.analysis.default_pipeline)
     path: Path = args.path
     if not path.exists():
@@ -515,6 +518,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from triaged.nets.train import train
+
+    if not args.data.is_dir():
+        print(f"triaged train: {args.data} is not a dataset folder (make one with triaged demo --dataset N)",
+              file=sys.stderr)
+        return 2
+    out = train(args.model, args.data, args.out, epochs=args.epochs, seed=args.seed, resume=args.resume,
+                device=args.device, progress=not args.quiet, real_slices=args.real_slices, test_data=args.test_data,
+                command=" ".join(["triaged", *sys.argv[1:]]))
+    print(f"weights and model card in {out}/ (copy to models/{args.model}/ to ship them). {RESEARCH_NOTE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triaged",
@@ -580,6 +597,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="module:function returning the pipeline registry (default: the config's)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train a learned model (multitask, consolidation-em) on a labelled dataset")
+    p.add_argument("model", choices=["multitask", "consolidation-em"])
+    p.add_argument("--data", type=Path, required=True, help="labelled phantom dataset (triaged demo --dataset N)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, model.pt, manifest.yaml")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--device", help="cpu or cuda (default: CUDA when present)")
+    p.add_argument("--real-slices", type=Path, help="the MedSeg COVID-19 slices folder (CC BY-NC 4.0)")
+    p.add_argument("--test-data", type=Path, help="a labelled dataset with unseen seeds for the card's metrics")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     def phantom_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--kind", choices=["healthy", "covid", "bacterial", "other"], default="covid")

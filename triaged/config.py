@@ -142,7 +142,7 @@ class AnalysisConfig(_Model):
     #: Seconds of waiting that count as one priority level, so routine work is never starved.
     aging_seconds: float = Field(600.0, gt=0)
     #: ``module:function`` returning the pipeline registry (tests and plug-ins name their own).
-    registry: str = Field("triaged.analysis:default_registry", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    registry: str = Field("triaged.nets.pipelines:node_registry", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class DispatchConfig(_Model):

@@ -136,6 +136,7 @@ class TaskQueue:
 def _run_task(task: AnalysisTask) -> TaskOutcome:
     """Load the series and run the pipeline (in the worker process)."""
     import importlib
+    import inspect
 
     import numpy as np
 
@@ -153,7 +154,9 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
         volume = load_volume(root, SeriesChoice(task.series_uid, "queued", series), task.study_uid)
         stage = "analysis"
         module, _, factory = task.registry.partition(":")
-        registry = getattr(importlib.import_module(module), factory)()
+        make = getattr(importlib.import_module(module), factory)
+        takes_device = "device" in inspect.signature(make).parameters
+        registry = make(device=task.device) if takes_device else make()
         names = (task.pipeline, *task.fallbacks)
         name = next((n for n in names if n in registry), None)
         if name is None:

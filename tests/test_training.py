@@ -1,0 +1,184 @@
+"""Training runs on a few tiny phantoms: the loss goes down, runs are reproducible and resumable."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from triaged.datasets import write_dataset
+from triaged.nets import data
+from triaged.nets import train as training
+from triaged.nets.weights import MANIFEST, load_model
+from triaged.phantom import PhantomSpec
+
+torch.set_num_threads(2)
+
+TINY = training.Recipe(
+    steps_per_epoch=8,
+    lr=3e-3,
+    phantom_batch=2,
+    crop_hw=(32, 48),
+    real_batch=0,
+    crop_slices=6,
+    em_phantom_batch=4,
+    em_real_batch=0,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 64 × 64 × 16 phantoms (5 mm slices): two COVID-19, one healthy, one bacterial."""
+    root = tmp_path_factory.mktemp("tiny-phantoms")
+    common = {"matrix": 64, "slices": 16, "slice_thickness": 5.0, "noise_hu": 10.0}
+    specs = [
+        PhantomSpec(kind="covid", severity=40.0, seed=71, **common),  # type: ignore[arg-type]
+        PhantomSpec(kind="healthy", seed=72, **common),  # type: ignore[arg-type]
+        PhantomSpec(kind="bacterial", severity=30.0, seed=73, **common),  # type: ignore[arg-type]
+        PhantomSpec(kind="covid", severity=60.0, seed=74, **common),  # type: ignore[arg-type]
+    ]
+    write_dataset(specs, root, progress=False)
+    return root
+
+
+def _states_equal(a: Path, b: Path) -> bool:
+    sa = torch.load(a / training.WEIGHTS_FILE, weights_only=True)
+    sb = torch.load(b / training.WEIGHTS_FILE, weights_only=True)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_short_multitask_run_lowers_the_segmentation_loss(tiny_dataset: Path, tmp_path: Path) -> None:
+    cases = data.read_phantom_dataset(tiny_dataset)
+    x, y, _ = training.multitask_batch(np.random.default_rng(123), cases, TINY)[0]
+
+    def seg_loss(net: torch.nn.Module) -> float:
+        # batch statistics (train-mode BN): a 24-step run has not settled its running averages yet
+        with torch.no_grad():
+            return float(training.seg_loss(net.train()(x).lesion_logits, y, TINY))
+
+    torch.manual_seed(5)
+    before = seg_loss(training.new_module("multitask"))
+    out = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "mt",
+        epochs=3,
+        seed=5,
+        progress=False,
+        recipe=TINY,
+        evaluate=False,
+    )
+    after = seg_loss(load_model(out).module)
+    assert after < 0.9 * before, (before, after)
+    card = yaml.safe_load((out / MANIFEST).read_text())
+    history = card["training"]["loss_history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert card["architecture"]["parameters"] > 0
+
+
+def test_the_same_seed_trains_the_same_weights_and_a_resumed_run_matches_an_uninterrupted_one(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    recipe = replace(TINY, steps_per_epoch=3)
+    straight = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "a",
+        epochs=2,
+        seed=9,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+    )
+    again = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "b",
+        epochs=2,
+        seed=9,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+    )
+    assert _states_equal(straight, again)
+    stopped = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "c",
+        epochs=2,
+        seed=9,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+        until_epoch=1,
+    )
+    assert (stopped / training.CHECKPOINT_FILE).is_file()
+    assert not (stopped / training.WEIGHTS_FILE).exists()
+    resumed = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "c",
+        epochs=2,
+        seed=9,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+        resume=True,
+    )
+    assert _states_equal(straight, resumed)
+
+
+def test_resuming_with_another_seed_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    recipe = replace(TINY, steps_per_epoch=1)
+    training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "m",
+        epochs=2,
+        seed=1,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+        until_epoch=1,
+    )
+    with pytest.raises(training.TrainingError, match="seed"):
+        training.train(
+            "multitask",
+            tiny_dataset,
+            tmp_path / "m",
+            epochs=2,
+            seed=2,
+            progress=False,
+            recipe=recipe,
+            evaluate=False,
+            resume=True,
+        )
+
+
+def test_consolidation_em_trains_unet1_then_unet2_by_em(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = training.train(
+        "consolidation-em",
+        tiny_dataset,
+        tmp_path / "em",
+        epochs=2,
+        seed=3,
+        progress=False,
+        recipe=replace(TINY, steps_per_epoch=4),
+        evaluate=False,
+    )
+    card = yaml.safe_load((out / MANIFEST).read_text())
+    assert [h["phase"] for h in card["training"]["loss_history"]] == ["unet1", "em"]
+    net = load_model(out).module
+    w1 = dict(net.unet1.named_parameters())  # type: ignore[union-attr]
+    w2 = dict(net.unet2.named_parameters())  # type: ignore[union-attr]
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # the M-steps moved UNet-2 away from UNet-1
+
+
+def test_an_unknown_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(training.TrainingError, match="unknown model"):
+        training.train("resnet", tiny_dataset, tmp_path / "x", epochs=1, progress=False)

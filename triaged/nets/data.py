@@ -1,0 +1,499 @@
+"""Training and evaluation data for the learned pipelines: phantom volumes and real 8-bit slices.
+
+Two sources, both brought to the grid every learned model works on — axial slices at ≈ 2 mm in-plane
+(seed 004, Section 4.1), z untouched — and kept in Hounsfield units:
+
+* **Phantom datasets** in the labelled NIfTI format of :mod:`triaged.datasets` (``labels.csv`` and one
+  folder per case).  ``triaged.nets`` sits in the adapter layer beside ``triaged.datasets`` and the
+  import contract keeps adapters independent, so :func:`read_phantom_dataset` reads that documented
+  format itself (labels.csv + nibabel).  Each case is block-averaged to ≈ 2 mm
+  (:class:`triaged.analysis.grid.WorkGrid`) and cropped to its lungs' bounding box.
+* **Real COVID-19 slices** (``/work/shared/data/real/medseg-covid-slices``): 8-bit JPGs that were
+  windowed before export, so they carry no HU.  We assume a lung window, **W 1500 / L −600**, i.e.
+  ``HU = −1350 + 1500 · v / 255`` (v = 0 → −1350 HU, v = 255 → +150 HU), and augment contrast strongly
+  because the real windows vary (mean grey levels of the doctor-labelled slices range 101–203).  The
+  slices are lung/body crops without pixel spacing; we resize each so that its longer side is
+  :data:`REAL_LONG_SIDE` pixels (≈ 2 mm for a 300–350 mm wide crop) and augment the scale ±25 %.
+
+Splits of the real slices (fixed; nothing here is random):
+
+* ``doctor-label`` (50 slices, radiologist masks, MedSeg via the Inf-Net split) and ``multiclass`` (the
+  *same* 50 slices with 1 = ground glass, 2 = consolidation): the 15 slices of
+  :data:`DOCTOR_VALIDATION` are held out for :func:`triaged.nets.train.evaluate_real_slices` and never
+  trained on; the other 35 may be.
+* ``pseudo-label`` (1,600 slices of 20 volumes, model-made masks, CC BY-NC 4.0): training only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from triaged.analysis.grid import WorkGrid
+
+I16 = npt.NDArray[np.int16]
+U8 = npt.NDArray[np.uint8]
+B = npt.NDArray[np.bool_]
+F32 = npt.NDArray[np.float32]
+
+
+def default_real_slices() -> Path:
+    """The real slices folder: ``$TRIAGED_REAL_DATA/medseg-covid-slices``, else ``../shared/data/real/…``
+    next to the checkout, else ``/work/shared/data/real/…`` (as the tests look for the shared data)."""
+    import os
+
+    tail = Path("medseg-covid-slices")
+    candidates = [Path(p) / tail for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
+    candidates += [
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / tail,
+        Path("/work/shared/data/real") / tail,
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+#: Where the development machines keep the real slices (resolved at import; tests skip when absent).
+DEFAULT_REAL_SLICES: Final[Path] = default_real_slices()
+
+#: Assumed display window of the 8-bit real slices (lung window): width and level, HU.
+REAL_WINDOW_WIDTH: Final[float] = 1500.0
+REAL_WINDOW_LEVEL: Final[float] = -600.0
+#: Longer side of a real slice after resizing, pixels (≈ 2 mm pixels for a 300–350 mm crop).
+REAL_LONG_SIDE: Final[int] = 160
+
+#: Doctor-labelled slices held out from every training run (file stems; the 15 highest numbers, so
+#: neighbouring slices of one patient — equal image sizes, e.g. 56/57 — stay on one side of the split).
+DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
+    "44",
+    "45",
+    "46",
+    "47",
+    "49",
+    "50",
+    "51",
+    "52",
+    "53",
+    "54",
+    "55",
+    "56",
+    "57",
+    "58",
+    "67",
+)
+
+#: In-plane target of the working grid, mm (seed 004).
+TARGET_MM: Final[float] = 2.0
+#: Margin around the lungs' bounding box kept by the crop, working pixels (in-plane) and slices.
+CROP_MARGIN_PX: Final[int] = 4
+CROP_MARGIN_SLICES: Final[int] = 2
+
+
+# ---------------------------------------------------------------------------------------- real slices
+def hu_from_8bit(values: npt.NDArray[np.generic]) -> F32:
+    """Map 8-bit lung-window grey levels to HU under the assumed window (W 1500, L −600)."""
+    lo = REAL_WINDOW_LEVEL - REAL_WINDOW_WIDTH / 2.0
+    return (lo + REAL_WINDOW_WIDTH * np.asarray(values, np.float32) / 255.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RealSlice:
+    """One real slice on the ≈ 2 mm grid.
+
+    Attributes
+    ----------
+    name : str
+        ``<subset>/<file stem>``.
+    case : str
+        Volume the slice comes from (pseudo-label) or the stem itself (doctor-label).
+    index : int
+        Slice number within ``case`` (pseudo-label; 0 otherwise).
+    hu : ndarray of int16
+        Assumed HU (:func:`hu_from_8bit`), (H, W).
+    lesion : ndarray of bool
+        Infection mask (ground glass + consolidation).
+    consolidation : ndarray of bool or None
+        Consolidation mask when the slice has a two-class label (multiclass subset).
+    """
+
+    name: str
+    case: str
+    index: int
+    hu: I16
+    lesion: B
+    consolidation: B | None = None
+
+
+def _resize(img: F32, shape: tuple[int, int], order: int) -> F32:
+    zoom = (shape[0] / img.shape[0], shape[1] / img.shape[1])
+    out = ndimage.zoom(img, zoom, order=order, mode="nearest", grid_mode=True)
+    return np.asarray(out[: shape[0], : shape[1]], np.float32)
+
+
+def _target_shape(h: int, w: int, long_side: int = REAL_LONG_SIDE) -> tuple[int, int]:
+    s = long_side / max(h, w)
+    return max(8, round(h * s)), max(8, round(w * s))
+
+
+def _read_gray(path: Path) -> npt.NDArray[np.uint8]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), np.uint8)
+
+
+def _read_label(path: Path) -> npt.NDArray[np.uint8]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        # palette PNGs keep their indices (multiclass 0/1/2); greyscale ones their grey values
+        return np.asarray(im if im.mode == "P" else im.convert("L"), np.uint8)
+
+
+def load_real_slice(
+    image: Path, mask: Path, *, name: str, case: str, index: int = 0, multiclass: Path | None = None
+) -> RealSlice:
+    """Read one JPG slice and its PNG mask(s) onto the ≈ 2 mm grid (module docstring)."""
+    grey = _read_gray(image)
+    shape = _target_shape(*grey.shape)
+    hu = _resize(hu_from_8bit(grey), shape, order=1)
+    lesion = _resize((_read_label(mask) >= 128).astype(np.float32), shape, order=1) >= 0.5
+    cons = None
+    if multiclass is not None:
+        labels = _read_label(multiclass)
+        cons = _resize((labels == 2).astype(np.float32), shape, order=1) >= 0.5
+    return RealSlice(name, case, index, np.round(hu).astype(np.int16), lesion, cons)
+
+
+def _stem_key(stem: str) -> tuple[int, str]:
+    return (int(stem), stem) if stem.isdigit() else (1 << 30, stem)
+
+
+def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) -> list[RealSlice]:
+    """The doctor-labelled slices of the validation split (``validation=True``) or of the training split.
+
+    Consolidation masks come from the ``multiclass`` subset (the same slices) when it is present.
+    """
+    images = Path(root) / "doctor-label" / "images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images} is absent (real slices live only on development machines)")
+    stems = sorted((p.stem for p in images.glob("*.jpg")), key=_stem_key)
+    held = set(DOCTOR_VALIDATION)
+    chosen = [s for s in stems if (s in held) == validation]
+    out: list[RealSlice] = []
+    for stem in chosen:
+        mc = Path(root) / "multiclass" / "labels" / f"{stem}.png"
+        out.append(
+            load_real_slice(
+                images / f"{stem}.jpg",
+                Path(root) / "doctor-label" / "infection" / f"{stem}.png",
+                name=f"doctor-label/{stem}",
+                case=f"doctor-{stem}",
+                multiclass=mc if mc.is_file() else None,
+            )
+        )
+    return out
+
+
+def load_pseudo_slices(root: Path = DEFAULT_REAL_SLICES, limit: int | None = None) -> list[RealSlice]:
+    """The pseudo-labelled slices (``<case>_<index>.jpg``), sorted by case and index."""
+    images = Path(root) / "pseudo-label" / "images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images} is absent")
+    entries: list[tuple[str, int, Path]] = []
+    for p in images.glob("*.jpg"):
+        case, _, idx = p.stem.rpartition("_")
+        entries.append((case, int(idx), p))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    if limit is not None:
+        entries = entries[:limit]
+    masks = Path(root) / "pseudo-label" / "infection"
+    return [
+        load_real_slice(p, masks / f"{p.stem}.png", name=f"pseudo-label/{p.stem}", case=case, index=idx)
+        for case, idx, p in entries
+    ]
+
+
+def neighbour_stack(slices: Sequence[RealSlice], i: int, n: int) -> I16:
+    """``n`` adjacent slices centred on ``slices[i]`` (same case, clamped at the ends), each resized to
+    the centre's shape: the 2.5D input of seed 001.  A slice without neighbours is repeated."""
+    centre = slices[i]
+    half = n // 2
+    out = np.empty((n, *centre.hu.shape), np.int16)
+    for k in range(-half, half + 1):
+        img = slices[_clamp_same_case(slices, i, k)].hu
+        if img.shape != centre.hu.shape:
+            img = np.round(_resize(img.astype(np.float32), centre.hu.shape, order=1)).astype(np.int16)
+        out[k + half] = img
+    return out
+
+
+def _clamp_same_case(slices: Sequence[RealSlice], i: int, k: int) -> int:
+    step = 1 if k > 0 else -1
+    j = i
+    for _ in range(abs(k)):
+        nxt = j + step
+        if 0 <= nxt < len(slices) and slices[nxt].case == slices[i].case:
+            j = nxt
+        else:
+            break
+    return j
+
+
+# ------------------------------------------------------------------------------------- phantom volumes
+@dataclass(frozen=True)
+class VolumeCase:
+    """One labelled phantom on the ≈ 2 mm working grid, cropped to its lungs.
+
+    ``hu`` int16 (z, y, x); ``lungs`` 0/1/2; ``lesions`` and ``consolidation`` bool; ``label`` one of
+    healthy, covid, bacterial, other; ``spacing`` (z, y, x) mm of the working grid.
+    """
+
+    case_id: str
+    label: str
+    hu: I16
+    lungs: U8
+    lesions: B
+    consolidation: B
+    spacing: tuple[float, float, float]
+    affected_pct_max: float = 0.0
+    whole_lung_pct: float = 0.0
+
+
+def _load_nifti_zyx(path: Path) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64]]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)  # type: ignore[attr-defined]
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(img.affine, np.float64)  # type: ignore[attr-defined]
+
+
+def read_labels(root: Path) -> list[dict[str, str]]:
+    """Rows of ``<root>/labels.csv`` (the :mod:`triaged.datasets` format)."""
+    path = Path(root) / "labels.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a labelled phantom dataset (see triaged.datasets)")
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def prepare_case(
+    hu: npt.NDArray[np.generic],
+    masks: dict[str, npt.NDArray[np.generic]],
+    spacing: tuple[float, float, float],
+    *,
+    case_id: str,
+    label: str,
+    affected_pct_max: float = 0.0,
+    whole_lung_pct: float = 0.0,
+) -> VolumeCase:
+    """Block-average a full-resolution case to ≈ 2 mm in-plane and crop it to its lungs (+ margin)."""
+    grid = WorkGrid.for_volume(hu.shape, spacing, TARGET_MM)  # type: ignore[arg-type]
+    chu = grid.downsample(np.asarray(hu, np.int16))
+    lungs_full = np.asarray(masks["lungs"])
+    right = grid.downsample((lungs_full == 1).astype(np.float32)) > 0.5
+    left = grid.downsample((lungs_full == 2).astype(np.float32)) > 0.5
+    lungs = np.where(left, 2, np.where(right, 1, 0)).astype(np.uint8)
+    lesions = grid.downsample(np.asarray(masks["lesions"], np.float32)) >= 0.5
+    cons = grid.downsample(np.asarray(masks["consolidation"], np.float32)) >= 0.5
+    box = lung_box(lungs > 0)
+    return VolumeCase(
+        case_id,
+        label,
+        np.round(chu[box]).astype(np.int16),
+        lungs[box],
+        lesions[box] & (lungs[box] > 0),
+        cons[box] & (lungs[box] > 0),
+        grid.coarse_spacing,
+        affected_pct_max,
+        whole_lung_pct,
+    )
+
+
+def lung_box(
+    lung: B, margin_px: int = CROP_MARGIN_PX, margin_slices: int = CROP_MARGIN_SLICES
+) -> tuple[slice, slice, slice]:
+    """Bounding box of ``lung`` (z, y, x) grown by the margins and clipped to the array."""
+    if not lung.any():
+        return slice(0, lung.shape[0]), slice(0, lung.shape[1]), slice(0, lung.shape[2])
+    out = []
+    for axis, margin in zip(range(3), (margin_slices, margin_px, margin_px), strict=True):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.nonzero(lung.any(axis=other))[0]
+        out.append(slice(max(0, int(idx[0]) - margin), min(lung.shape[axis], int(idx[-1]) + margin + 1)))
+    return out[0], out[1], out[2]
+
+
+def read_phantom_dataset(
+    root: Path, cache_dir: Path | None = None, progress: bool = False
+) -> list[VolumeCase]:
+    """Every case of a labelled phantom dataset, prepared by :func:`prepare_case`.
+
+    With ``cache_dir`` the prepared arrays are kept in one ``.npz`` keyed by the dataset's labels.csv
+    and file sizes, so a resumed run does not decode the NIfTI files again.
+    """
+    root = Path(root)
+    rows = read_labels(root)
+    key = hashlib.sha256()
+    key.update((root / "labels.csv").read_bytes())
+    for row in rows:
+        for name in ("image", "lungs", "lesions", "consolidation"):
+            p = root / row["case_id"] / f"{name}.nii.gz"
+            key.update(f"{p.name}:{p.stat().st_size}".encode())
+    cache = None if cache_dir is None else Path(cache_dir) / f"phantoms-{key.hexdigest()[:16]}.npz"
+    if cache is not None and cache.is_file():
+        return _load_cache(cache)
+    iterator = rows
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(rows, desc="prepare phantoms", unit="case")
+    cases: list[VolumeCase] = []
+    for row in iterator:
+        folder = root / row["case_id"]
+        hu, affine_ras = _load_nifti_zyx(folder / "image.nii.gz")
+        masks = {
+            name: _load_nifti_zyx(folder / f"{name}.nii.gz")[0]
+            for name in ("lungs", "lesions", "consolidation")
+        }
+        sx, sy, sz = (float(np.linalg.norm(affine_ras[:3, i])) for i in range(3))
+        cases.append(
+            prepare_case(
+                hu,
+                masks,
+                (sz, sy, sx),
+                case_id=row["case_id"],
+                label=row["label"],
+                affected_pct_max=float(row.get("affected_pct_max") or 0.0),
+                whole_lung_pct=float(row.get("whole_lung_pct") or 0.0),
+            )
+        )
+    if cache is not None:
+        _save_cache(cache, cases)
+    return cases
+
+
+def _save_cache(path: Path, cases: Sequence[VolumeCase]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    meta = []
+    for i, c in enumerate(cases):
+        arrays[f"hu{i}"], arrays[f"lungs{i}"] = c.hu, c.lungs
+        arrays[f"lesions{i}"], arrays[f"cons{i}"] = c.lesions, c.consolidation
+        meta.append(
+            {
+                "case_id": c.case_id,
+                "label": c.label,
+                "spacing": list(c.spacing),
+                "affected_pct_max": c.affected_pct_max,
+                "whole_lung_pct": c.whole_lung_pct,
+            }
+        )
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def _load_cache(path: Path) -> list[VolumeCase]:
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        return [
+            VolumeCase(
+                m["case_id"],
+                m["label"],
+                z[f"hu{i}"],
+                z[f"lungs{i}"],
+                z[f"lesions{i}"],
+                z[f"cons{i}"],
+                tuple(m["spacing"]),
+                m["affected_pct_max"],
+                m["whole_lung_pct"],
+            )  # type: ignore[arg-type]
+            for i, m in enumerate(meta)
+        ]
+
+
+# -------------------------------------------------------------------------------------- z resampling
+def resample_z(volume: F32, dz: float, target_mm: float) -> F32:
+    """Thick-slab resampling along z to ≈ ``target_mm`` spacing (seed 001: slices thinner than 4 mm become
+    5 mm slabs).  The stack's extent is divided into ``round(extent / target_mm)`` equal slabs and each
+    output slice is the mean of the input slices weighted by their overlap with its slab."""
+    nz = volume.shape[0]
+    length = nz * dz
+    n_out = max(1, int(round(length / target_mm)))
+    edges = np.linspace(0.0, length, n_out + 1)
+    lo_in = np.arange(nz) * dz
+    overlap = np.clip(
+        np.minimum(edges[1:, None], lo_in[None, :] + dz) - np.maximum(edges[:-1, None], lo_in[None, :]),
+        0.0,
+        None,
+    )
+    weights = (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
+    out = np.tensordot(weights, np.asarray(volume, np.float32), axes=(1, 0))
+    return np.asarray(out, np.float32)
+
+
+def upsample_z(volume: F32, n_out: int) -> F32:
+    """Inverse of :func:`resample_z`: linear interpolation back to ``n_out`` slices."""
+    n_in = volume.shape[0]
+    positions = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    return _interp_z(volume, positions)
+
+
+def _interp_z(volume: F32, positions: npt.NDArray[np.float64]) -> F32:
+    n = volume.shape[0]
+    p = np.clip(positions, 0.0, n - 1.0)
+    lo = np.floor(p).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (p - lo).astype(np.float32)[:, None, None]
+    return np.asarray(volume[lo] * (1.0 - w) + volume[hi] * w, np.float32)
+
+
+# ------------------------------------------------------------------------------- full-resolution cases
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class FullCase:
+    """One labelled phantom at full resolution, for evaluating a pipeline end to end."""
+
+    case_id: str
+    label: str
+    hu: I16
+    lungs: U8
+    lesions: B
+    consolidation: B
+    spacing: tuple[float, float, float]
+    affine_lps: npt.NDArray[np.float64]
+    affected_pct_max: float
+    whole_lung_pct: float
+
+
+def read_full_case(root: Path, row: dict[str, str]) -> FullCase:
+    """Read one case of a labelled dataset (NIfTI, RAS qform) into (z, y, x) arrays and an LPS affine."""
+    folder = Path(root) / row["case_id"]
+    hu, affine_ras = _load_nifti_zyx(folder / "image.nii.gz")
+    masks = {
+        name: _load_nifti_zyx(folder / f"{name}.nii.gz")[0] for name in ("lungs", "lesions", "consolidation")
+    }
+    affine = _LPS_FROM_RAS @ affine_ras
+    sx, sy, sz = (float(np.linalg.norm(affine[:3, i])) for i in range(3))
+    return FullCase(
+        row["case_id"],
+        row["label"],
+        np.asarray(hu, np.int16),
+        np.asarray(masks["lungs"], np.uint8),
+        np.asarray(masks["lesions"]) > 0,
+        np.asarray(masks["consolidation"]) > 0,
+        (sz, sy, sx),
+        affine,
+        float(row.get("affected_pct_max") or 0.0),
+        float(row.get("whole_lung_pct") or 0.0),
+    )

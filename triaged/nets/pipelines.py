@@ -1,0 +1,469 @@
+"""The learned analysis pipelines ``multitask`` (seed 004) and ``consolidation-em`` (seed 001).
+
+Both follow the analysis Pipeline protocol (``name``, ``version``, ``run(volume, *, progress=None) ->
+AnalysisResult``) and share the non-learned front end of :mod:`triaged.analysis`:
+
+1. the volume is block-averaged to ≈ 2 mm in-plane, z untouched (:class:`~triaged.analysis.grid.WorkGrid`;
+   seed 004, Section 4.1);
+2. the lungs are segmented and split into right/left classically
+   (:func:`~triaged.analysis.lungs.segment_lungs_coarse`; no lung network ships yet) and the working
+   volume is cropped to their bounding box (seed 004: crop to the predicted lungs);
+3. the network runs under ``torch.inference_mode()`` on the crop, slice chunk by slice chunk; on CPUs
+   with native bf16 (AVX-512 BF16 / AMX) it runs in bf16 autocast with channels-last tensors, on CUDA
+   when a GPU is present;
+4. probabilities are interpolated back to the volume grid (linearly in-plane; along z too for seed 001,
+   which works on 5 mm slabs) and thresholded; lesion voxels outside the lungs are dropped.
+
+``multitask``: lesion probability ≥ the card's ``lesion`` threshold and P(COVID-19) from the
+classification head; consolidation is seed 001's −200 HU rule inside the lesions.
+``consolidation-em``: UNet-1's infection > 0.5 is the lesion mask; UNet-2 > 0.5 inside it is
+consolidation (Wu et al. 2020, Algorithm 1 and Section III-C); no P(COVID-19).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from triaged.analysis.grid import WorkGrid
+from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
+from triaged.analysis.severity import findings_from_masks
+from triaged.domain import AnalysisResult, Findings, Masks, Volume
+from triaged.nets import data, wu
+from triaged.nets import multitask as mt
+from triaged.nets.weights import LoadedModel, load_model, model_dir, read_manifest, weights_present
+
+F32 = npt.NDArray[np.float32]
+B = npt.NDArray[np.bool_]
+U8 = npt.NDArray[np.uint8]
+
+#: Slices per forward pass (bounds the activations: 32 × 8 × 160 × 160 float32 ≈ 26 MB per tensor).
+CHUNK_SLICES = 32
+#: Seed 001's consolidation baseline inside lesions (Chaganti et al.), used by the multitask pipeline.
+CONSOLIDATION_HU = -200.0
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (otherwise bf16 autocast is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a network runs: device, autocast dtype (None = float32) and memory format."""
+
+    device: torch.device
+    autocast: torch.dtype | None
+    channels_last: bool
+
+    @staticmethod
+    def choose(device: str | torch.device | None = None, allow_bf16: bool = True) -> Precision:
+        dev = pick_device(device)
+        if dev.type == "cuda":
+            return Precision(dev, torch.bfloat16 if allow_bf16 else None, True)
+        bf16 = allow_bf16 and cpu_bf16_native()
+        return Precision(dev, torch.bfloat16 if bf16 else None, bf16)
+
+    def describe(self) -> str:
+        dtype = "bf16" if self.autocast is torch.bfloat16 else "fp32"
+        return f"{self.device.type} {dtype}{' channels-last' if self.channels_last else ''}"
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return module
+
+    def tensor(self, array: npt.NDArray[np.generic]) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)
+        if self.channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def autocast_context(self) -> Any:
+        if self.autocast is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+# ----------------------------------------------------------------------------------- network inference
+def classification_windows(nz: int, window: int | None) -> list[slice]:
+    """Slice ranges the classification head is applied to: the whole stack (``window`` None, seed
+    004) or stacks of ``window`` slices every ``window // 2`` slices, the last one flush with the end."""
+    if window is None or nz <= window:
+        return [slice(0, nz)]
+    step = max(1, window // 2)
+    starts = list(range(0, nz - window + 1, step))
+    if starts[-1] != nz - window:
+        starts.append(nz - window)
+    return [slice(z0, z0 + window) for z0 in starts]
+
+
+def multitask_infer(
+    net: mt.MultitaskNet,
+    hu: F32,
+    precision: Precision | None = None,
+    chunk: int = CHUNK_SLICES,
+    window: int | None = None,
+) -> tuple[F32, float]:
+    """Run seed 004's multitask network on a lung-cropped working-grid volume.
+
+    Parameters
+    ----------
+    net : MultitaskNet
+        In eval mode.
+    hu : ndarray of float32
+        (z, y, x) HU on the ≈ 2 mm grid.
+    window : int or None
+        Apply the classification head to overlapping stacks of this many slices (the stack depth it was
+        trained on) and report the maximum; None pools the whole volume at once as seed 004 does.
+
+    Returns
+    -------
+    (ndarray of float32, float)
+        Lesion probability (z, y, x) and P(COVID-19).
+    """
+    p = precision or Precision.choose()
+    net = p.prepare(net)  # type: ignore[assignment]
+    x = mt.normalise_hu(torch.from_numpy(np.ascontiguousarray(hu, np.float32))).numpy()
+    nz = x.shape[0]
+    probs = np.empty(x.shape, np.float32)
+    feats: list[torch.Tensor] = []
+    with torch.inference_mode():
+        with p.autocast_context():
+            for z0 in range(0, nz, chunk):
+                batch = p.tensor(x[z0 : z0 + chunk, None])
+                f = net.slice_features(batch)
+                probs[z0 : z0 + chunk] = torch.sigmoid(net.segment(f).float()).cpu().numpy()
+                feats.append(f.to(torch.bfloat16 if p.autocast is not None else torch.float32))
+        # the small classification head runs in float32 whatever the backbone's precision
+        stacked = torch.cat(feats, 0).transpose(0, 1)[None]  # (1, C, Z, H, W)
+        logits = [
+            net.classify(stacked[:, :, zs].float().contiguous()) for zs in classification_windows(nz, window)
+        ]
+        logit = torch.stack(logits).max()
+    return probs, float(torch.sigmoid(logit))
+
+
+def wu_stack_indices(nz: int, n: int = wu.CONTEXT_SLICES) -> npt.NDArray[np.intp]:
+    """For every slice, the ``n`` adjacent slice indices centred on it, clamped at the ends: (nz, n)."""
+    half = n // 2
+    return np.clip(np.arange(nz)[:, None] + np.arange(-half, half + 1)[None, :], 0, nz - 1)
+
+
+def wu_infer(
+    net: wu.ConsolidationEM, hu: F32, dz: float, precision: Precision | None = None, chunk: int = CHUNK_SLICES
+) -> tuple[F32, F32]:
+    """Run UNet-1 and UNet-2 (seed 001) on a lung-cropped working-grid volume.
+
+    Slices thinner than 4 mm are first averaged into 5 mm slabs (Wu et al., Section III-B); the
+    probabilities are interpolated back to the input's slices.
+
+    Returns
+    -------
+    (ndarray of float32, ndarray of float32)
+        Infection and consolidation probabilities, (z, y, x) like ``hu``.
+    """
+    p = precision or Precision.choose()
+    net = p.prepare(net)  # type: ignore[assignment]
+    nz = hu.shape[0]
+    work = data.resample_z(hu, dz, wu.TARGET_SLICE_MM) if dz < 4.0 else np.asarray(hu, np.float32)
+    x = wu.normalise_hu(torch.from_numpy(np.ascontiguousarray(work))).numpy()
+    idx = wu_stack_indices(x.shape[0])
+    out = np.empty((2, *x.shape), np.float32)
+    with torch.inference_mode(), p.autocast_context():
+        for z0 in range(0, x.shape[0], chunk):
+            batch = p.tensor(x[idx[z0 : z0 + chunk]])
+            out[:, z0 : z0 + chunk] = torch.sigmoid(net(batch).float()).transpose(0, 1).cpu().numpy()
+    if out.shape[1] != nz:
+        return data.upsample_z(out[0], nz), data.upsample_z(out[1], nz)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+#: ``progress(fraction in [0, 1], message)`` (the analysis Pipeline protocol's progress sink).
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    """Default progress sink."""
+
+
+@dataclass(frozen=True)
+class _Front:
+    grid: WorkGrid
+    coarse_hu: F32
+    lungs_coarse: U8
+    lungs_full: U8
+    box: tuple[slice, slice, slice]
+    split: str
+    warnings: tuple[str, ...]
+
+
+def _front_end(volume: Volume, params: LungParams) -> _Front:
+    grid = WorkGrid.for_volume(volume.hu.shape, volume.spacing, params.target_mm)  # type: ignore[arg-type]
+    chu = grid.downsample(volume.hu)
+    seg = segment_lungs_coarse(chu, grid, volume.affine, params)
+    box = data.lung_box(seg.labels > 0)
+    return _Front(
+        grid, chu, seg.labels, upsample_labels(seg.labels, grid), box, seg.split, tuple(seg.warnings)
+    )
+
+
+def _to_full(front: _Front, crop_prob: F32, threshold: float) -> B:
+    coarse = np.zeros(front.grid.coarse_shape, np.float32)
+    coarse[front.box] = crop_prob
+    return front.grid.upsample_above(coarse, threshold) & (front.lungs_full > 0)
+
+
+class LearnedPipeline:
+    """Shared part of the learned pipelines: lazy, sha256-verified weights and the front end.
+
+    Parameters
+    ----------
+    model : LoadedModel or path
+        An already loaded model, or its folder (``models/<name>``): then the manifest is read now (for
+        ``version``) and the weights are verified and loaded on the first :meth:`run`.
+    device : str or None
+        None = CUDA when present, else CPU.
+    allow_bf16 : bool
+        Use bf16 autocast where the hardware runs it natively.
+    """
+
+    name: str = ""
+    seed_paper: str = ""
+
+    def __init__(
+        self,
+        model: LoadedModel | Path | str,
+        *,
+        device: str | None = None,
+        allow_bf16: bool = True,
+        lung_params: LungParams | None = None,
+    ) -> None:
+        self._loaded = model if isinstance(model, LoadedModel) else None
+        self._dir = model.directory if isinstance(model, LoadedModel) else Path(model)
+        self._manifest = model.manifest if isinstance(model, LoadedModel) else read_manifest(self._dir)
+        self.device = device
+        self.allow_bf16 = allow_bf16
+        self.lung_params = lung_params or LungParams()
+
+    @property
+    def version(self) -> str:
+        return str(self._manifest["version"])
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"volume", f"model:{self._manifest['name']}"})
+
+    @property
+    def description(self) -> str:
+        arch = self._manifest.get("architecture", {})
+        return (
+            f"{self.seed_paper}; {arch.get('name')} with {arch.get('parameters', '?')} parameters, "
+            f"weights {self._dir.name}/{self._manifest['weights']['file']} (sha256 "
+            f"{str(self._manifest['weights']['sha256'])[:12]}...). Non-learned lungs."
+        )
+
+    @property
+    def model(self) -> LoadedModel:
+        """The verified model, loaded on first use."""
+        if self._loaded is None:
+            self._loaded = load_model(self._dir)
+        return self._loaded
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse one volume (the subclasses implement it)."""
+        raise NotImplementedError
+
+    def _findings(
+        self,
+        volume: Volume,
+        masks: Masks,
+        front: _Front,
+        p_covid: float | None,
+        provenance: list[tuple[str, str]],
+    ) -> Findings:
+        prov = [
+            ("grid.inplane_block", str(front.grid.factor)),
+            ("grid.spacing_mm", " x ".join(f"{s:.3f}" for s in front.grid.coarse_spacing)),
+            ("lungs.method", "classical (triaged.analysis.lungs)"),
+            ("lungs.split", front.split),
+            ("model.name", self.model.name),
+            ("model.version", self.model.version),
+            ("model.sha256", self.model.sha256),
+            *provenance,
+        ]
+        findings = findings_from_masks(
+            volume,
+            masks,
+            pipeline=self.name,
+            version=self.version,
+            provenance=prov,
+            warnings=front.warnings,
+            p_covid=p_covid,
+        )
+        return replace(findings, model_sha256=self.model.sha256)
+
+
+class MultitaskPipeline(LearnedPipeline):
+    """Seed 004's multitask model behind the Pipeline protocol (module docstring)."""
+
+    name = "multitask"
+    seed_paper = "Multitask U-Net + pyramid-pooling classifier of Goncharov et al. 2021 (seed 004)"
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse one volume: lungs, lesion probability, P(COVID-19), findings."""
+        say = progress or _no_progress
+        times: list[tuple[str, float]] = []
+        t = time.perf_counter()
+        say(0.0, "segmenting lungs")
+        front = _front_end(volume, self.lung_params)
+        times.append(("lungs", time.perf_counter() - t))
+        t = time.perf_counter()
+        say(0.4, "running the multitask network")
+        precision = Precision.choose(self.device, self.allow_bf16)
+        net = self.model.module
+        assert isinstance(net, mt.MultitaskNet)
+        window = (self._manifest.get("inference") or {}).get("classification_window_slices")
+        prob, p_covid = multitask_infer(
+            net, front.coarse_hu[front.box], precision, window=None if window is None else int(window)
+        )
+        times.append(("network", time.perf_counter() - t))
+        t = time.perf_counter()
+        threshold = self.model.thresholds.get("lesion", 0.5)
+        lesions = _to_full(front, prob, threshold)
+        consolidation = lesions & (volume.hu > CONSOLIDATION_HU)
+        masks = Masks(front.lungs_full, lesions, consolidation)
+        times.append(("masks", time.perf_counter() - t))
+        say(0.9, "measuring")
+        prov = [
+            ("lesions.method", "multitask network, segmentation head"),
+            ("lesions.threshold", f"{threshold:g}"),
+            ("identification.method", "multitask network, pyramid-pooling classification head"),
+            (
+                "identification.window_slices",
+                "whole stack" if window is None else f"{window} (max over windows)",
+            ),
+            ("consolidation.method", "seed 001 threshold inside the lesions"),
+            ("consolidation.hu", f"> {CONSOLIDATION_HU:g}"),
+            ("precision", precision.describe()),
+            *[(f"time.{k}_s", f"{v:.2f}") for k, v in times],
+        ]
+        findings = self._findings(volume, masks, front, p_covid, prov)
+        say(1.0, "done")
+        return AnalysisResult(findings, masks)
+
+
+class ConsolidationEMPipeline(LearnedPipeline):
+    """Seed 001's UNet-1 (infection) and EM-trained UNet-2 (consolidation) behind the Pipeline protocol."""
+
+    name = "consolidation-em"
+    seed_paper = "UNet-1 infection + hard-EM UNet-2 consolidation (prior phi2) of Wu et al. 2020 (seed 001)"
+
+    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
+        """Analyse one volume: lungs, infection (lesions) and consolidation, findings (no P(COVID-19))."""
+        say = progress or _no_progress
+        times: list[tuple[str, float]] = []
+        t = time.perf_counter()
+        say(0.0, "segmenting lungs")
+        front = _front_end(volume, self.lung_params)
+        times.append(("lungs", time.perf_counter() - t))
+        t = time.perf_counter()
+        say(0.4, "running UNet-1 and UNet-2")
+        precision = Precision.choose(self.device, self.allow_bf16)
+        net = self.model.module
+        assert isinstance(net, wu.ConsolidationEM)
+        dz = front.grid.coarse_spacing[0]
+        infection, cons = wu_infer(net, front.coarse_hu[front.box], dz, precision)
+        times.append(("network", time.perf_counter() - t))
+        t = time.perf_counter()
+        t_inf = self.model.thresholds.get("infection", 0.5)
+        t_cons = self.model.thresholds.get("consolidation", 0.5)
+        lesions = _to_full(front, infection, t_inf)
+        consolidation = (
+            _to_full(front, np.where(infection > t_inf, cons, 0.0).astype(np.float32), t_cons) & lesions
+        )
+        masks = Masks(front.lungs_full, lesions, consolidation)
+        times.append(("masks", time.perf_counter() - t))
+        say(0.9, "measuring")
+        prov = [
+            ("lesions.method", "seed 001 UNet-1 (2.5D, 7 slabs)"),
+            ("lesions.threshold", f"{t_inf:g}"),
+            ("consolidation.method", "seed 001 UNet-2 trained by hard EM with prior phi2 (b2 9.0, k2 0.5)"),
+            ("consolidation.threshold", f"{t_cons:g}"),
+            ("slab_mm", f"{wu.TARGET_SLICE_MM if dz < 4.0 else dz:g}"),
+            ("precision", precision.describe()),
+            *[(f"time.{k}_s", f"{v:.2f}") for k, v in times],
+        ]
+        findings = self._findings(volume, masks, front, None, prov)
+        say(1.0, "done")
+        return AnalysisResult(findings, masks)
+
+
+#: Pipeline name → (model folder name, pipeline class).
+LEARNED: dict[str, tuple[str, type[LearnedPipeline]]] = {
+    "multitask": ("multitask", MultitaskPipeline),
+    "consolidation-em": ("consolidation-em", ConsolidationEMPipeline),
+}
+
+
+def build_pipeline(
+    name: str, models_root: Path | str | None = None, device: str | None = None
+) -> LearnedPipeline:
+    """The learned pipeline ``name`` for ``<models_root>/<name>`` (weights verified and loaded lazily)."""
+    folder, cls = LEARNED[name]
+    return cls(model_dir(folder, Path(models_root) if models_root else None), device=device)
+
+
+def register_learned(
+    registry: Any, models_root: Path | str | None = None, device: str | None = None
+) -> list[str]:
+    """Register the learned pipelines whose weights are present; return their names.
+
+    ``registry`` is a :class:`triaged.analysis.PipelineRegistry` (``register(pipeline)``) or any mapping
+    (``registry[name] = pipeline``).  Only the manifests are read here; each pipeline verifies the
+    sha256 and loads its weights on its first run (in the worker process), so a corrupted file fails
+    that job with a clear :class:`~triaged.nets.weights.WeightsError` instead of the node's start-up.
+    """
+    added: list[str] = []
+    root = Path(models_root) if models_root else None
+    for name, (folder, _) in LEARNED.items():
+        if not weights_present(folder, root):
+            continue
+        pipeline = build_pipeline(name, root, device)
+        if hasattr(registry, "register"):
+            registry.register(pipeline)
+        else:
+            registry[name] = pipeline
+        added.append(name)
+    return added
+
+
+def node_registry(device: str | None = None) -> Any:
+    """The node's registry: the non-learned pipelines plus every learned one whose weights are shipped.
+
+    ``device``: ``"auto"``/None picks CUDA when present, else CPU (``analysis.device``).
+    """
+    from triaged.analysis import default_registry
+
+    registry = default_registry()
+    register_learned(registry, device=None if device in (None, "auto") else device)
+    return registry
