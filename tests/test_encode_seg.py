@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -158,15 +157,11 @@ def test_an_empty_lesion_mask_leaves_the_lesion_segments_out(case: Case, tmp_pat
     assert errors(dciodvfy(ds, tmp_path / "seg.dcm")) == []
 
 
-def test_a_300_slice_seg_is_encoded_in_seconds(case: Case) -> None:
+def test_a_300_slice_seg_encodes_every_non_empty_frame(case: Case) -> None:
+    # Its time is measured by `make bench` (bench/analysis.py), not asserted here.
     big = stretched_case(case, 300)
-    start = time.perf_counter()
     seg = build_seg(big.findings, big.masks, big.volume, big.source, CTX)
-    elapsed = time.perf_counter() - start
     assert seg is not None and int(seg.NumberOfFrames) > 300
-    print(f"SEG of 300 slices x 512 x 512, 4 segments: {elapsed:.2f} s, {seg.NumberOfFrames} frames")
-    # About 2 s on a development machine; the bound leaves room for a loaded CI runner.
-    assert elapsed < 15.0
 
 
 def _venv_tool(name: str) -> str | None:

@@ -453,23 +453,6 @@ def test_transitions_are_recorded_in_the_history_oldest_first(ledger: Ledger, db
     assert raw(db, "SELECT attempts FROM jobs") == [(2,)]
 
 
-def test_due_retries_lists_retry_wait_jobs_whose_time_has_come(ledger: Ledger) -> None:
-    ids = []
-    for n in range(2):
-        ledger.record_instance(
-            instance(f"{n}", study=f"1.{n}", series=f"1.{n}.1"), association_id=None, now=T0
-        )
-        job = ledger.jobs(limit=1)[0]
-        drive(ledger, job.id, JobState.DISPATCHING)
-        ledger.transition(
-            job.id, JobState.DISPATCHING, JobState.RETRY_WAIT, next_attempt_at=T0 + timedelta(minutes=n + 1)
-        )
-        ids.append(job.id)
-    assert ledger.due_retries(T0) == []
-    assert ledger.due_retries(T0 + timedelta(minutes=1)) == ids[:1]
-    assert ledger.due_retries(T0 + timedelta(hours=1)) == ids
-
-
 def test_quiet_jobs_lists_only_receiving_studies_quiet_for_long_enough(ledger: Ledger) -> None:
     ledger.record_instance(instance("a", study="1.1", series="1.1.1"), association_id=None, now=T0)
     ledger.record_instance(instance("b", study="1.2", series="1.2.1"), association_id=None, now=T0)

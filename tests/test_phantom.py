@@ -7,7 +7,6 @@ generates a full 512 × 512 × 300 study.
 from __future__ import annotations
 
 import subprocess
-import time
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -248,15 +247,12 @@ def test_dataset_specs_balance_kinds_and_cover_every_covid_grade() -> None:
     assert len({s.vendor for s in specs}) > 1 and len({s.slice_thickness for s in specs}) > 1
 
 
-def test_full_size_study_generates_quickly_with_exact_geometry() -> None:
+def test_full_size_study_has_exact_geometry() -> None:
+    # Generation time (target <= 10 s) is measured by `make bench` (bench/analysis.py), not asserted here.
     spec = PhantomSpec(kind="covid", severity=40.0, seed=1, slices=300, slice_thickness=1.0)
-    start = time.perf_counter()
     ph = generate(spec)
-    elapsed = time.perf_counter() - start
     assert ph.hu.shape == (300, 512, 512) and ph.hu.dtype == np.int16
     assert abs(ph.truth.affected_pct_max - 40.0) <= 2.0
-    # the budget is 10 s on 2 idle cores; shared CI machines get slack, not a pass for 10x
-    assert elapsed < 40.0, f"512x512x300 took {elapsed:.1f} s"
     assert ph.affine[0, 0] == ph.affine[1, 1] and 0.6 < ph.affine[0, 0] < 0.85
 
 

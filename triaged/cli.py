@@ -149,11 +149,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _registry(config: Config | None = None):  # type: ignore[no-untyped-def]
     """The configured pipeline registry (non-learned pipelines + shipped learned models)."""
-    import importlib
+    from triaged.worker import load_registry
 
-    spec = (config or Config()).analysis.registry
-    module, _, factory = spec.partition(":")
-    return getattr(importlib.import_module(module), factory)()
+    return load_registry((config or Config()).analysis.registry)
 
 
 def findings_table(findings: Findings) -> str:
@@ -473,16 +471,14 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import importlib
-
     from tqdm import tqdm
 
     from triaged.analysis.metrics import case_result, markdown_table, table2_row
     from triaged.datasets import read_dataset
+    from triaged.worker import load_registry
 
     config = load_config(args.config) if args.config.exists() else Config()
-    module, _, factory = (args.registry or config.analysis.registry).partition(":")
-    registry = getattr(importlib.import_module(module), factory)()
+    registry = _registry(config) if args.registry is None else load_registry(args.registry)
     names = [n.strip() for n in args.pipelines.split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:

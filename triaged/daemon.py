@@ -23,7 +23,7 @@ from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool
 from triaged.stages import Stages
-from triaged.worker import TaskQueue, WorkerPool
+from triaged.worker import TaskQueue, WorkerPool, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,10 @@ def configure_logging(cfg: LoggingConfig) -> None:
 
 def pipeline_problems(config: Config, source: Path | None = None) -> list[tuple[str, str]]:
     """Pipeline names in the config that the configured registry does not know (with file lines)."""
-    import importlib
-
     from triaged.config import validate_pipelines
 
-    module, _, factory = config.analysis.registry.partition(":")
     try:
-        registry = getattr(importlib.import_module(module), factory)()
+        registry = load_registry(config.analysis.registry)
     except Exception as exc:  # noqa: BLE001 - a broken plug-in path is a config error
         return [("analysis.registry", f"cannot load {config.analysis.registry}: {exc}")]
     names = getattr(registry, "known_names", None) or getattr(registry, "pipeline_names", None)

@@ -212,8 +212,8 @@ class Stages:
 
     def predecessor_sr(self, job: JobRow) -> tuple[str, str, str] | None:
         """The SR of the newest earlier revision that produced one (its UIDs are derived, not stored)."""
-        for earlier in self.ledger.jobs(limit=100000):
-            if earlier.study_instance_uid != job.study_instance_uid or earlier.revision >= job.revision:
+        for earlier in self.ledger.jobs(study_uid=job.study_instance_uid, limit=1000):  # newest first
+            if earlier.revision >= job.revision:
                 continue
             if not any(o.kind == "sr" for o in self.ledger.outbox(job_id=earlier.id)):
                 continue
@@ -437,9 +437,6 @@ class Stages:
         except StateError as exc:
             log.info("job %s could not be marked failed: %s", job_id, exc)
 
-    def queue_summary(self) -> dict[str, int]:
-        depth = self.ledger.queue_depth()
-        return {s.value: n for s, n in depth.items() if n}
 
 
 def _record_from_file(path: Path, rel: str) -> InstanceRecord:

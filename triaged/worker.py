@@ -99,10 +99,6 @@ class TaskQueue:
             self._items.append(_Entry(0.0, next(self._seq), task, self._clock()))
             self._cond.notify()
 
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
     def job_ids(self) -> set[int]:
         with self._cond:
             return {e.task.job_id for e in self._items}
@@ -135,9 +131,6 @@ class TaskQueue:
 
 def _run_task(task: AnalysisTask) -> TaskOutcome:
     """Load the series and run the pipeline (in the worker process)."""
-    import importlib
-    import inspect
-
     import numpy as np
 
     from triaged.domain import SeriesChoice, findings_to_json
@@ -153,10 +146,7 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
             raise RuntimeError(f"no readable instance of series {task.series_uid}; {problems[:3]}")
         volume = load_volume(root, SeriesChoice(task.series_uid, "queued", series), task.study_uid)
         stage = "analysis"
-        module, _, factory = task.registry.partition(":")
-        make = getattr(importlib.import_module(module), factory)
-        takes_device = "device" in inspect.signature(make).parameters
-        registry = make(device=task.device) if takes_device else make()
+        registry = load_registry(task.registry, task.device)
         names = (task.pipeline, *task.fallbacks)
         name = next((n for n in names if n in registry), None)
         if name is None:
@@ -193,6 +183,19 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
         log.debug("task %s failed:\n%s", task.job_id, traceback.format_exc())
         return TaskOutcome(task.job_id, False, error=f"{stage}: {type(exc).__name__}: {exc}",
                            seconds=time.perf_counter() - t0)
+
+
+def load_registry(spec: str, device: str | None = None) -> Any:
+    """The pipeline registry named by ``module:function`` (``analysis.registry``).
+
+    ``device`` is passed when the factory takes one (learned pipelines place their networks on it).
+    """
+    import importlib
+    import inspect
+
+    module, _, factory = spec.partition(":")
+    make = getattr(importlib.import_module(module), factory)
+    return make(device=device) if device is not None and "device" in inspect.signature(make).parameters else make()
 
 
 def _output_kind(sop_class_uid: str) -> str:

@@ -37,7 +37,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -831,45 +830,30 @@ class Ledger:
             )
         return self._job_row(row, history)
 
-    def jobs(self, *, states: Iterable[JobState] | None = None, limit: int = 50) -> list[JobRow]:
+    def jobs(
+        self, *, states: Iterable[JobState] | None = None, study_uid: str | None = None, limit: int = 50
+    ) -> list[JobRow]:
         """Jobs, newest first, optionally only those in ``states`` (without history; see :meth:`job`).
 
         Parameters
         ----------
         states
             Only jobs in one of these states; None for all.
+        study_uid
+            Only the jobs (revisions) of this study.
         limit
             How many to return at most.
         """
         stmt = self._job_select()
         if states is not None:
             stmt = stmt.where(_jobs.c.state.in_([JobState(s).value for s in states]))
+        if study_uid is not None:
+            stmt = stmt.where(_studies.c.study_instance_uid == study_uid)
         # By id, not created_at: ids follow commit order, while a caller's clock reading may precede
         # a wait for the write lock.
         stmt = stmt.order_by(_jobs.c.id.desc()).limit(limit)
         with self._read("jobs") as conn:
             return [self._job_row(r) for r in conn.execute(stmt)]
-
-    def due_retries(self, now: datetime | None = None) -> list[int]:
-        """Ids of RETRY_WAIT jobs whose ``next_attempt_at`` has come, earliest first.
-
-        Parameters
-        ----------
-        now
-            Aware reference time; defaults to the current UTC time.
-        """
-        now = _utc(now)
-        j = _jobs
-        stmt = (
-            select(j.c.id)
-            .where(
-                j.c.state == JobState.RETRY_WAIT.value,
-                or_(j.c.next_attempt_at.is_(None), j.c.next_attempt_at <= now),
-            )
-            .order_by(j.c.next_attempt_at, j.c.id)
-        )
-        with self._read("due_retries") as conn:
-            return list(conn.execute(stmt).scalars())
 
     def studies(self, limit: int = 50) -> list[StudyRow]:
         """Studies, most recently active first; ``state`` is that of the study's latest job.

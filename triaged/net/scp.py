@@ -13,7 +13,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -426,7 +425,3 @@ class Listener:
             log.warning("aborting association from %s still open after %.0f s", assoc.requestor.address, drain_seconds)
             assoc.abort()
         log.info("listener stopped")
-
-
-def accepted_sop_classes(listener: Listener) -> Iterable[str]:
-    return [str(cx.abstract_syntax) for cx in listener.ae.supported_contexts]
