@@ -16,6 +16,7 @@ from triaged.analysis.lesions import (
     classical_consolidation,
     classical_lesions,
     lesions_to_full,
+    non_pneumonia_reasons,
     threshold_consolidation,
     threshold_lesions,
 )
@@ -189,3 +190,106 @@ def test_baseline_behaves_as_published_underestimating_lesions_and_keeping_vesse
 def test_classical_params_document_their_defaults() -> None:
     p = ClassicalParams()
     assert p.ggo_hu == -720.0 and p.consolidation_hu == -200.0 and p.vessel_radius_mm > 0
+
+
+# ---- the threshold baseline at the ends of a stack ---------------------------------------------------------
+def test_threshold_baseline_keeps_findings_in_the_first_and_last_slices_and_in_short_stacks() -> None:
+    grid = WorkGrid((40, 96, 96), (2.0, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    hu = np.full(shape, -850.0, np.float32)
+    lungs = np.ones(shape, np.uint8)
+    hu[:3, 20:50, 10:40] = -450.0  # a broad opacity in the first three slices
+    hu[-3:, 20:50, 50:80] = -450.0  # and one in the last three
+    mask = threshold_lesions(hu, lungs, grid).field > 0.5
+    assert mask[0, 35, 25] and mask[-1, 35, 65]
+    for nz in (1, 3):  # a single slice and a three-slice stack
+        short = WorkGrid((nz, 96, 96), (2.0, 2.0, 2.0), 1)
+        hu_s = np.full(short.coarse_shape, -850.0, np.float32)
+        hu_s[:, 20:50, 10:40] = -450.0
+        field = threshold_lesions(hu_s, np.ones(short.coarse_shape, np.uint8), short).field
+        assert (field[:, 35, 25] > 0.5).all(), (nz, field[:, 35, 25])
+
+
+# ---- classical: what is not pneumonia (step 5b) ----------------------------------------------------------
+DEFAULT = ClassicalParams()
+#: The classical variant without its non-pneumonia filters.
+UNFILTERED = ClassicalParams(
+    min_contrast_hu=-1e9, pleural_max_width_mm=0.0, surface_fraction=2.0, nodule_max_mm=0.0
+)
+
+
+def _classical_mask(
+    hu: np.ndarray, lungs: np.ndarray, grid: WorkGrid, params: ClassicalParams = DEFAULT
+) -> np.ndarray:
+    coarse = classical_lesions(hu, lungs, grid, params)
+    return (coarse.field > coarse.level) & (lungs > 0)
+
+
+def test_faint_haze_in_hazy_lung_is_dropped_while_the_same_patch_in_clear_lung_is_kept() -> None:
+    grid = WorkGrid((24, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    clear = np.full(shape, -850.0, np.float32)
+    clear[6:18, 30:60, 15:35] = -690.0  # 160 HU above the lung around it: ground glass
+    assert _classical_mask(clear, lungs, grid)[12, 45, 25]
+    hazy = clear.copy()
+    hazy[:, 10:85, 6:44] = np.maximum(hazy[:, 10:85, 6:44], -750.0)  # a lung 100 HU denser all around
+    hazy[6:18, 30:60, 15:35] = -700.0  # the patch now stands out by 50 HU: haze of a thick slab
+    assert _classical_mask(hazy, lungs, grid, UNFILTERED)[12, 45, 25]
+    assert not _classical_mask(hazy, lungs, grid)[12, 45, 25]
+
+
+def test_a_thin_subpleural_band_is_dropped_and_a_thick_subpleural_opacity_is_kept() -> None:
+    grid = WorkGrid((24, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    band = np.full(shape, -850.0, np.float32)
+    band[:, 60:92, 4:7] = -400.0  # 6 mm along the lateral pleura of the right lung (dependent band)
+    assert _classical_mask(band, lungs, grid, UNFILTERED)[12, 75, 5]
+    assert not _classical_mask(band, lungs, grid)[12, 75, 5]
+    thick = np.full(shape, -850.0, np.float32)
+    thick[4:20, 60:92, 4:16] = -400.0  # 24 mm thick against the same pleura: a subpleural opacity
+    assert _classical_mask(thick, lungs, grid)[12, 75, 8]
+
+
+def test_partial_volume_over_a_diaphragmatic_dome_is_dropped() -> None:
+    grid = WorkGrid((24, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    lungs[2:6, 30:60, 12:36] = 0  # a dome rising into the right lung's base
+    hu = np.full(shape, -850.0, np.float32)
+    hu[:6, 30:60, 12:36] = 40.0
+    hu[6:8, 32:58, 14:34] = -450.0  # two slices of partial volume over it
+    assert _classical_mask(hu, lungs, grid, UNFILTERED)[6, 45, 24]
+    assert not _classical_mask(hu, lungs, grid)[6, 45, 24]
+    lifted = np.full(shape, -850.0, np.float32)
+    lifted[12:14, 32:58, 14:34] = -450.0  # the same patch in the middle of the lung is an opacity
+    assert _classical_mask(lifted, _lung_box(shape), grid)[12, 45, 24]
+
+
+def test_a_round_nodule_is_dropped_and_a_larger_round_opacity_is_kept() -> None:
+    grid = WorkGrid((40, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    r_mm = np.sqrt(((zz - 20) * 2.5) ** 2 + ((yy - 48) * 2.0) ** 2 + ((xx - 25) * 2.0) ** 2)
+    for radius, kept in ((10.0, False), (20.0, True)):  # 20 mm: a nodule; 40 mm: beyond a nodule
+        hu = np.where(r_mm <= radius, -50.0, -850.0).astype(np.float32)
+        assert _classical_mask(hu, lungs, grid, UNFILTERED)[20, 48, 25]
+        assert _classical_mask(hu, lungs, grid)[20, 48, 25] == kept, radius
+
+
+def test_non_pneumonia_reasons_name_each_dropped_component() -> None:
+    grid = WorkGrid((40, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    hu = np.full(shape, -850.0, np.float32)
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    hu[np.sqrt(((zz - 20) * 2.5) ** 2 + ((yy - 48) * 2.0) ** 2 + ((xx - 70) * 2.0) ** 2) <= 10.0] = -50.0
+    hu[:, 60:92, 4:7] = -400.0
+    hu[8:30, 10:40, 12:40] = -500.0
+    coarse = classical_lesions(hu, lungs, grid, UNFILTERED)
+    labels, n = ndimage.label((coarse.field > coarse.level) & (lungs > 0), structure=np.ones((3, 3, 3), bool))
+    reasons = non_pneumonia_reasons(labels, coarse.density, lungs, grid, ClassicalParams())
+    assert n == 3
+    assert reasons == {labels[20, 48, 70]: "nodule", labels[20, 75, 5]: "subpleural band"}

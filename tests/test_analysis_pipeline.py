@@ -23,7 +23,7 @@ from triaged.analysis import (
 from triaged.analysis.severity import key_slices, lesion_boxes, lung_measures
 from triaged.assembly import select_series
 from triaged.config import SeriesSelectionConfig
-from triaged.domain import AnalysisResult, CTGrade, Masks, Volume
+from triaged.domain import CT1_MIN_ML, CT1_MIN_PCT, AnalysisResult, CTGrade, Masks, Volume
 from triaged.errors import TriagedError
 from triaged.phantom import Phantom, PhantomSpec, generate, to_volume
 from triaged.volume import load_volume, read_headers
@@ -72,7 +72,7 @@ def test_built_in_pipelines_satisfy_the_protocol_and_need_only_the_volume() -> N
     for p in default_registry():
         assert isinstance(p, Pipeline)
         assert p.needs == frozenset({"volume"})
-        assert p.version == "1.0" and p.description
+        assert p.version == "1.1" and p.description
 
 
 def test_extra_pipelines_join_the_default_registry() -> None:
@@ -85,14 +85,14 @@ def test_extra_pipelines_join_the_default_registry() -> None:
 def test_pipeline_results_are_consistent_with_their_masks(name: str) -> None:
     volume, result = _result(name)
     f, m = result.findings, result.masks
-    assert f.pipeline == name and f.pipeline_version == "1.0"
+    assert f.pipeline == name and f.pipeline_version == "1.1"
     assert m.lungs.shape == m.lesions.shape == m.consolidation.shape == volume.hu.shape
     assert m.lungs.dtype == np.uint8 and m.lesions.dtype == bool and m.consolidation.dtype == bool
     assert not np.any(m.lesions & (m.lungs == 0)) and not np.any(m.consolidation & ~m.lesions)
     ml = float(np.prod(volume.spacing)) / 1000.0
     assert f.right.lung_ml == pytest.approx(np.count_nonzero(m.lungs == 1) * ml)
     assert f.left.lesion_ml == pytest.approx(np.count_nonzero(m.lesions & (m.lungs == 2)) * ml)
-    assert f.ct_grade == CTGrade.from_affected_pct(max(f.right.affected_pct, f.left.affected_pct))
+    assert f.ct_grade == CTGrade.from_affected_pct(f.severity_pct, f.both.lesion_ml)
     areas = m.lesions.sum(axis=(1, 2))
     assert list(f.key_slices) == sorted(f.key_slices, key=lambda z: -areas[z])
     assert len(f.key_slices) == 3 and areas[f.key_slices[0]] == areas.max()
@@ -169,6 +169,70 @@ def test_a_healthy_study_without_lesions_is_ct0_with_no_key_slices() -> None:
 
     f = findings_from_masks(volume, Masks(lungs, none, none), pipeline="x", version="1")
     assert f.ct_grade == CTGrade.CT0 and f.key_slices == () and f.lesion_boxes == ()
+    assert dict(f.provenance)["grade.reason"].startswith("CT0: no opacity")
+
+
+# ---- the explicit CT0 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pct", "ml", "grade"),
+    [
+        (0.0, None, CTGrade.CT0),
+        (0.99, None, CTGrade.CT0),  # a trace is not a finding
+        (1.0, None, CTGrade.CT1),
+        (1.0, 4.9, CTGrade.CT0),  # 1 % of a short stack's small lungs, but under 5 mL
+        (1.0, 5.0, CTGrade.CT1),
+        (25.0, 400.0, CTGrade.CT1),
+        (25.1, 400.0, CTGrade.CT2),
+        (50.0, 900.0, CTGrade.CT2),
+        (74.9, 900.0, CTGrade.CT3),
+        (75.0, 900.0, CTGrade.CT4),
+    ],
+)
+def test_ct0_is_below_one_percent_of_the_worse_lung_or_five_ml(
+    pct: float, ml: float | None, grade: CTGrade
+) -> None:
+    assert (CT1_MIN_PCT, CT1_MIN_ML) == (1.0, 5.0)
+    assert CTGrade.from_affected_pct(pct, ml) == grade
+    reason = CTGrade.reason(pct, ml)
+    assert reason.startswith(f"{grade.name}: ")
+    if grade == CTGrade.CT0:
+        assert "no opacity reaching 1 % of a lung and 5 mL" in reason
+
+
+def _two_lungs_with_lesion(lesion_voxels: int) -> tuple[Volume, Masks]:
+    lungs = np.zeros((10, 40, 40), np.uint8)
+    lungs[:, :, :20] = 1
+    lungs[:, :, 20:] = 2
+    lesions = np.zeros(lungs.shape, bool)
+    lesions.reshape(-1)[np.flatnonzero(lungs.reshape(-1) == 2)[:lesion_voxels]] = True
+    uids = tuple("abcdefghij")
+    volume = Volume(np.zeros(lungs.shape, np.int16), (2.0, 1.0, 1.0), np.eye(4), uids, "1", "2")
+    return volume, Masks(lungs, lesions, np.zeros_like(lesions))
+
+
+def test_findings_grade_a_trace_ct0_and_say_why_while_reporting_the_measured_percentage() -> None:
+    from triaged.analysis.severity import findings_from_masks
+
+    # each lung 8000 voxels of 2 uL = 16 mL: 100 voxels (0.2 mL) are 1.25 % of the left lung but a trace
+    volume, masks = _two_lungs_with_lesion(100)
+    f = findings_from_masks(volume, masks, pipeline="x", version="1")
+    assert f.left.affected_pct == pytest.approx(1.25) and f.left.lesion_ml == pytest.approx(0.2)
+    assert f.ct_grade == CTGrade.CT0
+    assert dict(f.provenance)["grade.reason"] == CTGrade.reason(1.25, 0.2)
+    assert f.key_slices and f.lesion_boxes  # the measured trace is still shown, only not graded
+    # 2600 voxels (5.2 mL, 32.5 %) are a finding
+    volume, masks = _two_lungs_with_lesion(2600)
+    f = findings_from_masks(volume, masks, pipeline="x", version="1")
+    assert f.ct_grade == CTGrade.CT2
+    assert dict(f.provenance)["grade.reason"].startswith("CT2: worse lung 32.5 %")
+
+
+@pytest.mark.parametrize("name", ["threshold", "classical"])
+def test_a_healthy_phantom_is_ct0(name: str) -> None:
+    # vessels, fissures and partial volume measure 0.4-0.8 % with classical on healthy phantoms
+    ph = generate(PhantomSpec(kind="healthy", seed=82, matrix=192, slice_thickness=2.5))
+    f = get_pipeline(name).run(to_volume(ph)).findings
+    assert f.ct_grade == CTGrade.CT0 and f.severity_pct < CT1_MIN_PCT, (name, f.severity_pct)
 
 
 # ---- real CT ------------------------------------------------------------------------------------------

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from triaged.assembly import (
     FramedInstanceHeader,
@@ -16,7 +20,8 @@ from triaged.assembly import (
     slice_normal,
 )
 from triaged.config import SeriesSelectionConfig
-from triaged.domain import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
+from triaged.domain import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader, SeriesChoice
+from triaged.volume import load_series_folder, read_headers
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -352,3 +357,147 @@ def test_positions_within_a_hundredth_of_a_millimetre_are_one_position() -> None
 def test_a_degenerate_orientation_is_rejected() -> None:
     with pytest.raises(ValueError, match="parallel or zero"):
         slice_normal((1.0, 0.0, 0.0, 1.0, 0.0, 0.0))
+
+
+# --- Image Type on real-format headers: DERIVED\PRIMARY\AXIAL is read, true reformats are not ------------
+#
+# Header-only DICOM files (no pixel data) written with pydicom and read back through the node's own
+# header reader, so the Image Type values travel the same path as in a real export.
+
+
+def write_headers(
+    root: Path,
+    series: int,
+    image_type: tuple[str, ...],
+    *,
+    n: int = 60,
+    step: float = 2.5,
+    description: str = "Chest",
+    sop_class: str = CT_IMAGE_STORAGE,
+    modality: str = "CT",
+    orientation: tuple[float, ...] = AXIAL,
+) -> list[str]:
+    """``n`` header-only instances of one series in ``root/<series>/``; returns their relative paths."""
+    folder = root / str(series)
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = f"1.2.826.0.1.3680043.8.498.{series}"
+    normal = slice_normal(orientation)
+    rels = []
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = f"{series_uid}.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1", series_uid
+        ds.Modality, ds.SeriesNumber, ds.SeriesDescription = modality, series, description
+        ds.ImageType = list(image_type)
+        d = -300.0 + k * step
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = [float(d * normal[0]), float(d * normal[1]), float(d * normal[2])]
+        ds.PixelSpacing, ds.Rows, ds.Columns = [0.7, 0.7], 512, 512
+        ds.SliceThickness, ds.ConvolutionKernel = step, "LUNG"
+        rel = f"{series}/{k:03d}.dcm"
+        ds.save_as(root / rel, enforce_file_format=True)
+        rels.append(rel)
+    return rels
+
+
+def choose_from_files(root: Path, rels: list[str]) -> SeriesChoice:
+    headers, problems = read_headers(root, rels)
+    assert problems == []
+    return select_series(headers, SeriesSelectionConfig())
+
+
+@pytest.mark.parametrize(
+    "image_type",
+    [
+        ("DERIVED", "PRIMARY", "AXIAL"),  # PET/CT attenuation-correction CT (GE, Philips)
+        ("DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI"),  # Siemens Biograph CT
+        ("DERIVED", "PRIMARY", "AXIAL", "HELIX"),  # a vendor reconstruction
+    ],
+)
+def test_a_derived_primary_axial_ct_is_accepted(tmp_path: Path, image_type: tuple[str, ...]) -> None:
+    choice = choose_from_files(tmp_path, write_headers(tmp_path, 3, image_type, description="CT AC 2.5"))
+    assert choice.series_uid == "1.2.826.0.1.3680043.8.498.3", choice.reason
+    assert "series 3 'CT AC 2.5': 60 axial slices × 2.5 mm" in choice.reason
+    assert "DERIVED\\PRIMARY\\AXIAL image type: accepted, ranked below ORIGINAL series" in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("image_type", "category"),
+    [
+        (("DERIVED", "SECONDARY", "MPR"), "derived reformat"),
+        (("DERIVED", "PRIMARY", "REFORMATTED"), "derived reformat"),
+        (("DERIVED", "PRIMARY", "AXIAL", "MPR"), "derived reformat"),
+        (("DERIVED", "SECONDARY", "AXIAL", "CSA MPR"), "derived reformat"),
+        (("ORIGINAL", "PRIMARY", "MIP"), "derived reformat"),
+        (("DERIVED", "PRIMARY", "AXIAL", "MIP_THICK"), "derived reformat"),
+        (("DERIVED", "PRIMARY", "MINIP"), "derived reformat"),
+        (("DERIVED", "PRIMARY", "PROJECTION IMAGE"), "derived reformat"),
+        (("DERIVED", "SECONDARY", "CURVED"), "derived reformat"),
+        (("DERIVED", "SECONDARY", "3D"), "derived reformat"),
+        (("DERIVED", "SECONDARY", "VOLUME RENDERING"), "derived reformat"),
+        (("DERIVED", "SECONDARY", "AXIAL"), "derived secondary image"),
+        (("ORIGINAL", "PRIMARY", "LOCALIZER"), "localizer"),
+    ],
+)
+def test_reformats_projections_renderings_and_localizers_are_refused(
+    tmp_path: Path, image_type: tuple[str, ...], category: str
+) -> None:
+    choice = choose_from_files(tmp_path, write_headers(tmp_path, 4, image_type))
+    assert choice.series_uid is None
+    assert f"found: {category} ×1" in choice.reason
+
+
+def test_a_dose_report_is_refused_whatever_its_image_type(tmp_path: Path) -> None:
+    rels = write_headers(
+        tmp_path, 99, ("DERIVED", "PRIMARY", "AXIAL"), n=1, description="Dose Report", sop_class=SECONDARY_CAPTURE
+    )
+    choice = choose_from_files(tmp_path, rels)
+    assert choice.series_uid is None and "dose report ×1" in choice.reason
+
+
+def test_original_beats_derived_at_equal_geometry_and_the_reason_says_why(tmp_path: Path) -> None:
+    rels = write_headers(tmp_path, 2, ("DERIVED", "PRIMARY", "AXIAL"), description="CT AC")
+    rels += write_headers(tmp_path, 5, ("ORIGINAL", "PRIMARY", "AXIAL"), description="Chest")
+    choice = choose_from_files(tmp_path, rels)
+    assert choice.series_uid == "1.2.826.0.1.3680043.8.498.5", choice.reason
+    assert choice.reason == (
+        "series 5 'Chest': 60 axial slices × 2.5 mm, 150 mm coverage, kernel LUNG; preferred over 1 other "
+        "eligible series (next: series 2 'CT AC', ranked lower by image type (ORIGINAL before DERIVED))"
+    )
+    joined = "\n".join(choice.candidates)
+    assert "series 2 'CT AC'" in joined and "-> eligible, ranked 2 of 2" in joined
+
+
+def test_a_derived_series_ranks_below_an_original_one_even_when_thinner(tmp_path: Path) -> None:
+    rels = write_headers(tmp_path, 2, ("DERIVED", "PRIMARY", "AXIAL"), n=250, step=1.0, description="CT AC thin")
+    rels += write_headers(tmp_path, 5, ("ORIGINAL", "PRIMARY", "AXIAL"), n=60, step=2.5, description="Chest")
+    choice = choose_from_files(tmp_path, rels)
+    assert choice.series_uid == "1.2.826.0.1.3680043.8.498.5", choice.reason
+
+
+def test_between_two_derived_series_the_usual_ranking_decides(tmp_path: Path) -> None:
+    rels = write_headers(tmp_path, 2, ("DERIVED", "PRIMARY", "AXIAL"), n=60, step=5.0, description="CT AC 5")
+    rels += write_headers(tmp_path, 3, ("DERIVED", "PRIMARY", "AXIAL"), n=250, step=1.0, description="CT AC 1")
+    choice = choose_from_files(tmp_path, rels)
+    assert choice.series_uid == "1.2.826.0.1.3680043.8.498.3", choice.reason
+    assert "ranked lower by slice thickness class" in choice.reason
+
+
+def test_the_real_pet_ct_attenuation_ct_loads(tmp_path: Path) -> None:
+    """The real Lung-PET-CT-Dx thorax, labelled DERIVED\\PRIMARY\\AXIAL as its PET/CT's CT would be."""
+    from tests.conftest import PET_CT_DX
+
+    if not PET_CT_DX.is_dir():
+        pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
+    for path in sorted(PET_CT_DX.glob("*.dcm")):
+        ds = dcmread(path)
+        ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
+        ds.save_as(tmp_path / path.name)
+    volume, choice = load_series_folder(tmp_path, SeriesSelectionConfig())
+    assert "DERIVED\\PRIMARY\\AXIAL image type: accepted" in choice.reason
+    assert volume.hu.shape == (30, 512, 512)

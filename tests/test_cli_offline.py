@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from triaged.cli import main
 from triaged.datasets import read_dataset
@@ -20,6 +23,8 @@ def test_demo_analyze_writes_masks_findings_and_an_overview(tmp_path: Path, caps
                  "--pipeline", "classical"]) == 0
     out = capsys.readouterr().out
     assert "right lung" in out and "CT grade" in out and "Research use only" in out
+    # classical has no classifier validated on real data: no number, and no silence either.
+    assert "P(COVID-19): not assessed" in out and "P(COVID-19) 0" not in out
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
     [truth] = read_dataset(tmp_path / "demo" / "truth")
     worse = max(findings["right"]["lesion_ml"] / findings["right"]["lung_ml"],
@@ -53,3 +58,70 @@ def test_analyze_says_clearly_what_is_wrong_with_its_input(tmp_path: Path, capsy
     (tmp_path / "empty").mkdir()
     assert main(["analyze", str(tmp_path / "empty"), "-q"]) == 1
     assert "no DICOM image found" in capsys.readouterr().err
+
+
+def _real_slices_with_uids(tmp_path: Path, edit: Callable[[int, Dataset], None], count: int = 25) -> Path:
+    """``count`` real LIDC-IDRI-0001 slices copied to ``tmp_path/dicom`` after ``edit(index, dataset)``."""
+    from tests.conftest import REAL_DATA
+
+    src = REAL_DATA / "lidc-idri-0001-full"
+    if not src.is_dir():
+        pytest.skip(f"real data folder {src} is absent (only on development machines)")
+    dest = tmp_path / "dicom"
+    dest.mkdir()
+    for i, path in enumerate(sorted(src.glob("*.dcm"))[:count]):
+        ds = dcmread(path)
+        edit(i, ds)
+        ds.save_as(dest / path.name)
+    return dest
+
+
+def _blank_or_break(i: int, ds: Dataset) -> None:
+    if i % 3 == 0:
+        ds.SOPInstanceUID = ""
+    elif i % 3 == 1:
+        ds.SeriesInstanceUID = ""
+    else:
+        ds.SOPInstanceUID = "1.2.3.abc"  # letters: not a UID (PS3.5 9.1)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize(
+    ("edit", "example"),
+    [
+        (lambda i, ds: setattr(ds, "SOPInstanceUID", ""), "no SOPInstanceUID"),
+        (lambda i, ds: setattr(ds, "SeriesInstanceUID", ""), "no SeriesInstanceUID"),
+        (_blank_or_break, "no SOPInstanceUID"),
+    ],
+)
+def test_analyze_says_when_no_file_has_usable_uids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[int, Dataset], None], example: str
+) -> None:
+    folder = _real_slices_with_uids(tmp_path, edit)
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"triaged analyze: 25 DICOM file(s) in {folder} have no or invalid SeriesInstanceUID/SOPInstanceUID (e.g. "
+    ), err
+    assert example in err and err.rstrip().endswith("; no series can be assembled")
+    assert "no DICOM image found" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_analyze_names_an_invalid_uid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _real_slices_with_uids(tmp_path, lambda i, ds: setattr(ds, "SeriesInstanceUID", "1.2.x"), count=20)
+    assert main(["analyze", str(folder), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "20 DICOM file(s)" in err and "SeriesInstanceUID '1.2.x' is not a valid UID (PS3.5 9.1)" in err
+
+
+def test_files_with_bad_uids_are_counted_next_to_the_usable_ones(tmp_path: Path) -> None:
+    from triaged.config import SeriesSelectionConfig
+    from triaged.errors import AssemblyError
+    from triaged.volume import load_series_folder
+
+    folder = _real_slices_with_uids(tmp_path, lambda i, ds: setattr(ds, "SOPInstanceUID", "") if i < 5 else None)
+    # 20 usable slices x 2.5 mm are too short for the default rules; the refusal counts the other 5.
+    with pytest.raises(AssemblyError, match="5 file\\(s\\) without valid SeriesInstanceUID/SOPInstanceUID skipped"):
+        load_series_folder(folder, SeriesSelectionConfig())

@@ -138,3 +138,28 @@ def test_the_overview_without_findings_still_renders(case: Case) -> None:
 def _heat(rgb: np.ndarray) -> np.ndarray:
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
     return (r > g + 40) & (r > b + 80)
+
+
+@pytest.mark.parametrize(("p_covid", "line"), [(None, "P(COVID-19): not assessed   Priority STAT"),
+                                               (0.87, "P(COVID-19) 0.87   Priority STAT")])
+def test_the_burned_in_text_states_p_covid_on_a_line_no_image_cuts(
+    case: Case, p_covid: float | None, line: str
+) -> None:
+    from dataclasses import replace
+
+    from PIL import ImageDraw
+
+    from triaged.encode import sc
+
+    findings = replace(case.findings, p_covid=p_covid)
+    lines = [text for text, _ in sc._summary_lines(findings, CTX)]
+    assert lines[0] == f"{NOT_FOR_DIAGNOSTIC_USE} - research use only"
+    assert line in lines
+    if p_covid is None:
+        assert not any("P(COVID-19) 0" in text for text in lines)
+    # Drawn whole (not shortened with an ellipsis) on the narrowest image the SC makes: a key slice.
+    images = sc.build_sc(findings, case.masks, case.volume, case.source, CTX)
+    width = min(int(round_trip(im).Columns) for im in images)
+    size = max(13, width // 40)
+    draw = ImageDraw.Draw(Image.new("RGB", (width, 40)))
+    assert sc._fit(draw, line, sc._font(size), width - 2 * (size // 2)) == line

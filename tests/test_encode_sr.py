@@ -274,3 +274,61 @@ def _walk(items: list[Dataset]) -> list[Dataset]:
         if "ContentSequence" in item:
             out.extend(_walk(list(item.ContentSequence)))
     return out
+
+
+@pytest.fixture(scope="module")
+def unassessed(case: Case, ctx: OutputContext) -> list[Dataset]:
+    """The outputs of the same analysis from a pipeline without a validated classifier (p_covid None).
+
+    The stand-in's class probabilities stay in the findings: they come from the same unvalidated
+    classifier and must not be encoded either.
+    """
+    findings = replace(case.findings, p_covid=None)
+    return [round_trip(ds) for ds in build_outputs(findings, case.masks, case.volume, case.source, ctx)]
+
+
+def test_without_p_covid_the_sr_says_not_assessed_and_encodes_no_probability(
+    unassessed: list[Dataset], tmp_path: Path
+) -> None:
+    sr_path = tmp_path / "sr.dcm"
+    unassessed[0].save_as(sr_path, enforce_file_format=True)
+    report = hd.sr.srread(sr_path).content
+    groups = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
+    classification = groups["Classification"]
+    assert classification.get_measurements() == []
+    (evaluation,) = classification.get_qualitative_evaluations()
+    assert evaluation.name == hd.sr.CodedConcept.from_code(codes.PROBABILITY_COVID_19)
+    assert evaluation.value == hd.sr.CodedConcept.from_code(codes.NOT_ASSESSED)
+    assert evaluation.value.meaning == "Not assessed"
+    # No NUM item anywhere in the tree carries a probability.
+    items = _walk(list(unassessed[0].ContentSequence))
+    units = [
+        item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+        for item in items
+        if item.ValueType == "NUM" and item.get("MeasuredValueSequence")
+    ]
+    assert units and codes.UNIT_PROBABILITY.value not in units
+    texts = [item.TextValue for item in items if item.ValueType == "TEXT"]
+    assert RESEARCH_USE_TEXT in texts
+    assert (
+        "P(COVID-19): not assessed. Pipeline 'threshold-test' has no COVID-19 classifier validated on real "
+        "data; the triage priority is ranked by severity."
+    ) in texts
+    # The severity figures are unchanged.
+    (grade,) = groups["Both lungs"].get_qualitative_evaluations()
+    assert grade.name == hd.sr.CodedConcept.from_code(codes.CT_SEVERITY_GRADE)
+
+
+def test_the_not_assessed_sr_is_dciodvfy_clean(unassessed: list[Dataset], tmp_path: Path) -> None:
+    lines = dciodvfy(unassessed[0], tmp_path / "sr.dcm")
+    assert errors(lines) == [], "\n".join(lines)
+
+
+def test_a_p_covid_that_is_not_a_number_is_not_assessed_either(case: Case, ctx: OutputContext) -> None:
+    findings = replace(case.findings, p_covid=float("nan"), class_probabilities=())
+    sr = round_trip(build_sr(findings, case.masks, case.volume, case.source, ctx, segmentation=None))
+    groups = {g.tracking_identifier: g for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content
+              .get_image_measurement_groups()}
+    (evaluation,) = groups["Classification"].get_qualitative_evaluations()
+    assert evaluation.value.value == codes.NOT_ASSESSED.value
+    assert groups["Classification"].get_measurements() == []

@@ -1,4 +1,5 @@
-"""Evaluation metrics (triaged.analysis.metrics): ROC AUC, Spearman ρ, Dice and seed 004's Table 2."""
+"""Evaluation metrics (triaged.analysis.metrics): ROC AUC, Spearman ρ, Dice, seed 004's Table 2, and the
+real slice-set (per-image Dice / sensitivity / specificity) and volume-set summaries (issue 11)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ import numpy as np
 import pytest
 
 from triaged.analysis.metrics import (
+    SCORE_AFFECTED,
+    SCORE_P_COVID,
     CaseResult,
     Table2Row,
+    VolumeCaseScore,
     case_result,
+    confusion,
     dice,
     markdown_table,
     roc_auc,
+    sensitivity,
+    slice_markdown_table,
+    slice_score,
+    slice_set_row,
     spearman,
+    specificity,
     table2_row,
+    volume_case_score,
+    volume_cases_markdown,
+    volume_set_row,
+    volume_summary_markdown,
 )
 from triaged.domain import CTGrade, Findings, LungMeasures
 
@@ -117,3 +131,118 @@ def test_markdown_table_prints_one_row_per_method_with_dashes_for_missing_values
     assert len(lines) == 4
     assert "| thresholding | 0.649 | 0.567 | 0.87 | 0.45 |" in lines[2]
     assert lines[3].count("—") >= 4
+
+
+# ---- real slice sets (issue 11) ------------------------------------------------------------------------
+def _masks() -> tuple[np.ndarray, np.ndarray]:
+    """A 4 × 5 image: reference = 4 pixels of row 0; prediction = 2 of those + 1 pixel of row 3."""
+    truth = np.zeros((4, 5), bool)
+    truth[0, :4] = True
+    pred = np.zeros((4, 5), bool)
+    pred[0, :2] = True
+    pred[3, 4] = True
+    return pred, truth
+
+
+def test_confusion_sensitivity_and_specificity_are_the_pixel_counts_by_hand() -> None:
+    pred, truth = _masks()
+    assert confusion(pred, truth) == (2, 1, 2, 15)  # TP, FP, FN, TN of 20 pixels
+    assert sensitivity(pred, truth) == pytest.approx(2 / 4)
+    assert specificity(pred, truth) == pytest.approx(15 / 16)
+    assert dice(pred, truth) == pytest.approx(2 * 2 / (3 + 4))
+    assert math.isnan(sensitivity(pred, np.zeros_like(truth)))  # nothing to find
+    assert math.isnan(specificity(pred, np.ones_like(truth)))  # nothing to leave out
+    with pytest.raises(ValueError, match="shapes differ"):
+        confusion(pred, truth[:3])
+
+
+def test_slice_set_row_averages_per_image_and_keeps_lesion_free_images_for_specificity_only() -> None:
+    pred, truth = _masks()
+    empty = np.zeros_like(truth)
+    a = slice_score("a", pred, truth)  # Dice 4/7, sens 1/2, spec 15/16
+    b = slice_score("b", truth, truth)  # perfect: 1, 1, 1
+    c = slice_score("c", pred, empty)  # no lesion: spec 17/20 only (3 false pixels)
+    d = slice_score("d", empty, truth, error="no lungs")  # failed: empty prediction, spec 1
+    assert c.sensitivity is None and not c.has_lesion and c.specificity == pytest.approx(17 / 20)
+    assert d.failed and d.dice == 0.0 and d.sensitivity == 0.0
+    row = slice_set_row("m", [a, b, c, d])
+    assert (row.n_images, row.n_with_lesion, row.n_failed) == (4, 3, 1)
+    assert row.dice == pytest.approx((4 / 7 + 1 + 0) / 3)
+    assert row.sensitivity == pytest.approx((0.5 + 1 + 0) / 3)
+    assert row.specificity == pytest.approx((15 / 16 + 1 + 17 / 20 + 1) / 4)
+    assert row.consolidation_dice is None
+    table = slice_markdown_table([row])
+    assert "| m | 4 (3) | 0.524 | 0.500 | 0.947 | — | 1 |" in table
+    assert "consolidation" not in table
+
+
+def test_slice_score_measures_how_much_of_the_reference_lesion_the_lung_mask_holds() -> None:
+    pred, truth = _masks()
+    lungs = np.zeros(truth.shape, np.uint8)
+    lungs[0, 1:] = 2  # holds 3 of the 4 reference pixels
+    a = slice_score("a", pred, truth, lungs=lungs)
+    assert a.lesion_in_lungs == pytest.approx(3 / 4)
+    assert slice_score("b", pred, np.zeros_like(truth), lungs=lungs).lesion_in_lungs is None
+    row = slice_set_row("m", [a, slice_score("c", truth, truth, lungs=np.ones_like(lungs))])
+    assert row.lesion_in_lungs == pytest.approx((0.75 + 1.0) / 2)
+    assert "| reference lesion in lung mask | failed |" in slice_markdown_table([row])
+
+
+def test_slice_score_reports_consolidation_dice_only_where_the_reference_has_consolidation() -> None:
+    pred, truth = _masks()
+    empty = np.zeros_like(truth)
+    with_cons = slice_score("a", pred, truth, consolidation=pred, true_consolidation=truth)
+    without = slice_score("b", pred, truth, consolidation=pred, true_consolidation=empty)
+    assert with_cons.consolidation_dice == pytest.approx(4 / 7) and without.consolidation_dice is None
+    row = slice_set_row("m", [with_cons, without])
+    assert row.n_consolidation == 1 and "consolidation Dice (images)" in slice_markdown_table([row])
+
+
+# ---- real volume sets (issue 11) -----------------------------------------------------------------------
+def _vcase(case_id: str, diagnosis: str, right: float, left: float, p: float | None = None) -> VolumeCaseScore:
+    return VolumeCaseScore(case_id, diagnosis, right_pct=right, left_pct=left, whole_pct=(right + left) / 2,
+                           ct_grade=int(CTGrade.from_affected_pct(max(right, left))), p_covid=p)
+
+
+def test_volume_set_row_aucs_worst_normal_and_counts_by_hand() -> None:
+    cases = [
+        _vcase("c1", "covid", 30.0, 10.0),
+        _vcase("c2", "covid", 0.5, 0.2),
+        _vcase("p1", "cap", 40.0, 0.0),
+        _vcase("n1", "normal", 0.0, 0.0),
+        _vcase("n2", "normal", 1.5, 0.8),
+        VolumeCaseScore("n3", "normal", error="no lungs"),
+    ]
+    row = volume_set_row("m", cases)
+    assert row.auc_score == SCORE_AFFECTED  # no P(COVID-19): severity ranks
+    # covid {30, 0.5} vs others {40, 0, 1.5}: pairs won 30>0, 30>1.5, 0.5>0 → 3 of 6
+    assert row.auc_covid_vs_others == pytest.approx(3 / 6)
+    # covid {30, 0.5} vs normal {0, 1.5}: 30>0, 30>1.5, 0.5>0 → 3 of 4
+    assert row.auc_severity_covid_vs_normal == pytest.approx(3 / 4)
+    assert row.worst_normal is not None and row.worst_normal.case_id == "n2"
+    assert (row.n_covid, row.n_cap, row.n_normal, row.n_failed) == (2, 1, 2, 1)
+    summary = volume_summary_markdown([row])
+    assert "| m | 0.500 | affected % (worse lung) | 0.750 | n2 (1.15 / 1.50 %, CT1) | 2/1/2 | 1 |" in summary
+
+
+def test_volume_set_row_ranks_by_probability_only_when_every_case_has_one() -> None:
+    with_p = [_vcase("c", "covid", 1.0, 0.0, p=0.9), _vcase("n", "normal", 5.0, 0.0, p=0.2)]
+    row = volume_set_row("m", with_p)
+    assert row.auc_score == SCORE_P_COVID and row.auc_covid_vs_others == 1.0
+    assert row.auc_severity_covid_vs_normal == 0.0  # severity still ranks the normal case higher
+    mixed = [with_p[0], _vcase("n", "normal", 5.0, 0.0)]
+    assert volume_set_row("m", mixed).auc_score == SCORE_AFFECTED
+    only_covid = volume_set_row("m", [with_p[0]])
+    assert only_covid.auc_covid_vs_others is None and only_covid.worst_normal is None
+
+
+def test_volume_case_score_takes_per_lung_and_whole_percentages_from_the_findings() -> None:
+    f = Findings("p", "1", right=LungMeasures(1000.0, 50.0, 5.0), left=LungMeasures(800.0, 0.0, 0.0),
+                 ct_grade=CTGrade.CT1, p_covid=None)
+    c = volume_case_score("x", "covid", f, lesions=np.ones((2, 2), bool), true_lesions=np.eye(2, dtype=bool))
+    assert (c.right_pct, c.left_pct) == (5.0, 0.0)
+    assert c.whole_pct == pytest.approx(100 * 50 / 1800) and c.severity_pct == 5.0
+    assert c.lesion_dice == pytest.approx(2 * 2 / 6)
+    table = volume_cases_markdown({"p": [c, VolumeCaseScore("y", "normal", error="series: none")]})
+    assert "| x | covid | p | 5.00 | 0.00 | 2.78 | CT1 | — | 0.67 |" in table
+    assert "| y | normal | p | failed: series: none |" in table

@@ -137,16 +137,42 @@ def test_reasons_say_the_grade_the_worse_lung_the_probability_and_each_escalatio
 
 @pytest.mark.parametrize("scenario", ["identification", "both"])
 def test_without_a_probability_a_policy_falls_back_to_severity_and_says_so(scenario: str) -> None:
-    no_p = findings(58.0)
+    no_p = findings(31.0)
     result = prioritise(no_p, policy(scenario))
     assert result.score == severity_score(no_p)
-    assert "no P(COVID-19) from pipeline 'classical': ranked by severity instead" in result.reasons
+    assert result.reasons[:2] == (
+        "CT2: 31 % of the right lung affected",
+        "P(COVID-19): not assessed; ranked by severity "
+        "(pipeline 'classical' gives no P(COVID-19) validated on real data)",
+    )
     assert result.reasons[-1] == f"score {result.score:.2f} by severity (fallback)"
+    assert "0.00" not in result.summary
+
+
+@pytest.mark.parametrize("scenario", ["identification", "both"])
+def test_without_a_probability_studies_are_ranked_by_severity_not_alike(scenario: str) -> None:
+    cases = {
+        "mild": findings(8.0), "severe": findings(58.0, 20.0), "healthy": findings(0.0), "moderate": findings(31.0)
+    }
+    assert ranking(policy(scenario), cases) == ["severe", "moderate", "mild", "healthy"]
+    assert prioritise(cases["healthy"], policy(scenario)).reasons[:2] == (
+        "CT0: no affected lung tissue found",
+        "P(COVID-19): not assessed; ranked by severity "
+        "(pipeline 'classical' gives no P(COVID-19) validated on real data)",
+    )
+
+
+def test_the_severity_policy_also_says_that_p_covid_was_not_assessed() -> None:
+    result = prioritise(findings(31.0), policy("severity"))
+    assert result.reasons[1] == "P(COVID-19): not assessed"
+    assert "ranked by severity" not in result.summary  # severity is the configured ranking, no fallback
 
 
 def test_a_probability_that_is_not_a_number_counts_as_missing() -> None:
     result = prioritise(findings(10.0, p=float("nan")), policy("identification"))
-    assert "P(COVID-19) from pipeline 'multitask' is not a number" in result.reasons
+    assert result.reasons[1] == (
+        "P(COVID-19): not assessed; ranked by severity (P(COVID-19) from pipeline 'multitask' is not a number)"
+    )
     assert result.score == severity_score(findings(10.0))
 
 

@@ -54,9 +54,17 @@ _DOSE_SR_CLASSES = frozenset(
 # report; it does together with REPORT/INFO/..., or on an SR/SC object.  "Patient Protocol" is the
 # Siemens dose screen.
 _DOSE_DESCRIPTION = re.compile(r"\bDOSE\s*(REPORT|INFO|SUMMARY|SCREEN|SR)\b|PATIENT\s+PROTOCOL", re.I)
-# PS3.3 C.7.6.1.1.2 / C.8.2.1.1.1: Image Type value 3 (and later) markers of reformats and projections.
-_REFORMAT_MARKERS = frozenset(
-    {"MPR", "MIP", "MINIP", "AVERAGE", "REFORMATTED", "PROJECTION IMAGE", "VOLUME_RENDER", "CPR", "CURVED"}
+# PS3.3 C.7.6.1.1.2 / C.8.2.1.1.1 / C.8.16.1: Image Type values 3 and later that mark reformats,
+# projections and renderings: not the acquired axial slices.  Whole values, and words within a value
+# ("CSA MPR", "MIP_THICK", "VOLUME RENDERING").
+_REFORMAT_VALUES = frozenset(
+    {"PROJECTION IMAGE", "VOLUME RENDERING", "VOLUME_RENDER", "VOLUME RENDER", "SURFACE RENDERING", "CURVED"}
+)
+_REFORMAT_WORDS = frozenset(
+    {
+        "MPR", "MIP", "MINIP", "MAXIP", "AVERAGE", "AVG", "REFORMATTED", "REFORMAT", "CPR", "CURVED",
+        "PROJECTION", "3D", "VR", "VRT", "SSD", "RENDERING", "SLAB",
+    }
 )
 _LOCALIZER_MARKERS = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
@@ -217,22 +225,25 @@ def select_series(headers: Sequence[InstanceHeader], rules: SeriesSelectionConfi
     """Choose the series to analyse from the headers of one study.
 
     A series is eligible when it is CT (Modality CT; CT Image Storage or Enhanced CT Image Storage, PS3.4
-    B.5), an original image (PS3.3 C.7.6.1.1.2 Image Type: not DERIVED, no MPR/MIP/projection marker, not
-    a LOCALIZER), not a dose report (SR or Secondary Capture object, or a "Dose Report"-like
-    description), axial (slice normal of ImageOrientationPatient, PS3.3 C.7.6.2.1.1, within
-    ``rules.max_tilt_degrees`` of the patient z axis), geometrically consistent (the same Rows, Columns,
-    PixelSpacing and orientation; when a series mixes geometries its largest eligible consistent stack is
-    used), without gaps (no step between slice positions > 2x the median), and covers enough:
+    B.5), acquired axial slices (PS3.3 C.7.6.1.1.2 Image Type: no reformat/projection/rendering marker
+    such as MPR, MIP, MINIP, REFORMATTED, PROJECTION IMAGE, CURVED, 3D or VOLUME RENDERING in values 3+,
+    not DERIVED\\SECONDARY, not a LOCALIZER), not a dose report (SR or Secondary Capture object, or a
+    "Dose Report"-like description), axial (slice normal of ImageOrientationPatient, PS3.3 C.7.6.2.1.1,
+    within ``rules.max_tilt_degrees`` of the patient z axis), geometrically consistent (the same Rows,
+    Columns, PixelSpacing and orientation; when a series mixes geometries its largest eligible consistent
+    stack is used), without gaps (no step between slice positions > 2x the median), and covers enough:
     ``rules.min_slices`` distinct slice positions and ``rules.min_coverage_mm`` along the normal (the span
     of slice centres plus one median step, i.e. the length imaged).
 
-    ``ORIGINAL\\SECONDARY`` images are accepted: SECONDARY only says the image was created after the
-    examination, which is how retrospective reconstructions from raw data are labelled (e.g. GE); the
-    reformats the rule must exclude are DERIVED or carry an MPR/MIP marker.
+    ``DERIVED\\PRIMARY\\AXIAL`` CT is accepted: PET/CT scanners label the CT of the attenuation series
+    so, and vendors their own reconstructions; such series rank below every ORIGINAL one.
+    ``ORIGINAL\\SECONDARY`` images are accepted too: SECONDARY only says the image was created after the
+    examination, which is how retrospective reconstructions from raw data are labelled (e.g. GE).
 
-    Among eligible series the ranking is: thickness class (<= 1.5 mm, <= 3 mm, thicker), then the first
-    ``rules.preferred_kernels`` substring found in ConvolutionKernel (else in SeriesDescription),
-    then thinner slices, then more slices, then the lower Series Number.
+    Among eligible series the ranking is: ORIGINAL before DERIVED, then thickness class (<= 1.5 mm,
+    <= 3 mm, thicker), then the first ``rules.preferred_kernels`` substring found in ConvolutionKernel
+    (else in SeriesDescription), then thinner slices, then more slices, then the lower Series Number.
+    The reason names the criterion that decided against the runner-up.
 
     Parameters
     ----------
@@ -272,7 +283,8 @@ def select_series(headers: Sequence[InstanceHeader], rules: SeriesSelectionConfi
         if chosen.notes:
             reason += f" ({'; '.join(chosen.notes)})"
         if len(eligible) > 1:
-            reason += f"; preferred over {len(eligible) - 1} other eligible series"
+            why = _why_first(chosen, eligible[1])
+            reason += f"; preferred over {len(eligible) - 1} other eligible series ({why})"
         return SeriesChoice(
             series_uid=chosen.uid, reason=reason, instances=chosen.instances, candidates=tuple(candidates)
         )
@@ -283,6 +295,25 @@ def select_series(headers: Sequence[InstanceHeader], rules: SeriesSelectionConfi
     return SeriesChoice(
         series_uid=None, reason=f"{wanted}; found: {_found(verdicts)}", candidates=tuple(candidates)
     )
+
+
+#: The rank keys of :func:`_assess_stack`, in order, in words.
+_RANK_WORDS = (
+    "image type (ORIGINAL before DERIVED)",
+    "slice thickness class (≤ 1.5 mm, ≤ 3 mm, thicker)",
+    "kernel preference",
+    "slice thickness",
+    "number of slices",
+    "series number",
+)
+
+
+def _why_first(first: _Verdict, second: _Verdict) -> str:
+    """The ranking criterion that put ``first`` before the runner-up ``second``, in words."""
+    for words, a, b in zip(_RANK_WORDS, first.rank, second.rank, strict=False):
+        if a != b:
+            return f"next: {second.label}, ranked lower by {words}"
+    return f"next: {second.label}, ranked equal"
 
 
 def _found(verdicts: list[_Verdict]) -> str:
@@ -329,9 +360,28 @@ def _instance_category(h: InstanceHeader) -> str | None:
     image_type = tuple(v.upper().strip() for v in h.image_type)
     if _LOCALIZER_MARKERS.intersection(image_type):
         return "localizer"
-    if image_type[:1] == ("DERIVED",) or _REFORMAT_MARKERS.intersection(image_type[2:]):
+    if _is_reformat(image_type):
         return "derived reformat"
+    if image_type[:2] == ("DERIVED", "SECONDARY"):
+        # DERIVED\SECONDARY: made from other images after the examination (post-processing, a
+        # reformat without a value-3 marker).  DERIVED\PRIMARY (PET/CT attenuation CT, vendor
+        # reconstructions) and ORIGINAL\SECONDARY (retrospective reconstructions) are read.
+        return "derived secondary image"
     return None
+
+
+def _is_reformat(image_type: tuple[str, ...]) -> bool:
+    """Whether Image Type values 3+ mark a reformat, projection or rendering (MPR, MIP, 3D, ...)."""
+    for value in image_type[2:]:
+        if value in _REFORMAT_VALUES or _REFORMAT_WORDS.intersection(re.split(r"[\s_]+", value)):
+            return True
+    return False
+
+
+def _is_derived(hs: Sequence[InstanceHeader]) -> bool:
+    """Whether most images of a stack are DERIVED (Image Type value 1), e.g. DERIVED\\PRIMARY\\AXIAL."""
+    derived = sum(1 for h in hs if h.image_type[:1] and h.image_type[0].upper().strip() == "DERIVED")
+    return 2 * derived > len(hs)
 
 
 def _assess_series(hs: list[InstanceHeader], rules: SeriesSelectionConfig) -> _Verdict:
@@ -506,7 +556,12 @@ def _assess_stack(label: str, uid: str, hs: list[InstanceHeader], rules: SeriesS
     if spacing.irregular and not spacing.gaps:
         notes.append(f"{len(spacing.irregular)} irregular slice step(s)")
 
+    derived = _is_derived(hs)
+    if derived:
+        types = Counter("\\".join(h.image_type[:3]) for h in hs if h.image_type)
+        notes.append(f"{types.most_common(1)[0][0]} image type: accepted, ranked below ORIGINAL series")
     rank = (
+        float(derived),
         float(_thickness_class(thickness)),
         float(_kernel_rank(kernel, description, rules.preferred_kernels)),
         thickness if thickness is not None else math.inf,

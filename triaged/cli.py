@@ -11,7 +11,7 @@ from pathlib import Path
 
 from triaged import __version__
 from triaged.config import Config, load_config
-from triaged.domain import Findings
+from triaged.domain import Findings, p_covid_text
 from triaged.errors import ConfigError, TriagedError
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -162,8 +162,7 @@ def findings_table(findings: Findings) -> str:
                      f"{m.consolidation_pct:.1f}"])
     text = _table(["", "lung mL", "lesion mL", "affected %", "consolidation %"], rows)
     extra = [f"CT grade {findings.ct_grade.name} (worse lung {findings.severity_pct:.1f} %)"]
-    if findings.p_covid is not None:
-        extra.append(f"P(COVID-19) {findings.p_covid:.2f}")
+    extra.append(p_covid_text(findings.p_covid))
     if findings.key_slices:
         extra.append("key slices " + ", ".join(str(z) for z in findings.key_slices))
     extra.append(f"{len(findings.lesion_boxes)} lesion box(es)")
@@ -177,7 +176,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from triaged.analysis.overview import render_overview
     from triaged.domain import findings_to_json
-    from triaged.volume import load_nifti, load_series_folder, write_nifti
+    from triaged.volume import UnusableUIDsError, load_nifti, load_series_folder, write_nifti
 
     config = load_config(args.config) if args.config.exists() else Config()
     registry = _registry(config)
@@ -197,7 +196,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out: Path = args.out or Path(f"{path.name.removesuffix('.gz').removesuffix('.nii')}-triaged")
     with tqdm(total=100, unit="%", desc="load", disable=args.quiet, bar_format="{desc:<28}{bar}| {n:.0f}%") as bar:
         if path.is_dir():
-            volume, choice = load_series_folder(path, config.series_selection)
+            try:
+                volume, choice = load_series_folder(path, config.series_selection)
+            except UnusableUIDsError as exc:
+                bar.close()
+                print(f"triaged analyze: {exc}", file=sys.stderr)
+                return 2
             bar.write(f"series: {choice.reason}")
         else:
             volume = load_nifti(path)
@@ -471,10 +475,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``triaged eval PATH``: phantom dataset, real slice set or real volume manifest (by what PATH is)."""
+    import dataclasses
+
     from tqdm import tqdm
 
-    from triaged.analysis.metrics import case_result, markdown_table, table2_row
-    from triaged.datasets import read_dataset
+    from triaged.domain import Volume
+    from triaged.realsets import RealSetError, default_data_root, detect_kind
     from triaged.worker import load_registry
 
     config = load_config(args.config) if args.config.exists() else Config()
@@ -485,33 +492,122 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"triaged eval: unknown or not installed pipeline(s) {', '.join(unknown)}; "
               f"installed: {', '.join(registry.pipeline_names())}", file=sys.stderr)
         return 2
-    cases = read_dataset(args.dataset)
-    if args.limit:
-        cases = cases[: args.limit]
-    if not cases:
-        print(f"triaged eval: no labelled case in {args.dataset}", file=sys.stderr)
+    pipelines = {name: registry.get(name) for name in names}
+    report: dict[str, object] = {"source": str(args.dataset), "pipelines": names, "note": RESEARCH_NOTE}
+    try:
+        if args.limit < 0:
+            raise RealSetError(f"--limit must be ≥ 0, got {args.limit}")
+        kind = detect_kind(args.dataset)
+        if kind == "slices":
+            from triaged.analysis.metrics import slice_markdown_table, slice_set_row
+            from triaged.realsets import evaluate_slice_set, read_slice_set
+
+            sset = read_slice_set(args.dataset, split=args.split, limit=args.limit)
+            print(f"{sset.describe()}; window per slice (per source for <source>_<index> names) from "
+                  f"landmarks; mean per-image pixel Dice / sensitivity / specificity:", flush=True)
+            with tqdm(total=len(sset.refs) * len(names), disable=args.quiet, unit="run") as bar:
+                def tick(message: str) -> None:
+                    bar.set_description_str(message[:32])
+                    bar.update()
+
+                slices = evaluate_slice_set(sset, pipelines, progress=tick)
+            print(f"orientation: {slices.describe_orientation()}")
+            srows = [slice_set_row(name, slices.scores[name]) for name in names]
+            print(slice_markdown_table(srows))
+            print("Dice and sensitivity: mean over images with a reference lesion; specificity: over all "
+                  "images; a failed analysis counts as an empty prediction.")
+            report.update(kind="slice set", split=args.split, rows=[dataclasses.asdict(r) for r in srows],
+                          **slices.to_json())
+        elif kind == "volumes":
+            from triaged.analysis.metrics import (
+                volume_cases_markdown,
+                volume_set_row,
+                volume_summary_markdown,
+            )
+            from triaged.realsets import evaluate_volume_set, read_manifest
+            from triaged.volume import load_nifti, load_series_folder
+
+            root = default_data_root(args.root)
+            entries = read_manifest(args.dataset, root)
+            if args.limit:
+                entries = entries[: args.limit]
+            # the manifest names each folder on purpose: short stacks the node would refuse are read too
+            rules = config.series_selection.model_copy(update={"min_slices": 1, "min_coverage_mm": 0.0})
+
+            def load(folder: Path) -> tuple[Volume, str]:
+                volume, choice = load_series_folder(folder, rules)
+                return volume, choice.reason
+
+            print(f"volume manifest {args.dataset}: {len(entries)} case(s) under {root}", flush=True)
+            with tqdm(total=len(entries) * len(names), disable=args.quiet, unit="run") as bar:
+                def tick(message: str) -> None:
+                    bar.set_description_str(message[:32])
+                    bar.update()
+
+                vols = evaluate_volume_set(entries, pipelines, load, load_mask=lambda p: load_nifti(p).hu,
+                                           progress=tick)
+            for e in entries:
+                print(f"  {e.case_id}: {vols.series.get(e.case_id, '')}")
+            vrows = [volume_set_row(name, vols.results[name]) for name in names]
+            print()
+            print(volume_cases_markdown(vols.results))
+            print(volume_summary_markdown(vrows))
+            report.update(kind="volume manifest", root=str(root), rows=[dataclasses.asdict(r) for r in vrows],
+                          **vols.to_json())
+        else:
+            from triaged.analysis.metrics import CaseResult, case_result, markdown_table, table2_row
+            from triaged.datasets import read_dataset
+
+            folder = args.dataset.parent if args.dataset.is_file() else args.dataset
+            if args.split != "all":
+                raise RealSetError(f"{folder}: --split applies to the doctor-labelled slice sets only")
+            try:
+                cases = read_dataset(folder)[: args.limit or None]
+            except (FileNotFoundError, ValueError) as exc:
+                raise RealSetError(str(exc)) from exc
+            if not cases:
+                raise RealSetError(f"no labelled case in {folder}")
+            results: dict[str, list[CaseResult]] = {n: [] for n in names}
+            with tqdm(total=len(cases) * len(names), disable=args.quiet, unit="run") as bar:
+                for case in cases:
+                    volume = case.volume()
+                    truth = {m: case.mask(m) for m in ("lungs", "lesions", "consolidation")}
+                    for name, pipeline in pipelines.items():
+                        bar.set_description_str(f"{name} {case.case_id}"[:32])
+                        result = pipeline.run(volume)
+                        results[name].append(case_result(
+                            case.case_id, case.label, result.findings, true_pct=case.affected_pct_max,
+                            lungs=result.masks.lungs, true_lungs=truth["lungs"],
+                            lesions=result.masks.lesions, true_lesions=truth["lesions"] > 0,
+                            consolidation=result.masks.consolidation,
+                            true_consolidation=truth["consolidation"] > 0,
+                        ))
+                        bar.update()
+            rows = [table2_row(name, results[name]) for name in names]
+            print(f"{len(cases)} phantom case(s) from {folder}; seed 004 Table 2 columns (ROC AUC of P(COVID-19), "
+                  f"or of the severity where a pipeline has no classifier), plus lung and consolidation Dice.")
+            print(markdown_table(rows))
+            report.update(kind="phantom dataset", rows=[dataclasses.asdict(r) for r in rows],
+                          cases={n: [dataclasses.asdict(c) for c in cs] for n, cs in results.items()})
+    except RealSetError as exc:
+        print(f"triaged eval: {exc}", file=sys.stderr)
         return 2
-    results: dict[str, list[object]] = {n: [] for n in names}
-    with tqdm(total=len(cases) * len(names), disable=args.quiet, unit="run") as bar:
-        for case in cases:
-            volume = case.volume()
-            truth = {m: case.mask(m) for m in ("lungs", "lesions", "consolidation")}
-            for name in names:
-                bar.set_description_str(f"{name} {case.case_id}"[:32])
-                result = registry.get(name).run(volume)
-                results[name].append(case_result(
-                    case.case_id, case.label, result.findings, true_pct=case.affected_pct_max,
-                    lungs=result.masks.lungs, true_lungs=truth["lungs"],
-                    lesions=result.masks.lesions, true_lesions=truth["lesions"] > 0,
-                    consolidation=result.masks.consolidation, true_consolidation=truth["consolidation"] > 0,
-                ))
-                bar.update()
-    rows = [table2_row(name, results[name]) for name in names]  # type: ignore[arg-type]
-    print(f"{len(cases)} case(s) from {args.dataset}; seed 004 Table 2 columns (ROC AUC of P(COVID-19), or of "
-          f"the severity where a pipeline has no classifier), plus lung and consolidation Dice.")
-    print(markdown_table(rows))
     print(RESEARCH_NOTE)
+    _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: Path | None, report: dict[str, object]) -> None:
+    """Write ``triaged eval``'s report as JSON (``--json FILE``; ``-`` = stdout)."""
+    if path is None:
+        return
+    text = json.dumps(report, indent=1, default=str, ensure_ascii=False) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"JSON report in {path}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -586,10 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_resend)
 
-    p = with_config(sub.add_parser("eval", help="the papers' metrics for pipelines on a labelled dataset"))
-    p.add_argument("dataset", type=Path, help="a labelled dataset (triaged demo --dataset N --out DIR)")
+    p = with_config(sub.add_parser(
+        "eval", help="the papers' metrics for pipelines on a labelled set: phantoms, real slices or real volumes"))
+    p.add_argument("dataset", type=Path, help="a phantom dataset (folder with labels.csv), a real slice set "
+                   "(folder with images/ and infection/ or labels/) or a volume manifest (.csv)")
     p.add_argument("--pipelines", "-p", default="threshold,classical", help="comma-separated (default %(default)s)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    p.add_argument("--limit", type=int, default=0, help="only the first N cases or slices")
+    p.add_argument("--split", "--subset", choices=["all", "validation", "training"], default="all",
+                   help="doctor-labelled slice sets: the 15 held-out slices (validation) or the others")
+    p.add_argument("--root", type=Path, default=None, help="data root of a volume manifest's folders "
+                   "(default: $TRIAGED_REAL_DATA, else ../shared/data/real next to the checkout)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--registry", help="module:function returning the pipeline registry (default: the config's)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_eval)

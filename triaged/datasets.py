@@ -1,6 +1,8 @@
 """Files of synthetic studies: DICOM study folders and the labelled NIfTI dataset (adapter layer).
 
-The phantom package builds arrays and Datasets; this module is the only one that writes them.
+The phantom package builds arrays and Datasets; this module is the only one that writes them. Real
+labelled sets (MedSeg slice sets, manifests of real DICOM series) are read by :mod:`triaged.realsets`;
+``triaged eval`` tells the kinds apart by what its path holds.
 
 Labelled dataset format (training and evaluation)
 -------------------------------------------------

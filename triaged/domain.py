@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -196,19 +197,35 @@ class JobRow:
     history: tuple[tuple[datetime, str, str, str], ...] = field(default=())  # (at, from, to, detail)
 
 
-class CTGrade(enum.IntEnum):
-    """Russian visual CT severity scale used by seed 004 (METHODS.md, "Common vocabulary")."""
+#: The smallest finding that makes a study CT1 (below it: CT0, "no findings"). Both must hold: the worse
+#: lung at least this affected, in percent...
+CT1_MIN_PCT = 1.0
+#: ...and at least this much lesion volume in both lungs together, in mL. Measured (issue 11): after
+#: the classical pipeline's non-pneumonia filters, real no-pneumonia series measure 0–0.7 % and healthy
+#: or other-pathology phantoms 0.25–0.8 % (vessels at thick slices), while the mildest COVID-19
+#: phantom (2.5 % requested) measures 1.1 % and the RICORD COVID-19 series about 14 %; the volume floor
+#: keeps a few mL from grading a short stack, whose partial lungs are small.
+CT1_MIN_ML = 5.0
 
-    CT0 = 0  # no findings
+
+class CTGrade(enum.IntEnum):
+    """Russian visual CT severity scale used by seed 004 (METHODS.md, "Common vocabulary").
+
+    CT0 is explicit: a study is CT0 when its worse lung is less than :data:`CT1_MIN_PCT` % affected or
+    its lesions total less than :data:`CT1_MIN_ML` mL (:meth:`from_affected_pct`, :meth:`reason`).
+    """
+
+    CT0 = 0  # no findings: < CT1_MIN_PCT % of the worse lung or < CT1_MIN_ML mL of lesion
     CT1 = 1  # <= 25 % of a lung affected
     CT2 = 2  # 25-50 %
     CT3 = 3  # 50-75 % (hospitalise)
     CT4 = 4  # >= 75 % (intensive care)
 
     @classmethod
-    def from_affected_pct(cls, pct: float) -> CTGrade:
-        """Grade from the affected percentage of the worse lung (seed 004)."""
-        if pct <= 0:
+    def from_affected_pct(cls, pct: float, lesion_ml: float | None = None) -> CTGrade:
+        """Grade from the affected percentage of the worse lung (seed 004) and, when known, the total
+        lesion volume in mL (both lungs): below :data:`CT1_MIN_PCT` % or :data:`CT1_MIN_ML` mL is CT0."""
+        if pct < CT1_MIN_PCT or (lesion_ml is not None and lesion_ml < CT1_MIN_ML):
             return cls.CT0
         if pct <= 25:
             return cls.CT1
@@ -217,6 +234,18 @@ class CTGrade(enum.IntEnum):
         if pct < 75:
             return cls.CT3
         return cls.CT4
+
+    @classmethod
+    def reason(cls, pct: float, lesion_ml: float | None = None) -> str:
+        """Why :meth:`from_affected_pct` gives its grade, in words (e.g. for the provenance)."""
+        grade = cls.from_affected_pct(pct, lesion_ml)
+        if grade == cls.CT0:
+            total = "" if lesion_ml is None else f", {lesion_ml:.1f} mL in both lungs"
+            return (f"CT0: no opacity reaching {CT1_MIN_PCT:g} % of a lung and {CT1_MIN_ML:g} mL "
+                    f"(worse lung {pct:.2f} %{total})")
+        bounds = {cls.CT1: f"{CT1_MIN_PCT:g}-25 %", cls.CT2: "25-50 %", cls.CT3: "50-75 %",
+                  cls.CT4: ">= 75 %"}
+        return f"{grade.name}: worse lung {pct:.1f} % affected ({bounds[grade]})"
 
 
 @dataclass(frozen=True)
@@ -372,6 +401,18 @@ class OutboxEntry:
     last_error: str = ""
 
 
+#: What every human-visible output says when a study has no P(COVID-19) that means something (the
+#: pipeline has no classifier validated on real data, ``Findings.p_covid`` is None).
+P_COVID_NOT_ASSESSED = "P(COVID-19): not assessed"
+
+
+def p_covid_text(p_covid: float | None) -> str:
+    """``"P(COVID-19) 0.87"``, or :data:`P_COVID_NOT_ASSESSED` when ``p_covid`` is None or not a number."""
+    if p_covid is None or not math.isfinite(p_covid):
+        return P_COVID_NOT_ASSESSED
+    return f"P(COVID-19) {p_covid:.2f}"
+
+
 @dataclass(frozen=True)
 class WorklistRow:
     """One study on the radiology worklist: its latest job, triage priority and why."""
@@ -411,6 +452,8 @@ class WorklistRow:
             "severity_pct": self.severity_pct,
             "ct_grade": f"CT{self.ct_grade}" if self.ct_grade is not None else None,
             "p_covid": self.p_covid,
+            # In words, so that a reader of the JSON/CSV never takes a missing value for 0.00.
+            "p_covid_text": p_covid_text(self.p_covid) if self.ct_grade is not None else None,
             "overdue": self.overdue,
             "note": "research use only - not for diagnosis",
         }

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from triaged.config import Escalation, PriorityPolicyConfig
-from triaged.domain import CTGrade, Findings, WorklistRow
+from triaged.domain import P_COVID_NOT_ASSESSED, CTGrade, Findings, WorklistRow
 
 
 class PriorityLevel(enum.StrEnum):
@@ -87,8 +87,9 @@ def prioritise(findings: Findings, policy: PriorityPolicyConfig) -> Priority:
     Parameters
     ----------
     findings : Findings
-        What the pipeline measured.  ``p_covid`` may be None (a pipeline without a classifier): a policy
-        that needs it then ranks by severity and says so in the reasons.
+        What the pipeline measured.  ``p_covid`` is None when the pipeline has no classifier validated
+        on real data: the reasons then say "P(COVID-19): not assessed", and a policy that needs it
+        (identification, both) ranks by severity instead and says so.
     policy : PriorityPolicyConfig
         ``scenario`` (identification, severity, both), ``weights`` for both, and ``escalate``.
 
@@ -99,18 +100,20 @@ def prioritise(findings: Findings, policy: PriorityPolicyConfig) -> Priority:
     """
     reasons = [_severity_text(findings)]
     p, p_note = _p_covid(findings)
+    sev = severity_score(findings)
+
     if p is not None:
         reasons.append(f"P(COVID-19) {p:.2f}")
-    elif p_note:
-        reasons.append(p_note)
-    sev = severity_score(findings)
+    elif policy.scenario == "severity":
+        reasons.append(f"{P_COVID_NOT_ASSESSED}{p_note}")
+    else:
+        # Identification without a probability would rank every study alike; severity is the best
+        # evidence left, and the reason tells the radiologist the ranking is not the configured one.
+        reasons.append(f"{P_COVID_NOT_ASSESSED}; ranked by severity{p_note or _no_p_note(findings)}")
 
     if policy.scenario == "severity":
         score, how = sev, "severity (CT grade, then affected % of the worse lung)"
     elif p is None:
-        # Identification without a probability would rank every study alike; severity is the best
-        # evidence left, and the reason tells the radiologist the ranking is not the configured one.
-        reasons.append(f"no P(COVID-19) from pipeline {findings.pipeline!r}: ranked by severity instead")
         score, how = sev, "severity (fallback)"
     elif policy.scenario == "identification":
         score, how = p, "identification (P(COVID-19))"
@@ -149,12 +152,17 @@ def is_overdue(arrived: datetime, now: datetime, threshold_minutes: float | None
 
 
 def _p_covid(findings: Findings) -> tuple[float | None, str]:
+    """P(COVID-19) clipped to [0, 1], or None with a note (in parentheses) when it is not usable."""
     p = findings.p_covid
     if p is None:
         return None, ""
     if not math.isfinite(p):
-        return None, f"P(COVID-19) from pipeline {findings.pipeline!r} is not a number"
+        return None, f" (P(COVID-19) from pipeline {findings.pipeline!r} is not a number)"
     return min(max(p, 0.0), 1.0), ""
+
+
+def _no_p_note(findings: Findings) -> str:
+    return f" (pipeline {findings.pipeline!r} gives no P(COVID-19) validated on real data)"
 
 
 def _severity_text(findings: Findings) -> str:

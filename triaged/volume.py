@@ -13,8 +13,9 @@ the volume load agree on what a usable stack is.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,23 @@ from triaged.assembly import (
     slice_normal,
 )
 from triaged.config import SeriesSelectionConfig
-from triaged.domain import ENHANCED_CT_IMAGE_STORAGE, InstanceHeader, SeriesChoice, Volume
+from triaged.domain import ENHANCED_CT_IMAGE_STORAGE, InstanceHeader, SeriesChoice, Volume, validate_uid
 from triaged.errors import AssemblyError, InvalidDatasetError, StorageError, TriagedError
+
+
+class InstanceUIDError(InvalidDatasetError):
+    """A DICOM file whose SOPInstanceUID or SeriesInstanceUID is missing, empty or not a valid UID."""
+
+
+class UnusableUIDsError(AssemblyError):
+    """No series can be assembled from a folder because its DICOM files lack valid instance UIDs.
+
+    ``count`` is the number of such files (``triaged analyze`` says so and exits 2).
+    """
+
+    def __init__(self, message: str, count: int) -> None:
+        super().__init__(message)
+        self.count = count
 
 #: Attributes read for series choice (everything else, pixel data above all, is skipped).
 _HEADER_TAGS: tuple[str, ...] = (
@@ -121,7 +137,8 @@ def read_header(root: Path, rel_path: str) -> InstanceHeader:
     Raises
     ------
     InvalidDatasetError
-        The file is not DICOM or lacks SOP Instance UID or Series Instance UID.
+        The file is not DICOM; :class:`InstanceUIDError` when it is but its SOP Instance UID or Series
+        Instance UID is missing, empty or not a valid UID (PS3.5 9.1).
     StorageError
         The file cannot be read (retryable: a disk or mount problem).
     """
@@ -140,9 +157,15 @@ def read_header(root: Path, rel_path: str) -> InstanceHeader:
     series_uid = _text(ds, "SeriesInstanceUID")
     if not sop_uid or not series_uid:
         missing = [k for k, v in (("SOPInstanceUID", sop_uid), ("SeriesInstanceUID", series_uid)) if not v]
-        if getattr(ds, "preamble", None) is None and not sop_uid:
+        looks_dicom = getattr(ds, "preamble", None) is not None or bool(_text(ds, "SOPClassUID"))
+        if not looks_dicom and not sop_uid:
             raise InvalidDatasetError(f"{rel_path}: not a DICOM file (no 'DICM' prefix, no SOPInstanceUID)")
-        raise InvalidDatasetError(f"{rel_path}: not a usable DICOM instance: no {' or '.join(missing)}")
+        raise InstanceUIDError(f"{rel_path}: not a usable DICOM instance: no {' or '.join(missing)}")
+    try:
+        sop_uid = validate_uid(sop_uid, "SOPInstanceUID")
+        series_uid = validate_uid(series_uid, "SeriesInstanceUID")
+    except InvalidDatasetError as exc:
+        raise InstanceUIDError(f"{rel_path}: not a usable DICOM instance: {exc}") from exc
     sop_class = _text(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     frames = _int(ds.get("NumberOfFrames")) or 1
 
@@ -664,14 +687,49 @@ def write_nifti(volume: Volume, array: npt.NDArray[Any], path: Path) -> None:
 
 
 def load_series_folder(folder: Path, rules: SeriesSelectionConfig) -> tuple[Volume, SeriesChoice]:
-    """Choose and load the best series of a folder of DICOM files (``triaged analyze``)."""
+    """Choose and load the best series of a folder of DICOM files (``triaged analyze``).
+
+    Raises
+    ------
+    UnusableUIDsError
+        No file has usable UIDs and at least one is DICOM whose SeriesInstanceUID or SOPInstanceUID is
+        missing, empty or invalid (a bad anonymiser, a hand-edited export): the message counts them.
+    AssemblyError
+        No DICOM image at all, no analysable series (the series choice's reason), or an unreadable one.
+    """
     from triaged.assembly import select_series
 
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    headers, _problems = read_headers(folder, paths)
+    headers: list[InstanceHeader] = []
+    bad_uids: list[str] = []
+    for rel in paths:
+        try:
+            with warnings.catch_warnings():
+                # pydicom warns about each invalid UI value; the UID problem is reported below, once.
+                warnings.simplefilter("ignore", UserWarning)
+                headers.append(read_header(folder, rel))
+        except InstanceUIDError as exc:
+            bad_uids.append(str(exc))
+        except TriagedError:
+            continue  # not DICOM (a README, a thumbnail) or unreadable: as read_headers, skip the file
+        except Exception:  # noqa: BLE001, S112 - a malformed file must not stop the others
+            continue
     if not headers:
+        if bad_uids:
+            example = bad_uids[0].replace("not a usable DICOM instance: ", "")
+            raise UnusableUIDsError(
+                f"{len(bad_uids)} DICOM file(s) in {folder} have no or invalid "
+                f"SeriesInstanceUID/SOPInstanceUID (e.g. {example}); no series can be assembled",
+                len(bad_uids),
+            )
         raise AssemblyError(f"{folder}: no DICOM image found among {len(paths)} file(s)")
     choice = select_series(headers, rules)
+    if bad_uids:
+        choice = replace(
+            choice,
+            reason=f"{choice.reason}; {len(bad_uids)} file(s) without valid SeriesInstanceUID/SOPInstanceUID "
+            "skipped",
+        )
     if choice.series_uid is None:
         raise AssemblyError(f"{folder}: {choice.reason}")
     first = folder / choice.instances[0].path

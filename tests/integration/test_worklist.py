@@ -22,8 +22,9 @@ from triaged.domain import JobState
 
 pytestmark = pytest.mark.integration
 
-# Accession number -> test pipeline "sev:<affected % of the right lung>:<P(COVID-19)>"
-CASES = {"ACC-MILD": "sev:10:0.97", "ACC-SEVERE": "sev:60:0.40", "ACC-MEDIUM": "sev:30:0.60"}
+# Accession number -> test pipeline "sev:<affected % of the right lung>:<P(COVID-19)>"; "ok" finds nothing
+# and, like every shipped pipeline without a classifier validated on real data, gives no P(COVID-19).
+CASES = {"ACC-MILD": "sev:10:0.97", "ACC-SEVERE": "sev:60:0.40", "ACC-MEDIUM": "sev:30:0.60", "ACC-NOP": "ok"}
 
 
 def _copy_study(src: Path, dest: Path, accession: str) -> str:
@@ -54,7 +55,7 @@ def node_with_three_studies(
     for acc in CASES:
         studies[acc] = _copy_study(pet_ct_dx, tmp_path / acc, acc)
         assert storescu(*node.listener.address, tmp_path / acc).returncode == 0
-    wait_for(lambda: len(node.ledger.jobs(states=[JobState.DONE])) == 3, timeout=120, what="three analysed studies")
+    wait_for(lambda: len(node.ledger.jobs(states=[JobState.DONE])) == 4, timeout=120, what="four analysed studies")
     return node, cfg, studies
 
 
@@ -70,10 +71,11 @@ def test_findscu_reads_the_worklist_in_priority_order_with_the_reasons(
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
     accessions = re.findall(r"\(0008,0050\) SH \[(ACC-[A-Z]+)\s*\]", out)
-    # Severity policy: CT3 (60 %) is STAT, then 30 %, then 10 %.
-    assert accessions == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD"], out
-    assert re.findall(r"\(0040,1003\) SH \[(\w+)\s*\]", out) == ["STAT", "HIGH", "ROUTINE"]
+    # Severity policy: CT3 (60 %) is STAT, then 30 %, then 10 %, then the study without findings.
+    assert accessions == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD", "ACC-NOP"], out
+    assert re.findall(r"\(0040,1003\) SH \[(\w+)\s*\]", out) == ["STAT", "HIGH", "ROUTINE", "ROUTINE"]
     assert "CT3: 60 % of the right lung affected" in out
+    assert "CT0: no affected lung tissue found; P(COVID-19): not assessed" in out
     assert "Research use only" in out
     # Matching on the priority attribute returns only the STAT study.
     only_stat = subprocess.run([*args[:-2], "-k", "RequestedProcedurePriority=STAT", host, str(port)],
@@ -92,7 +94,11 @@ def test_the_http_endpoint_and_the_cli_agree_with_the_ledger(
     assert main(["worklist", "--config", str(cfg), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert served == printed
-    assert [r["accession_number"] for r in served] == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD"]
+    assert [r["accession_number"] for r in served] == ["ACC-SEVERE", "ACC-MEDIUM", "ACC-MILD", "ACC-NOP"]
+    assert [(r["p_covid"], r["p_covid_text"]) for r in served] == [
+        (0.4, "P(COVID-19) 0.40"), (0.6, "P(COVID-19) 0.60"), (0.97, "P(COVID-19) 0.97"),
+        (None, "P(COVID-19): not assessed"),
+    ]
     for row in served:
         job = node.ledger.job(row["job_id"])
         assert (row["priority_level"], row["priority_score"]) == (job.priority_level, job.priority_score)
@@ -104,5 +110,6 @@ def test_the_http_endpoint_and_the_cli_agree_with_the_ledger(
     assert info.value.code == 404
     assert main(["worklist", "--config", str(cfg)]) == 0
     table = capsys.readouterr().out
-    assert table.index("ACC-SEVERE") < table.index("ACC-MEDIUM") < table.index("ACC-MILD")
+    assert table.index("ACC-SEVERE") < table.index("ACC-MEDIUM") < table.index("ACC-MILD") < table.index("ACC-NOP")
+    assert "P(COVID-19): not assessed" in table
     assert "Research use only" in table

@@ -12,7 +12,10 @@ Two lesion methods share the working grid of :mod:`triaged.analysis.grid` and th
   the published one whatever our working pixel (1.9–2.5 mm) is. Along z this means the blur is 4
   slices whatever their thickness (2.4 mm for 0.6 mm slices, 32 mm for 8 mm slices), as in the paper.
   The blurred mask can grow past the lung border; the final mask is intersected with the lungs, since
-  affected-lung fractions are only defined inside them.
+  affected-lung fractions are only defined inside them. Along z the stack's end slices are repeated
+  (``mode="nearest"``) rather than padded with zeros: zero padding (the version before issue 11) pulled
+  the first and last four slices towards 0 and erased every finding of a short stack or a single slice
+  (0 Dice on the MedSeg slices); the paper does not say, and its volumes are whole chests.
 * :func:`classical_lesions` — our improved classical variant. The baseline's known failure (seed 004,
   Section 5.2 and Fig. 4 D; seed 001, Section IV) is vessels and bronchial walls counted as lesion,
   plus a σ = 8 mm blur that rounds lesions off. The variant:
@@ -35,6 +38,25 @@ Two lesion methods share the working grid of :mod:`triaged.analysis.grid` and th
   5. removes what is still a vessel: candidate components that touch the lung's mediastinal border
      (hilar vessels and central bronchovascular bundles, wider than the disk) and are thinner than
      ``vessel_max_width_mm`` are dropped, and so are components below ``min_component_ml``,
+  5b. drops what is not pneumonia on a real scan (issue 11, measured on the real series in
+     ``../shared/data/real``; each component is judged as a whole, in this order):
+
+     * *faint*: its median density exceeds the lung around it (a ring of ``contrast_ring_mm``
+       in-plane) by less than ``min_contrast_hu`` — partial-volume haze of vessels and the dependent
+       gradient in thick slices (Lung-PET-CT-Dx, 8 mm: 36–63 HU) rather than an opacity (the MedSeg
+       doctor-labelled COVID-19 lesions: all but one at 82 HU and more, the one at 48 HU half outside
+       the doctor's mask; RICORD: 114–133 HU);
+     * *subpleural band*: at least 90 % of it within ``pleural_band_mm`` of the lung border and at
+       most ``pleural_max_width_mm`` thick in-plane — dependent atelectasis, pleural thickening, a
+       wedge of chest wall;
+     * *lung surface*: at least ``surface_fraction`` of it on the lung's cranio-caudal surface (a
+       neighbouring slice outside the lung) — the diaphragmatic domes and the apices cut obliquely by
+       the slice (needs more than one slice);
+     * *nodule*: round in 3D — no extent above ``nodule_max_mm`` (30 mm, the radiological limit
+       between nodule and mass), z extent at least half the in-plane one, and filling at least
+       ``nodule_min_fill`` of its bounding ellipsoid (the LIDC-IDRI and CMB-CRC nodules fill
+       0.88–0.99; COVID-19 lesions are irregular, RICORD's fill 0.16–0.21; single slices are never
+       judged round),
   6. returns the mask on the full grid by interpolating the opened density linearly and thresholding
      it there, so lesion borders follow the image rather than 2 mm blocks.
 
@@ -118,6 +140,18 @@ class ClassicalParams:
     z_rim : bool
         Replace the values of lung voxels at the upper/lower lung surface by their neighbour one
         slice deeper (partial volume across thick slices, :func:`_replace_z_rim`).
+    min_contrast_hu, contrast_ring_mm : float
+        A component whose median density exceeds that of the lung within ``contrast_ring_mm`` around
+        it by less than ``min_contrast_hu`` is haze, not an opacity (step 5b).
+    pleural_band_mm, pleural_max_width_mm : float
+        A component lying (90 %) within ``pleural_band_mm`` of the lung border and at most
+        ``pleural_max_width_mm`` thick is a subpleural band (step 5b).
+    surface_fraction : float
+        A component with at least this fraction on the lung's cranio-caudal surface is partial volume
+        of a diaphragmatic dome or an apex (step 5b; above 1 disables).
+    nodule_max_mm, nodule_min_fill : float
+        Round components no larger than ``nodule_max_mm`` in every direction filling at least
+        ``nodule_min_fill`` of their bounding ellipsoid are nodules (step 5b; 0 mm disables).
     """
 
     vessel_radius_mm: float = 6.0
@@ -130,6 +164,13 @@ class ClassicalParams:
     consolidation_hu: float = -200.0
     rim_px: int = 1
     z_rim: bool = True
+    min_contrast_hu: float = 70.0
+    contrast_ring_mm: float = 10.0
+    pleural_band_mm: float = 10.0
+    pleural_max_width_mm: float = 10.0
+    surface_fraction: float = 0.5
+    nodule_max_mm: float = 30.0
+    nodule_min_fill: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -176,7 +217,11 @@ def threshold_lesions(
     binary = (hu >= params.hu_min) & (hu <= params.hu_max) & lung
     _, dy, dx = grid.coarse_spacing
     sigma = (params.sigma_slices, params.sigma_mm / dy, params.sigma_mm / dx)
-    blurred = ndimage.gaussian_filter(binary.astype(np.float32), sigma=sigma, mode="constant")
+    # along z the stack's end slices are repeated ("nearest"): zero padding would pull the first and last
+    # slices below 0.5 and erase a short stack's findings altogether; in-plane the border is air
+    blurred = ndimage.gaussian_filter(
+        binary.astype(np.float32), sigma=sigma, mode=("nearest", "constant", "constant")
+    )
     del binary
     keep = blurred > 0.5
     min_voxels = params.min_fraction * float(np.count_nonzero(lung))
@@ -188,7 +233,7 @@ def threshold_lesions(
 def classical_lesions(
     hu: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams = ClassicalParams()
 ) -> CoarseLesions:
-    """Vessel-suppressed density thresholding on the working grid (module docstring, steps 1–5).
+    """Vessel-suppressed density thresholding on the working grid (module docstring, steps 1–5b).
 
     Parameters
     ----------
@@ -238,6 +283,7 @@ def classical_lesions(
     candidate = (density >= params.ggo_hu) & (density <= params.max_hu) & lung
     candidate = _drop_small(candidate, params.min_component_ml / grid.coarse_voxel_ml)
     candidate = _drop_hilar_vessels(candidate, lungs, grid, params)
+    candidate = _drop_non_pneumonia(candidate, density, lungs, grid, params)
     # dropped voxels go well below the level, so that upsampling cannot revive them between pixels
     field = density.copy()
     dropped = lung & ~candidate
@@ -376,6 +422,85 @@ def _drop_hilar_vessels(candidate: B, lungs: U8, grid: WorkGrid, params: Classic
     if not thin:
         return candidate
     out: B = candidate & ~np.isin(labels, thin)
+    return out
+
+
+def non_pneumonia_reasons(
+    labels: npt.NDArray[np.int32], density: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams
+) -> dict[int, str]:
+    """Why each labelled candidate component is not pneumonia (module docstring, step 5b).
+
+    Parameters
+    ----------
+    labels : ndarray of int32
+        Candidate components (26-connected) on the working grid, 0 background.
+    density : ndarray of float32
+        Vessel-suppressed density.
+    lungs : ndarray of uint8
+        Working-grid lung labels.
+    grid : WorkGrid
+    params : ClassicalParams
+
+    Returns
+    -------
+    dict of int to str
+        Component label → "faint", "subpleural band", "lung surface" or "nodule"; kept components are
+        absent.
+    """
+    dz, dy, dx = grid.coarse_spacing
+    lung = lungs > 0
+    candidate = labels > 0
+    # in-plane distance of every lung voxel to the lung border (mm), on the slices holding candidates
+    depth = np.zeros(lung.shape, np.float32)
+    for z in np.nonzero(candidate.any(axis=(1, 2)))[0]:
+        depth[z] = ndimage.distance_transform_edt(np.pad(lung[z], 1), sampling=(dy, dx))[1:-1, 1:-1]
+    # cranio-caudal lung surface: a neighbouring slice is outside the lung there (apices, domes)
+    z_surface = np.zeros_like(lung)
+    z_surface[1:] |= lung[1:] & ~lung[:-1]
+    z_surface[:-1] |= lung[:-1] & ~lung[1:]
+    ring = max(1, int(round(params.contrast_ring_mm / min(dy, dx))))
+    ring_disk = _disk(ring, dy, dx, params.contrast_ring_mm)[None]
+    reasons: dict[int, str] = {}
+    for index, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None:
+            continue
+        lab_id = index + 1
+        comp = labels[sl] == lab_id
+        # local contrast against the lung in a ring of contrast_ring_mm around the component
+        box = tuple(
+            slice(max(s.start - pad, 0), min(s.stop + pad, dim))
+            for s, pad, dim in zip(sl, (0, ring, ring), labels.shape, strict=True)
+        )
+        around = ndimage.binary_dilation(labels[box] == lab_id, structure=ring_disk)
+        around &= lung[box] & ~candidate[box]
+        background = float(np.median(density[box][around])) if around.any() else -1000.0
+        near_pleura = float(np.mean(depth[sl][comp] <= params.pleural_band_mm))
+        padded = np.pad(comp, ((0, 0), (1, 1), (1, 1)))
+        width = 2.0 * float(ndimage.distance_transform_edt(padded, sampling=(1e6, dy, dx)).max())
+        ez, ey, ex = comp.shape[0] * dz, comp.shape[1] * dy, comp.shape[2] * dx
+        fill = float(np.count_nonzero(comp)) * dz * dy * dx / (np.pi / 6.0 * ez * ey * ex)
+        several_slices = comp.shape[0] > 1 and lung.shape[0] > 2
+        if float(np.median(density[sl][comp])) - background < params.min_contrast_hu:
+            reasons[lab_id] = "faint"
+        elif near_pleura >= 0.9 and width <= params.pleural_max_width_mm:
+            reasons[lab_id] = "subpleural band"
+        elif several_slices and float(np.mean(z_surface[sl][comp])) >= params.surface_fraction:
+            reasons[lab_id] = "lung surface"
+        elif (several_slices and max(ez, ey, ex) <= params.nodule_max_mm and ez >= 0.5 * max(ey, ex)
+              and fill >= params.nodule_min_fill):
+            reasons[lab_id] = "nodule"
+    return reasons
+
+
+def _drop_non_pneumonia(candidate: B, density: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams) -> B:
+    """Drop the components that are not pneumonia (module docstring, step 5b)."""
+    if not candidate.any():
+        return candidate
+    labels, _ = ndimage.label(candidate, structure=np.ones((3, 3, 3), bool))
+    drop = list(non_pneumonia_reasons(labels, density, lungs, grid, params))
+    if not drop:
+        return candidate
+    out: B = candidate & ~np.isin(labels, drop)
     return out
 
 

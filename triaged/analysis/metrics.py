@@ -12,19 +12,28 @@ method with a classifier it is the predicted probability (Section 5.1). :func:`t
 rule: a case's ``score`` is whatever the caller decides to rank by (:func:`case_result` picks
 ``p_covid`` when the findings have one, else the severity). Seed 001 (Wu et al. 2020) adds the
 consolidation Dice; triaged also reports the lung Dice (seed 004, Section 4.2: 0.976 ± 0.023).
+
+Real labelled sets (issue 11) have their own summaries:
+
+* **Slice sets** (8-bit MedSeg/Ma et al. slices with infection masks): per image the pixel-wise Dice,
+  sensitivity TP / (TP + FN) and specificity TN / (TN + FP), then the mean over images, as the MedSeg
+  and Inf-Net papers report them (:func:`slice_score`, :func:`slice_set_row`).
+* **Volume sets** (real series with a diagnosis ``covid``, ``cap`` or ``normal`` = no pneumonia): every
+  case's affected % and CT grade, the worst no-pneumonia case, ROC AUC of COVID-19 vs all others and of
+  the severity for COVID-19 vs no-pneumonia (:func:`volume_case_score`, :func:`volume_set_row`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from triaged.domain import Findings
+from triaged.domain import CTGrade, Findings
 
 #: Labels counted as COVID-19 positives.
 POSITIVE_LABEL = "covid"
@@ -276,4 +285,335 @@ def markdown_table(rows: Sequence[Table2Row]) -> str:
             f"{fmt(r.lesion_dice, 2)} | {fmt(r.lung_dice, 3)} | {fmt(r.consolidation_dice, 2)} | "
             f"{fmt(r.severity_mae, 1)} | {r.n_covid}/{r.n_healthy}/{r.n_other} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# ---- real slice sets ----------------------------------------------------------------------------------
+def confusion(pred: npt.ArrayLike, truth: npt.ArrayLike) -> tuple[int, int, int, int]:
+    """Pixel counts (TP, FP, FN, TN) of a predicted against a reference boolean mask.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ.
+    """
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"shapes differ: {p.shape} vs {t.shape}")
+    tp = int(np.count_nonzero(p & t))
+    fp = int(np.count_nonzero(p & ~t))
+    fn = int(np.count_nonzero(~p & t))
+    return tp, fp, fn, int(p.size) - tp - fp - fn
+
+
+def sensitivity(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
+    """TP / (TP + FN): the share of reference pixels found; NaN when the reference is empty."""
+    tp, _fp, fn, _tn = confusion(pred, truth)
+    return tp / (tp + fn) if tp + fn else math.nan
+
+
+def specificity(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
+    """TN / (TN + FP): the share of reference-negative pixels left out; NaN when there are none."""
+    _tp, fp, _fn, tn = confusion(pred, truth)
+    return tn / (tn + fp) if tn + fp else math.nan
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """One real slice scored against its reference mask (pixel-wise, on the slice's own grid).
+
+    ``sensitivity`` is None when the reference is empty, ``specificity`` when the reference covers the
+    whole image; ``consolidation_dice`` only when the reference has consolidation; ``lesion_in_lungs``
+    the share of the reference lesion inside the pipeline's lung mask (None without a reference lesion
+    or lung mask: a lesion outside the lungs can never be found). ``failed`` marks a pipeline that could
+    not analyse the slice (its prediction counts as empty; ``error`` says why).
+    """
+
+    name: str
+    dice: float
+    sensitivity: float | None
+    specificity: float | None
+    has_lesion: bool
+    consolidation_dice: float | None = None
+    lesion_in_lungs: float | None = None
+    failed: bool = False
+    error: str = ""
+
+
+def slice_score(
+    name: str,
+    pred: npt.ArrayLike,
+    truth: npt.ArrayLike,
+    *,
+    consolidation: npt.ArrayLike | None = None,
+    true_consolidation: npt.ArrayLike | None = None,
+    lungs: npt.ArrayLike | None = None,
+    error: str = "",
+) -> SliceScore:
+    """Score one slice: Dice (:func:`dice`), sensitivity and specificity of ``pred`` vs ``truth``, and
+    (given the pipeline's ``lungs``) the share of the reference lesion inside them.
+
+    Pass ``error`` (and an empty ``pred``) when the pipeline failed on the slice: the slice still counts,
+    with an empty prediction, so failures lower the means instead of vanishing from them.
+    """
+    t = np.asarray(truth, dtype=bool)
+    sens = sensitivity(pred, t)
+    spec = specificity(pred, t)
+    cons = None
+    if consolidation is not None and true_consolidation is not None and np.any(true_consolidation):
+        cons = dice(consolidation, true_consolidation)
+    inside = None
+    if lungs is not None and t.any():
+        inside = sensitivity(np.asarray(lungs) > 0, t)
+    return SliceScore(
+        name=name,
+        dice=dice(pred, t),
+        sensitivity=None if math.isnan(sens) else sens,
+        specificity=None if math.isnan(spec) else spec,
+        has_lesion=bool(t.any()),
+        consolidation_dice=cons,
+        lesion_in_lungs=inside,
+        failed=bool(error),
+        error=error,
+    )
+
+
+@dataclass(frozen=True)
+class SliceSetRow:
+    """One method on a slice set: means over images (see :func:`slice_set_row`)."""
+
+    method: str
+    n_images: int
+    n_with_lesion: int
+    dice: float | None
+    sensitivity: float | None
+    specificity: float | None
+    consolidation_dice: float | None = None
+    n_consolidation: int = 0
+    n_failed: int = 0
+    lesion_in_lungs: float | None = None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
+    """Mean per-image Dice and sensitivity over the images whose reference has a lesion, mean
+    specificity over all images (MedSeg / Inf-Net protocol: per image, then averaged).
+
+    Images without a reference lesion (frequent among pseudo-labelled slices) have no sensitivity and
+    would score Dice 1 for an empty prediction, so they enter only the specificity.
+    """
+    with_lesion = [s for s in scores if s.has_lesion]
+    cons = [s.consolidation_dice for s in scores if s.consolidation_dice is not None]
+    return SliceSetRow(
+        method=method,
+        n_images=len(scores),
+        n_with_lesion=len(with_lesion),
+        dice=_mean([s.dice for s in with_lesion]),
+        sensitivity=_mean([s.sensitivity for s in with_lesion]),
+        specificity=_mean([s.specificity for s in scores]),
+        consolidation_dice=_mean(cons),
+        n_consolidation=len(cons),
+        n_failed=sum(1 for s in scores if s.failed),
+        lesion_in_lungs=_mean([s.lesion_in_lungs for s in with_lesion]),
+    )
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
+    """Markdown table of :class:`SliceSetRow` s (consolidation Dice column only when some row has one;
+    "reference lesion in lung mask" is the mean share of the reference lesion inside the lung mask)."""
+    with_cons = any(r.consolidation_dice is not None for r in rows)
+    head = ["method", "images (with lesion)", "Dice", "sensitivity", "specificity"]
+    if with_cons:
+        head.append("consolidation Dice (images)")
+    head += ["reference lesion in lung mask", "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r.method, f"{r.n_images} ({r.n_with_lesion})", _fmt(r.dice), _fmt(r.sensitivity),
+                 _fmt(r.specificity)]
+        if with_cons:
+            cells.append(f"{_fmt(r.consolidation_dice)} ({r.n_consolidation})")
+        cells += [_fmt(r.lesion_in_lungs), str(r.n_failed)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- real volume sets ---------------------------------------------------------------------------------
+#: Diagnoses of a volume manifest: COVID-19, community-acquired (non-COVID) pneumonia, no pneumonia.
+DIAGNOSES: tuple[str, ...] = ("covid", "cap", "normal")
+#: The no-pneumonia diagnosis (the negatives of the severity AUC and the "worst normal" case).
+NORMAL_DIAGNOSIS = "normal"
+
+
+@dataclass(frozen=True)
+class VolumeCaseScore:
+    """One pipeline's result on one real series.
+
+    Affected percentages are lesion / lung volume × 100 (``severity_pct`` is the worse lung, seed 004;
+    ``whole_pct`` both lungs together, seed 001). ``failed`` cases carry only ``error``.
+    """
+
+    case_id: str
+    diagnosis: str
+    right_pct: float = 0.0
+    left_pct: float = 0.0
+    whole_pct: float = 0.0
+    ct_grade: int = 0
+    p_covid: float | None = None
+    lesion_dice: float | None = None
+    note: str = ""
+    error: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    @property
+    def severity_pct(self) -> float:
+        return max(self.right_pct, self.left_pct)
+
+
+def volume_case_score(
+    case_id: str,
+    diagnosis: str,
+    findings: Findings,
+    *,
+    lesions: npt.ArrayLike | None = None,
+    true_lesions: npt.ArrayLike | None = None,
+    note: str = "",
+) -> VolumeCaseScore:
+    """A :class:`VolumeCaseScore` from a pipeline's findings (and the lesion Dice when a reference mask
+    is given)."""
+    d = None
+    if lesions is not None and true_lesions is not None:
+        d = dice(lesions, true_lesions)
+    return VolumeCaseScore(
+        case_id=case_id,
+        diagnosis=diagnosis,
+        right_pct=float(findings.right.affected_pct),
+        left_pct=float(findings.left.affected_pct),
+        whole_pct=float(findings.whole_lung_pct),
+        ct_grade=int(findings.ct_grade),
+        p_covid=None if findings.p_covid is None else float(findings.p_covid),
+        lesion_dice=d,
+        note=note,
+    )
+
+
+@dataclass(frozen=True)
+class VolumeSetRow:
+    """One method's summary on a volume set (see :func:`volume_set_row`)."""
+
+    method: str
+    auc_covid_vs_others: float | None
+    auc_score: str
+    auc_severity_covid_vs_normal: float | None
+    worst_normal: VolumeCaseScore | None
+    n_covid: int
+    n_cap: int
+    n_normal: int
+    n_failed: int = 0
+    lesion_dice: float | None = None
+    n_lesion_dice: int = 0
+
+
+#: Names of the identification scores :func:`volume_set_row` may rank by.
+SCORE_P_COVID = "P(COVID-19)"
+SCORE_AFFECTED = "affected % (worse lung)"
+
+
+def volume_set_row(method: str, cases: Sequence[VolumeCaseScore]) -> VolumeSetRow:
+    """Summarise one method's results on a volume set.
+
+    * ROC AUC COVID-19 vs all others (``cap`` and ``normal``): the score is P(COVID-19) when the method
+      gave one for every analysed case, else the affected % of the worse lung (seed 004, Section 5.1);
+      ``auc_score`` says which.
+    * ROC AUC of the severity (worse lung affected %) for COVID-19 vs no pneumonia.
+    * The worst no-pneumonia case: the ``normal`` case with the highest worse-lung affected %.
+
+    Failed cases are left out of every figure and counted in ``n_failed``; an AUC is None when a class
+    is missing.
+    """
+    ok = [c for c in cases if not c.failed]
+    pos = [c for c in ok if c.diagnosis == POSITIVE_LABEL]
+    normal = [c for c in ok if c.diagnosis == NORMAL_DIAGNOSIS]
+    others = [c for c in ok if c.diagnosis != POSITIVE_LABEL]
+    use_p = bool(ok) and all(c.p_covid is not None for c in ok)
+
+    def score(c: VolumeCaseScore) -> float:
+        return float(c.p_covid) if use_p and c.p_covid is not None else c.severity_pct
+
+    auc_all = None
+    if pos and others:
+        both = pos + others
+        auc_all = roc_auc([c.diagnosis == POSITIVE_LABEL for c in both], [score(c) for c in both])
+    auc_sev = None
+    if pos and normal:
+        both = pos + normal
+        auc_sev = roc_auc([c.diagnosis == POSITIVE_LABEL for c in both], [c.severity_pct for c in both])
+    worst = max(normal, key=lambda c: (c.severity_pct, c.whole_pct)) if normal else None
+    dices = [c.lesion_dice for c in ok if c.lesion_dice is not None]
+    return VolumeSetRow(
+        method=method,
+        auc_covid_vs_others=auc_all,
+        auc_score=SCORE_P_COVID if use_p else SCORE_AFFECTED,
+        auc_severity_covid_vs_normal=auc_sev,
+        worst_normal=worst,
+        n_covid=len(pos),
+        n_cap=sum(1 for c in ok if c.diagnosis == "cap"),
+        n_normal=len(normal),
+        n_failed=len(cases) - len(ok),
+        lesion_dice=_mean(dices),
+        n_lesion_dice=len(dices),
+    )
+
+
+def volume_cases_markdown(results: Mapping[str, Sequence[VolumeCaseScore]]) -> str:
+    """Markdown table of every case under every method: affected % per lung and whole, CT grade,
+    P(COVID-19) (— where the method has none) and the lesion Dice where the manifest gives a mask."""
+    with_dice = any(c.lesion_dice is not None for cs in results.values() for c in cs)
+    head = ["case", "diagnosis", "method", "right %", "left %", "whole lungs %", "CT grade", "P(COVID-19)"]
+    if with_dice:
+        head.append("lesion Dice")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    order: list[str] = []
+    for cs in results.values():
+        order += [c.case_id for c in cs if c.case_id not in order]
+    for case_id in order:
+        for method, cs in results.items():
+            for c in cs:
+                if c.case_id != case_id:
+                    continue
+                if c.failed:
+                    cells = [c.case_id, c.diagnosis, method, f"failed: {c.error}"] + [""] * (len(head) - 4)
+                else:
+                    cells = [c.case_id, c.diagnosis, method, f"{c.right_pct:.2f}", f"{c.left_pct:.2f}",
+                             f"{c.whole_pct:.2f}", CTGrade(c.ct_grade).name, _fmt(c.p_covid, 2)]
+                    if with_dice:
+                        cells.append(_fmt(c.lesion_dice, 2))
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def volume_summary_markdown(rows: Sequence[VolumeSetRow]) -> str:
+    """Markdown table of :class:`VolumeSetRow` s: both AUCs (with the score used), the worst
+    no-pneumonia case and the number of cases per class."""
+    head = ["method", "ROC AUC COVID-19 vs others", "score", "ROC AUC severity COVID-19 vs no pneumonia",
+            "worst no-pneumonia case (whole / worse lung %, grade)", "cases covid/cap/normal", "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        w = r.worst_normal
+        worst = "—" if w is None else (
+            f"{w.case_id} ({w.whole_pct:.2f} / {w.severity_pct:.2f} %, {CTGrade(w.ct_grade).name})")
+        lines.append("| " + " | ".join([
+            r.method, _fmt(r.auc_covid_vs_others), r.auc_score, _fmt(r.auc_severity_covid_vs_normal), worst,
+            f"{r.n_covid}/{r.n_cap}/{r.n_normal}", str(r.n_failed)]) + " |")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from triaged.domain import Findings, Masks, Volume
+from triaged.domain import Findings, Masks, Volume, p_covid_text
 
 RESEARCH_NOTE = "Research use only - not for diagnosis"
 
@@ -43,7 +43,9 @@ def _tile(volume: Volume, masks: Masks, z: int) -> npt.NDArray[np.uint8]:
 def render_overview(volume: Volume, masks: Masks, findings: Findings, size: int = 384) -> npt.NDArray[np.uint8]:
     """Up to three key slices side by side with a caption; returns an RGB array (H, W, 3).
 
-    Green: lung outline; red: lesions; yellow: consolidation.
+    Green: lung outline; red: lesions; yellow: consolidation.  The caption gives the grade and the
+    affected percentages, P(COVID-19) ("P(COVID-19): not assessed" when the pipeline gives none) and the
+    research-use note.
     """
     from PIL import Image, ImageDraw
 
@@ -54,12 +56,12 @@ def render_overview(volume: Volume, masks: Masks, findings: Findings, size: int 
         ImageDraw.Draw(img).text((6, 6), f"z={z}", fill=(255, 255, 0))
         tiles.append(np.asarray(img))
     strip = np.concatenate(tiles, axis=1)
-    caption = Image.new("RGB", (strip.shape[1], 54), (0, 0, 0))
+    caption = Image.new("RGB", (strip.shape[1], 70), (0, 0, 0))
     draw = ImageDraw.Draw(caption)
-    p = f"; P(COVID-19) {findings.p_covid:.2f}" if findings.p_covid is not None else ""
     draw.text((6, 4), f"{findings.pipeline} {findings.pipeline_version}: {findings.ct_grade.name}; "
               f"right {findings.right.affected_pct:.1f} %, left {findings.left.affected_pct:.1f} %, "
-              f"whole lung {findings.whole_lung_pct:.1f} %{p}", fill=(255, 255, 255))
-    draw.text((6, 22), "green: lungs  red: lesions  yellow: consolidation", fill=(200, 200, 200))
-    draw.text((6, 38), RESEARCH_NOTE.upper(), fill=(255, 80, 80))
+              f"whole lung {findings.whole_lung_pct:.1f} %", fill=(255, 255, 255))
+    draw.text((6, 20), p_covid_text(findings.p_covid), fill=(255, 255, 255))
+    draw.text((6, 36), "green: lungs  red: lesions  yellow: consolidation", fill=(200, 200, 200))
+    draw.text((6, 52), RESEARCH_NOTE.upper(), fill=(255, 80, 80))
     return np.concatenate([strip, np.asarray(caption)], axis=0)

@@ -11,10 +11,14 @@ Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
 
 ``threshold``
     Seed 004's thresholding baseline for lesions (Goncharov et al. 2021, Sections 2.1.2 and 5.1) and
-    seed 001's −200 HU consolidation baseline (Wu et al. 2020, Section III-C).
+    seed 001's −200 HU consolidation baseline (Wu et al. 2020, Section III-C). Version 1.1: the z blur
+    repeats the end slices instead of padding with zeros (findings at the ends of a stack survive).
 ``classical``
     The vessel-suppressed density variant of :func:`triaged.analysis.lesions.classical_lesions` and
-    its consolidation.
+    its consolidation. Version 1.1: components that are not pneumonia on a real scan (faint haze,
+    subpleural bands, partial volume at the domes and apices, round nodules) are dropped.
+
+Both grade with the explicit CT0 of :meth:`triaged.domain.CTGrade.from_affected_pct` (version 1.1).
 """
 
 from __future__ import annotations
@@ -234,12 +238,12 @@ class ThresholdPipeline:
     """Seed 004's thresholding baseline + seed 001's −200 HU consolidation (module docstring)."""
 
     name: str = "threshold"
-    version: str = "1.0"
+    version: str = "1.1"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "HU thresholding baseline of Goncharov et al. 2021 (seed 004): [-700, 300] HU in the lungs, "
-        "Gaussian blur sigma 4 (2 mm grid), > 0.5, components >= 0.1 % of lung volume; consolidation "
-        "= lesion voxels > -200 HU (Wu et al. 2020, seed 001). Non-learned lungs."
+        "Gaussian blur sigma 4 (2 mm grid; end slices repeated along z), > 0.5, components >= 0.1 % of "
+        "lung volume; consolidation = lesion voxels > -200 HU (Wu et al. 2020, seed 001). Non-learned lungs."
     )
     lung_params: LungParams = LungParams()
     params: ThresholdParams = ThresholdParams()
@@ -263,6 +267,7 @@ class ThresholdPipeline:
             ("lesions.method", "seed 004 thresholding baseline"),
             ("lesions.hu_window", f"[{p.hu_min:g}, {p.hu_max:g}]"),
             ("lesions.sigma", f"{p.sigma_slices:g} slices x {p.sigma_mm:g} mm x {p.sigma_mm:g} mm"),
+            ("lesions.sigma_z_edges", "nearest (end slices repeated)"),
             ("lesions.min_component", f"{100 * p.min_fraction:g} % of lung volume"),
             ("consolidation.method", "seed 001 threshold"),
             ("consolidation.hu", f"> {p.consolidation_hu:g}"),
@@ -274,11 +279,12 @@ class ClassicalPipeline:
     """Vessel-suppressed density lesions and consolidation (module docstring)."""
 
     name: str = "classical"
-    version: str = "1.0"
+    version: str = "1.1"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "Classical lesion segmentation: lung HU extended past the pleura, per-slice grey opening "
-        "(vessel suppression), ground glass >= -720 HU, central-vessel and small-component removal; "
+        "(vessel suppression), ground glass >= -720 HU, central-vessel and small-component removal, "
+        "then faint haze, subpleural bands, dome/apex partial volume and round nodules dropped; "
         "consolidation = vessel-suppressed density > -200 HU. Non-learned lungs."
     )
     lung_params: LungParams = LungParams()
@@ -304,6 +310,9 @@ class ClassicalPipeline:
             ("lesions.vessel_radius_mm", f"{p.vessel_radius_mm:g}"),
             ("lesions.hu_window", f"[{p.ggo_hu:g}, {p.max_hu:g}]"),
             ("lesions.min_component_ml", f"{p.min_component_ml:g}"),
+            ("lesions.min_contrast_hu", f"{p.min_contrast_hu:g} (ring {p.contrast_ring_mm:g} mm)"),
+            ("lesions.subpleural_band", f"<= {p.pleural_max_width_mm:g} mm thick, {p.pleural_band_mm:g} mm band"),
+            ("lesions.nodule", f"round, <= {p.nodule_max_mm:g} mm, fill >= {p.nodule_min_fill:g}"),
             ("consolidation.method", "vessel-suppressed density threshold"),
             ("consolidation.hu", f"> {p.consolidation_hu:g}"),
         ]

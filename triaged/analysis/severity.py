@@ -2,7 +2,10 @@
 
 Seed 004 (Goncharov et al. 2021, Section 2.1) ranks studies by the affected fraction of the worse lung:
 lesion volume / lung volume for each lung, the maximum of the two. The CT0–CT4 grade follows from it
-(:meth:`~triaged.domain.CTGrade.from_affected_pct`). Seed 001 (Wu et al. 2020) reports the whole-lung
+(:meth:`~triaged.domain.CTGrade.from_affected_pct`), with an explicit CT0: a study is CT0 ("no
+findings") unless its worse lung is at least :data:`~triaged.domain.CT1_MIN_PCT` % affected and its
+lesions total at least :data:`~triaged.domain.CT1_MIN_ML` mL; the provenance records why
+(``grade.reason``). Seed 001 (Wu et al. 2020) reports the whole-lung
 ratio and a consolidation score (consolidation / lung volume), both available from the
 :class:`~triaged.domain.Findings` properties. Volumes are voxel counts times the voxel volume
 (``Volume.spacing``).
@@ -185,6 +188,7 @@ def findings_from_masks(
     """
     right, left = lung_measures(masks.lungs, masks.lesions, masks.consolidation, volume.spacing)
     worse = max(right.affected_pct, left.affected_pct)
+    lesion_ml = right.lesion_ml + left.lesion_ml
     all_warnings = list(volume.warnings) + list(warnings)
     if right.lung_ml == 0 or left.lung_ml == 0:
         all_warnings.append("one lung has no volume: its affected fraction is reported as 0 %")
@@ -193,10 +197,10 @@ def findings_from_masks(
         pipeline_version=version,
         right=right,
         left=left,
-        ct_grade=CTGrade.from_affected_pct(worse),
+        ct_grade=CTGrade.from_affected_pct(worse, lesion_ml),
         key_slices=key_slices(masks.lesions),
         lesion_boxes=lesion_boxes(volume, masks.lungs, masks.lesions),
         p_covid=p_covid,
-        provenance=tuple(provenance),
+        provenance=(*provenance, ("grade.reason", CTGrade.reason(worse, lesion_ml))),
         warnings=tuple(all_warnings),
     )

@@ -92,6 +92,11 @@ SEVERITY_PERCENT: Final = Code("SEVPCT", PRIVATE_SCHEME, "Study severity, affect
 CT_SEVERITY_GRADE: Final = Code("CTGRADE", PRIVATE_SCHEME, "CT severity grade (CT0-CT4)")
 TRIAGE_PRIORITY: Final = Code("PRIORITY", PRIVATE_SCHEME, "Triage priority")
 PROBABILITY_COVID_19: Final = Code("PCOVID", PRIVATE_SCHEME, "Probability of COVID-19 pneumonia")
+#: Value of a ``PCOVID`` qualitative evaluation when the pipeline has no classifier validated on real
+#: data.  DICOM's nearest standard concept, (114007, DCM, "Measurement not attempted"), is a Numeric
+#: Value Qualifier (CID 42) of a NUM item; a coded value that says "not assessed" reads the same in
+#: every viewer.
+NOT_ASSESSED: Final = Code("NOTASSESSED", PRIVATE_SCHEME, "Not assessed")
 
 #: CT0–CT4 values of the Russian visual scale (seed 004): no SNOMED CT or DICOM code exists for them.
 CT_GRADES: Final[tuple[tuple[CTGrade, Code], ...]] = (

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from triaged.domain import Findings, Masks, Volume
+from triaged.domain import Findings, Masks, Volume, p_covid_text
 from triaged.encode.context import (
     NOT_FOR_DIAGNOSTIC_USE,
     SC_SERIES_DESCRIPTION,
@@ -317,12 +317,15 @@ def _side_markers(image: Image.Image) -> None:
 
 
 def _summary_lines(findings: Findings, ctx: OutputContext) -> list[tuple[str, tuple[int, int, int]]]:
-    """The burned-in text: warning first, then the figures a triaging reader needs."""
+    """The burned-in text: warning first, then the figures a triaging reader needs.
+
+    P(COVID-19) (or "P(COVID-19): not assessed" when the pipeline has no classifier validated on real
+    data) and the priority get a short line of their own, so that a narrow image never cuts them off.
+    """
     figures = f"Severity {findings.severity_pct:.1f} % (worse lung)   {findings.ct_grade.name}"
-    if findings.p_covid is not None:
-        figures += f"   P(COVID-19) {findings.p_covid:.2f}"
+    triage = p_covid_text(findings.p_covid)
     if ctx.priority_level:
-        figures += f"   Priority {ctx.priority_level}"
+        triage += f"   Priority {ctx.priority_level}"
     lungs = (
         f"Right {findings.right.affected_pct:.1f} %   Left {findings.left.affected_pct:.1f} %   "
         f"Both {findings.whole_lung_pct:.1f} %   Consolidation {findings.consolidation_pct:.1f} %"
@@ -331,6 +334,7 @@ def _summary_lines(findings: Findings, ctx: OutputContext) -> list[tuple[str, tu
     return [
         (f"{NOT_FOR_DIAGNOSTIC_USE} - research use only", _WARNING_RGB),
         (figures, _TEXT_RGB),
+        (triage, _TEXT_RGB),
         (lungs, _TEXT_RGB),
         (origin, (170, 170, 170)),
     ]

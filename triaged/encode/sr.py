@@ -15,19 +15,23 @@ with the model's SHA-256 as a parameter, and the Tracking UID of the SEG segment
     percentage of the worse lung, %) and the CT0–CT4 grade as a qualitative evaluation;
   - COVID-19 lesions and consolidation (TID 1411 referencing their SEG segments): total volume (ml);
   - lobes when present (TID 1411): lobe volume, lesion volume, affected percentage;
-  - classification (TID 1501): P(COVID-19) and the other class probabilities ({probability});
+  - classification (TID 1501): P(COVID-19) and the other class probabilities ({probability}) when the
+    pipeline's classifier was validated on real data, else the qualitative evaluation P(COVID-19) =
+    "Not assessed" (no number);
   - key slices (TID 1501, finding type DCM Key Images): the source images, highest lesion burden first;
   - one TID 1410 group per lesion box: a closed 5-point POLYLINE SCOORD on its source image and the
     lesion volume (ml).
 
-* Qualitative Evaluations (TID 1500 row 12): the research-use statement (TEXT, DCM Comment), the
-  triage priority (TEXT) and each analysis warning (TEXT, Comment).
+* Qualitative Evaluations (TID 1500 row 12): the research-use statement (TEXT, DCM Comment), "P(COVID-19):
+  not assessed ..." (Comment) when there is no P(COVID-19), the triage priority (TEXT) and each analysis
+  warning (TEXT, Comment).
 
 docs/codes.md lists every code and what each item means.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -36,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
-from triaged.domain import Findings, LungMeasures, Masks, Volume
+from triaged.domain import P_COVID_NOT_ASSESSED, Findings, LungMeasures, Masks, Volume
 from triaged.encode import codes
 from triaged.encode.context import (
     RESEARCH_USE_TEXT,
@@ -140,9 +144,7 @@ def build_sr(
                 )
             )
     groups.extend(_lobe_groups(masks, volume, segmentation, uids, algorithm))
-    classification = _classification_group(findings, uids, algorithm)
-    if classification is not None:
-        groups.append(classification)
+    groups.append(_classification_group(findings, uids, algorithm))
     if findings.key_slices:
         groups.append(_key_slices_group(findings, images, uids, algorithm))
     groups.extend(_lesion_box_groups(findings, images, uids, algorithm))
@@ -310,31 +312,44 @@ def _lobe_groups(
     return groups
 
 
+def p_covid_assessed(findings: Findings) -> bool:
+    """Whether the findings carry a P(COVID-19) to report (a finite number from a validated classifier)."""
+    return findings.p_covid is not None and math.isfinite(findings.p_covid)
+
+
 def _classification_group(
     findings: Findings, uids: OutputUIDs, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    """P(COVID-19) and the classifier's other class probabilities, when the pipeline has a classifier."""
-    measurements: list[hd.sr.Measurement] = []
-    named: set[str] = set()
-    if findings.p_covid is not None:
-        measurements.append(
-            _measurement(
-                codes.PROBABILITY_COVID_19, findings.p_covid, codes.UNIT_PROBABILITY, _PROBABILITY_DECIMALS
-            )
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """P(COVID-19) and the classifier's other class probabilities, or "not assessed".
+
+    A pipeline gives ``p_covid`` only when its classifier was validated on real data.  Without it no
+    number is encoded (neither P(COVID-19) nor the other class probabilities of the same classifier):
+    the group holds the qualitative evaluation ``PCOVID`` = ``NOTASSESSED`` instead.
+    """
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid(uids, "classification"), identifier="Classification")
+    if findings.p_covid is None or not p_covid_assessed(findings):
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(codes.LUNG)],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codes.PROBABILITY_COVID_19, codes.NOT_ASSESSED)
+            ],
         )
-        named.add(codes.PROBABILITY_COVID_19.value)
+    measurements = [
+        _measurement(
+            codes.PROBABILITY_COVID_19, findings.p_covid, codes.UNIT_PROBABILITY, _PROBABILITY_DECIMALS
+        )
+    ]
+    named = {codes.PROBABILITY_COVID_19.value}
     for name, p in findings.class_probabilities:
         code = codes.class_probability_code(name)
         if code.value in named:  # P(COVID-19) is reported once, from p_covid
             continue
         named.add(code.value)
         measurements.append(_measurement(code, p, codes.UNIT_PROBABILITY, _PROBABILITY_DECIMALS))
-    if not measurements:
-        return None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uids, "classification"), identifier="Classification"
-        ),
+        tracking_identifier=tracking,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.LUNG)],
         measurements=measurements,
@@ -413,6 +428,12 @@ def _qualitative_evaluations(findings: Findings, ctx: OutputContext) -> hd.sr.Co
         name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
     items = [hd.sr.TextContentItem(codes.COMMENT, RESEARCH_USE_TEXT, hd.sr.RelationshipTypeValues.CONTAINS)]
+    if not p_covid_assessed(findings):
+        items.append(
+            hd.sr.TextContentItem(
+                codes.COMMENT, p_covid_not_assessed_text(findings), hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
     if ctx.priority_level:
         items.append(
             hd.sr.TextContentItem(
@@ -427,6 +448,14 @@ def _qualitative_evaluations(findings: Findings, ctx: OutputContext) -> hd.sr.Co
         )
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+def p_covid_not_assessed_text(findings: Findings) -> str:
+    """The SR comment when P(COVID-19) is not reported, naming the pipeline."""
+    return (
+        f"{P_COVID_NOT_ASSESSED}. Pipeline '{findings.pipeline}' has no COVID-19 classifier validated "
+        "on real data; the triage priority is ranked by severity."
+    )
 
 
 def _predecessor(ref: tuple[str, str, str]) -> Dataset:

@@ -2,7 +2,9 @@
 
 Both serve the same rows in the same order (priority level, score, arrival).  The triage priority is
 returned in Requested Procedure Priority (0040,1003): STAT, HIGH (our URGENT) or ROUTINE, and the
-reasons in Study Comments (0032,4000); see ``docs/conformance.md``.
+reasons in Study Comments (0032,4000), which always state P(COVID-19) of an analysed study, as
+"P(COVID-19): not assessed" when the pipeline has no classifier validated on real data; see
+``docs/conformance.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from triaged.domain import WorklistRow
+from triaged.domain import WorklistRow, p_covid_text
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,11 @@ def _matches(value: str, key: Any, keyword: str) -> bool:
 def row_attributes(row: WorklistRow, header: Dataset | None) -> dict[str, str]:
     """The attributes this SCP can return for one study, keyword → value."""
     h = header or Dataset()
-    comment = f"{row.priority_reasons} {RESEARCH_NOTE}".strip() if row.priority_reasons else RESEARCH_NOTE
+    reasons = row.priority_reasons
+    if row.ct_grade is not None and "P(COVID-19)" not in reasons:
+        # A result whose reasons predate the "not assessed" wording: never leave P(COVID-19) unsaid.
+        reasons = "; ".join(r for r in (reasons, p_covid_text(row.p_covid)) if r)
+    comment = f"{reasons}. {RESEARCH_NOTE}" if reasons else RESEARCH_NOTE
     return {
         "StudyInstanceUID": row.study_instance_uid,
         "AccessionNumber": row.accession_number,

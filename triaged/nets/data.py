@@ -9,19 +9,29 @@ Two sources, both brought to the grid every learned model works on — axial sli
   format itself (labels.csv + nibabel).  Each case is block-averaged to ≈ 2 mm
   (:class:`triaged.analysis.grid.WorkGrid`) and cropped to its lungs' bounding box.
 * **Real COVID-19 slices** (``/work/shared/data/real/medseg-covid-slices``): 8-bit JPGs that were
-  windowed before export, so they carry no HU.  We assume a lung window, **W 1500 / L −600**, i.e.
-  ``HU = −1350 + 1500 · v / 255`` (v = 0 → −1350 HU, v = 255 → +150 HU), and augment contrast strongly
-  because the real windows vary (mean grey levels of the doctor-labelled slices range 101–203).  The
-  slices are lung/body crops without pixel spacing; we resize each so that its longer side is
-  :data:`REAL_LONG_SIDE` pixels (≈ 2 mm for a 300–350 mm wide crop) and augment the scale ±25 %.
+  windowed before export, so they carry no HU, and with *different* windows per source (the Ma et al.
+  ``coronacases`` volumes ≈ [−1000, +1700] HU, MedSeg/Radiopaedia ≈ [−1100, +250]).  The window is
+  estimated from anatomical landmarks (aerated lung ≈ −850 HU, soft tissue ≈ +40 HU, outside air ≈ −1000
+  HU; :mod:`triaged.analysis.window`): per *volume* for the pseudo-labelled slices (the landmarks' medians
+  over the volume's slices), per slice for the doctor-labelled ones, falling back to the doctor set's
+  median window when a slice's own estimate is implausible (far from the set's median: a slice whose
+  lungs are mostly opaque has no aerated-lung mode).  The slices are lung/body crops without pixel
+  spacing; we resize each so that its longer side is :data:`REAL_LONG_SIDE` pixels (≈ 2 mm for a
+  300–350 mm wide crop) and augment the scale.
+* **Real no-pneumonia volumes** (:data:`NEGATIVE_VOLUMES`, DICOM in HU): their lung slices, block-averaged
+  to ≈ 2 mm and cropped to the lungs' bounding box as at inference, with empty lesion masks.
 
-Splits of the real slices (fixed; nothing here is random):
+Splits of the real data (fixed; nothing here is random):
 
 * ``doctor-label`` (50 slices, radiologist masks, MedSeg via the Inf-Net split) and ``multiclass`` (the
   *same* 50 slices with 1 = ground glass, 2 = consolidation): the 15 slices of
   :data:`DOCTOR_VALIDATION` are held out for :func:`triaged.nets.train.evaluate_real_slices` and never
   trained on; the other 35 may be.
-* ``pseudo-label`` (1,600 slices of 20 volumes, model-made masks, CC BY-NC 4.0): training only.
+* ``pseudo-label`` (1,600 slices of 20 volumes, model-made masks, CC BY-NC 4.0): the whole volumes of
+  :data:`PSEUDO_VALIDATION` are held out (neighbouring slices of one case never straddle the split); the
+  other volumes may be trained on.
+* real volumes: :data:`NEGATIVE_VOLUMES` may be trained on; :data:`VALIDATION_VOLUMES` never (LIDC-IDRI-0001
+  of ``lidc-idri-small`` is the same patient as ``lidc-idri-0001-full`` and is not used either).
 """
 
 from __future__ import annotations
@@ -39,11 +49,25 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from triaged.analysis.grid import WorkGrid
+from triaged.analysis.window import Window, estimate_window, gray_to_hu
 
 I16 = npt.NDArray[np.int16]
 U8 = npt.NDArray[np.uint8]
 B = npt.NDArray[np.bool_]
 F32 = npt.NDArray[np.float32]
+
+
+def default_real_root() -> Path:
+    """The shared real data: ``$TRIAGED_REAL_DATA``, else ``../shared/data/real`` next to the checkout, else
+    ``/work/shared/data/real`` (as ``tests/conftest.py`` looks for it)."""
+    import os
+
+    candidates = [Path(p) for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
+    candidates += [
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "real",
+        Path("/work/shared/data/real"),
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def default_real_slices() -> Path:
@@ -89,6 +113,31 @@ DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
     "67",
 )
 
+#: Pseudo-labelled volumes held out from training (whole volumes; case = file stem before the last ``_``).
+PSEUDO_VALIDATION: Final[tuple[str, ...]] = (
+    "Data-1_coronacases_org_003",
+    "Data-1_coronacases_org_009",
+    "Data-1_radiopaedia_org_covid-19-pneumonia-14_85914_0-dcm",
+    "Data-1_radiopaedia_org_covid-19-pneumonia-36_86526_0-dcm",
+)
+
+#: Real no-pneumonia volumes used as training negatives (folders under the real data root).
+NEGATIVE_VOLUMES: Final[tuple[str, ...]] = (
+    "lidc-idri-small/LIDC-IDRI-0002",
+    "lidc-idri-small/LIDC-IDRI-0003",
+    "chest-ct-lung-pet-ct-dx",
+)
+#: Real volumes that training never sees (validation of affected % / CT grade); lidc-idri-small/LIDC-IDRI-0001
+#: is the same patient as lidc-idri-0001-full and is not used for training either.
+VALIDATION_VOLUMES: Final[tuple[str, ...]] = (
+    "lidc-idri-0001-full",
+    "cmb-crc-01068-chest",
+    "ricord-1a-covid-001012",
+)
+
+#: Doctor-slice windows further than this from the set's median (HU at grey 0 / grey 255) fall back to it.
+WINDOW_FALLBACK_HU: Final[tuple[float, float]] = (150.0, 300.0)
+
 #: In-plane target of the working grid, mm (seed 004).
 TARGET_MM: Final[float] = 2.0
 #: Margin around the lungs' bounding box kept by the crop, working pixels (in-plane) and slices.
@@ -98,7 +147,8 @@ CROP_MARGIN_SLICES: Final[int] = 2
 
 # ---------------------------------------------------------------------------------------- real slices
 def hu_from_8bit(values: npt.NDArray[np.generic]) -> F32:
-    """Map 8-bit lung-window grey levels to HU under the assumed window (W 1500, L −600)."""
+    """Map 8-bit grey levels to HU under the fixed lung window W 1500 / L −600 (the mapping before windows
+    were estimated; kept for comparisons — the loaders use :mod:`triaged.analysis.window`)."""
     lo = REAL_WINDOW_LEVEL - REAL_WINDOW_WIDTH / 2.0
     return (lo + REAL_WINDOW_WIDTH * np.asarray(values, np.float32) / 255.0).astype(np.float32)
 
@@ -116,7 +166,7 @@ class RealSlice:
     index : int
         Slice number within ``case`` (pseudo-label; 0 otherwise).
     hu : ndarray of int16
-        Assumed HU (:func:`hu_from_8bit`), (H, W).
+        HU under the estimated display window (module docstring), (H, W).
     lesion : ndarray of bool
         Infection mask (ground glass + consolidation).
     consolidation : ndarray of bool or None
@@ -129,6 +179,7 @@ class RealSlice:
     hu: I16
     lesion: B
     consolidation: B | None = None
+    window: Window | None = None
 
 
 def _resize(img: F32, shape: tuple[int, int], order: int) -> F32:
@@ -158,18 +209,27 @@ def _read_label(path: Path) -> npt.NDArray[np.uint8]:
 
 
 def load_real_slice(
-    image: Path, mask: Path, *, name: str, case: str, index: int = 0, multiclass: Path | None = None
+    image: Path,
+    mask: Path,
+    *,
+    name: str,
+    case: str,
+    index: int = 0,
+    multiclass: Path | None = None,
+    window: Window | None = None,
 ) -> RealSlice:
-    """Read one JPG slice and its PNG mask(s) onto the ≈ 2 mm grid (module docstring)."""
+    """Read one JPG slice and its PNG mask(s) onto the ≈ 2 mm grid (module docstring); ``window`` None
+    estimates the slice's own display window."""
     grey = _read_gray(image)
+    window = window or estimate_window(grey)
     shape = _target_shape(*grey.shape)
-    hu = _resize(hu_from_8bit(grey), shape, order=1)
+    hu = _resize(gray_to_hu(grey, window), shape, order=1)
     lesion = _resize((_read_label(mask) >= 128).astype(np.float32), shape, order=1) >= 0.5
     cons = None
     if multiclass is not None:
         labels = _read_label(multiclass)
         cons = _resize((labels == 2).astype(np.float32), shape, order=1) >= 0.5
-    return RealSlice(name, case, index, np.round(hu).astype(np.int16), lesion, cons)
+    return RealSlice(name, case, index, np.round(hu).astype(np.int16), lesion, cons, window)
 
 
 def _stem_key(stem: str) -> tuple[int, str]:
@@ -185,6 +245,7 @@ def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) ->
     if not images.is_dir():
         raise FileNotFoundError(f"{images} is absent (real slices live only on development machines)")
     stems = sorted((p.stem for p in images.glob("*.jpg")), key=_stem_key)
+    windows = doctor_windows(root)
     held = set(DOCTOR_VALIDATION)
     chosen = [s for s in stems if (s in held) == validation]
     out: list[RealSlice] = []
@@ -197,13 +258,34 @@ def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) ->
                 name=f"doctor-label/{stem}",
                 case=f"doctor-{stem}",
                 multiclass=mc if mc.is_file() else None,
+                window=windows[stem],
             )
         )
     return out
 
 
-def load_pseudo_slices(root: Path = DEFAULT_REAL_SLICES, limit: int | None = None) -> list[RealSlice]:
-    """The pseudo-labelled slices (``<case>_<index>.jpg``), sorted by case and index."""
+def doctor_windows(root: Path = DEFAULT_REAL_SLICES) -> dict[str, Window]:
+    """Display window of every doctor-labelled slice (file stem → window): the slice's own estimate, or
+    the set's median window where the estimate is implausible (module docstring).  Images only, no labels."""
+    images = Path(root) / "doctor-label" / "images"
+    own = {p.stem: estimate_window(_read_gray(p)) for p in sorted(images.glob("*.jpg"))}
+    if not own:
+        return {}
+    lo = float(np.median([w.lo_hu for w in own.values()]))
+    hi = float(np.median([w.hi_hu for w in own.values()]))
+    median = Window(lo, hi, "median of the doctor-labelled set")
+    tol_lo, tol_hi = WINDOW_FALLBACK_HU
+    return {
+        stem: w if abs(w.lo_hu - lo) <= tol_lo and abs(w.hi_hu - hi) <= tol_hi else median
+        for stem, w in own.items()
+    }
+
+
+def pseudo_entries(
+    root: Path = DEFAULT_REAL_SLICES, *, validation: bool | None = None
+) -> list[tuple[str, int, Path]]:
+    """``(case, slice index, image path)`` of the pseudo-labelled slices, sorted; ``validation`` as in
+    :func:`load_pseudo_slices`."""
     images = Path(root) / "pseudo-label" / "images"
     if not images.is_dir():
         raise FileNotFoundError(f"{images} is absent")
@@ -212,13 +294,98 @@ def load_pseudo_slices(root: Path = DEFAULT_REAL_SLICES, limit: int | None = Non
         case, _, idx = p.stem.rpartition("_")
         entries.append((case, int(idx), p))
     entries.sort(key=lambda e: (e[0], e[1]))
+    if validation is not None:
+        held = set(PSEUDO_VALIDATION)
+        entries = [e for e in entries if (e[0] in held) == validation]
+    return entries
+
+
+def load_pseudo_slices(
+    root: Path = DEFAULT_REAL_SLICES, limit: int | None = None, *, validation: bool | None = None
+) -> list[RealSlice]:
+    """The pseudo-labelled slices (``<case>_<index>.jpg``), sorted by case and index, each volume under its
+    own estimated window; ``validation`` True/False keeps only the held-out / training volumes
+    (:data:`PSEUDO_VALIDATION`), None all."""
+    entries = pseudo_entries(root, validation=validation)
     if limit is not None:
         entries = entries[:limit]
     masks = Path(root) / "pseudo-label" / "infection"
+    windows: dict[str, Window] = {}
+    for case in dict.fromkeys(e[0] for e in entries):
+        paths = [p for c, _, p in entries if c == case]
+        windows[case] = estimate_window([_read_gray(p) for p in paths[:: max(1, len(paths) // 24)]])
     return [
-        load_real_slice(p, masks / f"{p.stem}.png", name=f"pseudo-label/{p.stem}", case=case, index=idx)
+        load_real_slice(
+            p,
+            masks / f"{p.stem}.png",
+            name=f"pseudo-label/{p.stem}",
+            case=case,
+            index=idx,
+            window=windows[case],
+        )
         for case, idx, p in entries
     ]
+
+
+def read_dicom_hu(folder: Path) -> tuple[I16, tuple[float, float, float]]:
+    """A single-series DICOM folder as (z, y, x) HU (sorted along the slice normal) and its spacing, mm.
+
+    Uncompressed or pylibjpeg-decodable files; padding values become −1024 HU.
+    """
+    import pydicom
+
+    files = [pydicom.dcmread(str(p)) for p in sorted(Path(folder).rglob("*.dcm"))]
+    files = [d for d in files if "PixelData" in d and getattr(d, "Modality", "CT") == "CT"]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no CT DICOM files")
+    iop = np.asarray(files[0].ImageOrientationPatient, np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    files.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, np.float64))))
+    pos = [float(np.dot(normal, np.asarray(d.ImagePositionPatient, np.float64))) for d in files]
+    dz = float(np.median(np.diff(pos))) if len(pos) > 1 else float(getattr(files[0], "SliceThickness", 1.0))
+    out = np.empty((len(files), int(files[0].Rows), int(files[0].Columns)), np.int16)
+    for k, d in enumerate(files):
+        raw = d.pixel_array
+        pad = getattr(d, "PixelPaddingValue", None)
+        hu = raw.astype(np.float32) * float(getattr(d, "RescaleSlope", 1.0)) + float(
+            getattr(d, "RescaleIntercept", 0.0)
+        )
+        hu = np.where(hu < -1500.0, -1024.0, hu)
+        if pad is not None:
+            hu = np.where(raw == pad, -1024.0, hu)
+        out[k] = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    px = [float(v) for v in files[0].PixelSpacing]
+    return out, (abs(dz), px[0], px[1])
+
+
+def load_volume_slices(folder: Path, name: str) -> list[RealSlice]:
+    """The lung slices of a real no-pneumonia volume on the ≈ 2 mm grid, cropped to the lungs' bounding
+    box (as the learned pipelines crop at inference), with empty lesion masks."""
+    from triaged.analysis.lungs import segment_lungs_coarse
+
+    hu, spacing = read_dicom_hu(folder)
+    grid = WorkGrid.for_volume(hu.shape, spacing, TARGET_MM)  # type: ignore[arg-type]
+    chu = grid.downsample(hu)
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    lungs = segment_lungs_coarse(chu, grid, affine).labels > 0
+    zs, ys, xs = lung_box(lungs, margin_slices=0)
+    out = []
+    for z in range(zs.start, zs.stop):
+        if np.count_nonzero(lungs[z]) < 50:
+            continue
+        img = np.round(chu[z, ys, xs]).astype(np.int16)
+        out.append(RealSlice(f"{name}/{z}", name, z, img, np.zeros(img.shape, bool)))
+    return out
+
+
+def load_negative_slices(root: Path | None = None) -> list[RealSlice]:
+    """The lung slices of every :data:`NEGATIVE_VOLUMES` folder present under the real data root."""
+    base = Path(root) if root is not None else default_real_root()
+    out: list[RealSlice] = []
+    for rel in NEGATIVE_VOLUMES:
+        if (base / rel).is_dir():
+            out += load_volume_slices(base / rel, rel)
+    return out
 
 
 def neighbour_stack(slices: Sequence[RealSlice], i: int, n: int) -> I16:

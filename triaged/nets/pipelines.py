@@ -14,8 +14,10 @@ AnalysisResult``) and share the non-learned front end of :mod:`triaged.analysis`
 4. probabilities are interpolated back to the volume grid (linearly in-plane; along z too for seed 001,
    which works on 5 mm slabs) and thresholded; lesion voxels outside the lungs are dropped.
 
-``multitask``: lesion probability ≥ the card's ``lesion`` threshold and P(COVID-19) from the
-classification head; consolidation is seed 001's −200 HU rule inside the lesions.
+``multitask``: lesion probability ≥ the card's ``lesion`` threshold; consolidation is seed 001's −200 HU
+rule inside the lesions.  P(COVID-19) from the classification head is reported only when the model card
+says on which real data the classifier was validated (``p_covid_validated_on``); otherwise the pipeline
+returns ``p_covid = None`` with the note :data:`P_COVID_NOT_ASSESSED` (triage then falls back to severity).
 ``consolidation-em``: UNet-1's infection > 0.5 is the lesion mask; UNet-2 > 0.5 inside it is
 consolidation (Wu et al. 2020, Algorithm 1 and Section III-C); no P(COVID-19).
 """
@@ -48,6 +50,17 @@ U8 = npt.NDArray[np.uint8]
 CHUNK_SLICES = 32
 #: Seed 001's consolidation baseline inside lesions (Chaganti et al.), used by the multitask pipeline.
 CONSOLIDATION_HU = -200.0
+#: The note of a pipeline whose classifier has not been validated on real data (no P(COVID-19) reported).
+P_COVID_NOT_ASSESSED = "P(COVID-19) not assessed: classifier not validated on real data"
+
+
+def p_covid_validation(manifest: dict[str, Any]) -> str | None:
+    """The model card's description of the real data its classifier was validated on, or None (field
+    ``p_covid_validated_on`` absent, null or empty): then the pipeline reports no P(COVID-19)."""
+    value = manifest.get("p_covid_validated_on")
+    if value is None or value == "" or value == {} or value == []:
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -354,20 +367,31 @@ class MultitaskPipeline(LearnedPipeline):
         masks = Masks(front.lungs_full, lesions, consolidation)
         times.append(("masks", time.perf_counter() - t))
         say(0.9, "measuring")
+        validated = p_covid_validation(self._manifest)
+        identification: list[tuple[str, str]] = (
+            [
+                ("identification.method", "multitask network, pyramid-pooling classification head"),
+                (
+                    "identification.window_slices",
+                    "whole stack" if window is None else f"{window} (max over windows)",
+                ),
+                ("identification.validated_on", validated),
+            ]
+            if validated is not None
+            else [("identification.method", P_COVID_NOT_ASSESSED)]
+        )
         prov = [
             ("lesions.method", "multitask network, segmentation head"),
             ("lesions.threshold", f"{threshold:g}"),
-            ("identification.method", "multitask network, pyramid-pooling classification head"),
-            (
-                "identification.window_slices",
-                "whole stack" if window is None else f"{window} (max over windows)",
-            ),
+            *identification,
             ("consolidation.method", "seed 001 threshold inside the lesions"),
             ("consolidation.hu", f"> {CONSOLIDATION_HU:g}"),
             ("precision", precision.describe()),
             *[(f"time.{k}_s", f"{v:.2f}") for k, v in times],
         ]
-        findings = self._findings(volume, masks, front, p_covid, prov)
+        findings = self._findings(volume, masks, front, p_covid if validated is not None else None, prov)
+        if validated is None:
+            findings = replace(findings, warnings=(*findings.warnings, P_COVID_NOT_ASSESSED))
         say(1.0, "done")
         return AnalysisResult(findings, masks)
 

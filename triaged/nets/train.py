@@ -41,7 +41,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -97,11 +97,33 @@ class Recipe:
     box_jitter: int = 4
     clip_norm: float = 5.0
     whole_box: bool = True
+    #: backbone widths (None = the architecture's default)
+    widths: tuple[int, ...] | None = None
+    #: share of the real samples drawn from the real no-pneumonia volumes (lesion-free slices)
+    negative_share: float = 0.0
+    #: real-slice augmentation: "v1" (gamma on the assumed lung window, the first recipes) or "v2"
+    #: (windows estimated; moderate contrast, window clipping, noise, blur/sharpening kernels)
+    augment: str = "v1"
+    #: warm-up steps of the cosine schedule (multitask)
+    warmup: int = 20
 
 
 RECIPES: Final[dict[str, Recipe]] = {
+    # real first (issue 11): the segmentation branch on real slices with estimated windows and real
+    # no-pneumonia slices as negatives; no phantoms, so the classification head is not trained
     "multitask": Recipe(
-        steps_per_epoch=20, lr=2e-3, phantom_batch=2, crop_slices=12, crop_hw=(80, 112), real_batch=6
+        steps_per_epoch=50,
+        lr=2e-3,
+        phantom_batch=0,
+        crop_slices=12,
+        crop_hw=(112, 112),
+        real_batch=8,
+        cls_weight=0.0,
+        doctor_share=0.15,
+        negative_share=0.2,
+        widths=(12, 24, 48, 96),
+        augment="v2",
+        warmup=50,
     ),
     "consolidation-em": Recipe(
         steps_per_epoch=20,
@@ -207,6 +229,32 @@ def augment_real(rng: np.random.Generator, stack: F32, masks: Sequence[B]) -> tu
     return hu.astype(np.float32), ms
 
 
+def augment_real_v2(rng: np.random.Generator, stack: F32, masks: Sequence[B]) -> tuple[F32, list[B]]:
+    """Augmentation of real slices whose HU come from an estimated window (or DICOM): rotations by 90°,
+    flips, ±25 % scale; contrast ×0.85–1.15 about −500 HU and ±60 HU (window estimation error), a
+    random upper clip at 0–300 HU (export windows), Gaussian noise σ 0–40 HU, and a kernel change: blur
+    (smooth kernels) or unsharp masking (sharp kernels)."""
+    k = int(rng.integers(4))
+    stack = np.rot90(stack, k, axes=(1, 2))
+    ms = [np.rot90(m, k) for m in masks]
+    if rng.random() < 0.5:
+        stack, ms = stack[:, :, ::-1], [m[:, ::-1] for m in ms]
+    s = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+    stack = ndimage.zoom(np.ascontiguousarray(stack, np.float32), (1, s, s), order=1, mode="nearest")
+    ms = [ndimage.zoom(np.ascontiguousarray(m, np.float32), s, order=1, mode="nearest") >= 0.5 for m in ms]
+    hu = (stack + 500.0) * rng.uniform(0.85, 1.15) - 500.0 + rng.uniform(-60.0, 60.0)
+    if rng.random() < 0.4:
+        hu = np.minimum(hu, rng.uniform(0.0, 300.0))
+    r = rng.random()
+    if r < 0.25:
+        hu = ndimage.gaussian_filter(hu, (0, rng.uniform(0.4, 1.0), rng.uniform(0.4, 1.0)))
+    elif r < 0.45:
+        blur = ndimage.gaussian_filter(hu, (0, 1.0, 1.0))
+        hu = hu + rng.uniform(0.3, 1.0) * (hu - blur)
+    hu = hu + rng.normal(0.0, rng.uniform(0.0, 40.0), hu.shape)
+    return np.asarray(hu, np.float32), ms
+
+
 def augment_phantom(rng: np.random.Generator, hu: F32) -> F32:
     """Mild intensity augmentation of phantom HU (their HU are exact; scanners differ a little)."""
     hu = hu * rng.uniform(0.95, 1.05) + rng.uniform(-25.0, 25.0)
@@ -216,25 +264,36 @@ def augment_phantom(rng: np.random.Generator, hu: F32) -> F32:
 # --------------------------------------------------------------------------------------- data pools
 @dataclass
 class RealPools:
-    """Real slices for training: pseudo-labelled and the doctor-labelled training split."""
+    """Real data for training: the training volumes of the pseudo-labelled slices, the doctor-labelled
+    training split and the lung slices of the real no-pneumonia volumes (empty masks)."""
 
     pseudo: list[data.RealSlice]
     doctor: list[data.RealSlice]
+    negative: list[data.RealSlice] = field(default_factory=list)
 
     @staticmethod
-    def load(root: Path | None, progress: bool) -> RealPools:
+    def load(root: Path | None, progress: bool, negatives: bool = False) -> RealPools:
         if root is None:
             return RealPools([], [])
         root = Path(root)
         if progress:
             print(f"reading real slices from {root}", file=sys.stderr)
-        return RealPools(data.load_pseudo_slices(root), data.load_doctor_slices(root, validation=False))
+        neg = data.load_negative_slices(root.parent) if negatives else []
+        return RealPools(
+            data.load_pseudo_slices(root, validation=False),
+            data.load_doctor_slices(root, validation=False),
+            neg,
+        )
 
     def __bool__(self) -> bool:
         return bool(self.pseudo or self.doctor)
 
     def pick(
-        self, rng: np.random.Generator, doctor_share: float, need_cons_label: bool = False
+        self,
+        rng: np.random.Generator,
+        doctor_share: float,
+        need_cons_label: bool = False,
+        negative_share: float = 0.0,
     ) -> tuple[list[data.RealSlice], int]:
         """A pool and an index into it; with ``need_cons_label`` a doctor slice, with and without
         consolidation equally often."""
@@ -250,6 +309,8 @@ class RealPools:
             groups = [g for g in groups if g]
             group = groups[int(rng.integers(len(groups)))]
             return self.doctor, group[int(rng.integers(len(group)))]
+        if self.negative and rng.random() < negative_share:
+            return self.negative, int(rng.integers(len(self.negative)))
         if self.doctor and (not self.pseudo or rng.random() < doctor_share):
             return self.doctor, int(rng.integers(len(self.doctor)))
         return self.pseudo, int(rng.integers(len(self.pseudo)))
@@ -325,14 +386,21 @@ def multitask_batch(
 
 
 def real_batch_2d(
-    rng: np.random.Generator, pools: RealPools, n: int, hw: tuple[int, int], doctor_share: float
+    rng: np.random.Generator,
+    pools: RealPools,
+    n: int,
+    hw: tuple[int, int],
+    doctor_share: float,
+    negative_share: float = 0.0,
+    augment: str = "v1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augmented real slices (N, 1, H, W) normalised for the multitask model, and their lesion masks."""
     xs, ys = [], []
+    aug = augment_real_v2 if augment == "v2" else augment_real
     for _ in range(n):
-        pool, i = pools.pick(rng, doctor_share)
+        pool, i = pools.pick(rng, doctor_share, negative_share=negative_share)
         s = pool[i]
-        hu, (les,) = augment_real(rng, s.hu[None].astype(np.float32), [s.lesion])
+        hu, (les,) = aug(rng, s.hu[None].astype(np.float32), [s.lesion])
         centre = _lesion_centre(rng, les) if rng.random() < 0.7 else None
         hu, les = random_crop(rng, [hu, les], hw, [PAD_HU, 0], centre)
         xs.append(hu)
@@ -364,17 +432,25 @@ def multitask_step(
     recipe: Recipe,
     device: torch.device,
 ) -> dict[str, float]:
-    seg = torch.zeros(())
-    cls = torch.zeros(())
-    batch = multitask_batch(rng, cases, recipe)
+    seg = torch.zeros((), device=device)
+    cls = torch.zeros((), device=device)
+    batch = multitask_batch(rng, cases, recipe) if cases and recipe.phantom_batch else []
     for x, y, c in batch:  # one stack at a time: the whole-lung boxes differ in size
         out = net(x.to(device))
         seg = seg + seg_loss(out.lesion_logits, y.to(device), recipe) / len(batch)
         cls = cls + F.binary_cross_entropy_with_logits(out.covid_logit, c.to(device)) / len(batch)
     loss = seg + recipe.cls_weight * cls
-    parts = {"seg": seg.item(), "cls": cls.item()}
+    parts = {"seg": seg.item(), "cls": cls.item()} if batch else {}
     if pools and recipe.real_batch:
-        xr, yr = real_batch_2d(rng, pools, recipe.real_batch, recipe.crop_hw, recipe.doctor_share)
+        xr, yr = real_batch_2d(
+            rng,
+            pools,
+            recipe.real_batch,
+            recipe.crop_hw,
+            recipe.doctor_share,
+            recipe.negative_share,
+            recipe.augment,
+        )
         xr, yr = xr.to(device), yr.to(device)
         seg_r = seg_loss(net.segment(net.slice_features(xr)), yr, recipe)
         loss = loss + seg_r
@@ -535,7 +611,7 @@ def _lr_at(name: str, recipe: Recipe, step: int, total: int, phase: str) -> floa
     if name == "consolidation-em":  # Wu: step decay (1e-2 / 1e-3 / 1e-4 over epochs 1-50 / 50-100 / 100-200)
         frac = step / max(1, total)
         return recipe.lr * (1.0 if frac < 0.5 else 0.3 if frac < 0.75 else 0.1)
-    warm = 20
+    warm = recipe.warmup
     if step < warm:
         return recipe.lr * (step + 1) / warm
     return 1e-5 + (recipe.lr - 1e-5) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -548,27 +624,29 @@ def _phase_of(name: str, epoch: int, epochs: int, recipe: Recipe) -> str:
     return "em" if epoch >= epochs - em_epochs else "unet1"
 
 
-def new_module(model_name: str) -> nn.Module:
+def new_module(model_name: str, recipe: Recipe | None = None) -> nn.Module:
     if model_name == "multitask":
-        return mt.MultitaskNet()
+        widths = recipe.widths if recipe is not None and recipe.widths else None
+        return mt.MultitaskNet() if widths is None else mt.MultitaskNet(widths=widths)
     if model_name == "consolidation-em":
         return wu.ConsolidationEM()
     raise TrainingError(f"unknown model {model_name!r}; one of {', '.join(MODEL_NAMES)}")
 
 
-def architecture_of(model_name: str) -> dict[str, Any]:
+def architecture_of(model_name: str, recipe: Recipe | None = None) -> dict[str, Any]:
     """The manifest's ``architecture`` section (name → :data:`triaged.nets.weights.ARCHITECTURES`)."""
     if model_name == "multitask":
+        widths = recipe.widths if recipe is not None and recipe.widths else mt.DEFAULT_WIDTHS
         return {
             "name": "MultitaskNet",
-            "kwargs": {"widths": list(mt.DEFAULT_WIDTHS), "fc_units": 128, "levels": list(mt.PYRAMID_LEVELS)},
+            "kwargs": {"widths": list(widths), "fc_units": 128, "levels": list(mt.PYRAMID_LEVELS)},
         }
     return {"name": "ConsolidationEM", "kwargs": {"widths": list(wu.DEFAULT_WIDTHS)}}
 
 
 def train(
     model_name: str,
-    data_dir: Path | str,
+    data_dir: Path | str | None,
     out_dir: Path | str,
     *,
     epochs: int,
@@ -589,8 +667,9 @@ def train(
     Parameters
     ----------
     model_name : {'multitask', 'consolidation-em'}
-    data_dir : Path
-        Labelled phantom dataset (``labels.csv`` + NIfTI, :mod:`triaged.datasets`).
+    data_dir : Path or None
+        Labelled phantom dataset (``labels.csv`` + NIfTI, :mod:`triaged.datasets`); None trains on real
+        data only (a recipe with ``phantom_batch`` 0).
     out_dir : Path
         Model folder to write (checkpoint, weights, manifest, prepared-data cache).
     epochs : int
@@ -629,14 +708,22 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     t_start = time.perf_counter()
 
-    cases = data.read_phantom_dataset(Path(data_dir), cache_dir=out / "cache", progress=progress)
-    if not cases:
-        raise TrainingError(f"{data_dir}: no cases")
-    pools = RealPools.load(Path(real_slices) if real_slices else None, progress)
+    cases: list[data.VolumeCase] = []
+    if data_dir is not None:
+        cases = data.read_phantom_dataset(Path(data_dir), cache_dir=out / "cache", progress=progress)
+        if not cases:
+            raise TrainingError(f"{data_dir}: no cases")
+    elif recipe.phantom_batch or model_name != "multitask":
+        raise TrainingError(f"{model_name}: this recipe needs a phantom dataset (--data)")
+    pools = RealPools.load(
+        Path(real_slices) if real_slices else None, progress, negatives=recipe.negative_share > 0
+    )
+    if not cases and not pools:
+        raise TrainingError("no training data: give a phantom dataset and/or the real slices")
     slabs = [SlabCase.of(c) for c in cases] if model_name == "consolidation-em" else []
 
     torch.manual_seed(seed)
-    net = new_module(model_name).to(dev)
+    net = new_module(model_name, recipe).to(dev)
     state: dict[str, Any] = {"epoch": 0, "history": [], "elapsed_s": 0.0, "phase": None, "optimizer": None}
     ckpt = out / CHECKPOINT_FILE
     if resume and ckpt.is_file():
@@ -729,12 +816,19 @@ def train(
         "device": str(dev),
         "history": state["history"],
         "wall_time_s": round(float(state["elapsed_s"]) + time.perf_counter() - t_start, 1),
-        "data_dir": str(data_dir),
+        "data_dir": None if data_dir is None else str(data_dir),
         "real_slices": str(real_slices) if real_slices else None,
         "phantom_cases": _case_summary(cases),
         "command": command,
         "data_note": data_note,
-        "labels_sha256": sha256_of(Path(data_dir) / "labels.csv"),
+        "labels_sha256": None if data_dir is None else sha256_of(Path(data_dir) / "labels.csv"),
+        "real_counts": {
+            "pseudo_label_slices": len(pools.pseudo),
+            "pseudo_label_volumes": len({s.case for s in pools.pseudo}),
+            "doctor_label_slices": len(pools.doctor),
+            "negative_slices": len(pools.negative),
+        },
+        "negative_volumes": sorted({s.case for s in pools.negative}),
     }
     write_manifest(out, model_name, net, info, metrics={})
     if evaluate:
@@ -766,61 +860,111 @@ def _case_summary(cases: Sequence[data.VolumeCase]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def evaluate_real_slices(model_dir: Path | str, real_slices: Path | str | None = None) -> dict[str, Any]:
-    """Lesion Dice on the held-out doctor-labelled slices (:data:`triaged.nets.data.DOCTOR_VALIDATION`).
-
-    The slices are 8-bit JPGs mapped to HU under the assumed lung window; the model sees each slice alone
-    (the 2.5D ``consolidation-em`` model gets the slice repeated 7×).  No lung mask is applied.  For
-    ``consolidation-em`` the consolidation Dice against the multiclass labels (class 2) is reported too.
-
-    Returns
-    -------
-    dict
-        ``n_slices``, ``lesion_dice_mean`` (mean over slices), ``lesion_dice_global`` (pooled voxels)
-        and for ``consolidation-em`` ``consolidation_dice_global`` and ``consolidation_dice_mean`` (over
-        the slices whose label has consolidation).
-    """
-    loaded = load_model(model_dir)
-    root = Path(real_slices) if real_slices else data.DEFAULT_REAL_SLICES
-    slices = data.load_doctor_slices(root, validation=True)
+def _predict_slice(loaded: Any, s: data.RealSlice) -> tuple[B, B | None]:
+    """Lesion (and for ``consolidation-em`` consolidation) mask of one real slice, seen alone."""
     net = loaded.module
+    hu = torch.from_numpy(s.hu.astype(np.float32))
+    if isinstance(net, mt.MultitaskNet):
+        x = mt.normalise_hu(hu)[None, None]
+        prob = torch.sigmoid(net.segment(net.slice_features(x)))[0].numpy()
+        return prob >= loaded.thresholds.get("lesion", 0.5), None
+    assert isinstance(net, wu.ConsolidationEM)
+    x = wu.normalise_hu(hu)[None].repeat(wu.CONTEXT_SLICES, 1, 1)[None]
+    p = torch.sigmoid(net(x))[0].numpy()
+    les = p[0] > loaded.thresholds.get("infection", 0.5)
+    return les, les & (p[1] > loaded.thresholds.get("consolidation", 0.5))
+
+
+def score_real_slices(loaded: Any, slices: Sequence[data.RealSlice]) -> dict[str, Any]:
+    """Lesion scores of a model on real slices, as the MedSeg literature reports them.
+
+    ``lesion_dice_mean`` (mean per image; an image without lesion scores 1 when nothing is predicted),
+    ``lesion_dice_global`` (pixels pooled), ``sensitivity_mean`` (mean recall over images with lesions),
+    ``specificity_mean`` (mean per image of TN / (TN + FP)), ``false_positive_slices`` (images without
+    lesion where something is predicted) and, for ``consolidation-em``, consolidation Dice.
+    """
     per_les: list[float] = []
+    sens: list[float] = []
+    spec: list[float] = []
     per_cons: list[float] = []
-    tp = fp_fn = 0
-    ctp = cfp_fn = 0
+    tp = fp_fn = ctp = cfp_fn = 0
+    fp_slices = empty = 0
     with torch.inference_mode():
         for s in slices:
-            hu = torch.from_numpy(s.hu.astype(np.float32))
-            if isinstance(net, mt.MultitaskNet):
-                x = mt.normalise_hu(hu)[None, None]
-                prob = torch.sigmoid(net.segment(net.slice_features(x)))[0].numpy()
-                les = prob >= loaded.thresholds.get("lesion", 0.5)
-                cons = None
-            else:
-                assert isinstance(net, wu.ConsolidationEM)
-                x = wu.normalise_hu(hu)[None].repeat(wu.CONTEXT_SLICES, 1, 1)[None]
-                p = torch.sigmoid(net(x))[0].numpy()
-                les = p[0] > loaded.thresholds.get("infection", 0.5)
-                cons = les & (p[1] > loaded.thresholds.get("consolidation", 0.5))
+            les, cons = _predict_slice(loaded, s)
             per_les.append(dice(les, s.lesion))
             tp += int(np.count_nonzero(les & s.lesion))
             fp_fn += int(np.count_nonzero(les) + np.count_nonzero(s.lesion))
+            neg = ~s.lesion
+            n_neg = int(np.count_nonzero(neg))
+            spec.append(float(np.count_nonzero(~les & neg)) / max(1, n_neg))
+            if s.lesion.any():
+                sens.append(float(np.count_nonzero(les & s.lesion) / np.count_nonzero(s.lesion)))
+            else:
+                empty += 1
+                fp_slices += int(les.any())
             if cons is not None and s.consolidation is not None:
                 if s.consolidation.any():
                     per_cons.append(dice(cons, s.consolidation))
                 ctp += int(np.count_nonzero(cons & s.consolidation))
                 cfp_fn += int(np.count_nonzero(cons) + np.count_nonzero(s.consolidation))
-    result: dict[str, Any] = {
-        "split": "doctor-label validation (file stems " + " ".join(data.DOCTOR_VALIDATION) + ")",
+    out: dict[str, Any] = {
         "n_slices": len(slices),
-        "lesion_dice_mean": round(float(np.mean(per_les)), 4),
+        "lesion_dice_mean": round(float(np.mean(per_les)), 4) if per_les else None,
         "lesion_dice_global": round(2.0 * tp / max(1, fp_fn), 4),
+        "sensitivity_mean": round(float(np.mean(sens)), 4) if sens else None,
+        "specificity_mean": round(float(np.mean(spec)), 4) if spec else None,
+        "slices_without_lesion": empty,
+        "false_positive_slices": fp_slices,
     }
-    if isinstance(net, wu.ConsolidationEM):
-        result["consolidation_dice_global"] = round(2.0 * ctp / max(1, cfp_fn), 4)
-        result["consolidation_dice_mean"] = round(float(np.mean(per_cons)), 4) if per_cons else None
-        result["consolidation_slices"] = len(per_cons)
-    return result
+    if isinstance(loaded.module, wu.ConsolidationEM):
+        out["consolidation_dice_global"] = round(2.0 * ctp / max(1, cfp_fn), 4)
+        out["consolidation_dice_mean"] = round(float(np.mean(per_cons)), 4) if per_cons else None
+        out["consolidation_slices"] = len(per_cons)
+    return out
+
+
+def evaluate_real_slices(model_dir: Path | str, real_slices: Path | str | None = None) -> dict[str, Any]:
+    """Lesion scores on the held-out doctor-labelled slices (:data:`triaged.nets.data.DOCTOR_VALIDATION`).
+
+    The 8-bit JPGs are mapped to HU under their estimated display windows (:mod:`triaged.nets.data`);
+    the model sees each slice alone (the 2.5D ``consolidation-em`` model gets the slice repeated 7×).
+    No lung mask is applied.  For ``consolidation-em`` the consolidation Dice against the multiclass
+    labels (class 2) is reported too.
+
+    Returns
+    -------
+    dict
+        ``split``, ``n_slices`` and the scores of :func:`score_real_slices`.
+    """
+    loaded = load_model(model_dir)
+    root = Path(real_slices) if real_slices else data.DEFAULT_REAL_SLICES
+    slices = data.load_doctor_slices(root, validation=True)
+    return {
+        "split": "doctor-label validation (file stems " + " ".join(data.DOCTOR_VALIDATION) + ")",
+        **score_real_slices(loaded, slices),
+    }
+
+
+def evaluate_real_fit(model_dir: Path | str, real_slices: Path | str | None = None) -> dict[str, Any]:
+    """Held-out pseudo-labelled volumes (:data:`~triaged.nets.data.PSEUDO_VALIDATION`) and, to check that
+    the network fits its training data, the same scores on the doctor training split and on every 4th
+    slice of the pseudo-labelled training volumes."""
+    loaded = load_model(model_dir)
+    root = Path(real_slices) if real_slices else data.DEFAULT_REAL_SLICES
+    pseudo_val = data.load_pseudo_slices(root, validation=True)
+    pseudo_train = data.load_pseudo_slices(root, validation=False)[::4]
+    doctor_train = data.load_doctor_slices(root, validation=False)
+    return {
+        "pseudo_label_validation_volumes": {
+            "volumes": list(data.PSEUDO_VALIDATION),
+            **score_real_slices(loaded, pseudo_val),
+        },
+        "training_fit": {
+            "doctor_label_training_split": score_real_slices(loaded, doctor_train),
+            "pseudo_label_training_volumes_every_4th_slice": score_real_slices(loaded, pseudo_train),
+        },
+    }
 
 
 def evaluate_cases(
@@ -996,6 +1140,7 @@ def card_metrics(
         metrics["phantom_test"] = evaluate_dataset(model_dir, test_data, progress)
     if real_slices is not None:
         metrics["real_validation"] = evaluate_real_slices(model_dir, real_slices)
+        metrics.update(evaluate_real_fit(model_dir, real_slices))
     metrics["phantom_smoke"] = smoke_metrics(model_dir)
     return metrics
 
@@ -1007,6 +1152,10 @@ _LICENCES = {
         "prepared by the Inf-Net authors (Fan et al., IEEE TMI 2020): 1,600 slices with model-made "
         "pseudo-label infection masks. Licence CC BY-NC 4.0: these weights are for non-commercial use."
     ),
+    "negatives": (
+        "LIDC-IDRI (TCIA, CC BY 3.0; LIDC-IDRI-0002 and -0003 short stacks) and Lung-PET-CT-Dx (TCIA, CC BY "
+        "4.0, Li P. et al. 2020): real chest CT without pneumonia, used as lesion-free slices"
+    ),
     "doctor-label": (
         "MedSeg COVID-19 CT segmentation dataset (medicalsegmentation.com; Radiopaedia/SIRM sources) "
         "as split by the Inf-Net authors: the 35 doctor-labelled training slices (validation stems "
@@ -1016,14 +1165,26 @@ _LICENCES = {
 }
 
 
+_WINDOW_TEXT: Final[str] = (
+    "8-bit JPG slices carry no HU; their display window is estimated from anatomical landmarks by "
+    "triaged.analysis.window (aerated lung mode = -850 HU, soft-tissue peak = +40 HU, outside air = -1000 HU): "
+    "per pseudo-labelled volume (medians of the per-slice landmarks) and per doctor-labelled slice (the "
+    "doctor set's median window where a slice's own estimate is implausible). Measured: Ma et al. coronacases "
+    "volumes about [-1000, +1500..+2200] HU, MedSeg/Radiopaedia about [-1100, +60..+450] HU (the old fixed "
+    "W1500/L-600 put coronacases soft tissue near -650 HU)."
+)
+
 #: What each model does differently from its seed paper (copied into the model card).
 DEVIATIONS: Final[dict[str, list[str]]] = {
     "multitask": [
-        "widths 8-64 (reference code 8-512) and FC 128 (paper 1024); a few hundred CPU steps instead of 60k batches",
-        "segmentation loss BCE + soft Dice (paper: BCE only); classification loss weight 0.1 as in the paper",
-        "classification head: LayerNorm of the pooled vector and leaky ReLU (plain ReLU units died early)",
-        "trained on 12-slice stacks with the whole lung box in-plane; at inference P(COVID-19) is the maximum "
-        "over overlapping 12-slice stacks (paper: one pooling over the whole series)",
+        "real data first (issue 11): the segmentation branch is trained on real 2D slices only (pseudo-labelled "
+        "and doctor-labelled COVID-19 slices, lesion-free slices of real no-pneumonia volumes); no phantoms, "
+        "so the classification head is untrained and P(COVID-19) is not reported (p_covid_validated_on: null)",
+        "widths 12-96 (reference code 8-512) and FC 128 (paper 1024); about 1,800 CPU steps of 8 slices "
+        "(112 px crops) instead of 60k batches",
+        "segmentation loss BCE + soft Dice (paper: BCE only)",
+        "classification head (LayerNorm of the pooled vector, leaky ReLU) kept in the architecture but not "
+        "trained; the pipeline does not report its output",
         "lungs from the classical triaged.analysis.lungs, not a lung U-Net",
         "consolidation (not part of seed 004) = lesion voxels above -200 HU (seed 001's baseline)",
         "weights stored as float16",
@@ -1045,25 +1206,32 @@ def write_manifest(
 ) -> Path:
     """Write ``manifest.yaml``: the model card (architecture, sha256, data and licences, command, metrics)."""
     weights = out / WEIGHTS_FILE
-    arch = architecture_of(model_name)
+    widths = (info.get("recipe") or {}).get("widths")
+    arch = architecture_of(model_name, Recipe(1, 0.0, 0, (1, 1), 0, widths=tuple(widths)) if widths else None)
     arch["parameters"] = count_parameters(net)
     if isinstance(net, wu.ConsolidationEM):
         arch["parameters_per_unet"] = count_parameters(net.unet1)
-    data_entries = [
-        {
-            "source": "phantoms",
-            "path": info["data_dir"],
-            "cases": info["phantom_cases"],
-            "labels_sha256": info["labels_sha256"],
-            "licence": _LICENCES["phantoms"],
-            "generated_by": info.get("data_note"),
-        }
-    ]
+    data_entries: list[dict[str, Any]] = []
+    if info.get("data_dir"):
+        data_entries.append(
+            {
+                "source": "phantoms",
+                "path": info["data_dir"],
+                "cases": info["phantom_cases"],
+                "labels_sha256": info["labels_sha256"],
+                "licence": _LICENCES["phantoms"],
+                "generated_by": info.get("data_note"),
+            }
+        )
+    counts = info.get("real_counts") or {}
     if info.get("real_slices"):
         data_entries.append(
             {
                 "source": "pseudo-label",
                 "path": info["real_slices"] + "/pseudo-label",
+                "slices": counts.get("pseudo_label_slices"),
+                "volumes": counts.get("pseudo_label_volumes"),
+                "held_out_volumes": list(data.PSEUDO_VALIDATION),
                 "licence": _LICENCES["pseudo-label"],
             }
         )
@@ -1071,7 +1239,18 @@ def write_manifest(
             {
                 "source": "doctor-label",
                 "path": info["real_slices"] + "/doctor-label",
+                "slices": counts.get("doctor_label_slices"),
+                "held_out_stems": list(data.DOCTOR_VALIDATION),
                 "licence": _LICENCES["doctor-label"],
+            }
+        )
+    if info.get("negative_volumes"):
+        data_entries.append(
+            {
+                "source": "real no-pneumonia volumes (negatives, empty lesion masks)",
+                "volumes": info["negative_volumes"],
+                "slices": counts.get("negative_slices"),
+                "licence": _LICENCES["negatives"],
             }
         )
     card = {
@@ -1089,6 +1268,28 @@ def write_manifest(
             else "Wu et al. 2020, hybrid weak labels, UNet-1 + EM UNet-2 with prior phi2 (seed 001)"
         ),
         "architecture": arch,
+        **(
+            {
+                "p_covid_validated_on": None,
+                "p_covid_note": (
+                    "P(COVID-19) not assessed: the classification head has not been validated on real data "
+                    "(there is one real COVID-19 volume and no real CAP volume here), so the pipeline reports "
+                    "no P(COVID-19) and triage falls back to severity. Set this field to a description of "
+                    "the real validation set (with its AUC and calibration) only when one exists."
+                ),
+            }
+            if model_name == "multitask"
+            else {}
+        ),
+        "split": {
+            "training_never_sees": {
+                "doctor_label_stems": list(data.DOCTOR_VALIDATION),
+                "pseudo_label_volumes": list(data.PSEUDO_VALIDATION),
+                "real_volumes": [*data.VALIDATION_VOLUMES, "lidc-idri-small/LIDC-IDRI-0001 (same patient)"],
+            },
+            "negatives_trained_on": list(data.NEGATIVE_VOLUMES) if info.get("negative_volumes") else [],
+        },
+        "window_estimation": _WINDOW_TEXT,
         "weights": {
             "file": WEIGHTS_FILE,
             "sha256": sha256_of(weights),
@@ -1103,7 +1304,9 @@ def write_manifest(
             if model_name == "multitask"
             else {"slab_mm": wu.TARGET_SLICE_MM, "context_slices": wu.CONTEXT_SLICES}
         ),
-        "preprocessing": _preprocessing_text(model_name),
+        "preprocessing": _preprocessing_text(
+            model_name, real_first=(info.get("recipe") or {}).get("augment") == "v2"
+        ),
         "deviations_from_seed_paper": DEVIATIONS[model_name],
         "training": {
             "command": info.get("command"),
@@ -1135,7 +1338,18 @@ def write_manifest(
     return path
 
 
-def _preprocessing_text(model_name: str) -> str:
+def _preprocessing_text(model_name: str, real_first: bool = False) -> str:
+    if real_first:
+        return (
+            "axial slices block-averaged to ~2 mm in-plane (WorkGrid, integer factor), z untouched; lungs by "
+            "triaged.analysis.lungs (classical), volume cropped to their bounding box + 4 px / 2 slices; the "
+            "network sees one slice at a time. Real 8-bit slices: HU from the estimated display window "
+            "(window_estimation), resized to a 160 px long side; real no-pneumonia volumes: HU, ~2 mm, cropped "
+            "to the classical lungs' box. Augmentation: rotations by 90 deg, flips, scale x0.8-1.25, contrast "
+            "x0.85-1.15 about -500 HU, +-60 HU, random upper clip 0-300 HU, Gaussian noise 0-40 HU, blur or "
+            "unsharp masking (kernels); 112 px random crops (70 % centred near a lesion). Intensities clipped "
+            "to [-1000, 300] HU and scaled to [0, 1] (seed 004)."
+        )
     common = (
         "axial slices block-averaged to ~2 mm in-plane (WorkGrid, integer factor), z untouched; lungs by "
         "triaged.analysis.lungs (classical), volume cropped to their bounding box + 4 px / 2 slices. "
@@ -1182,7 +1396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m triaged.nets.train MODEL --data DIR --out DIR ...`` (until ``triaged train`` wraps it)."""
     ap = argparse.ArgumentParser(prog="python -m triaged.nets.train", description=__doc__.split("\n")[0])
     ap.add_argument("model", choices=MODEL_NAMES)
-    ap.add_argument("--data", required=True, type=Path, help="labelled phantom dataset (labels.csv + NIfTI)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled phantom dataset (labels.csv + NIfTI); omit: real data only",
+    )
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--epochs", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
