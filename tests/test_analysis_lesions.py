@@ -252,6 +252,24 @@ def test_a_thin_subpleural_band_is_dropped_and_a_thick_subpleural_opacity_is_kep
     assert _classical_mask(thick, lungs, grid)[12, 75, 8]
 
 
+def test_a_thin_band_on_the_non_dependent_side_is_kept_as_early_ground_glass() -> None:
+    """Only a *dependent* (posterior, supine patient) band is atelectasis: the same 6 mm band on the
+    anterior side is a peripheral opacity (early COVID-19 ground glass) and stays a finding; with the
+    rows running the other way (LPS y of the row direction < 0) the sides swap."""
+    grid = WorkGrid((24, 96, 96), (2.5, 2.0, 2.0), 1)
+    shape = grid.coarse_shape
+    lungs = _lung_box(shape)
+    anterior = np.full(shape, -850.0, np.float32)
+    anterior[:, 4:36, 4:7] = -400.0  # rows 4-36 of a lung spanning rows 4-92: the front of the lung
+    assert _classical_mask(anterior, lungs, grid, UNFILTERED)[12, 20, 5]
+    kept = classical_lesions(anterior, lungs, grid, DEFAULT, posterior_sign=1)
+    assert ((kept.field > kept.level) & (lungs > 0))[12, 20, 5]
+    flipped = classical_lesions(anterior, lungs, grid, DEFAULT, posterior_sign=-1)
+    assert not ((flipped.field > flipped.level) & (lungs > 0))[12, 20, 5]
+    anywhere = ClassicalParams(pleural_band_dependent=0.0)
+    assert not _classical_mask(anterior, lungs, grid, anywhere)[12, 20, 5]
+
+
 def test_partial_volume_over_a_diaphragmatic_dome_is_dropped() -> None:
     grid = WorkGrid((24, 96, 96), (2.5, 2.0, 2.0), 1)
     shape = grid.coarse_shape

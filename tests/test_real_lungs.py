@@ -28,6 +28,7 @@ import pytest
 from scipy import ndimage
 
 from tests.conftest import REAL_DATA
+from tests.test_analysis_lungs import body_of
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.lungs import segment_lungs_coarse
 from triaged.assembly import select_series
@@ -83,16 +84,6 @@ def _case(name: str) -> Case:
     return Case(hu, seg.labels, grid.coarse_spacing, grid.coarse_affine(volume.affine))
 
 
-def _body(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
-    lab, _ = ndimage.label(hu > -500)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    body = lab == int(np.argmax(sizes))
-    for z in range(body.shape[0]):
-        body[z] = ndimage.binary_fill_holes(body[z])
-    return body
-
-
 def _superior_first(case: Case) -> npt.NDArray[np.intp]:
     zs = np.arange(case.hu.shape[0])
     return zs[::-1] if case.affine[2, 2] > 0 else zs
@@ -137,7 +128,7 @@ def trachea_in_mask(case: Case) -> tuple[int, int]:
     whose area is 1–8 cm². The lungs never reach the midline there.
     """
     _, dy, dx = case.spacing
-    body = _body(case.hu)
+    body = body_of(case.hu)
     lung_z = [int(z) for z in _superior_first(case) if case.labels[z].any()]
     upper = lung_z[: max(1, len(lung_z) // 4)]
     inside = total = 0

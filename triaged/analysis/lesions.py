@@ -46,9 +46,13 @@ Two lesion methods share the working grid of :mod:`triaged.analysis.grid` and th
        gradient in thick slices (Lung-PET-CT-Dx, 8 mm: 36–63 HU) rather than an opacity (the MedSeg
        doctor-labelled COVID-19 lesions: all but one at 82 HU and more, the one at 48 HU half outside
        the doctor's mask; RICORD: 114–133 HU);
-     * *subpleural band*: at least 90 % of it within ``pleural_band_mm`` of the lung border and at
-       most ``pleural_max_width_mm`` thick in-plane — dependent atelectasis, pleural thickening, a
-       wedge of chest wall;
+     * *subpleural band*: at least 90 % of it within ``pleural_band_mm`` of the lung border, at
+       most ``pleural_max_width_mm`` thick in-plane, and lying in the dependent part of its lung
+       (median row in the posterior ``1 − pleural_band_dependent`` of the lung's anterior–posterior
+       extent on its slices) — dependent atelectasis, posterior pleural thickening, a wedge of chest
+       wall. A thin subpleural opacity on the anterior or lateral side (early COVID-19 ground glass)
+       is kept. A supine patient is assumed (the norm for chest CT); on a prone scan a dependent band
+       lies anteriorly, is not recognised and counts as a finding (an over-call, never a hidden one);
      * *lung surface*: at least ``surface_fraction`` of it on the lung's cranio-caudal surface (a
        neighbouring slice outside the lung) — the diaphragmatic domes and the apices cut obliquely by
        the slice (needs more than one slice);
@@ -145,7 +149,10 @@ class ClassicalParams:
         it by less than ``min_contrast_hu`` is haze, not an opacity (step 5b).
     pleural_band_mm, pleural_max_width_mm : float
         A component lying (90 %) within ``pleural_band_mm`` of the lung border and at most
-        ``pleural_max_width_mm`` thick is a subpleural band (step 5b).
+        ``pleural_max_width_mm`` thick is a subpleural band (step 5b) ...
+    pleural_band_dependent : float
+        ... when its median row lies beyond this fraction of its lung's anterior–posterior extent,
+        counted from the front (0.5: the posterior half; 0 drops bands anywhere).
     surface_fraction : float
         A component with at least this fraction on the lung's cranio-caudal surface is partial volume
         of a diaphragmatic dome or an apex (step 5b; above 1 disables).
@@ -168,6 +175,7 @@ class ClassicalParams:
     contrast_ring_mm: float = 10.0
     pleural_band_mm: float = 10.0
     pleural_max_width_mm: float = 10.0
+    pleural_band_dependent: float = 0.5
     surface_fraction: float = 0.5
     nodule_max_mm: float = 30.0
     nodule_min_fill: float = 0.5
@@ -231,7 +239,7 @@ def threshold_lesions(
 
 
 def classical_lesions(
-    hu: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams = ClassicalParams()
+    hu: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams = ClassicalParams(), *, posterior_sign: int = 1
 ) -> CoarseLesions:
     """Vessel-suppressed density thresholding on the working grid (module docstring, steps 1–5b).
 
@@ -243,6 +251,9 @@ def classical_lesions(
         Working-grid lung labels (0 background).
     grid : WorkGrid
     params : ClassicalParams
+    posterior_sign : int
+        +1 when the row index grows towards the patient's back (LPS y of the row direction > 0, the
+        usual axial orientation), −1 otherwise (:func:`posterior_sign_of`).
 
     Returns
     -------
@@ -283,7 +294,7 @@ def classical_lesions(
     candidate = (density >= params.ggo_hu) & (density <= params.max_hu) & lung
     candidate = _drop_small(candidate, params.min_component_ml / grid.coarse_voxel_ml)
     candidate = _drop_hilar_vessels(candidate, lungs, grid, params)
-    candidate = _drop_non_pneumonia(candidate, density, lungs, grid, params)
+    candidate = _drop_non_pneumonia(candidate, density, lungs, grid, params, posterior_sign)
     # dropped voxels go well below the level, so that upsampling cannot revive them between pixels
     field = density.copy()
     dropped = lung & ~candidate
@@ -425,8 +436,18 @@ def _drop_hilar_vessels(candidate: B, lungs: U8, grid: WorkGrid, params: Classic
     return out
 
 
+def posterior_sign_of(affine: npt.NDArray[np.float64]) -> int:
+    """+1 when a volume's row index grows towards the patient's back (LPS +y), else −1."""
+    return 1 if float(affine[1, 1]) >= 0.0 else -1
+
+
 def non_pneumonia_reasons(
-    labels: npt.NDArray[np.int32], density: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams
+    labels: npt.NDArray[np.int32],
+    density: F32,
+    lungs: U8,
+    grid: WorkGrid,
+    params: ClassicalParams,
+    posterior_sign: int = 1,
 ) -> dict[int, str]:
     """Why each labelled candidate component is not pneumonia (module docstring, step 5b).
 
@@ -440,6 +461,8 @@ def non_pneumonia_reasons(
         Working-grid lung labels.
     grid : WorkGrid
     params : ClassicalParams
+    posterior_sign : int
+        +1 when the row index grows towards the patient's back (see :func:`classical_lesions`).
 
     Returns
     -------
@@ -482,7 +505,8 @@ def non_pneumonia_reasons(
         several_slices = comp.shape[0] > 1 and lung.shape[0] > 2
         if float(np.median(density[sl][comp])) - background < params.min_contrast_hu:
             reasons[lab_id] = "faint"
-        elif near_pleura >= 0.9 and width <= params.pleural_max_width_mm:
+        elif (near_pleura >= 0.9 and width <= params.pleural_max_width_mm
+              and _dependent_position(comp, sl, lung, posterior_sign) >= params.pleural_band_dependent):
             reasons[lab_id] = "subpleural band"
         elif several_slices and float(np.mean(z_surface[sl][comp])) >= params.surface_fraction:
             reasons[lab_id] = "lung surface"
@@ -492,12 +516,24 @@ def non_pneumonia_reasons(
     return reasons
 
 
-def _drop_non_pneumonia(candidate: B, density: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams) -> B:
+def _dependent_position(comp: B, sl: tuple[slice, ...], lung: B, posterior_sign: int) -> float:
+    """Where a component lies between the front (0) and the back (1) of the lungs on its slices."""
+    rows = np.nonzero(comp)[1] + sl[1].start
+    lung_rows = np.nonzero(lung[sl[0]].any(axis=(0, 2)))[0]
+    if len(lung_rows) == 0 or lung_rows[-1] == lung_rows[0]:
+        return 0.5
+    rel = (float(np.median(rows)) - lung_rows[0]) / float(lung_rows[-1] - lung_rows[0])
+    return rel if posterior_sign > 0 else 1.0 - rel
+
+
+def _drop_non_pneumonia(
+    candidate: B, density: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams, posterior_sign: int = 1
+) -> B:
     """Drop the components that are not pneumonia (module docstring, step 5b)."""
     if not candidate.any():
         return candidate
     labels, _ = ndimage.label(candidate, structure=np.ones((3, 3, 3), bool))
-    drop = list(non_pneumonia_reasons(labels, density, lungs, grid, params))
+    drop = list(non_pneumonia_reasons(labels, density, lungs, grid, params, posterior_sign))
     if not drop:
         return candidate
     out: B = candidate & ~np.isin(labels, drop)

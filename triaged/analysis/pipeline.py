@@ -39,6 +39,7 @@ from triaged.analysis.lesions import (
     classical_consolidation,
     classical_lesions,
     lesions_to_full,
+    posterior_sign_of,
     threshold_consolidation,
     threshold_lesions,
 )
@@ -186,7 +187,7 @@ class _Steps(Protocol):
     @property
     def lung_params(self) -> LungParams: ...
 
-    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions: ...
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid, posterior_sign: int) -> CoarseLesions: ...
 
     def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B: ...
 
@@ -207,7 +208,7 @@ def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisRes
     lungs = upsample_labels(seg.labels, grid)
     watch.lap("lungs")
     progress(0.5, "segmenting lesions")
-    coarse = steps.lesion_step(hu_c, seg.labels, grid)
+    coarse = steps.lesion_step(hu_c, seg.labels, grid, posterior_sign_of(volume.affine))
     del hu_c
     lesions = lesions_to_full(coarse, lungs, grid)
     watch.lap("lesions")
@@ -219,7 +220,7 @@ def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisRes
     prov = [
         ("grid.inplane_block", str(grid.factor)),
         ("grid.spacing_mm", " x ".join(f"{s:.3f}" for s in grid.coarse_spacing)),
-        ("lungs.method", "classical (threshold, airway tracking, costal band)"),
+        ("lungs.method", "classical (threshold, airway tracking, pleural pockets)"),
         ("lungs.split", seg.split),
         ("lungs.air_hu", f"{lung_params.air_hu:g}"),
         *steps.method_provenance(),
@@ -252,8 +253,8 @@ class ThresholdPipeline:
         """Analyse ``volume`` (see :class:`Pipeline`)."""
         return _run_steps(self, volume, progress or _no_progress)
 
-    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions:
-        """Seed 004's thresholding baseline on the working grid."""
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid, posterior_sign: int) -> CoarseLesions:
+        """Seed 004's thresholding baseline on the working grid (orientation-free)."""
         return threshold_lesions(hu, lungs, grid, self.params)
 
     def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B:
@@ -294,9 +295,9 @@ class ClassicalPipeline:
         """Analyse ``volume`` (see :class:`Pipeline`)."""
         return _run_steps(self, volume, progress or _no_progress)
 
-    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid) -> CoarseLesions:
+    def lesion_step(self, hu: F32, lungs: U8, grid: WorkGrid, posterior_sign: int) -> CoarseLesions:
         """Vessel-suppressed density lesions on the working grid."""
-        return classical_lesions(hu, lungs, grid, self.params)
+        return classical_lesions(hu, lungs, grid, self.params, posterior_sign=posterior_sign)
 
     def consolidation_step(self, volume: Volume, coarse: CoarseLesions, lesions: B, grid: WorkGrid) -> B:
         """−200 HU on the vessel-suppressed density inside the lesion."""
@@ -311,7 +312,9 @@ class ClassicalPipeline:
             ("lesions.hu_window", f"[{p.ggo_hu:g}, {p.max_hu:g}]"),
             ("lesions.min_component_ml", f"{p.min_component_ml:g}"),
             ("lesions.min_contrast_hu", f"{p.min_contrast_hu:g} (ring {p.contrast_ring_mm:g} mm)"),
-            ("lesions.subpleural_band", f"<= {p.pleural_max_width_mm:g} mm thick, {p.pleural_band_mm:g} mm band"),
+            ("lesions.subpleural_band",
+             f"<= {p.pleural_max_width_mm:g} mm thick, {p.pleural_band_mm:g} mm band, dependent "
+             f"(beyond {p.pleural_band_dependent:g} of the lung's depth from the front; supine assumed)"),
             ("lesions.nodule", f"round, <= {p.nodule_max_mm:g} mm, fill >= {p.nodule_min_fill:g}"),
             ("consolidation.method", "vessel-suppressed density threshold"),
             ("consolidation.hu", f"> {p.consolidation_hu:g}"),
