@@ -538,6 +538,34 @@ def test_everything_survives_close_and_reopen(db: Path) -> None:
         again.close()
 
 
+# ------------------------------------------------------------------ compare-and-set writes
+
+
+def test_queue_job_writes_route_pipeline_series_and_the_transition_together(ledger: Ledger, db: Path) -> None:
+    ledger.record_instance(instance("1"), association_id=None, now=T0)
+    (job,) = ledger.jobs()
+    drive(ledger, job.id, JobState.COMPLETE)
+    ledger.queue_job(job.id, route_json='{"pipelines": ["ok"]}', pipeline="ok", series_instance_uid=SERIES,
+                     detail="route 'default'")
+    queued = ledger.job(job.id)
+    assert (queued.state, queued.route, queued.pipeline, queued.series_instance_uid, queued.detail) == (
+        JobState.QUEUED, '{"pipelines": ["ok"]}', "ok", SERIES, "route 'default'")
+    assert queued.history[-1][1:] == ("COMPLETE", "QUEUED", "route 'default'")
+
+
+def test_queue_job_on_a_superseded_job_writes_nothing_and_says_why(ledger: Ledger, db: Path) -> None:
+    ledger.record_instance(instance("1"), association_id=None, now=T0)
+    (job,) = ledger.jobs()
+    drive(ledger, job.id, JobState.COMPLETE)
+    ledger.record_instance(instance("2"), association_id=None, now=T0)  # a late instance supersedes it
+    with pytest.raises(StateError, match="expected state COMPLETE, but it is in SUPERSEDED"):
+        ledger.queue_job(job.id, route_json='{"pipelines": ["ok"]}', pipeline="ok", series_instance_uid=SERIES,
+                         detail="too late")
+    old = ledger.job(job.id)
+    assert (old.state, old.route, old.pipeline, old.series_instance_uid) == (JobState.SUPERSEDED, "", None, None)
+    assert raw(db, "SELECT route, pipeline FROM jobs WHERE id = ?", job.id) == [(None, None)]
+
+
 def _head() -> str:
     """The newest migration revision shipped (so these tests need no edit per migration)."""
     from alembic.config import Config as _Cfg

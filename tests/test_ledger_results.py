@@ -5,11 +5,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import create_engine
 
 from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LesionBox, LungMeasures
+from triaged.errors import StateError
 from triaged.ledger import Ledger
 from triaged.ledger.ledger import _MIGRATIONS
 
@@ -36,19 +38,23 @@ def _findings() -> Findings:
 
 def test_findings_round_trip_and_mark_the_result_time(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.sqlite") as ledger:
-        ledger.record_instance(_record(), association_id=None)
-        [job] = ledger.jobs()
-        assert ledger.findings(job.id) is None
+        job_id = _analysing(ledger)
+        assert ledger.findings(job_id) is None
         findings = _findings()
-        ledger.record_findings(job.id, findings)
-        assert ledger.findings(job.id) == findings
-        assert findings.severity_pct == 58.0 and ledger.job(job.id).result_at is not None
-        ledger.record_findings(job.id, findings)  # a resumed run replaces, never duplicates
-        ledger.set_priority(job.id, score=0.9, level="STAT", reasons="CT3: 58 % of the right lung affected")
-        ledger.set_pipeline(job.id, "threshold")
-        row = ledger.job(job.id)
+        ledger.record_analysis(job_id, findings, priority=None, detail="analysed")
+        assert ledger.findings(job_id) == findings
+        assert findings.severity_pct == 58.0 and ledger.job(job_id).result_at is not None
+        # A run resumed after a stop records again: it replaces, never duplicates.
+        ledger.transition(job_id, JobState.ENCODING, JobState.QUEUED, "encoding interrupted by a stop")
+        ledger.transition(job_id, JobState.QUEUED, JobState.ANALYSING)
+        ledger.record_analysis(job_id, findings, priority=(0.9, "STAT", "CT3: 58 % of the right lung affected"),
+                               detail="analysed again")
+        assert ledger.findings(job_id) == findings
+        row = ledger.job(job_id)
         assert (row.priority_level, row.priority_score, row.pipeline) == ("STAT", 0.9, "threshold")
         assert "58 %" in row.priority_reasons
+    with sqlite3.connect(tmp_path / "l.sqlite") as raw:
+        assert raw.execute("SELECT count(*) FROM findings").fetchall() == [(1,)]
 
 
 def test_a_ledger_written_by_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path: Path) -> None:
@@ -70,9 +76,43 @@ def test_a_ledger_written_by_the_first_schema_is_upgraded_in_place_with_its_data
     with Ledger(db) as ledger:
         [job] = ledger.jobs()
         assert (job.state, job.detail, job.priority_level) == (JobState.QUEUED, "old job", None)
-        ledger.record_findings(job.id, _findings())
+        ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
+        ledger.record_analysis(job.id, _findings(), priority=(0.9, "STAT", "CT3"), detail="analysed")
+        assert ledger.findings(job.id) == _findings()
     with sqlite3.connect(db) as raw:
         assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [(_head(),)]
+
+
+def _analysing(ledger: Ledger) -> int:
+    ledger.record_instance(_record(1), association_id=None)
+    (job,) = ledger.jobs()
+    ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
+    ledger.queue_job(job.id, route_json="{}", pipeline="threshold", series_instance_uid="1.2.3.4", detail="")
+    ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
+    return job.id
+
+
+def test_record_analysis_writes_findings_priority_and_the_transition_together(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job_id = _analysing(ledger)
+        ledger.record_analysis(job_id, _findings(), priority=(0.8, "URGENT", "p_covid 0.94"), detail="CT3")
+        job = ledger.job(job_id)
+        assert (job.state, job.detail, job.priority_score, job.priority_level, job.priority_reasons) == (
+            JobState.ENCODING, "CT3", 0.8, "URGENT", "p_covid 0.94")
+        assert job.result_at is not None
+        assert ledger.findings(job_id) == _findings()
+
+
+def test_record_analysis_on_a_superseded_job_records_neither_findings_nor_priority(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job_id = _analysing(ledger)
+        ledger.record_instance(_record(2), association_id=None)  # a late instance supersedes the running job
+        with pytest.raises(StateError, match="expected state ANALYSING, but it is in SUPERSEDED"):
+            ledger.record_analysis(job_id, _findings(), priority=(0.8, "URGENT", "p_covid 0.94"), detail="CT3")
+        job = ledger.job(job_id)
+        assert (job.state, job.priority_level, job.priority_score, job.result_at) == (
+            JobState.SUPERSEDED, None, None, None)
+        assert ledger.findings(job_id) is None
 
 
 def _head() -> str:

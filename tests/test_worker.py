@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from triaged.worker import AnalysisTask, TaskQueue, WorkerProcess
+from triaged.worker import AnalysisTask, EncodingStarted, TaskQueue, WorkerProcess
 
 REGISTRY = "tests.worker_pipelines:registry"
 
@@ -122,3 +122,51 @@ def test_a_crashing_hanging_or_greedy_worker_is_killed_reported_and_replaced(
     ok = worker.run(AnalysisTask(**{**task.__dict__, "pipeline": "ok", "work_dir": str(tmp_path / "next")}),
                     timeout=120, memory_limit_mb=0)
     assert ok.ok, ok.error
+
+
+def _spooled_task(pet_ct_dx: Path, root: Path, job_id: int) -> AnalysisTask:
+    """A task that encodes, on a copy of the real series in its own spool (outputs are written there)."""
+    import shutil
+
+    from pydicom import dcmread
+
+    (root / "in").mkdir(parents=True)
+    for f in sorted(pet_ct_dx.glob("*.dcm")):
+        shutil.copy(f, root / "in" / f.name)
+    paths = tuple(sorted(f"in/{p.name}" for p in (root / "in").iterdir()))
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    return AnalysisTask(job_id=job_id, study_uid=str(dcmread(root / paths[0]).StudyInstanceUID),
+                        series_uid=series_uid, pipeline="ok", spool_root=str(root), instance_paths=paths,
+                        work_dir=str(root / "work" / str(job_id)), registry=REGISTRY, encode=True)
+
+
+def test_the_worker_reports_encoding_when_it_starts_before_any_output_exists(
+    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+) -> None:
+    task = _spooled_task(pet_ct_dx, tmp_path / "spool", 11)
+    outputs = tmp_path / "spool" / "work" / "11" / "outputs"
+    seen: list[tuple[EncodingStarted, list[Path]]] = []
+
+    def on_encoding(started: EncodingStarted) -> bool:
+        seen.append((started, sorted(outputs.glob("*.dcm"))))
+        return True
+
+    outcome = worker.run(task, timeout=300, memory_limit_mb=0, on_encoding=on_encoding)
+    assert outcome.ok, outcome.error
+    ((started, on_disk_then),) = seen
+    assert (started.job_id, started.findings_json) == (11, outcome.findings_json)
+    assert on_disk_then == []  # reported before the first object was written
+    assert sorted(kind for kind, *_ in outcome.outputs) == ["sc", "seg", "sr"]
+    assert sorted(p.name for p in outputs.glob("*.dcm")) == sorted(Path(rel).name for _, rel, *_ in outcome.outputs)
+
+
+def test_a_refused_encoding_stops_the_worker_and_the_next_task_still_runs(
+    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+) -> None:
+    task = _spooled_task(pet_ct_dx, tmp_path / "spool", 12)
+    outcome = worker.run(task, timeout=300, memory_limit_mb=0, on_encoding=lambda started: False)
+    assert not outcome.ok
+    assert outcome.error == "encode: cancelled, the job moved on (e.g. superseded by a late instance)"
+    again = worker.run(AnalysisTask(**{**task.__dict__, "encode": False, "work_dir": str(tmp_path / "next")}),
+                       timeout=300, memory_limit_mb=0)
+    assert again.ok, again.error

@@ -253,12 +253,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def cmd_resend(args: argparse.Namespace) -> int:
     from triaged.spool import Spool
-    from triaged.stages import Stages
+    from triaged.stages import Dispatch
 
     config = _load(args.config)
     ledger = _ledger(config)
     try:
-        count = Stages(ledger, Spool(config.storage.spool), lambda: config).resend(args.job)
+        count = Dispatch(ledger, Spool(config.storage.spool), lambda: config).resend(args.job)
     finally:
         ledger.close()
     print(f"job {args.job}: {count} object(s) queued again; the running node sends them within "
@@ -270,12 +270,12 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     import csv
 
     from triaged.spool import Spool
-    from triaged.stages import Stages
+    from triaged.stages import Worklist
 
     config = _load(args.config)
     ledger = _ledger(config)
     try:
-        rows = Stages(ledger, Spool(config.storage.spool), lambda: config).worklist()
+        rows = Worklist(ledger, Spool(config.storage.spool), lambda: config).rows()
     finally:
         ledger.close()
     if args.json:
@@ -308,13 +308,13 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     cases: list[tuple[str, StudyFacts]] = []
     if args.last:
         from triaged.spool import Spool
-        from triaged.stages import Stages
+        from triaged.stages import study_facts
 
         ledger = _ledger(config)
         try:
-            stages = Stages(ledger, Spool(config.storage.spool), lambda: config)
+            spool = Spool(config.storage.spool)
             for study in ledger.studies(limit=args.last):
-                cases.append((study.study_instance_uid, stages.study_facts(study.study_instance_uid)[0]))
+                cases.append((study.study_instance_uid, study_facts(ledger, spool, study.study_instance_uid)[0]))
         finally:
             ledger.close()
     for folder in args.folder:

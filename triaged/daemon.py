@@ -22,7 +22,7 @@ from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool
-from triaged.stages import Stages
+from triaged.stages import Analysis, Completion, Dispatch, Recovery, Worklist
 from triaged.worker import TaskQueue, WorkerPool, load_registry
 
 log = logging.getLogger(__name__)
@@ -94,25 +94,33 @@ class Node:
         self._stop = threading.Event()
         self.ledger = Ledger(config.storage.ledger)
         self.spool = Spool(config.storage.spool, config.storage.min_free_mb, clean_partial=True)
-        self.stages = Stages(self.ledger, self.spool, lambda: self._config)
+        current = self._current_config
+        self.dispatch = Dispatch(self.ledger, self.spool, current)
+        self.analysis = Analysis(self.ledger, self.spool, current, self.dispatch)
+        self.completion = Completion(self.ledger, self.spool, current, self.analysis)
+        self.recovery = Recovery(self.ledger, self.spool, current, self.analysis)
+        self.worklist = Worklist(self.ledger, self.spool, current)
         self.service = StoreService(self.spool, self.ledger, config.listener)
-        find = WorklistFind(self.stages.worklist, self.stages.study_header) if config.worklist.c_find else None
+        find = WorklistFind(self.worklist.rows, self.worklist.study_header) if config.worklist.c_find else None
         self.listener = Listener(config.listener, self.service, find)
         self.http: WorklistHTTP | None = None
         if config.worklist.http_port:
-            self.http = WorklistHTTP(self.stages.worklist, config.worklist.http_bind_address, config.worklist.http_port)
+            self.http = WorklistHTTP(self.worklist.rows, config.worklist.http_bind_address, config.worklist.http_port)
         self.queue = TaskQueue(config.analysis.aging_seconds)
         self.workers = WorkerPool(
-            self.queue, self.stages.start_analysis, self.stages.finish_analysis,
-            still_wanted=self.stages.analysis_wanted,
+            self.queue, self.analysis.start_analysis, self.analysis.finish_analysis,
+            still_wanted=self.analysis.analysis_wanted, on_encoding=self.analysis.start_encoding,
             workers=config.analysis.workers, threads=config.analysis.threads,
             timeout=config.analysis.timeout_seconds, memory_limit_mb=config.analysis.memory_limit_mb,
         )
         self.scheduler = build_scheduler(
-            self.stages, config.completion.sweep_interval_seconds,
-            submit=lambda: self.stages.submit_queued(self.queue, self.workers.running()),
-            dispatch_interval_seconds=config.dispatch.interval_seconds,
+            self.completion.complete_quiet_studies, config.completion.sweep_interval_seconds,
+            submit=lambda: self.analysis.submit_queued(self.queue, self.workers.running()),
+            dispatch=self.dispatch.dispatch_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
         )
+
+    def _current_config(self) -> Config:
+        return self._config
 
     @property
     def config(self) -> Config:
@@ -121,8 +129,8 @@ class Node:
     def start(self) -> None:
         """Recover from the last stop, then listen and sweep."""
         log.info("%s", DISCLAIMER)
-        self.stages.reconcile_spool()
-        self.stages.resume_interrupted()
+        self.recovery.reconcile_spool()
+        self.recovery.resume_interrupted()
         self.listener.start()
         if self.http is not None:
             self.http.start()

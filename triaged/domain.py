@@ -70,7 +70,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.COMPLETE: frozenset({JobState.QUEUED, JobState.IGNORED, JobState.FAILED, JobState.SUPERSEDED}),
     JobState.QUEUED: frozenset({JobState.ANALYSING, JobState.FAILED, JobState.SUPERSEDED}),
     JobState.ANALYSING: frozenset({JobState.ENCODING, JobState.QUEUED, JobState.FAILED, JobState.SUPERSEDED}),
-    JobState.ENCODING: frozenset({JobState.DISPATCHING, JobState.FAILED, JobState.SUPERSEDED}),
+    # ENCODING -> QUEUED: encoding interrupted by a stop is re-run at the next start.
+    JobState.ENCODING: frozenset({JobState.DISPATCHING, JobState.QUEUED, JobState.FAILED, JobState.SUPERSEDED}),
     JobState.DISPATCHING: frozenset({JobState.DONE, JobState.RETRY_WAIT, JobState.FAILED}),
     JobState.RETRY_WAIT: frozenset({JobState.DISPATCHING, JobState.FAILED}),
     # `triaged resend`: a delivered or dead-lettered job's outbox is sent again.

@@ -1,4 +1,4 @@
-"""Periodic work on APScheduler 3: the completion sweep (dispatch retries and retention join later)."""
+"""Periodic work on APScheduler 3: the completion sweep, the analysis feeder and the dispatcher."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from triaged.stages import Stages
-
 log = logging.getLogger(__name__)
 
 
-def _sweep(stages: Stages) -> None:
+def _sweep(sweep: Callable[[], object]) -> None:
     try:
-        stages.complete_quiet_studies()
+        sweep()
     except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick; never kill the scheduler
         log.exception("completion sweep failed")
 
@@ -26,23 +24,28 @@ def _submit(submit: Callable[[], int]) -> None:
         log.exception("submitting queued jobs failed")
 
 
-def _dispatch(stages: Stages) -> None:
+def _dispatch(dispatch: Callable[[], int]) -> None:
     try:
-        stages.dispatch_due()
+        dispatch()
     except Exception:  # noqa: BLE001 - the outbox is durable: the next tick tries again
         log.exception("dispatch failed")
 
 
 def build_scheduler(
-    stages: Stages,
+    sweep: Callable[[], object],
     sweep_interval_seconds: float,
     submit: Callable[[], int] | None = None,
+    dispatch: Callable[[], int] | None = None,
     dispatch_interval_seconds: float | None = None,
 ) -> BackgroundScheduler:
-    """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced."""
+    """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced.
+
+    ``sweep``, ``submit`` and ``dispatch`` are the stages' entry points (no arguments); a failing run is
+    logged and retried at the next tick.
+    """
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(
-        _sweep, "interval", args=[stages], seconds=sweep_interval_seconds, id="completion-sweep",
+        _sweep, "interval", args=[sweep], seconds=sweep_interval_seconds, id="completion-sweep",
         max_instances=1, coalesce=True, misfire_grace_time=None,
     )
     if submit is not None:
@@ -50,9 +53,9 @@ def build_scheduler(
             _submit, "interval", args=[submit], seconds=sweep_interval_seconds, id="submit-queued",
             max_instances=1, coalesce=True, misfire_grace_time=None,
         )
-    if dispatch_interval_seconds is not None:
+    if dispatch is not None and dispatch_interval_seconds is not None:
         scheduler.add_job(
-            _dispatch, "interval", args=[stages], seconds=dispatch_interval_seconds, id="dispatch",
+            _dispatch, "interval", args=[dispatch], seconds=dispatch_interval_seconds, id="dispatch",
             max_instances=1, coalesce=True, misfire_grace_time=None,
         )
     return scheduler

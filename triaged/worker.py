@@ -3,7 +3,9 @@
 One worker process per device runs one job at a time: load the chosen series, run the pipeline, write
 the masks and findings to ``spool/work/<job>/``.  The parent watches it: a job past its timeout or a
 process past its memory limit is killed (and the process replaced), a crashed process is replaced,
-and the job is reported FAILED with the stage and reason; the daemon carries on.
+and the job is reported FAILED with the stage and reason; the daemon carries on.  When a task's analysis
+is done and encoding begins, the process says so (:class:`EncodingStarted`), and the parent records
+the findings and priority then, not after the encoded objects exist.
 
 Queue order: urgent first, but waiting raises an item's standing (``aging_seconds`` of waiting is worth
 one priority level), so a stream of urgent studies cannot starve routine ones.
@@ -75,6 +77,22 @@ class TaskOutcome:
     priority: tuple[float, str, str] | None = None
 
 
+@dataclass(frozen=True)
+class EncodingStarted:
+    """Sent by a worker process when its analysis is done and encoding begins (picklable).
+
+    The parent records the findings and priority then (ANALYSING → ENCODING), so the worklist has
+    them while SR, SEG and SC are still being built.
+    """
+
+    job_id: int
+    findings_json: str
+    #: (score, level, reasons) from the route's policy, when one was given.
+    priority: tuple[float, str, str] | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
 @dataclass(order=True)
 class _Entry:
     standing: float
@@ -129,8 +147,8 @@ class TaskQueue:
 # ---------------------------------------------------------------------------------- child process
 
 
-def _run_task(task: AnalysisTask) -> TaskOutcome:
-    """Load the series and run the pipeline (in the worker process)."""
+def _run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | None = None) -> TaskOutcome:
+    """Load the series and run the pipeline (in the worker process); ``report`` is told when encoding starts."""
     import numpy as np
 
     from triaged.domain import SeriesChoice, findings_to_json
@@ -176,6 +194,8 @@ def _run_task(task: AnalysisTask) -> TaskOutcome:
         outputs: tuple[tuple[str, str, str, str], ...] = ()
         if task.encode:
             stage = "encode"
+            if report is not None:
+                report(EncodingStarted(task.job_id, text, priority, seconds=time.perf_counter() - t0))
             outputs = _encode(task, result, volume, series, root, priority[1] if priority else None)
         return TaskOutcome(task.job_id, True, text, seconds=time.perf_counter() - t0, outputs=outputs,
                            priority=priority)
@@ -253,7 +273,7 @@ def _worker_main(conn: Connection, threads: int) -> None:
             return
         if task is None:
             return
-        conn.send(_run_task(task))
+        conn.send(_run_task(task, conn.send))
 
 
 # ---------------------------------------------------------------------------------- parent side
@@ -316,8 +336,12 @@ class WorkerProcess:
     def run(
         self, task: AnalysisTask, timeout: float, memory_limit_mb: float,
         wanted: Callable[[], bool] | None = None,
+        on_encoding: Callable[[EncodingStarted], bool] | None = None,
     ) -> TaskOutcome:
-        """Run one task; ``wanted`` is asked about once a second and False kills the analysis early."""
+        """Run one task; ``wanted`` is asked about once a second and False kills the analysis early.
+
+        ``on_encoding`` is called when the worker starts encoding; False (the job moved on) kills it.
+        """
         if self._proc is None or not self._proc.is_alive():
             self._start()
         # Local references: kill() from another thread (a stop) clears the attributes.
@@ -334,8 +358,14 @@ class WorkerProcess:
             conn.send(task)
             while True:
                 if conn.poll(0.2):
-                    outcome: TaskOutcome = conn.recv()
-                    return dataclasses.replace(outcome, peak_rss_mb=max(peak, _rss_mb(proc.pid)))
+                    message: TaskOutcome | EncodingStarted = conn.recv()
+                    peak = max(peak, _rss_mb(proc.pid))
+                    if isinstance(message, TaskOutcome):
+                        return dataclasses.replace(message, peak_rss_mb=peak)
+                    if on_encoding is not None and not on_encoding(dataclasses.replace(message, peak_rss_mb=peak)):
+                        self.kill()
+                        return failed("encode: cancelled, the job moved on (e.g. superseded by a late instance)")
+                    continue
                 if not proc.is_alive():
                     break
                 rss = _rss_mb(proc.pid)
@@ -363,7 +393,8 @@ class WorkerPool:
     """Threads that take tasks from the queue, run them in worker processes and report outcomes.
 
     ``on_start(task) -> bool`` is called before a task runs (False: skip it, e.g. the job was
-    superseded); ``on_done(task, outcome)`` after.
+    superseded); ``on_encoding(task, started) -> bool`` when its worker starts encoding (False: the
+    job moved on, stop it); ``on_done(task, outcome)`` after.
     """
 
     def __init__(
@@ -373,6 +404,7 @@ class WorkerPool:
         on_done: Callable[[AnalysisTask, TaskOutcome], None],
         *,
         still_wanted: Callable[[int], bool] | None = None,
+        on_encoding: Callable[[AnalysisTask, EncodingStarted], bool] | None = None,
         workers: int = 1,
         threads: int = 2,
         timeout: float = 600.0,
@@ -382,6 +414,7 @@ class WorkerPool:
         self._on_start = on_start
         self._on_done = on_done
         self._still_wanted = still_wanted
+        self._on_encoding = on_encoding
         self.timeout = timeout
         self.memory_limit_mb = memory_limit_mb
         self._procs = [WorkerProcess(f"triaged-worker-{i}", threads) for i in range(workers)]
@@ -416,16 +449,25 @@ class WorkerPool:
             try:
                 wanted = (functools.partial(self._still_wanted, task.job_id)
                           if self._still_wanted is not None else None)
-                outcome = proc.run(task, self.timeout, self.memory_limit_mb, wanted)
+                encoding = functools.partial(self._encoding, task) if self._on_encoding is not None else None
+                outcome = proc.run(task, self.timeout, self.memory_limit_mb, wanted, encoding)
             finally:
                 with self._lock:
                     self._running.pop(task.job_id, None)
             if self._stop.is_set() and not outcome.ok:
-                continue  # killed by stop(): the job stays ANALYSING and resumes at the next start
+                continue  # killed by stop(): the job stays ANALYSING or ENCODING and resumes at the next start
             try:
                 self._on_done(task, outcome)
             except Exception:  # noqa: BLE001
                 log.exception("job %s: could not record the analysis outcome", task.job_id)
+
+    def _encoding(self, task: AnalysisTask, started: EncodingStarted) -> bool:
+        assert self._on_encoding is not None
+        try:
+            return self._on_encoding(task, started)
+        except Exception:  # noqa: BLE001 - a ledger hiccup must not kill the feeder; the outcome records it
+            log.exception("job %s: could not record the start of encoding", task.job_id)
+            return True
 
     def stop(self) -> None:
         """Stop taking tasks; a running analysis is killed (its job resumes at the next start)."""

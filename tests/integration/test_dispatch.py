@@ -58,7 +58,7 @@ def test_sr_seg_and_sc_arrive_in_the_original_study_exactly_once(
     assert {i.state for i in items} == {"SENT"} and len(items) == len(classes)
     assert "delivered to pacs" in job.detail
     # Resend is idempotent: same UIDs, so the PACS still holds each object once.
-    assert node.stages.resend(job.id) == len(items)
+    assert node.dispatch.resend(job.id) == len(items)
     wait_for(lambda: node.ledger.job(job.id).state is JobState.DONE and
              all(i.state == "SENT" for i in node.ledger.outbox(job_id=job.id)), what="the resend")
     assert _classes(orthanc, study_uid) == classes
@@ -96,7 +96,7 @@ def test_an_item_past_its_maximum_age_is_dead_lettered_and_can_be_resent(
     assert job.detail.startswith("dispatch: ") and "dead-lettered" in job.detail
     assert {i.state for i in node.ledger.outbox(job_id=job.id)} == {"DEAD"}
     orthanc.start()
-    node.stages.resend(job.id)
+    node.dispatch.resend(job.id)
     wait_for(lambda: node.ledger.job(job.id).state is JobState.DONE, timeout=60, what="the resent objects")
 
 

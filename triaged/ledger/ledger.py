@@ -699,12 +699,6 @@ class Ledger:
         if next_attempt_at is not None:
             _utc(next_attempt_at)
         with self._write("transition") as conn:
-            if to_state not in TRANSITIONS[from_state]:
-                actual = self._state_of(conn, job_id)
-                raise StateError(
-                    f"job {job_id}: {from_state} -> {to_state} is not an allowed transition "
-                    f"(job is in {actual})"
-                )
             self._move(
                 conn,
                 job_id,
@@ -728,10 +722,20 @@ class Ledger:
         *,
         series_instance_uid: str | None = None,
         next_attempt_at: datetime | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Compare-and-set the state and record the transition (inside the caller's transaction)."""
+        """Compare-and-set the state and record the transition (inside the caller's transaction).
+
+        ``extra`` holds further job columns written by the same guarded UPDATE (route, priority, ...),
+        so they land only if the job is still in ``from_state``.
+        """
         j = _jobs
-        values: dict[str, Any] = {"state": to_state.value, "detail": detail, "updated_at": now}
+        if to_state not in TRANSITIONS[from_state]:
+            actual = self._state_of(conn, job_id)
+            raise StateError(
+                f"job {job_id}: {from_state} -> {to_state} is not an allowed transition (job is in {actual})"
+            )
+        values: dict[str, Any] = {**(extra or {}), "state": to_state.value, "detail": detail, "updated_at": now}
         if series_instance_uid is not None:
             values["series_instance_uid"] = series_instance_uid
         if next_attempt_at is not None:
@@ -903,16 +907,71 @@ class Ledger:
                 depth[JobState(state)] = int(count)
         return depth
 
+    def queue_job(
+        self, job_id: int, *, route_json: str, pipeline: str, series_instance_uid: str, detail: str
+    ) -> None:
+        """COMPLETE → QUEUED with the route, pipeline and chosen series, in one compare-and-set transaction.
+
+        Parameters
+        ----------
+        job_id
+            The job.
+        route_json
+            The routing decision the job follows (JSON).
+        pipeline
+            The pipeline it runs.
+        series_instance_uid
+            The chosen series.
+        detail
+            Why (route and series choice), the job's new detail.
+
+        Raises
+        ------
+        StateError
+            The job is not COMPLETE (e.g. a late instance superseded it): nothing is written.
+        """
+        now = datetime.now(UTC)
+        with self._write("queue_job") as conn:
+            self._move(conn, job_id, JobState.COMPLETE, JobState.QUEUED, detail, now,
+                       series_instance_uid=series_instance_uid, extra={"route": route_json, "pipeline": pipeline})
+        log.info("job %d: %s -> %s %s", job_id, JobState.COMPLETE, JobState.QUEUED, detail)
+
+    def record_analysis(
+        self, job_id: int, findings: Findings, *, priority: tuple[float, str, str] | None, detail: str
+    ) -> None:
+        """ANALYSING → ENCODING with the findings and priority, in one compare-and-set transaction.
+
+        Parameters
+        ----------
+        job_id
+            The job.
+        findings
+            What the pipeline measured (replaces earlier findings of the same job).
+        priority
+            ``(score, level, reasons)`` from the route's policy, or None.
+        detail
+            The analysis summary, the job's new detail.
+
+        Raises
+        ------
+        StateError
+            The job is no longer ANALYSING (e.g. superseded while it ran): neither findings nor
+            priority are written.
+        """
+        now = datetime.now(UTC)
+        extra: dict[str, Any] = {"result_at": now}
+        if priority is not None:
+            score, level, reasons = priority
+            extra.update(priority_score=score, priority_level=level, priority_reasons=reasons)
+        with self._write("record_analysis") as conn:
+            self._move(conn, job_id, JobState.ANALYSING, JobState.ENCODING, detail, now, extra=extra)
+            conn.execute(self._findings_upsert(job_id, findings, now))
+        log.info("job %d: %s -> %s %s", job_id, JobState.ANALYSING, JobState.ENCODING, detail)
+
     # ------------------------------------------------------------------ analysis results
 
-    def set_pipeline(self, job_id: int, pipeline: str) -> None:
-        """Record which pipeline a job runs (chosen by routing when the job is queued)."""
-        with self._write("set_pipeline") as conn:
-            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(pipeline=pipeline))
-
-    def record_findings(self, job_id: int, findings: Findings) -> None:
-        """Store a job's findings (replacing earlier ones of the same job, e.g. after a resumed run)."""
-        now = datetime.now(UTC)
+    @staticmethod
+    def _findings_upsert(job_id: int, findings: Findings, now: datetime) -> Any:
         values = {
             "job_id": job_id,
             "pipeline": findings.pipeline,
@@ -926,30 +985,13 @@ class Ledger:
             "data": findings_to_json(findings),
         }
         stmt = sqlite_insert(_findings).values(**values)
-        stmt = stmt.on_conflict_do_update(index_elements=[_findings.c.job_id], set_=values)
-        with self._write("record_findings") as conn:
-            conn.execute(stmt)
-            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(result_at=now))
+        return stmt.on_conflict_do_update(index_elements=[_findings.c.job_id], set_=values)
 
     def findings(self, job_id: int) -> Findings | None:
         """The findings a job recorded, or None."""
         with self._read("findings") as conn:
             data = conn.execute(select(_findings.c.data).where(_findings.c.job_id == job_id)).scalar_one_or_none()
         return findings_from_json(data) if data is not None else None
-
-    def set_priority(self, job_id: int, *, score: float, level: str, reasons: str) -> None:
-        """Record a job's triage priority (score in [0, 1], level, human-readable reasons)."""
-        with self._write("set_priority") as conn:
-            conn.execute(
-                update(_jobs)
-                .where(_jobs.c.id == job_id)
-                .values(priority_score=score, priority_level=level, priority_reasons=reasons)
-            )
-
-    def set_route(self, job_id: int, route_json: str) -> None:
-        """Record the routing decision a job follows (JSON)."""
-        with self._write("set_route") as conn:
-            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(route=route_json))
 
     def study_source(self, study_uid: str) -> tuple[str, str, str] | None:
         """(calling AE, called AE, peer address) of the association that last brought the study an instance."""

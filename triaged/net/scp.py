@@ -285,16 +285,9 @@ class StoreService:
         ts = str(event.context.transfer_syntax)
         try:
             self._check_pixels(ds, ts)
-            record = InstanceRecord(
-                study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+            record = instance_record(
+                ds, path=self.spool.instance_path(study, series, sop), size=len(raw),
                 sop_class_uid=str(rq.AffectedSOPClassUID), transfer_syntax_uid=ts,
-                path=self.spool.instance_path(study, series, sop), size=len(raw), sha256="",
-                modality=str(ds.get("Modality", "") or ""),
-                series_number=_int_or_none(ds.get("SeriesNumber")),
-                series_description=str(ds.get("SeriesDescription", "") or ""),
-                study_date=str(ds.get("StudyDate", "") or ""),
-                study_description=str(ds.get("StudyDescription", "") or ""),
-                accession_number=str(ds.get("AccessionNumber", "") or ""),
             )
         except _Refusal:
             raise
@@ -340,6 +333,48 @@ def _check_complete(ds: Dataset) -> None:
         if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None:
             if len(raw.value) < raw.length:
                 raise ValueError(f"element {tag} declares {raw.length} bytes but the stream ends after {len(raw.value)}")
+
+
+def instance_record(
+    ds: Dataset, *, path: str, size: int, sop_class_uid: str | None = None, transfer_syntax_uid: str | None = None,
+    sha256: str = "",
+) -> InstanceRecord:
+    """The ledger's record of one instance from its header: the C-STORE handler and the start-up reconcile.
+
+    Parameters
+    ----------
+    ds
+        The instance's dataset (pixel data not needed).
+    path
+        Where it lies, relative to the spool root.
+    size
+        Its encoded size in bytes.
+    sop_class_uid, transfer_syntax_uid
+        From the presentation context when received; None: from the dataset and its file meta.
+    sha256
+        Hex digest of the stored bytes ("" when the spool fills it in later).
+
+    Raises
+    ------
+    InvalidDatasetError
+        A Study, Series or SOP Instance UID is missing or malformed.
+    """
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    return InstanceRecord(
+        study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+        sop_class_uid=sop_class_uid if sop_class_uid is not None else str(ds.get("SOPClassUID", "") or ""),
+        transfer_syntax_uid=(transfer_syntax_uid if transfer_syntax_uid is not None
+                             else str(meta.get("TransferSyntaxUID", "") or "")),
+        path=path, size=size, sha256=sha256,
+        modality=str(ds.get("Modality", "") or ""),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        study_date=str(ds.get("StudyDate", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        accession_number=str(ds.get("AccessionNumber", "") or ""),
+    )
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -1,0 +1,285 @@
+"""Completion, series choice, analysis recording and start-up recovery on real CT files and a real ledger.
+
+The spooled files are the real Lung-PET-CT-Dx series (``tests/conftest.py``'s ``REAL_DATA``), copied into
+the test's own spool under tmp_path; time is an injected clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import make_config
+from triaged.config import Config
+from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LungMeasures, findings_to_json
+from triaged.ledger import Ledger
+from triaged.net.scp import instance_record
+from triaged.spool import Spool
+from triaged.stages import Analysis, Completion, Dispatch, Recovery
+from triaged.stages.recovery import record_from_file
+from triaged.worker import AnalysisTask, EncodingStarted, TaskOutcome
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+class Clock:
+    """The injected ``now``."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+class Node:
+    """The stages composed as the daemon composes them, on one ledger and spool."""
+
+    def __init__(self, config: Config, clock: Clock) -> None:
+        self.config = config
+        self.ledger = Ledger(config.storage.ledger)
+        self.spool = Spool(config.storage.spool)
+        self.dispatch = Dispatch(self.ledger, self.spool, lambda: config, now=clock)
+        self.analysis = Analysis(self.ledger, self.spool, lambda: config, self.dispatch)
+        self.completion = Completion(self.ledger, self.spool, lambda: config, self.analysis, now=clock)
+        self.recovery = Recovery(self.ledger, self.spool, lambda: config, self.analysis)
+
+    def receive(self, files: list[Path], at: datetime = T0) -> str:
+        """Spool and record real files as the C-STORE handler does; returns the Study Instance UID."""
+        study = ""
+        for f in files:
+            data = f.read_bytes()
+            ds = dcmread(f, stop_before_pixels=True)
+            rel = self.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            stored = self.spool.store_instance(rel, data)
+            self.ledger.record_instance(instance_record(ds, path=rel, size=len(data), sha256=stored.sha256),
+                                        association_id=None, now=at)
+            study = str(ds.StudyInstanceUID)
+        return study
+
+
+def make_node(tmp_path: Path, **sections: dict[str, object]) -> Iterator[Node]:
+    node = Node(make_config(tmp_path, **sections), Clock(T0))
+    yield node
+    node.ledger.close()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    yield from make_node(tmp_path, destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}})
+
+
+def series(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+def findings() -> Findings:
+    return Findings(pipeline="ok", pipeline_version="1", right=LungMeasures(2000.0, 200.0, 0.0),
+                    left=LungMeasures(1800.0, 100.0, 0.0), ct_grade=CTGrade.CT2, p_covid=0.7)
+
+
+# ------------------------------------------------------------------ completion
+
+
+@pytest.mark.parametrize(("modality", "waits"), [("CT", True), ("MR", False)])
+def test_a_route_with_a_longer_completion_delay_waits_for_it(
+    tmp_path: Path, pet_ct_dx: Path, modality: str, waits: bool
+) -> None:
+    rule = {"name": "slow", "match": {"series": {"Modality": modality}}, "action": {"completion_delay_seconds": 300}}
+    for node in make_node(tmp_path, routing={"rules": [rule]}):
+        node.receive(series(pet_ct_dx))
+        (job,) = node.ledger.jobs()
+        assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=0.5)) == []  # the default is 1 s
+        node.completion._now.at = T0 + timedelta(seconds=10)  # type: ignore[attr-defined]
+        assert node.completion.complete_quiet_studies() == ([] if waits else [job.id])
+        later = node.completion.complete_quiet_studies(T0 + timedelta(seconds=301))
+        assert later == ([job.id] if waits else [])
+        completed = [h for h in node.ledger.job(job.id).history if h[2] == "COMPLETE"]
+        assert len(completed) == 1
+        expected = "no instance for 300 s; route 'slow'" if waits else "no instance for 1 s; route 'default'"
+        assert completed[0][3] == expected
+
+
+def test_a_completed_real_series_is_queued_with_route_pipeline_and_series_in_one_step(
+    node: Node, pet_ct_dx: Path
+) -> None:
+    study = node.receive(series(pet_ct_dx))
+    (job,) = node.ledger.jobs()
+    assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=2)) == [job.id]
+    queued = node.ledger.job(job.id)
+    assert queued.state is JobState.QUEUED, queued.detail
+    assert queued.series_instance_uid == str(dcmread(series(pet_ct_dx)[0]).SeriesInstanceUID)
+    assert queued.pipeline == "ok"
+    assert json.loads(queued.route)["destinations"][0]["name"] == "pacs"
+    assert [h[1:3] for h in queued.history][-2:] == [("RECEIVING", "COMPLETE"), ("COMPLETE", "QUEUED")]
+    task = node.analysis.analysis_task(queued)
+    assert (task.study_uid, len(task.instance_paths), task.encode) == (study, 30, True)
+
+
+def test_a_superseded_job_gets_no_route_and_no_pipeline(node: Node, pet_ct_dx: Path) -> None:
+    files = series(pet_ct_dx)
+    study = node.receive(files[:-1])
+    (job,) = node.ledger.jobs()
+    node.ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE, "quiet")
+    node.receive(files[-1:], at=T0 + timedelta(seconds=5))  # the late slice supersedes the job
+    node.analysis.choose_series(job.id, study)
+    old = node.ledger.job(job.id)
+    assert (old.state, old.route, old.pipeline, old.series_instance_uid) == (JobState.SUPERSEDED, "", None, None)
+
+
+# ------------------------------------------------------------------ analysis outcome
+
+
+def analysing(node: Node, folder: Path, keep_back: int = 0) -> tuple[AnalysisTask, int]:
+    files = series(folder)
+    node.receive(files[:len(files) - keep_back])
+    (job,) = node.ledger.jobs()
+    node.completion.complete_quiet_studies(T0 + timedelta(seconds=2))
+    task = node.analysis.analysis_task(node.ledger.job(job.id))
+    assert node.analysis.start_analysis(task)
+    return task, job.id
+
+
+def test_a_finished_analysis_records_findings_and_priority_then_goes_to_the_outbox(
+    node: Node, pet_ct_dx: Path
+) -> None:
+    task, job_id = analysing(node, pet_ct_dx)
+    out = (("sr", f"work/{job_id}/outputs/sr-1.2.9.1.dcm", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.9.1"),)
+    node.analysis.finish_analysis(task, TaskOutcome(job_id, True, findings_to_json(findings()), outputs=out,
+                                                    priority=(0.6, "URGENT", "p_covid 0.70")))
+    job = node.ledger.job(job_id)
+    assert (job.state, job.priority_level, job.priority_score) == (JobState.DISPATCHING, "URGENT", 0.6)
+    assert [h[2] for h in job.history][-2:] == ["ENCODING", "DISPATCHING"]
+    assert node.ledger.findings(job_id) == findings()
+    assert [(i.destination, i.kind) for i in node.ledger.outbox(job_id=job_id)] == [("pacs", "sr")]
+
+
+def test_an_analysis_finishing_after_its_job_was_superseded_records_nothing(node: Node, pet_ct_dx: Path) -> None:
+    task, job_id = analysing(node, pet_ct_dx, keep_back=1)
+    node.receive(series(pet_ct_dx)[-1:], at=T0 + timedelta(seconds=60))  # a late slice while it runs
+    assert not node.analysis.analysis_wanted(job_id)
+    node.analysis.finish_analysis(task, TaskOutcome(job_id, True, findings_to_json(findings()),
+                                                    priority=(0.6, "URGENT", "p_covid 0.70")))
+    job = node.ledger.job(job_id)
+    assert (job.state, job.priority_level, job.priority_score) == (JobState.SUPERSEDED, None, None)
+    assert node.ledger.findings(job_id) is None
+    assert node.ledger.outbox(job_id=job_id) == []
+
+
+def test_findings_and_priority_are_recorded_when_encoding_starts_and_outputs_queued_when_it_ends(
+    node: Node, pet_ct_dx: Path
+) -> None:
+    task, job_id = analysing(node, pet_ct_dx)
+    started = EncodingStarted(job_id, findings_to_json(findings()), (0.6, "URGENT", "p_covid 0.70"), seconds=4.0,
+                              peak_rss_mb=300.0)
+    assert node.analysis.start_encoding(task, started)
+    job = node.ledger.job(job_id)
+    assert (job.state, job.priority_level) == (JobState.ENCODING, "URGENT")
+    assert job.detail == "ok 1: CT2, worse lung 10.0 %, whole lung 7.9 % (4.0 s, peak 300 MiB)"
+    assert node.ledger.findings(job_id) == findings()
+    assert node.analysis.analysis_wanted(job_id)  # encoding is part of the work: not cancelled
+    out = (("sr", f"work/{job_id}/outputs/sr-1.2.9.1.dcm", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.9.1"),)
+    node.analysis.finish_analysis(task, TaskOutcome(job_id, True, started.findings_json, outputs=out,
+                                                    priority=started.priority))
+    job = node.ledger.job(job_id)
+    assert job.state is JobState.DISPATCHING
+    assert [h[2] for h in job.history].count("ENCODING") == 1
+
+
+def test_an_encoding_that_fails_fails_the_job_from_encoding(node: Node, pet_ct_dx: Path) -> None:
+    task, job_id = analysing(node, pet_ct_dx)
+    assert node.analysis.start_encoding(task, EncodingStarted(job_id, findings_to_json(findings())))
+    node.analysis.finish_analysis(task, TaskOutcome(job_id, False, error="encode: ValueError: bad mask"))
+    job = node.ledger.job(job_id)
+    assert (job.state, job.detail, job.history[-1][1]) == (JobState.FAILED, "encode: ValueError: bad mask", "ENCODING")
+
+
+def test_encoding_of_a_superseded_job_is_refused(node: Node, pet_ct_dx: Path) -> None:
+    task, job_id = analysing(node, pet_ct_dx, keep_back=1)
+    node.receive(series(pet_ct_dx)[-1:], at=T0 + timedelta(seconds=60))
+    assert not node.analysis.start_encoding(task, EncodingStarted(job_id, findings_to_json(findings()), (0.6, "URGENT", "")))
+    job = node.ledger.job(job_id)
+    assert (job.state, job.priority_level) == (JobState.SUPERSEDED, None)
+    assert node.ledger.findings(job_id) is None
+
+
+def test_a_failed_analysis_fails_the_job_with_its_stage_and_reason(node: Node, pet_ct_dx: Path) -> None:
+    task, job_id = analysing(node, pet_ct_dx)
+    node.analysis.finish_analysis(task, TaskOutcome(job_id, False, error="analysis: timed out after 600 s"))
+    job = node.ledger.job(job_id)
+    assert (job.state, job.detail) == (JobState.FAILED, "analysis: timed out after 600 s")
+
+
+# ------------------------------------------------------------------ recovery
+
+
+def test_resume_requeues_an_interrupted_analysis_and_routes_a_completed_study(node: Node, pet_ct_dx: Path) -> None:
+    _task, job_id = analysing(node, pet_ct_dx)
+    node.recovery.resume_interrupted()
+    job = node.ledger.job(job_id)
+    assert (job.state, job.detail) == (JobState.QUEUED, "analysis interrupted by a stop")
+
+
+def test_resume_chooses_the_series_of_a_job_stopped_after_completion(node: Node, pet_ct_dx: Path) -> None:
+    node.receive(series(pet_ct_dx))
+    (job,) = node.ledger.jobs()
+    node.ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE, "quiet")
+    node.recovery.resume_interrupted()
+    assert node.ledger.job(job.id).state is JobState.QUEUED
+
+
+def test_resume_reruns_a_job_whose_encoding_was_interrupted(node: Node, pet_ct_dx: Path) -> None:
+    _task, job_id = analysing(node, pet_ct_dx)
+    node.ledger.record_analysis(job_id, findings(), priority=None, detail="analysed; encoding")
+    node.recovery.resume_interrupted()
+    job = node.ledger.job(job_id)
+    assert (job.state, job.detail) == (JobState.QUEUED, "encoding interrupted by a stop")
+
+
+def test_reconcile_records_a_spooled_file_whose_ledger_row_is_missing_with_every_field(
+    node: Node, pet_ct_dx: Path
+) -> None:
+    source = series(pet_ct_dx)[0]
+    ds = dcmread(source, stop_before_pixels=True)
+    rel = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    node.spool.store_instance(rel, source.read_bytes())  # fsynced, then power lost before the ledger commit
+    junk = node.spool.root / "studies" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not DICOM")  # a torn file where an instance belongs
+    assert node.recovery.reconcile_spool() == 1
+    assert rel in node.ledger.instance_paths()
+    assert not junk.exists()  # quarantined, not recorded
+    (study,) = node.ledger.studies()
+    assert (study.study_description, study.accession_number, study.study_date) == (
+        str(ds.StudyDescription), str(ds.get("AccessionNumber", "")), str(ds.StudyDate))
+    con = sqlite3.connect(node.config.storage.ledger)
+    try:
+        rows = con.execute("SELECT series_number, modality FROM series").fetchall()
+    finally:
+        con.close()
+    assert rows == [(int(ds.SeriesNumber), "CT")]
+    assert node.ledger.jobs()[0].state is JobState.RECEIVING
+    assert node.recovery.reconcile_spool() == 0
+
+
+def test_the_record_builder_reads_every_field_of_a_real_header(pet_ct_dx: Path) -> None:
+    source = series(pet_ct_dx)[0]
+    ds = dcmread(source, stop_before_pixels=True)
+    data = source.read_bytes()
+    record = record_from_file(source, "studies/a/b/c.dcm")
+    assert record == InstanceRecord(
+        study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path="studies/a/b/c.dcm", size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), modality="CT", series_number=int(ds.SeriesNumber),
+        series_description=str(ds.get("SeriesDescription", "")), study_date=str(ds.StudyDate),
+        study_description=str(ds.StudyDescription), accession_number=str(ds.get("AccessionNumber", "")),
+    )
+    assert record.series_number is not None and record.study_description  # the two the old copy dropped

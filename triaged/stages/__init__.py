@@ -1,0 +1,27 @@
+"""The node's stages between the adapters: complete, analyse, dispatch, recover, plus the worklist view.
+
+Each stage is a small class taking the ledger, the spool and a config provider (a callable returning
+the current :class:`~triaged.config.Config`, so reloads apply) and, where time matters, ``now``.  The
+daemon composes them; the CLI builds only the one it needs.  Every state change goes through the
+ledger's compare-and-set methods, so what a stage does is visible in ``triaged jobs`` with its reason.
+"""
+
+from triaged.stages.analyse import Analysis, route_to_json, study_facts
+from triaged.stages.complete import Completion
+from triaged.stages.dispatch import Destination, Dispatch, SCUDestination, backoff_seconds, retryable_status
+from triaged.stages.recovery import Recovery
+from triaged.stages.worklist import Worklist
+
+__all__ = [
+    "Analysis",
+    "Completion",
+    "Destination",
+    "Dispatch",
+    "Recovery",
+    "SCUDestination",
+    "Worklist",
+    "backoff_seconds",
+    "retryable_status",
+    "route_to_json",
+    "study_facts",
+]

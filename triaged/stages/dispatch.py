@@ -1,0 +1,194 @@
+"""Dispatch: the outbox, sending with capped exponential backoff and dead letters, settling, resend."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from triaged.config import Config, DestinationConfig, DispatchConfig
+from triaged.domain import JobRow, JobState, OutboxEntry
+from triaged.errors import DispatchError, StateError, TriagedError
+from triaged.ledger import Ledger
+from triaged.net.scu import SendResult, send_files
+from triaged.spool import Spool
+from triaged.stages._common import Clock, ConfigProvider, utc_now
+
+log = logging.getLogger(__name__)
+
+#: One encoded object: (kind, path relative to the spool root, SOP Class UID, SOP Instance UID).
+Output = tuple[str, str, str, str]
+
+
+def backoff_seconds(attempts: int, d: DispatchConfig) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones: capped exponential backoff.
+
+    ``base_delay_seconds * multiplier ** attempts``, at most ``max_delay_seconds``.
+    """
+    return float(min(d.max_delay_seconds, d.base_delay_seconds * d.multiplier ** attempts))
+
+
+def retryable_status(status: int) -> bool:
+    """PS3.4 B.2.3: 0xA7xx (out of resources) may succeed later; 0xA9xx and 0xCxxx never will."""
+    return (status & 0xFF00) == 0xA700
+
+
+class Destination(Protocol):
+    """Where result objects go: one association per call, one result per path, in order."""
+
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str,
+             timeout: float) -> list[SendResult]:
+        """Send ``paths``; raise :class:`DispatchError` or ``OSError`` when no association was made."""
+        ...
+
+
+class SCUDestination:
+    """The real destination: DICOM C-STORE with :func:`triaged.net.scu.send_files`."""
+
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str,
+             timeout: float) -> list[SendResult]:
+        return send_files(paths, dest.host, dest.port, dest.ae_title,
+                          calling_ae=dest.calling_ae_title or calling_ae, timeout=timeout)
+
+
+class Dispatch:
+    """ENCODING → DISPATCHING → DONE / RETRY_WAIT / FAILED, from a durable outbox."""
+
+    def __init__(self, ledger: Ledger, spool: Spool, config: ConfigProvider, *,
+                 destination: Destination | None = None, now: Clock = utc_now) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self._config = config
+        self._destination = destination or SCUDestination()
+        self._now = now
+
+    def enqueue_outputs(self, job: JobRow, outputs: tuple[Output, ...]) -> None:
+        """ENCODING → DISPATCHING with one outbox item per (destination, output of a kind it takes)."""
+        routed = json.loads(job.route) if job.route else {}
+        items = [
+            (dest["name"], kind, path, sop_class, sop_uid)
+            for dest in routed.get("destinations", [])
+            for kind, path, sop_class, sop_uid in outputs
+            if kind in dest.get("outputs", ())
+        ]
+        added = self.ledger.enqueue_outbox(job.id, items)
+        names = sorted({i[0] for i in items})
+        try:
+            self.ledger.transition(
+                job.id, JobState.ENCODING, JobState.DISPATCHING,
+                f"{len(outputs)} object(s) encoded; {added} queued for {', '.join(names) or 'no destination'}",
+            )
+        except StateError as exc:
+            log.info("job %s moved on during encoding: %s", job.id, exc)
+            return
+        if not items:
+            self.settle(job.id)
+
+    def dispatch_due(self, now: datetime | None = None) -> int:
+        """Send every due outbox item, one association per destination and job; returns items sent."""
+        cfg = self._config()
+        now = now or self._now()
+        due = self.ledger.outbox(states=["PENDING"], due_before=now, limit=10000)
+        by_job: dict[int, list[OutboxEntry]] = defaultdict(list)
+        for item in due:
+            by_job[item.job_id].append(item)
+        sent = 0
+        for job_id, items in by_job.items():
+            job = self.ledger.job(job_id)
+            if job.state is JobState.RETRY_WAIT:
+                try:
+                    self.ledger.transition(job_id, JobState.RETRY_WAIT, JobState.DISPATCHING,
+                                           f"retrying {len(items)} object(s)")
+                except StateError:
+                    continue
+            elif job.state is not JobState.DISPATCHING:
+                continue
+            by_dest: dict[str, list[OutboxEntry]] = defaultdict(list)
+            for item in items:
+                by_dest[item.destination].append(item)
+            for dest, dest_items in by_dest.items():
+                sent += self._send(cfg, dest, dest_items, now)
+            self.settle(job_id)
+        return sent
+
+    def _send(self, cfg: Config, dest_name: str, items: list[OutboxEntry], now: datetime) -> int:
+        dest = cfg.destinations.get(dest_name)
+        if dest is None:
+            for item in items:
+                self.retry_or_dead(item, None, f"destination {dest_name!r} is not configured", now)
+            return 0
+        try:
+            results = self._destination.send(
+                [self.spool.absolute(i.path) for i in items], dest,
+                calling_ae=cfg.dispatch.calling_ae_title, timeout=cfg.dispatch.timeout_seconds,
+            )
+        except (DispatchError, OSError) as exc:
+            for item in items:
+                self.retry_or_dead(item, None, str(exc), now)
+            return 0
+        ok = 0
+        for item, result in zip(items, results, strict=True):
+            if result.ok and result.status is not None:
+                self.ledger.mark_sent(item.id, result.status)
+                ok += 1
+            elif result.status is not None and not retryable_status(result.status):
+                reason = f"{dest_name} refused {item.kind} with 0x{result.status:04X} {result.comment}".strip()
+                log.error("job %s: dead-lettered %s: %s", item.job_id, item.sop_instance_uid, reason)
+                self.ledger.mark_dead(item.id, reason)
+            else:
+                status = f"0x{result.status:04X} " if result.status is not None else ""
+                self.retry_or_dead(item, result.status, f"{dest_name}: {status}{result.comment}".strip(), now)
+        log.info("sent %d of %d object(s) to %s", ok, len(items), dest_name)
+        return ok
+
+    def retry_or_dead(self, item: OutboxEntry, status: int | None, error: str, now: datetime) -> None:
+        """One failed attempt: schedule the next with backoff, or dead-letter past ``max_age_hours``."""
+        d = self._config().dispatch
+        if now - item.created_at > timedelta(hours=d.max_age_hours):
+            reason = f"no success for {d.max_age_hours:g} h ({item.attempts + 1} attempts); last error: {error}"
+            log.error("job %s: dead-lettered %s for %s: %s", item.job_id, item.kind, item.destination, reason)
+            self.ledger.mark_dead(item.id, reason)
+            return
+        self.ledger.mark_attempt_failed(item.id, status=status, error=error,
+                                        next_attempt_at=now + timedelta(seconds=backoff_seconds(item.attempts, d)))
+
+    def settle(self, job_id: int) -> None:
+        """DISPATCHING → DONE, RETRY_WAIT (next attempt) or FAILED (dead letters), from the outbox."""
+        items = self.ledger.outbox(job_id=job_id)
+        pending = [i for i in items if i.state == "PENDING"]
+        dead = [i for i in items if i.state == "DEAD"]
+        sent = [i for i in items if i.state == "SENT"]
+        try:
+            if pending:
+                nxt = min(i.next_attempt_at for i in pending)
+                self.ledger.transition(
+                    job_id, JobState.DISPATCHING, JobState.RETRY_WAIT,
+                    f"{len(sent)} of {len(items)} delivered; next attempt {nxt:%H:%M:%S} UTC; "
+                    f"last error: {pending[0].last_error}", next_attempt_at=nxt,
+                )
+            elif dead:
+                self.ledger.transition(job_id, JobState.DISPATCHING, JobState.FAILED,
+                                       f"dispatch: {len(dead)} object(s) dead-lettered: {dead[0].last_error}")
+            else:
+                dests = sorted({i.destination for i in sent})
+                self.ledger.transition(job_id, JobState.DISPATCHING, JobState.DONE,
+                                       f"{len(sent)} object(s) delivered to {', '.join(dests)}" if sent
+                                       else "findings recorded; no destination")
+        except StateError as exc:
+            log.info("job %s moved on during dispatch: %s", job_id, exc)
+
+    def resend(self, job_id: int) -> int:
+        """Send a job's outputs again (``triaged resend``); returns how many objects were re-queued."""
+        job = self.ledger.job(job_id)
+        if job.state not in (JobState.DONE, JobState.FAILED, JobState.RETRY_WAIT, JobState.DISPATCHING):
+            raise TriagedError(f"job {job_id} is {job.state.value}; only a job past encoding can be re-sent")
+        count = self.ledger.requeue_outbox(job_id)
+        if count == 0:
+            raise TriagedError(f"job {job_id} has no encoded outputs to send")
+        if job.state in (JobState.DONE, JobState.FAILED):
+            self.ledger.transition(job_id, job.state, JobState.DISPATCHING, f"resend of {count} object(s) requested")
+        return count

@@ -1,0 +1,78 @@
+"""Recovery at start-up: record spooled files the ledger lost, resume jobs a stop interrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from triaged.domain import InstanceRecord, JobState
+from triaged.errors import StateError, TriagedError
+from triaged.ledger import Ledger
+from triaged.net.scp import instance_record
+from triaged.spool import Spool
+from triaged.stages._common import ConfigProvider
+from triaged.stages.analyse import Analysis
+
+log = logging.getLogger(__name__)
+
+
+def record_from_file(path: Path, rel: str) -> InstanceRecord:
+    """The ledger record of a spooled file, built like the C-STORE handler builds it."""
+    data = path.read_bytes()
+    ds = dcmread(path, stop_before_pixels=True)
+    return instance_record(ds, path=rel, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+class Recovery:
+    """Start-up work: :meth:`reconcile_spool`, then :meth:`resume_interrupted`."""
+
+    def __init__(self, ledger: Ledger, spool: Spool, config: ConfigProvider, analysis: Analysis) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self._config = config
+        self._analysis = analysis
+
+    def reconcile_spool(self) -> int:
+        """Record spool files the ledger does not know (a power loss after the file was fsynced).
+
+        Returns how many were recorded.  Unreadable files are quarantined.
+        """
+        known = self.ledger.instance_paths()
+        added = 0
+        for rel in self.spool.stored_paths():
+            if rel in known:
+                continue
+            path = self.spool.root / rel
+            try:
+                record = record_from_file(path, rel)
+            except (OSError, TriagedError, ValueError, AttributeError, InvalidDicomError) as exc:
+                data = path.read_bytes() if path.exists() else b""
+                self.spool.quarantine(data, f"unreadable at start-up reconcile: {exc}", rel)
+                path.unlink(missing_ok=True)
+                continue
+            self.ledger.record_instance(record, association_id=None)
+            added += 1
+        if added:
+            log.warning("start-up: recorded %d spooled instance(s) missing from the ledger", added)
+        return added
+
+    def resume_interrupted(self) -> None:
+        """Put jobs a stop interrupted back on their way.
+
+        COMPLETE: route and choose again.  ANALYSING and ENCODING: back to QUEUED (analysis and
+        encoding are re-run; output UIDs are derived, so nothing is sent twice).  DISPATCHING and
+        RETRY_WAIT need nothing: their outbox is durable and the dispatcher picks it up.
+        """
+        for job in self.ledger.jobs(states=[JobState.COMPLETE], limit=100000):
+            log.info("job %s resumed after restart", job.id)
+            self._analysis.choose_series(job.id, job.study_instance_uid)
+        for state, what in ((JobState.ANALYSING, "analysis"), (JobState.ENCODING, "encoding")):
+            for job in self.ledger.jobs(states=[state], limit=100000):
+                try:
+                    self.ledger.transition(job.id, state, JobState.QUEUED, f"{what} interrupted by a stop")
+                except StateError:
+                    continue
