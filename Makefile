@@ -51,7 +51,7 @@ contracts: $(STAMP)
 
 pytest: $(STAMP) sysdeps
 	$(BIN)/triaged check-config config.yaml
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers (2-core CI); a file's tests share one worker
 
 test: lint typecheck contracts pytest
 

@@ -125,3 +125,15 @@ def test_files_with_bad_uids_are_counted_next_to_the_usable_ones(tmp_path: Path)
     # 20 usable slices x 2.5 mm are too short for the default rules; the refusal counts the other 5.
     with pytest.raises(AssemblyError, match="5 file\\(s\\) without valid SeriesInstanceUID/SOPInstanceUID skipped"):
         load_series_folder(folder, SeriesSelectionConfig())
+
+
+def test_train_says_which_data_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "multitask", "--out", str(tmp_path / "run")]) == 2
+    assert "give --real-slices DIR" in capsys.readouterr().err
+    assert main(["train", "multitask", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "no")]) == 2
+    assert f"{tmp_path / 'no'} is not the medseg-covid-slices folder" in capsys.readouterr().err
+    # consolidation-em's EM stage needs the phantoms' patient-level labels: a clear error, not a traceback
+    (tmp_path / "slices").mkdir()
+    assert main(["train", "consolidation-em", "--out", str(tmp_path / "run"),
+                 "--real-slices", str(tmp_path / "slices"), "--epochs", "1", "--quiet"]) == 1
+    assert "needs a phantom dataset (--data)" in capsys.readouterr().err

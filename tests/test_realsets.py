@@ -44,12 +44,6 @@ def real_root() -> Path:
     return REAL_DATA
 
 
-def test_the_validation_split_is_the_one_the_training_code_holds_out() -> None:
-    from triaged.nets.data import DOCTOR_VALIDATION as TRAINING_HOLDOUT
-
-    assert DOCTOR_VALIDATION == TRAINING_HOLDOUT
-
-
 def test_detect_kind_tells_phantoms_slices_and_manifests_apart(tmp_path: Path, slices: Path) -> None:
     assert detect_kind(slices / "doctor-label") == "slices"
     assert detect_kind(slices / "multiclass") == "slices"

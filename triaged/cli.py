@@ -613,9 +613,16 @@ def _write_json(path: Path | None, report: dict[str, object]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from triaged.nets.train import train
 
-    if not args.data.is_dir():
+    if args.data is None and args.real_slices is None:
+        print("triaged train: give --real-slices DIR (real data first), --data DIR (phantoms), or both",
+              file=sys.stderr)
+        return 2
+    if args.data is not None and not args.data.is_dir():
         print(f"triaged train: {args.data} is not a dataset folder (make one with triaged demo --dataset N)",
               file=sys.stderr)
+        return 2
+    if args.real_slices is not None and not args.real_slices.is_dir():
+        print(f"triaged train: {args.real_slices} is not the medseg-covid-slices folder", file=sys.stderr)
         return 2
     out = train(args.model, args.data, args.out, epochs=args.epochs, seed=args.seed, resume=args.resume,
                 device=args.device, progress=not args.quiet, real_slices=args.real_slices, test_data=args.test_data,
@@ -699,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a learned model (multitask, consolidation-em) on a labelled dataset")
     p.add_argument("model", choices=["multitask", "consolidation-em"])
-    p.add_argument("--data", type=Path, required=True, help="labelled phantom dataset (triaged demo --dataset N)")
+    p.add_argument("--data", type=Path, help="labelled phantom dataset (triaged demo --dataset N); optional: "
+                   "without it `multitask` trains on real data only")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, model.pt, manifest.yaml")
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--seed", type=int, default=1)

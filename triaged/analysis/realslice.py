@@ -51,7 +51,7 @@ AIR_MM: Final[float] = 20.0
 AIR_HU: Final[int] = -1000
 
 #: Doctor-labelled slices (file stems) held out from every training run; the same stems in the
-#: ``multiclass`` subset. Must equal ``triaged.nets.data.DOCTOR_VALIDATION`` (a test checks).
+#: ``multiclass`` subset; ``triaged.nets.data`` imports it from here, so training and eval hold out the same slices.
 DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
     "44", "45", "46", "47", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "67",
 )

@@ -49,6 +49,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from triaged.analysis.grid import WorkGrid
+from triaged.analysis.realslice import DOCTOR_VALIDATION, REAL_LONG_SIDE, TARGET_MM
 from triaged.analysis.window import Window, estimate_window, gray_to_hu
 
 I16 = npt.NDArray[np.int16]
@@ -90,28 +91,8 @@ DEFAULT_REAL_SLICES: Final[Path] = default_real_slices()
 #: Assumed display window of the 8-bit real slices (lung window): width and level, HU.
 REAL_WINDOW_WIDTH: Final[float] = 1500.0
 REAL_WINDOW_LEVEL: Final[float] = -600.0
-#: Longer side of a real slice after resizing, pixels (≈ 2 mm pixels for a 300–350 mm crop).
-REAL_LONG_SIDE: Final[int] = 160
-
-#: Doctor-labelled slices held out from every training run (file stems; the 15 highest numbers, so
-#: neighbouring slices of one patient — equal image sizes, e.g. 56/57 — stay on one side of the split).
-DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
-    "44",
-    "45",
-    "46",
-    "47",
-    "49",
-    "50",
-    "51",
-    "52",
-    "53",
-    "54",
-    "55",
-    "56",
-    "57",
-    "58",
-    "67",
-)
+# REAL_LONG_SIDE, TARGET_MM and the doctor-slice hold-out DOCTOR_VALIDATION are owned by
+# triaged.analysis.realslice (shared with `triaged eval`); they are re-exported here.
 
 #: Pseudo-labelled volumes held out from training (whole volumes; case = file stem before the last ``_``).
 PSEUDO_VALIDATION: Final[tuple[str, ...]] = (
@@ -138,8 +119,6 @@ VALIDATION_VOLUMES: Final[tuple[str, ...]] = (
 #: Doctor-slice windows further than this from the set's median (HU at grey 0 / grey 255) fall back to it.
 WINDOW_FALLBACK_HU: Final[tuple[float, float]] = (150.0, 300.0)
 
-#: In-plane target of the working grid, mm (seed 004).
-TARGET_MM: Final[float] = 2.0
 #: Margin around the lungs' bounding box kept by the crop, working pixels (in-plane) and slices.
 CROP_MARGIN_PX: Final[int] = 4
 CROP_MARGIN_SLICES: Final[int] = 2

@@ -65,7 +65,7 @@ B = npt.NDArray[np.bool_]
 MODEL_NAMES: Final[tuple[str, ...]] = ("multitask", "consolidation-em")
 WEIGHTS_FILE: Final[str] = "model.pt"
 CHECKPOINT_FILE: Final[str] = "checkpoint.pt"
-VERSION: Final[str] = "1.0.0"
+VERSION: Final[str] = "2.0.0"
 #: HU used to pad crops that reach outside the volume (air).
 PAD_HU: Final[float] = -1024.0
 
@@ -1180,8 +1180,8 @@ DEVIATIONS: Final[dict[str, list[str]]] = {
         "real data first (issue 11): the segmentation branch is trained on real 2D slices only (pseudo-labelled "
         "and doctor-labelled COVID-19 slices, lesion-free slices of real no-pneumonia volumes); no phantoms, "
         "so the classification head is untrained and P(COVID-19) is not reported (p_covid_validated_on: null)",
-        "widths 12-96 (reference code 8-512) and FC 128 (paper 1024); about 1,800 CPU steps of 8 slices "
-        "(112 px crops) instead of 60k batches",
+        "widths 12-96 (reference code 8-512) and FC 128 (paper 1024); epochs x steps_per_epoch CPU steps of "
+        "8 slices (112 px crops) instead of 60k batches",
         "segmentation loss BCE + soft Dice (paper: BCE only)",
         "classification head (LayerNorm of the pooled vector, leaky ReLU) kept in the architecture but not "
         "trained; the pipeline does not report its output",
