@@ -11,11 +11,10 @@ from pathlib import Path
 
 from triaged import __version__
 from triaged.config import Config, load_config
-from triaged.domain import Findings, p_covid_text
+from triaged.domain import RESEARCH_NOTE, Findings, p_covid_text
 from triaged.errors import ConfigError, TriagedError
 
 DEFAULT_CONFIG = Path("config.yaml")
-RESEARCH_NOTE = "Research use only - not for diagnosis."
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -26,7 +26,9 @@ from pydantic import (
 from triaged.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: PS3.5 9.1 UID syntax: digits and dots (leading zeros tolerated, as seen in the wild). Shared with
+#: :func:`triaged.domain.validate_uid`.
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def _check_ae(value: str) -> str:
@@ -705,7 +707,7 @@ def _cross_checks(
     for i, sop in enumerate(config.listener.extra_storage_sop_classes):
         path = ("listener", "extra_storage_sop_classes", i)
         uid = keywords.get(sop, sop)
-        if not _UID_RE.match(uid) or (uid in UID_dictionary and UID(uid).type != "SOP Class"):
+        if not UID_RE.match(uid) or (uid in UID_dictionary and UID(uid).type != "SOP Class"):
             line = lines.get(path, lines.get(path[:2], 0))
             problems.append(
                 (f"{source}:{line}: {_format_path(path)}", f"{sop!r} is not a SOP Class UID or keyword")

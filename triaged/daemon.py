@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from triaged.config import Config, LoggingConfig, load_config
+from triaged.domain import RESEARCH_NOTE
 from triaged.errors import ConfigError
 from triaged.ledger import Ledger
 from triaged.net.scp import Listener, StoreService
@@ -27,7 +28,6 @@ from triaged.worker import TaskQueue, WorkerPool, load_registry
 
 log = logging.getLogger(__name__)
 
-DISCLAIMER = "triaged is for research use only; its results are not for diagnosis."
 
 
 class _JsonFormatter(logging.Formatter):
@@ -128,7 +128,7 @@ class Node:
 
     def start(self) -> None:
         """Recover from the last stop, then listen and sweep."""
-        log.info("%s", DISCLAIMER)
+        log.info("triaged: %s", RESEARCH_NOTE)
         self.recovery.reconcile_spool()
         self.recovery.resume_interrupted()
         self.listener.start()
@@ -200,6 +200,8 @@ def _mtime(path: Path) -> float:
 
 def serve(config_path: Path) -> int:
     """Run the node in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    # the file's state *before* it is read: an edit made while the node starts is then seen and applied
+    seen = _mtime(config_path)
     config = load_config(config_path)
     problems = pipeline_problems(config, config_path)
     if problems:
@@ -220,7 +222,6 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     node.start()
     # Signal handlers only set flags; the work happens here, outside the handler.
-    seen = _mtime(config_path)
     while not node.stop_requested:
         if reload_requested.wait(0.5):
             reload_requested.clear()

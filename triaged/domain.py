@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
 
+from triaged.config import UID_RE
 from triaged.errors import InvalidDatasetError
 
-# PS3.5 9.1: digits and dots, 64 characters at most.  Leading zeros are tolerated (seen in the wild);
-# anything else would let a peer choose file names.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: The one disclaimer every human-visible output carries (CLI, worklist, overviews, logs).
+RESEARCH_NOTE = "Research use only - not for diagnosis."
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -31,7 +30,8 @@ def validate_uid(value: object, keyword: str) -> str:
     if value is None or value == "":
         raise InvalidDatasetError(f"{keyword} is missing")
     text = str(value).strip("\x00 ")
-    if len(text) > 64 or not _UID_RE.match(text):
+    # PS3.5 9.1: digits and dots, 64 characters at most; anything else would let a peer choose file names
+    if len(text) > 64 or not UID_RE.match(text):
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise InvalidDatasetError(f"{keyword} {shown!r} is not a valid UID (PS3.5 9.1)")
     return text

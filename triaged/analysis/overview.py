@@ -9,9 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from triaged.domain import Findings, Masks, Volume, p_covid_text
-
-RESEARCH_NOTE = "Research use only - not for diagnosis"
+from triaged.domain import RESEARCH_NOTE, Findings, Masks, Volume, p_covid_text
 
 
 def _window(hu: npt.NDArray[np.int16], level: float = -600, width: float = 1500) -> npt.NDArray[np.uint8]:
@@ -63,5 +61,5 @@ def render_overview(volume: Volume, masks: Masks, findings: Findings, size: int 
               f"whole lung {findings.whole_lung_pct:.1f} %", fill=(255, 255, 255))
     draw.text((6, 20), p_covid_text(findings.p_covid), fill=(255, 255, 255))
     draw.text((6, 36), "green: lungs  red: lesions  yellow: consolidation", fill=(200, 200, 200))
-    draw.text((6, 52), RESEARCH_NOTE.upper(), fill=(255, 80, 80))
+    draw.text((6, 52), RESEARCH_NOTE.rstrip(".").upper(), fill=(255, 80, 80))
     return np.concatenate([strip, np.asarray(caption)], axis=0)

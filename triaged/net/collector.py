@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from triaged.net.tcp import set_nodelay
 
 
 class ResultCollector:
@@ -27,9 +28,7 @@ class ResultCollector:
         self._server: Any = None
 
     def _on_open(self, event: evt.Event) -> None:
-        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(event.assoc)
 
     def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset

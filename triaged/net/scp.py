@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from triaged.config import ListenerConfig, sop_class_uids
 from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome, validate_uid
 from triaged.errors import InvalidDatasetError, StorageError
+from triaged.net.tcp import set_nodelay
 from triaged.net.worklist import STUDY_ROOT_FIND
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,7 @@ class StoreService:
 
     # -- association level -------------------------------------------------------------------
     def on_conn_open(self, event: evt.Event) -> None:
-        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-        if sock is not None:
-            # Nagle + delayed ACK costs ~40 ms per small PDU exchange (one per C-STORE response).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(event.assoc)
 
     def access_refusal(self, calling_ae: str, address: str) -> tuple[int, int, int, str] | None:
         """(result, source, diagnostic, reason) of an A-ASSOCIATE-RJ for a stranger, else None (PS3.8 9.3.4)."""

@@ -6,7 +6,6 @@ Used by ``triaged selftest`` and the bench to act as a modality, and by dispatch
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from triaged.errors import DispatchError
+from triaged.net.tcp import set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ class SendResult:
     def ok(self) -> bool:
         # PS3.4 B.2.3: 0xB000, 0xB007, 0xB006 are warnings, the instance was stored.
         return self.status is not None and (self.status == 0 or (self.status & 0xF000) == 0xB000)
-
-
-def _nodelay(assoc: object) -> None:
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def echo(host: str, port: int, called_ae: str, calling_ae: str = "TRIAGED_SCU", timeout: float = 10) -> int:
@@ -84,7 +78,7 @@ def send_files(
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         raise DispatchError(f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)")
-    _nodelay(assoc)
+    set_nodelay(assoc)
     results: list[SendResult] = []
     try:
         for path, hdr in headers:
