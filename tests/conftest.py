@@ -14,9 +14,9 @@ from triaged.config import Config, parse_config
 
 
 def _real_data() -> Path:
-    """The shared real CT data: $TRIAGED_REAL_DATA, else ../shared next to the checkout, else /work/shared."""
+    """The shared real CT data: $TRIAGED_REAL_DATA, else ../shared/data/real next to the checkout."""
     candidates = [Path(p) for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
-    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data" / "real", Path("/work/shared/data/real")]
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data" / "real"]
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 

@@ -1,6 +1,6 @@
 """Reading headers and volumes from real and re-encoded CT files.
 
-Real data lives outside the repository (``/work/shared/data/real``, or ``$TRIAGED_REAL_DATA``); tests
+Real data lives outside the repository (``$TRIAGED_REAL_DATA``, or ``../shared/data/real`` next to the checkout); tests
 that need it skip with a message when it is absent.  Copies and re-encodings are written to tmp dirs.
 """
 

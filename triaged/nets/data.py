@@ -8,7 +8,7 @@ Two sources, both brought to the grid every learned model works on — axial sli
   import contract keeps adapters independent, so :func:`read_phantom_dataset` reads that documented
   format itself (labels.csv + nibabel).  Each case is block-averaged to ≈ 2 mm
   (:class:`triaged.analysis.grid.WorkGrid`) and cropped to its lungs' bounding box.
-* **Real COVID-19 slices** (``/work/shared/data/real/medseg-covid-slices``): 8-bit JPGs that were
+* **Real COVID-19 slices** (``medseg-covid-slices`` under the real data root): 8-bit JPGs that were
   windowed before export, so they carry no HU, and with *different* windows per source (the Ma et al.
   ``coronacases`` volumes ≈ [−1000, +1700] HU, MedSeg/Radiopaedia ≈ [−1100, +250]).  The window is
   estimated from anatomical landmarks (aerated lung ≈ −850 HU, soft tissue ≈ +40 HU, outside air ≈ −1000
@@ -59,30 +59,17 @@ F32 = npt.NDArray[np.float32]
 
 
 def default_real_root() -> Path:
-    """The shared real data: ``$TRIAGED_REAL_DATA``, else ``../shared/data/real`` next to the checkout, else
-    ``/work/shared/data/real`` (as ``tests/conftest.py`` looks for it)."""
+    """The shared real data: ``$TRIAGED_REAL_DATA``, else ``../shared/data/real`` next to the checkout (the
+    same order as :func:`triaged.realsets.default_data_root` and ``tests/conftest.py``)."""
     import os
 
-    candidates = [Path(p) for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
-    candidates += [
-        Path(__file__).resolve().parents[3] / "shared" / "data" / "real",
-        Path("/work/shared/data/real"),
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    env = os.environ.get("TRIAGED_REAL_DATA", "")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 
 
 def default_real_slices() -> Path:
-    """The real slices folder: ``$TRIAGED_REAL_DATA/medseg-covid-slices``, else ``../shared/data/real/…``
-    next to the checkout, else ``/work/shared/data/real/…`` (as the tests look for the shared data)."""
-    import os
-
-    tail = Path("medseg-covid-slices")
-    candidates = [Path(p) / tail for p in [os.environ.get("TRIAGED_REAL_DATA", "")] if p]
-    candidates += [
-        Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / tail,
-        Path("/work/shared/data/real") / tail,
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    """The real slices folder: ``medseg-covid-slices`` under :func:`default_real_root`."""
+    return default_real_root() / "medseg-covid-slices"
 
 
 #: Where the development machines keep the real slices (resolved at import; tests skip when absent).

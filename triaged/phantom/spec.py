@@ -1,7 +1,7 @@
 """What a phantom study is asked to be (:class:`PhantomSpec`) and what it turned out to be
 (:class:`GroundTruth`, :class:`Phantom`).
 
-Vocabulary follows ``/work/shared/METHODS.md``: the affected fraction of a lung is lesion volume /
+Vocabulary follows ``../shared/METHODS.md``: the affected fraction of a lung is lesion volume /
 lung volume (lesion = ground-glass opacity + consolidation), the study severity is the maximum over the
 two lungs (Goncharov et al., seed 004), the whole-lung ratio is also reported (Wu et al., seed 001), and
 the CT0–CT4 grade is the Russian visual scale used by seed 004.
