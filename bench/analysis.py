@@ -19,7 +19,7 @@ PIPELINES = os.environ.get("BENCH_PIPELINES", "threshold,classical").split(",")
 
 MAKE = r"""
 import pickle, sys, time
-from triaged.phantom import PhantomSpec, generate, to_volume
+from triaged.lab.phantom import PhantomSpec, generate, to_volume
 t0 = time.perf_counter()
 phantom = generate(PhantomSpec(kind="covid", severity=30, seed=11, matrix=512, slice_thickness=1.0,
                                slices=int(sys.argv[1])))
@@ -33,7 +33,7 @@ ENCODE = r"""
 import pickle, sys, time
 from triaged.analysis import default_registry
 from triaged.encode import OutputContext, build_seg
-from triaged.phantom import PhantomSpec, generate, to_datasets, to_volume
+from triaged.lab.phantom import PhantomSpec, generate, to_datasets, to_volume
 phantom = generate(PhantomSpec(kind="covid", severity=30, seed=11, matrix=512, slice_thickness=1.0, slices=300))
 volume = to_volume(phantom)
 source = [d for d in to_datasets(phantom) if d.SeriesInstanceUID == volume.series_instance_uid]

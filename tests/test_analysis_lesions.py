@@ -21,8 +21,8 @@ from triaged.analysis.lesions import (
     threshold_lesions,
 )
 from triaged.analysis.lungs import segment_lungs_coarse, upsample_labels
-from triaged.analysis.metrics import dice
-from triaged.phantom import Phantom, PhantomSpec, generate
+from triaged.lab.metrics import dice
+from triaged.lab.phantom import Phantom, PhantomSpec, generate
 
 
 @cache

@@ -26,11 +26,11 @@ from triaged.analysis.lungs import (
     segment_lungs,
     segment_lungs_coarse,
 )
-from triaged.analysis.metrics import dice
 from triaged.assembly import select_series
 from triaged.config import SeriesSelectionConfig
 from triaged.domain import Volume
-from triaged.phantom import Phantom, PhantomSpec, generate, to_datasets, to_volume
+from triaged.lab.metrics import dice
+from triaged.lab.phantom import Phantom, PhantomSpec, generate, to_datasets, to_volume
 from triaged.volume import load_volume, read_headers
 
 RELAXED = SeriesSelectionConfig(min_slices=10, min_coverage_mm=10)

@@ -25,7 +25,7 @@ from triaged.assembly import select_series
 from triaged.config import SeriesSelectionConfig
 from triaged.domain import CT1_MIN_ML, CT1_MIN_PCT, AnalysisResult, CTGrade, Masks, Volume
 from triaged.errors import TriagedError
-from triaged.phantom import Phantom, PhantomSpec, generate, to_volume
+from triaged.lab.phantom import Phantom, PhantomSpec, generate, to_volume
 from triaged.volume import load_volume, read_headers
 
 

@@ -488,16 +488,15 @@ def test_between_two_derived_series_the_usual_ranking_decides(tmp_path: Path) ->
     assert "ranked lower by slice thickness class" in choice.reason
 
 
-def test_the_real_pet_ct_attenuation_ct_loads(tmp_path: Path) -> None:
-    """The real Lung-PET-CT-Dx thorax, labelled DERIVED\\PRIMARY\\AXIAL as its PET/CT's CT would be."""
-    from tests.conftest import PET_CT_DX
-
-    if not PET_CT_DX.is_dir():
-        pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
-    for path in sorted(PET_CT_DX.glob("*.dcm")):
+@pytest.mark.parametrize("fixture", ["phantom_ct_series", "pet_ct_dx"], ids=["phantom", "real"])
+def test_a_pet_ct_attenuation_ct_loads(tmp_path: Path, request: pytest.FixtureRequest, fixture: str) -> None:
+    """A thorax series labelled DERIVED\\PRIMARY\\AXIAL as a PET/CT's CT would be: the phantom series, and
+    the real Lung-PET-CT-Dx thorax (30 x 512 x 512) where it is present."""
+    files = sorted(request.getfixturevalue(fixture).glob("*.dcm"))
+    for path in files:
         ds = dcmread(path)
         ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
         ds.save_as(tmp_path / path.name)
     volume, choice = load_series_folder(tmp_path, SeriesSelectionConfig())
     assert "DERIVED\\PRIMARY\\AXIAL image type: accepted" in choice.reason
-    assert volume.hu.shape == (30, 512, 512)
+    assert volume.hu.shape == (len(files), int(ds.Rows), int(ds.Columns))

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from triaged.cli import main
-from triaged.datasets import read_dataset
+from triaged.lab.datasets import read_dataset
 
 
 def test_demo_analyze_writes_masks_findings_and_an_overview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,13 +60,11 @@ def test_analyze_says_clearly_what_is_wrong_with_its_input(tmp_path: Path, capsy
     assert "no DICOM image found" in capsys.readouterr().err
 
 
-def _real_slices_with_uids(tmp_path: Path, edit: Callable[[int, Dataset], None], count: int = 25) -> Path:
-    """``count`` real LIDC-IDRI-0001 slices copied to ``tmp_path/dicom`` after ``edit(index, dataset)``."""
-    from tests.conftest import REAL_DATA
-
-    src = REAL_DATA / "lidc-idri-0001-full"
-    if not src.is_dir():
-        pytest.skip(f"real data folder {src} is absent (only on development machines)")
+def _slices_with_uids(
+    src: Path, tmp_path: Path, edit: Callable[[int, Dataset], None], count: int = 25
+) -> Path:
+    """The first ``count`` slices of ``src`` (the session's phantom series: 2 mm every 6 mm) copied to
+    ``tmp_path/dicom`` after ``edit(index, dataset)``."""
     dest = tmp_path / "dicom"
     dest.mkdir()
     for i, path in enumerate(sorted(src.glob("*.dcm"))[:count]):
@@ -95,9 +93,13 @@ def _blank_or_break(i: int, ds: Dataset) -> None:
     ],
 )
 def test_analyze_says_when_no_file_has_usable_uids(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[int, Dataset], None], example: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    edit: Callable[[int, Dataset], None],
+    example: str,
+    phantom_ct_series: Path,
 ) -> None:
-    folder = _real_slices_with_uids(tmp_path, edit)
+    folder = _slices_with_uids(phantom_ct_series, tmp_path, edit)
     assert main(["analyze", str(folder), "--out", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
@@ -109,20 +111,28 @@ def test_analyze_says_when_no_file_has_usable_uids(
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_analyze_names_an_invalid_uid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = _real_slices_with_uids(tmp_path, lambda i, ds: setattr(ds, "SeriesInstanceUID", "1.2.x"), count=20)
+def test_analyze_names_an_invalid_uid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], phantom_ct_series: Path
+) -> None:
+    folder = _slices_with_uids(
+        phantom_ct_series, tmp_path, lambda i, ds: setattr(ds, "SeriesInstanceUID", "1.2.x"), count=20
+    )
     assert main(["analyze", str(folder), "-q"]) == 2
     err = capsys.readouterr().err
     assert "20 DICOM file(s)" in err and "SeriesInstanceUID '1.2.x' is not a valid UID (PS3.5 9.1)" in err
 
 
-def test_files_with_bad_uids_are_counted_next_to_the_usable_ones(tmp_path: Path) -> None:
+def test_files_with_bad_uids_are_counted_next_to_the_usable_ones(
+    tmp_path: Path, phantom_ct_series: Path
+) -> None:
     from triaged.config import SeriesSelectionConfig
     from triaged.errors import AssemblyError
     from triaged.volume import load_series_folder
 
-    folder = _real_slices_with_uids(tmp_path, lambda i, ds: setattr(ds, "SOPInstanceUID", "") if i < 5 else None)
-    # 20 usable slices x 2.5 mm are too short for the default rules; the refusal counts the other 5.
+    folder = _slices_with_uids(
+        phantom_ct_series, tmp_path, lambda i, ds: setattr(ds, "SOPInstanceUID", "") if i < 5 else None
+    )
+    # 20 usable slices 6 mm apart (114 mm) are too short for the default rules; the refusal counts the rest.
     with pytest.raises(AssemblyError, match="5 file\\(s\\) without valid SeriesInstanceUID/SOPInstanceUID skipped"):
         load_series_folder(folder, SeriesSelectionConfig())
 
@@ -132,8 +142,8 @@ def test_train_says_which_data_it_needs(tmp_path: Path, capsys: pytest.CaptureFi
     assert "give --real-slices DIR" in capsys.readouterr().err
     assert main(["train", "multitask", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "no")]) == 2
     assert f"{tmp_path / 'no'} is not the medseg-covid-slices folder" in capsys.readouterr().err
-    # consolidation-em's EM stage needs the phantoms' patient-level labels: a clear error, not a traceback
+    # a folder that exists but holds no labelled slices: a clear error, not a traceback
     (tmp_path / "slices").mkdir()
     assert main(["train", "consolidation-em", "--out", str(tmp_path / "run"),
-                 "--real-slices", str(tmp_path / "slices"), "--epochs", "1", "--quiet"]) == 1
-    assert "needs a phantom dataset (--data)" in capsys.readouterr().err
+                 "--real-slices", str(tmp_path / "slices"), "--epochs", "1", "--quiet"]) == 2
+    assert "no pseudo-label/images or doctor-label/images in it" in capsys.readouterr().err

@@ -241,6 +241,20 @@ routing:
     ]
 
 
+def test_a_registry_that_answers_names_it_does_not_list_is_asked_by_membership() -> None:
+    """A plug-in registry (tests/worker_pipelines.py answers any name but lists none) is asked by
+    membership; its listed names only go into the message."""
+    from triaged.daemon import pipeline_problems
+
+    config = parse_config(
+        "analysis: {registry: 'tests.worker_pipelines:registry', default_pipeline: ok}\n"
+        "routing: {default: {pipelines: [sev:10:0.5, not-installed]}}\n"
+    )
+    assert pipeline_problems(config) == [
+        ("routing.default.pipelines[1]", "unknown pipeline 'not-installed' (pipelines: none)")
+    ]
+
+
 def test_the_documented_routing_example_is_valid_and_the_documented_policies_are_the_built_in_ones() -> None:
     import re
 

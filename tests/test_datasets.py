@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from triaged.datasets import (
+from triaged.lab.datasets import (
     LABEL_COLUMNS,
     LABELS_FILE,
     MASKS,
@@ -25,7 +25,7 @@ from triaged.datasets import (
     write_demo_study,
     write_dicom_study,
 )
-from triaged.phantom import Phantom, PhantomSpec, dataset_specs, generate, to_datasets
+from triaged.lab.phantom import Phantom, PhantomSpec, dataset_specs, generate, to_datasets
 
 TINY = {"matrix": 96, "pixel_spacing": 4.0, "slice_thickness": 3.0, "slices": 100}
 

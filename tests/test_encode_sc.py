@@ -1,4 +1,4 @@
-"""Secondary Capture encoder: real series, round trip, dciodvfy, and a picture that reads like a CXR."""
+"""Secondary Capture encoder: phantom and real series, round trip, dciodvfy, a picture like a CXR."""
 
 from __future__ import annotations
 
@@ -26,10 +26,14 @@ CTX = OutputContext(
 WARNING_RGB = (255, 70, 70)
 
 
-@pytest.fixture(scope="module")
-def case() -> Case:
+@pytest.fixture(scope="module", params=["phantom", "real"])
+def case(request: pytest.FixtureRequest, phantom_ct_series: Path) -> Case:
+    """The session's phantom series (runs everywhere), then the real Lung-PET-CT-Dx series (a real export's
+    headers go into the outputs; skips without the real data)."""
     from tests.conftest import PET_CT_DX
 
+    if request.param == "phantom":
+        return load_real_case(phantom_ct_series)
     if not PET_CT_DX.is_dir():
         pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
     return load_real_case(PET_CT_DX)

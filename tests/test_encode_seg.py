@@ -1,4 +1,4 @@
-"""SEG encoder: real series, round trip, dciodvfy, highdicom and dcmqi read it back voxel for voxel."""
+"""SEG encoder: phantom and real series, round trip, dciodvfy; highdicom and dcmqi read it back voxelwise."""
 
 from __future__ import annotations
 
@@ -21,10 +21,14 @@ from triaged.encode.context import SEG_SERIES_DESCRIPTION
 CTX = OutputContext(software_version="0.1.0", content_datetime=datetime(2026, 1, 2, 3, 4, 5))
 
 
-@pytest.fixture(scope="module")
-def case() -> Case:
+@pytest.fixture(scope="module", params=["phantom", "real"])
+def case(request: pytest.FixtureRequest, phantom_ct_series: Path) -> Case:
+    """The session's phantom series (runs everywhere), then the real Lung-PET-CT-Dx series (a real export's
+    headers go into the outputs; skips without the real data)."""
     from tests.conftest import PET_CT_DX
 
+    if request.param == "phantom":
+        return load_real_case(phantom_ct_series)
     if not PET_CT_DX.is_dir():
         pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
     return load_real_case(PET_CT_DX)

@@ -1,4 +1,4 @@
-"""TID 1500 SR encoder: real series, round trip, dciodvfy, and the content tree read back by highdicom."""
+"""TID 1500 SR encoder: phantom and real series, round trip, dciodvfy, the content tree read back by highdicom."""
 
 from __future__ import annotations
 
@@ -23,10 +23,14 @@ WHEN = datetime(2026, 1, 2, 3, 4, 5)
 PREDECESSOR = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3")
 
 
-@pytest.fixture(scope="module")
-def case() -> Case:
+@pytest.fixture(scope="module", params=["phantom", "real"])
+def case(request: pytest.FixtureRequest, phantom_ct_series: Path) -> Case:
+    """The session's phantom series (runs everywhere), then the real Lung-PET-CT-Dx series (a real export's
+    headers go into the outputs; skips without the real data)."""
     from tests.conftest import PET_CT_DX
 
+    if request.param == "phantom":
+        return load_real_case(phantom_ct_series)
     if not PET_CT_DX.is_dir():
         pytest.skip(f"real data folder {PET_CT_DX} is absent (only on development machines)")
     return load_real_case(PET_CT_DX)

@@ -18,6 +18,7 @@ from triaged.domain import TRANSITIONS, InstanceRecord, JobState, StoreOutcome
 from triaged.errors import InvalidDatasetError, StateError, TriagedError
 from triaged.ledger import Ledger
 from triaged.ledger.schema import Base
+from triaged.routing import RouteDecision
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 STUDY = "1.2.826.0.1.1"
@@ -545,11 +546,12 @@ def test_queue_job_writes_route_pipeline_series_and_the_transition_together(ledg
     ledger.record_instance(instance("1"), association_id=None, now=T0)
     (job,) = ledger.jobs()
     drive(ledger, job.id, JobState.COMPLETE)
-    ledger.queue_job(job.id, route_json='{"pipelines": ["ok"]}', pipeline="ok", series_instance_uid=SERIES,
-                     detail="route 'default'")
+    decision = RouteDecision("default", ("ok",), (), 1.0, "both")
+    ledger.queue_job(job.id, route=decision, pipeline="ok", series_instance_uid=SERIES, detail="route 'default'")
     queued = ledger.job(job.id)
     assert (queued.state, queued.route, queued.pipeline, queued.series_instance_uid, queued.detail) == (
-        JobState.QUEUED, '{"pipelines": ["ok"]}', "ok", SERIES, "route 'default'")
+        JobState.QUEUED, decision.to_json(), "ok", SERIES, "route 'default'")
+    assert ledger.route_decision(queued) == decision
     assert queued.history[-1][1:] == ("COMPLETE", "QUEUED", "route 'default'")
 
 
@@ -559,8 +561,8 @@ def test_queue_job_on_a_superseded_job_writes_nothing_and_says_why(ledger: Ledge
     drive(ledger, job.id, JobState.COMPLETE)
     ledger.record_instance(instance("2"), association_id=None, now=T0)  # a late instance supersedes it
     with pytest.raises(StateError, match="expected state COMPLETE, but it is in SUPERSEDED"):
-        ledger.queue_job(job.id, route_json='{"pipelines": ["ok"]}', pipeline="ok", series_instance_uid=SERIES,
-                         detail="too late")
+        ledger.queue_job(job.id, route=RouteDecision("default", ("ok",), (), 1.0, "both"), pipeline="ok",
+                         series_instance_uid=SERIES, detail="too late")
     old = ledger.job(job.id)
     assert (old.state, old.route, old.pipeline, old.series_instance_uid) == (JobState.SUPERSEDED, "", None, None)
     assert raw(db, "SELECT route, pipeline FROM jobs WHERE id = ?", job.id) == [(None, None)]

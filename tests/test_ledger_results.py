@@ -10,10 +10,20 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import create_engine
 
-from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LesionBox, LungMeasures
+from triaged.domain import (
+    CTGrade,
+    Findings,
+    InstanceRecord,
+    JobState,
+    LesionBox,
+    LungMeasures,
+    findings_from_json,
+    findings_to_json,
+)
 from triaged.errors import StateError
 from triaged.ledger import Ledger
 from triaged.ledger.ledger import _MIGRATIONS
+from triaged.routing import RouteDecision
 
 
 def _record(n: int = 1) -> InstanceRecord:
@@ -87,7 +97,7 @@ def _analysing(ledger: Ledger) -> int:
     ledger.record_instance(_record(1), association_id=None)
     (job,) = ledger.jobs()
     ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    ledger.queue_job(job.id, route_json="{}", pipeline="threshold", series_instance_uid="1.2.3.4", detail="")
+    ledger.queue_job(job.id, route=RouteDecision.from_json("{}"), pipeline="threshold", series_instance_uid="1.2.3.4", detail="")
     ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
     return job.id
 
@@ -127,3 +137,36 @@ def _head() -> str:
     head = ScriptDirectory.from_config(cfg).get_current_head()
     assert head is not None
     return head
+
+
+#: Findings as the worker sends them and earlier versions stored them (``findings.data``).
+OLD_FINDINGS_JSON = (
+    '{"class_probabilities": [["covid", 0.94], ["healthy", 0.06]], "ct_grade": 3, "key_slices": [12, 11, 30], '
+    '"left": {"consolidation_ml": 0.0, "lesion_ml": 300.0, "lung_ml": 1800.0}, "lesion_boxes": [{"col_max": 40, '
+    '"col_min": 20, "frame_number": null, "row_max": 30, "row_min": 10, "side": "right", "sop_instance_uid": '
+    '"1.2.3.4.12", "volume_ml": 55.5, "z": 12}], "model_sha256": null, "p_covid": 0.94, "pipeline": "threshold", '
+    '"pipeline_version": "1.0", "provenance": [["threshold_hu", "-700..300"]], "right": {"consolidation_ml": '
+    '100.0, "lesion_ml": 1160.0, "lung_ml": 2000.0}, "warnings": []}'
+)
+
+
+def test_findings_json_round_trips_and_the_ledger_stores_it_byte_for_byte(tmp_path: Path) -> None:
+    findings = findings_from_json(OLD_FINDINGS_JSON)
+    assert findings == _findings()
+    assert findings_to_json(findings) == OLD_FINDINGS_JSON
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job_id = _analysing(ledger)
+        ledger.record_analysis(job_id, findings, priority=None, detail="analysed")
+        assert ledger.findings(job_id) == findings
+    with sqlite3.connect(tmp_path / "l.sqlite") as raw:
+        assert raw.execute("SELECT data FROM findings").fetchall() == [(OLD_FINDINGS_JSON,)]
+
+
+def test_a_queued_job_reads_back_its_typed_route(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job_id = _analysing(ledger)
+        job = ledger.job(job_id)
+        empty = RouteDecision.from_json("{}")
+        assert (job.route, ledger.route_decision(job)) == (empty.to_json(), empty)
+        ledger.record_instance(_record(2), association_id=None)  # supersedes it; the new job is not queued
+        assert ledger.route_decision(ledger.jobs()[0]) is None

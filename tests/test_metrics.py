@@ -1,4 +1,4 @@
-"""Evaluation metrics (triaged.analysis.metrics): ROC AUC, Spearman ρ, Dice, seed 004's Table 2, and the
+"""Evaluation metrics (triaged.lab.metrics): ROC AUC, Spearman ρ, Dice, seed 004's Table 2, and the
 real slice-set (per-image Dice / sensitivity / specificity) and volume-set summaries (issue 11)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from triaged.analysis.metrics import (
+from triaged.domain import CTGrade, Findings, LungMeasures
+from triaged.lab.metrics import (
     SCORE_AFFECTED,
     SCORE_P_COVID,
     CaseResult,
@@ -32,7 +33,6 @@ from triaged.analysis.metrics import (
     volume_set_row,
     volume_summary_markdown,
 )
-from triaged.domain import CTGrade, Findings, LungMeasures
 
 
 def _pairwise_auc(labels: list[bool], scores: list[float]) -> float:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from triaged.nets import data, multitask, unet2d, wu
+from triaged.lab import data
+from triaged.nets import multitask, unet2d, wu
 from triaged.nets.pipelines import wu_stack_indices
 
 torch.set_num_threads(2)
@@ -179,3 +180,61 @@ def test_the_classification_windows_cover_the_stack_with_half_overlap() -> None:
     wins = classification_windows(30, 12)
     assert [(w.start, w.stop) for w in wins] == [(0, 12), (6, 18), (12, 24), (18, 30)]
     assert [(w.start, w.stop) for w in classification_windows(27, 12)][-1] == (15, 27)
+
+
+def _extension_case() -> tuple[object, np.ndarray]:
+    """A working-grid slice at 2 mm: body, a right lung of aerated HU with a dense posterior base
+    (consolidation, +30 HU) that the air threshold leaves out, a rib behind it and chest wall beside it."""
+    from triaged.analysis.grid import WorkGrid
+    from triaged.nets.pipelines import _Front
+
+    ny = nx = 80
+    hu = np.full((1, ny, nx), -1000.0, np.float32)
+    yy, xx = np.mgrid[:ny, :nx]
+    body = ((yy - 40) / 36.0) ** 2 + ((xx - 40) / 36.0) ** 2 <= 1.0
+    hu[0][body] = 40.0
+    lung = (yy >= 15) & (yy < 40) & (xx >= 12) & (xx < 34)
+    hu[0][lung] = -850.0
+    cons = (yy >= 40) & (yy < 50) & (xx >= 12) & (xx < 34)  # 20 mm of consolidation under the lung
+    hu[0][cons] = 30.0
+    hu[0][(yy >= 52) & (yy < 55) & (xx >= 12) & (xx < 34)] = 700.0  # a rib beyond it
+    labels = np.zeros((1, ny, nx), np.uint8)
+    labels[0][lung] = 1
+    grid = WorkGrid.for_volume((1, ny, nx), (5.0, 2.0, 2.0))
+    front = _Front(
+        grid, hu, labels, labels.copy(), (slice(0, 1), slice(0, ny), slice(0, nx)), "one lung", (), body[None]
+    )
+    return front, cons
+
+
+def test_network_lesions_touching_a_lung_extend_it_over_dense_consolidation() -> None:
+    from triaged.analysis.lungs import LungParams
+    from triaged.nets.pipelines import _extend_lungs
+
+    front, cons = _extension_case()
+    prob = np.zeros(front.grid.coarse_shape, np.float32)  # type: ignore[attr-defined]
+    prob[0][cons] = 0.9
+    prob[0, 52:55, 12:34] = 0.9  # the network also fires on the rib: bone never joins
+    prob[0, 20:30, 60:70] = 0.9  # and on chest wall far from the lung: not connected, dropped
+    out = _extend_lungs(front, prob, 0.5, LungParams())  # type: ignore[arg-type]
+    assert out.extended_voxels == int(cons.sum())
+    assert (out.lungs_coarse[0][cons] == 1).all()
+    assert not out.lungs_coarse[0, 52:55].any() and not out.lungs_coarse[0, 20:30, 60:70].any()
+    # nothing above the threshold outside the lungs: the front end is returned unchanged
+    assert _extend_lungs(front, np.zeros_like(prob), 0.5, LungParams()) is front  # type: ignore[arg-type]
+
+
+def test_network_lesions_beyond_the_extension_distance_stay_out() -> None:
+    from triaged.analysis.lungs import LungParams
+    from triaged.nets import pipelines
+
+    front, cons = _extension_case()
+    prob = np.zeros(front.grid.coarse_shape, np.float32)  # type: ignore[attr-defined]
+    prob[0][cons] = 0.9
+    old = pipelines.EXTEND_MM
+    try:
+        pipelines.EXTEND_MM = 10.0  # 5 of the 10 consolidated rows are within 10 mm of the lung
+        out = pipelines._extend_lungs(front, prob, 0.5, LungParams())  # type: ignore[arg-type]
+    finally:
+        pipelines.EXTEND_MM = old
+    assert out.lungs_coarse[0, 40:45, 12:34].all() and not out.lungs_coarse[0, 45:50].any()

@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from tests.conftest import require_tool
-from triaged.phantom import (
+from triaged.lab.phantom import (
     KINDS,
     Phantom,
     PhantomSpec,
@@ -35,9 +35,9 @@ from triaged.phantom import (
     to_datasets,
     to_volume,
 )
-from triaged.phantom.findings import resolve_targets
-from triaged.phantom.generate import fov_mask
-from triaged.phantom.spec import affected_percentages
+from triaged.lab.phantom.findings import resolve_targets
+from triaged.lab.phantom.generate import fov_mask
+from triaged.lab.phantom.spec import affected_percentages
 
 SMALL = {"matrix": 128, "pixel_spacing": 3.0, "slice_thickness": 2.0, "slices": 150}
 MEDIUM = {"matrix": 192, "pixel_spacing": 2.0, "slice_thickness": 2.0, "slices": 150}

@@ -14,7 +14,7 @@ from triaged.analysis import default_registry
 from triaged.config import Config
 from triaged.domain import AnalysisResult, Volume
 from triaged.encode import OutputContext, build_outputs
-from triaged.phantom import PhantomSpec, generate, to_datasets, to_volume
+from triaged.lab.phantom import PhantomSpec, generate, to_datasets, to_volume
 from triaged.priority import prioritise
 
 SEVERITIES = {"mild": 8.0, "moderate": 30.0, "severe": 62.0}

@@ -1,4 +1,4 @@
-"""Real labelled evaluation sets (triaged.realsets, triaged.analysis.realslice): reading the MedSeg slice
+"""Real labelled evaluation sets (triaged.lab.realsets, triaged.analysis.realslice): reading the MedSeg slice
 sets and volume manifests, their errors, and running real pipelines on real slices (issue 11)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from triaged.analysis.realslice import (
     lungs_stacked_vertically,
     slice_volume,
 )
-from triaged.realsets import (
+from triaged.lab.realsets import (
     ManifestError,
     RealSetError,
     default_data_root,

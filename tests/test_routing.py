@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import textwrap
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat
 
 from triaged.config import Config, parse_config
-from triaged.routing import RouteTarget, StudyFacts, attributes_of, route
+from triaged.routing import RouteDecision, RouteTarget, StudyFacts, attributes_of, route
 
 DESTINATIONS = """\
 destinations:
@@ -259,3 +261,46 @@ def test_header_attributes_from_pydicom_route_like_plain_values() -> None:
     decision = route(config, facts)
     assert decision.rule == "r", decision.explanation
     assert "series #3" in decision.explanation[0]
+
+
+# ------------------------------------------------------------------ the stored form (jobs.route)
+
+#: A route as ``route_to_json`` (before ``RouteDecision.to_json``) stored it in ``jobs.route``.
+OLD_ROUTE_JSON = (
+    '{"rule": "chest", "pipelines": ["classical"], "destinations": [{"name": "pacs", "outputs": ["sr", "sc"]}], '
+    '"completion_delay_seconds": 30.0, "priority_policy": "both", "ignore_reason": null, '
+    '"analysis_priority": "URGENT"}'
+)
+
+
+def test_a_route_stored_by_earlier_versions_reads_back_and_re_serialises_byte_for_byte() -> None:
+    decision = RouteDecision.from_json(OLD_ROUTE_JSON)
+    assert decision == RouteDecision(
+        "chest", ("classical",), (RouteTarget("pacs", ("sr", "sc")),), 30.0, "both", None, (), "URGENT"
+    )
+    assert decision.to_json() == OLD_ROUTE_JSON
+
+
+def test_a_decision_round_trips_through_json_without_its_explanation() -> None:
+    config = config_with(
+        "rules:\n  - name: chest\n    match: {study: {Modality: CT}}\n"
+        "    action: {destinations: [{name: pacs, outputs: [sr, sc]}], analysis_priority: URGENT}\n"
+        "  - name: skip\n    match: {study: {Modality: MR}}\n    action: {ignore: not for us}\n"
+    )
+    for modality in ("CT", "MR", "PT"):  # routed, ignored, default
+        decision = route(config, StudyFacts("A", "B", study={"Modality": modality}))
+        assert decision.explanation
+        text = decision.to_json()
+        assert "explanation" not in json.loads(text)
+        assert RouteDecision.from_json(text) == replace(decision, explanation=())
+        assert RouteDecision.from_json(text).to_json() == text
+    assert OLD_ROUTE_JSON == route(config, StudyFacts("A", "B", study={"Modality": "CT"})).to_json()
+
+
+def test_missing_route_keys_take_the_defaults_the_readers_always_assumed() -> None:
+    empty = RouteDecision.from_json("{}")
+    assert (empty.pipelines, empty.destinations, empty.analysis_priority) == ((), (), "ROUTINE")
+    assert empty.priority_policy == ""
+    assert not empty.ignored
+    bare = RouteDecision.from_json('{"pipelines": ["ok"], "destinations": [{"name": "pacs"}]}')
+    assert (bare.pipelines, bare.destinations) == (("ok",), (RouteTarget("pacs", ()),))

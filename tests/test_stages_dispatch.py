@@ -15,6 +15,7 @@ from triaged.domain import InstanceRecord, JobState
 from triaged.errors import DispatchError, TriagedError
 from triaged.ledger import Ledger
 from triaged.net.scu import SendResult
+from triaged.routing import RouteDecision
 from triaged.spool import Spool
 from triaged.stages import Dispatch, backoff_seconds, retryable_status
 
@@ -71,8 +72,8 @@ def encoding_job(ledger: Ledger, destinations: list[dict[str, object]]) -> int:
                            association_id=None)
     (job,) = ledger.jobs()
     ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    ledger.queue_job(job.id, route_json=json.dumps({"pipelines": ["ok"], "destinations": destinations}),
-                     pipeline="ok", series_instance_uid="1.2.3.4", detail="")
+    route = RouteDecision.from_json(json.dumps({"pipelines": ["ok"], "destinations": destinations}))
+    ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid="1.2.3.4", detail="")
     ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
     ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
     return job.id

@@ -1,7 +1,8 @@
 """Completion, series choice, analysis recording and start-up recovery on real CT files and a real ledger.
 
-The spooled files are the real Lung-PET-CT-Dx series (``tests/conftest.py``'s ``REAL_DATA``), copied into
-the test's own spool under tmp_path; time is an injected clock.
+The spooled files are the session's phantom CT series (``phantom_ct_series`` in ``tests/conftest.py``),
+copied into the test's own spool under tmp_path, so these run without the real data; the record builder
+also reads the real Lung-PET-CT-Dx headers when they are there. Time is an injected clock.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Node:
         self.recovery = Recovery(self.ledger, self.spool, lambda: config, self.analysis)
 
     def receive(self, files: list[Path], at: datetime = T0) -> str:
-        """Spool and record real files as the C-STORE handler does; returns the Study Instance UID."""
+        """Spool and record files as the C-STORE handler does; returns the Study Instance UID."""
         study = ""
         for f in files:
             data = f.read_bytes()
@@ -76,6 +77,12 @@ def node(tmp_path: Path) -> Iterator[Node]:
     yield from make_node(tmp_path, destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}})
 
 
+@pytest.fixture
+def ct_series(phantom_ct_series: Path) -> Path:
+    """The CT files these tests spool: the session's phantom series (no real data needed)."""
+    return phantom_ct_series
+
+
 def series(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.dcm"))
 
@@ -90,11 +97,11 @@ def findings() -> Findings:
 
 @pytest.mark.parametrize(("modality", "waits"), [("CT", True), ("MR", False)])
 def test_a_route_with_a_longer_completion_delay_waits_for_it(
-    tmp_path: Path, pet_ct_dx: Path, modality: str, waits: bool
+    tmp_path: Path, ct_series: Path, modality: str, waits: bool
 ) -> None:
     rule = {"name": "slow", "match": {"series": {"Modality": modality}}, "action": {"completion_delay_seconds": 300}}
     for node in make_node(tmp_path, routing={"rules": [rule]}):
-        node.receive(series(pet_ct_dx))
+        node.receive(series(ct_series))
         (job,) = node.ledger.jobs()
         assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=0.5)) == []  # the default is 1 s
         node.completion._now.at = T0 + timedelta(seconds=10)  # type: ignore[attr-defined]
@@ -107,24 +114,24 @@ def test_a_route_with_a_longer_completion_delay_waits_for_it(
         assert completed[0][3] == expected
 
 
-def test_a_completed_real_series_is_queued_with_route_pipeline_and_series_in_one_step(
-    node: Node, pet_ct_dx: Path
+def test_a_completed_series_is_queued_with_route_pipeline_and_series_in_one_step(
+    node: Node, ct_series: Path
 ) -> None:
-    study = node.receive(series(pet_ct_dx))
+    study = node.receive(series(ct_series))
     (job,) = node.ledger.jobs()
     assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=2)) == [job.id]
     queued = node.ledger.job(job.id)
     assert queued.state is JobState.QUEUED, queued.detail
-    assert queued.series_instance_uid == str(dcmread(series(pet_ct_dx)[0]).SeriesInstanceUID)
+    assert queued.series_instance_uid == str(dcmread(series(ct_series)[0]).SeriesInstanceUID)
     assert queued.pipeline == "ok"
     assert json.loads(queued.route)["destinations"][0]["name"] == "pacs"
     assert [h[1:3] for h in queued.history][-2:] == [("RECEIVING", "COMPLETE"), ("COMPLETE", "QUEUED")]
     task = node.analysis.analysis_task(queued)
-    assert (task.study_uid, len(task.instance_paths), task.encode) == (study, 30, True)
+    assert (task.study_uid, len(task.instance_paths), task.encode) == (study, len(series(ct_series)), True)
 
 
-def test_a_superseded_job_gets_no_route_and_no_pipeline(node: Node, pet_ct_dx: Path) -> None:
-    files = series(pet_ct_dx)
+def test_a_superseded_job_gets_no_route_and_no_pipeline(node: Node, ct_series: Path) -> None:
+    files = series(ct_series)
     study = node.receive(files[:-1])
     (job,) = node.ledger.jobs()
     node.ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE, "quiet")
@@ -148,9 +155,9 @@ def analysing(node: Node, folder: Path, keep_back: int = 0) -> tuple[AnalysisTas
 
 
 def test_a_finished_analysis_records_findings_and_priority_then_goes_to_the_outbox(
-    node: Node, pet_ct_dx: Path
+    node: Node, ct_series: Path
 ) -> None:
-    task, job_id = analysing(node, pet_ct_dx)
+    task, job_id = analysing(node, ct_series)
     out = (("sr", f"work/{job_id}/outputs/sr-1.2.9.1.dcm", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.9.1"),)
     node.analysis.finish_analysis(task, TaskOutcome(job_id, True, findings_to_json(findings()), outputs=out,
                                                     priority=(0.6, "URGENT", "p_covid 0.70")))
@@ -161,9 +168,9 @@ def test_a_finished_analysis_records_findings_and_priority_then_goes_to_the_outb
     assert [(i.destination, i.kind) for i in node.ledger.outbox(job_id=job_id)] == [("pacs", "sr")]
 
 
-def test_an_analysis_finishing_after_its_job_was_superseded_records_nothing(node: Node, pet_ct_dx: Path) -> None:
-    task, job_id = analysing(node, pet_ct_dx, keep_back=1)
-    node.receive(series(pet_ct_dx)[-1:], at=T0 + timedelta(seconds=60))  # a late slice while it runs
+def test_an_analysis_finishing_after_its_job_was_superseded_records_nothing(node: Node, ct_series: Path) -> None:
+    task, job_id = analysing(node, ct_series, keep_back=1)
+    node.receive(series(ct_series)[-1:], at=T0 + timedelta(seconds=60))  # a late slice while it runs
     assert not node.analysis.analysis_wanted(job_id)
     node.analysis.finish_analysis(task, TaskOutcome(job_id, True, findings_to_json(findings()),
                                                     priority=(0.6, "URGENT", "p_covid 0.70")))
@@ -174,9 +181,9 @@ def test_an_analysis_finishing_after_its_job_was_superseded_records_nothing(node
 
 
 def test_findings_and_priority_are_recorded_when_encoding_starts_and_outputs_queued_when_it_ends(
-    node: Node, pet_ct_dx: Path
+    node: Node, ct_series: Path
 ) -> None:
-    task, job_id = analysing(node, pet_ct_dx)
+    task, job_id = analysing(node, ct_series)
     started = EncodingStarted(job_id, findings_to_json(findings()), (0.6, "URGENT", "p_covid 0.70"), seconds=4.0,
                               peak_rss_mb=300.0)
     assert node.analysis.start_encoding(task, started)
@@ -193,25 +200,25 @@ def test_findings_and_priority_are_recorded_when_encoding_starts_and_outputs_que
     assert [h[2] for h in job.history].count("ENCODING") == 1
 
 
-def test_an_encoding_that_fails_fails_the_job_from_encoding(node: Node, pet_ct_dx: Path) -> None:
-    task, job_id = analysing(node, pet_ct_dx)
+def test_an_encoding_that_fails_fails_the_job_from_encoding(node: Node, ct_series: Path) -> None:
+    task, job_id = analysing(node, ct_series)
     assert node.analysis.start_encoding(task, EncodingStarted(job_id, findings_to_json(findings())))
     node.analysis.finish_analysis(task, TaskOutcome(job_id, False, error="encode: ValueError: bad mask"))
     job = node.ledger.job(job_id)
     assert (job.state, job.detail, job.history[-1][1]) == (JobState.FAILED, "encode: ValueError: bad mask", "ENCODING")
 
 
-def test_encoding_of_a_superseded_job_is_refused(node: Node, pet_ct_dx: Path) -> None:
-    task, job_id = analysing(node, pet_ct_dx, keep_back=1)
-    node.receive(series(pet_ct_dx)[-1:], at=T0 + timedelta(seconds=60))
+def test_encoding_of_a_superseded_job_is_refused(node: Node, ct_series: Path) -> None:
+    task, job_id = analysing(node, ct_series, keep_back=1)
+    node.receive(series(ct_series)[-1:], at=T0 + timedelta(seconds=60))
     assert not node.analysis.start_encoding(task, EncodingStarted(job_id, findings_to_json(findings()), (0.6, "URGENT", "")))
     job = node.ledger.job(job_id)
     assert (job.state, job.priority_level) == (JobState.SUPERSEDED, None)
     assert node.ledger.findings(job_id) is None
 
 
-def test_a_failed_analysis_fails_the_job_with_its_stage_and_reason(node: Node, pet_ct_dx: Path) -> None:
-    task, job_id = analysing(node, pet_ct_dx)
+def test_a_failed_analysis_fails_the_job_with_its_stage_and_reason(node: Node, ct_series: Path) -> None:
+    task, job_id = analysing(node, ct_series)
     node.analysis.finish_analysis(task, TaskOutcome(job_id, False, error="analysis: timed out after 600 s"))
     job = node.ledger.job(job_id)
     assert (job.state, job.detail) == (JobState.FAILED, "analysis: timed out after 600 s")
@@ -220,23 +227,23 @@ def test_a_failed_analysis_fails_the_job_with_its_stage_and_reason(node: Node, p
 # ------------------------------------------------------------------ recovery
 
 
-def test_resume_requeues_an_interrupted_analysis_and_routes_a_completed_study(node: Node, pet_ct_dx: Path) -> None:
-    _task, job_id = analysing(node, pet_ct_dx)
+def test_resume_requeues_an_interrupted_analysis_and_routes_a_completed_study(node: Node, ct_series: Path) -> None:
+    _task, job_id = analysing(node, ct_series)
     node.recovery.resume_interrupted()
     job = node.ledger.job(job_id)
     assert (job.state, job.detail) == (JobState.QUEUED, "analysis interrupted by a stop")
 
 
-def test_resume_chooses_the_series_of_a_job_stopped_after_completion(node: Node, pet_ct_dx: Path) -> None:
-    node.receive(series(pet_ct_dx))
+def test_resume_chooses_the_series_of_a_job_stopped_after_completion(node: Node, ct_series: Path) -> None:
+    node.receive(series(ct_series))
     (job,) = node.ledger.jobs()
     node.ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE, "quiet")
     node.recovery.resume_interrupted()
     assert node.ledger.job(job.id).state is JobState.QUEUED
 
 
-def test_resume_reruns_a_job_whose_encoding_was_interrupted(node: Node, pet_ct_dx: Path) -> None:
-    _task, job_id = analysing(node, pet_ct_dx)
+def test_resume_reruns_a_job_whose_encoding_was_interrupted(node: Node, ct_series: Path) -> None:
+    _task, job_id = analysing(node, ct_series)
     node.ledger.record_analysis(job_id, findings(), priority=None, detail="analysed; encoding")
     node.recovery.resume_interrupted()
     job = node.ledger.job(job_id)
@@ -244,9 +251,9 @@ def test_resume_reruns_a_job_whose_encoding_was_interrupted(node: Node, pet_ct_d
 
 
 def test_reconcile_records_a_spooled_file_whose_ledger_row_is_missing_with_every_field(
-    node: Node, pet_ct_dx: Path
+    node: Node, ct_series: Path
 ) -> None:
-    source = series(pet_ct_dx)[0]
+    source = series(ct_series)[0]
     ds = dcmread(source, stop_before_pixels=True)
     rel = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     node.spool.store_instance(rel, source.read_bytes())  # fsynced, then power lost before the ledger commit
@@ -269,8 +276,11 @@ def test_reconcile_records_a_spooled_file_whose_ledger_row_is_missing_with_every
     assert node.recovery.reconcile_spool() == 0
 
 
-def test_the_record_builder_reads_every_field_of_a_real_header(pet_ct_dx: Path) -> None:
-    source = series(pet_ct_dx)[0]
+@pytest.mark.parametrize("fixture", ["ct_series", "pet_ct_dx"], ids=["phantom", "real"])
+def test_the_record_builder_reads_every_field_of_a_header(
+    request: pytest.FixtureRequest, fixture: str
+) -> None:
+    source = series(request.getfixturevalue(fixture))[0]  # and a real export's header, where it is present
     ds = dcmread(source, stop_before_pixels=True)
     data = source.read_bytes()
     record = record_from_file(source, "studies/a/b/c.dcm")

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from triaged.datasets import write_dataset
-from triaged.nets import data
-from triaged.nets import train as training
+from triaged.lab import data
+from triaged.lab import train as training
+from triaged.lab.datasets import write_dataset
+from triaged.lab.phantom import PhantomSpec
 from triaged.nets.weights import MANIFEST, load_model
-from triaged.phantom import PhantomSpec
 
 torch.set_num_threads(2)
 

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from tests.conftest import REAL_DATA
-from triaged.nets import data
-from triaged.nets import train as training
+from triaged.lab import data
+from triaged.lab import train as training
 from triaged.nets.weights import MANIFEST
 
 torch.set_num_threads(2)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from triaged.domain import AnalysisResult
-from triaged.nets import train as training
+from triaged.lab import train as training
 from triaged.nets.pipelines import register_learned
 from triaged.nets.weights import (
     DEFAULT_MODELS_ROOT,
@@ -201,7 +201,7 @@ def test_the_multitask_pipeline_returns_masks_on_the_volume_grid(smoke_cases: li
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_the_shipped_weights_reproduce_the_real_slice_dice_of_their_card(name: str) -> None:
-    from triaged.nets.data import default_real_slices
+    from triaged.lab.data import default_real_slices
 
     root = default_real_slices()
     if not root.is_dir():

@@ -59,30 +59,33 @@ def worker() -> WorkerProcess:
     proc.stop()
 
 
-def _series(pet_ct_dx: Path) -> tuple[Path, tuple[str, ...]]:
-    return pet_ct_dx, tuple(sorted(p.name for p in pet_ct_dx.iterdir()))
+def _series(folder: Path) -> tuple[Path, tuple[str, ...]]:
+    """A series folder and its file names (the tests pass the session's phantom: any CT series will do)."""
+    return folder, tuple(sorted(p.name for p in folder.iterdir()))
 
 
 def test_a_task_loads_the_series_runs_the_pipeline_and_writes_masks_and_findings(
-    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
 ) -> None:
-    root, paths = _series(pet_ct_dx)
+    root, paths = _series(phantom_ct_series)
     from pydicom import dcmread
 
-    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
-    task = AnalysisTask(job_id=7, study_uid="1.2", series_uid=series_uid, pipeline="ok", spool_root=str(root),
-                        instance_paths=paths, work_dir=str(tmp_path / "work"), registry=REGISTRY)
+    first = dcmread(root / paths[0], stop_before_pixels=True)
+    task = AnalysisTask(job_id=7, study_uid="1.2", series_uid=first.SeriesInstanceUID, pipeline="ok",
+                        spool_root=str(root), instance_paths=paths, work_dir=str(tmp_path / "work"),
+                        registry=REGISTRY)
     outcome = worker.run(task, timeout=120, memory_limit_mb=0)
     assert outcome.ok, outcome.error
     assert json.loads(outcome.findings_json)["pipeline"] == "ok"
     masks = np.load(tmp_path / "work" / "masks.npz")
-    assert masks["lungs"].shape == (30, 512, 512)
+    assert masks["lungs"].shape == (len(paths), first.Rows, first.Columns)
     assert (tmp_path / "work" / "findings.json").read_text() == outcome.findings_json
 
 
-def test_an_exception_in_the_pipeline_is_reported_with_its_stage(worker: WorkerProcess, pet_ct_dx: Path,
-                                                                 tmp_path: Path) -> None:
-    root, paths = _series(pet_ct_dx)
+def test_an_exception_in_the_pipeline_is_reported_with_its_stage(
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
+) -> None:
+    root, paths = _series(phantom_ct_series)
     from pydicom import dcmread
 
     series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
@@ -107,10 +110,10 @@ def test_a_series_that_cannot_be_read_fails_at_the_load_stage(worker: WorkerProc
     ],
 )
 def test_a_crashing_hanging_or_greedy_worker_is_killed_reported_and_replaced(
-    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path, pipeline: str, timeout: float, memory_mb: float,
-    expected: str,
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path, pipeline: str, timeout: float,
+    memory_mb: float, expected: str,
 ) -> None:
-    root, paths = _series(pet_ct_dx)
+    root, paths = _series(phantom_ct_series)
     from pydicom import dcmread
 
     series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
@@ -124,14 +127,14 @@ def test_a_crashing_hanging_or_greedy_worker_is_killed_reported_and_replaced(
     assert ok.ok, ok.error
 
 
-def _spooled_task(pet_ct_dx: Path, root: Path, job_id: int) -> AnalysisTask:
-    """A task that encodes, on a copy of the real series in its own spool (outputs are written there)."""
+def _spooled_task(series: Path, root: Path, job_id: int) -> AnalysisTask:
+    """A task that encodes, on a copy of ``series`` in its own spool (outputs are written there)."""
     import shutil
 
     from pydicom import dcmread
 
     (root / "in").mkdir(parents=True)
-    for f in sorted(pet_ct_dx.glob("*.dcm")):
+    for f in sorted(series.glob("*.dcm")):
         shutil.copy(f, root / "in" / f.name)
     paths = tuple(sorted(f"in/{p.name}" for p in (root / "in").iterdir()))
     series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
@@ -141,9 +144,9 @@ def _spooled_task(pet_ct_dx: Path, root: Path, job_id: int) -> AnalysisTask:
 
 
 def test_the_worker_reports_encoding_when_it_starts_before_any_output_exists(
-    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
 ) -> None:
-    task = _spooled_task(pet_ct_dx, tmp_path / "spool", 11)
+    task = _spooled_task(phantom_ct_series, tmp_path / "spool", 11)
     outputs = tmp_path / "spool" / "work" / "11" / "outputs"
     seen: list[tuple[EncodingStarted, list[Path]]] = []
 
@@ -161,9 +164,9 @@ def test_the_worker_reports_encoding_when_it_starts_before_any_output_exists(
 
 
 def test_a_refused_encoding_stops_the_worker_and_the_next_task_still_runs(
-    worker: WorkerProcess, pet_ct_dx: Path, tmp_path: Path
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
 ) -> None:
-    task = _spooled_task(pet_ct_dx, tmp_path / "spool", 12)
+    task = _spooled_task(phantom_ct_series, tmp_path / "spool", 12)
     outcome = worker.run(task, timeout=300, memory_limit_mb=0, on_encoding=lambda started: False)
     assert not outcome.ok
     assert outcome.error == "encode: cancelled, the job moved on (e.g. superseded by a late instance)"

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from triaged.analysis.registry import load_registry
 from triaged.config import Config, LoggingConfig, load_config
 from triaged.domain import RESEARCH_NOTE
 from triaged.errors import ConfigError
@@ -24,7 +25,7 @@ from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool
 from triaged.stages import Analysis, Completion, Dispatch, Recovery, Worklist
-from triaged.worker import TaskQueue, WorkerPool, load_registry
+from triaged.worker import TaskQueue, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,10 @@ def pipeline_problems(config: Config, source: Path | None = None) -> list[tuple[
         registry = load_registry(config.analysis.registry)
     except Exception as exc:  # noqa: BLE001 - a broken plug-in path is a config error
         return [("analysis.registry", f"cannot load {config.analysis.registry}: {exc}")]
-    names = getattr(registry, "known_names", None) or getattr(registry, "pipeline_names", None)
-    if names is None:
-        return []  # a registry without a name list (tests' stand-ins) cannot be checked
     text = source.read_text(encoding="utf-8") if source is not None and source.exists() else None
-    return validate_pipelines(config, set(names()), source=str(source or ""), text=text)
+    return validate_pipelines(
+        config, registry, source=str(source or ""), text=text, listed=registry.pipeline_names()
+    )
 
 
 class Node:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
 
-from triaged.config import UID_RE
 from triaged.errors import InvalidDatasetError
 
 #: The one disclaimer every human-visible output carries (CLI, worklist, overviews, logs).
 RESEARCH_NOTE = "Research use only - not for diagnosis."
+#: PS3.5 9.1 UID syntax: digits and dots (leading zeros tolerated, as seen in the wild). Shared with
+#: :mod:`triaged.config` (``listener.extra_storage_sop_classes``).
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -82,12 +85,37 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+class OutboxState(enum.StrEnum):
+    """States of one outbox item (one result object for one destination), stored as these strings."""
+
+    PENDING = "PENDING"  # waiting for its next attempt (``next_attempt_at``)
+    SENT = "SENT"  # the destination stored it
+    DEAD = "DEAD"  # dead-lettered; ``triaged resend`` puts it back to PENDING
+
+
 class StoreOutcome(enum.StrEnum):
     """What recording one received instance did (see README, "Duplicate SOP Instance UIDs")."""
 
     NEW = "new"
     DUPLICATE = "duplicate"  # same SOP Instance UID, identical bytes: acknowledged, nothing changes
     REPLACED = "replaced"  # same SOP Instance UID, different bytes: the new copy replaces the old
+
+
+class PriorityLevel(enum.StrEnum):
+    """Triage levels of the worklist and the analysis queue, most urgent first.
+
+    The values are what ``config.yaml`` (``analysis_priority``, ``escalate[].level``), the ledger and every
+    output spell; :attr:`rank` orders them.
+    """
+
+    STAT = "STAT"
+    URGENT = "URGENT"
+    ROUTINE = "ROUTINE"
+
+    @property
+    def rank(self) -> int:
+        """Sort rank, lower first: STAT 0, URGENT 1, ROUTINE 2 (the definition order)."""
+        return tuple(PriorityLevel).index(self)
 
 
 @dataclass(frozen=True)
@@ -393,7 +421,7 @@ class OutboxEntry:
     path: str  # relative to the spool root
     sop_class_uid: str
     sop_instance_uid: str
-    state: str  # PENDING | SENT | DEAD
+    state: OutboxState
     attempts: int
     created_at: datetime
     next_attempt_at: datetime

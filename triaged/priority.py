@@ -16,7 +16,6 @@ that the worklist shows next to the study.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,21 +23,10 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from triaged.config import Escalation, PriorityPolicyConfig
-from triaged.domain import P_COVID_NOT_ASSESSED, CTGrade, Findings, WorklistRow
+from triaged.domain import P_COVID_NOT_ASSESSED, CTGrade, Findings, PriorityLevel, WorklistRow
 
-
-class PriorityLevel(enum.StrEnum):
-    """Worklist levels, most urgent first (the same names as ``config.PRIORITY_LEVELS``)."""
-
-    STAT = "STAT"
-    URGENT = "URGENT"
-    ROUTINE = "ROUTINE"
-
-
-#: Sort rank of each level: lower is read first (STAT < URGENT < ROUTINE).  Read-only.
-PRIORITY_ORDER: Mapping[PriorityLevel, int] = MappingProxyType(
-    {PriorityLevel.STAT: 0, PriorityLevel.URGENT: 1, PriorityLevel.ROUTINE: 2}
-)
+#: Sort rank of each level (:attr:`PriorityLevel.rank`): lower is read first (STAT < URGENT < ROUTINE).
+PRIORITY_ORDER: Mapping[PriorityLevel, int] = MappingProxyType({level: level.rank for level in PriorityLevel})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Read instance headers and chosen series from the spool into :class:`~triaged.domain.Volume`.
 
 Adapter: the only module that decodes pixel data.  Headers are read with ``stop_before_pixels`` and
-only the attributes series choice needs; pixels are decoded one file at a time into a preallocated
-int16 array, so no more than one pydicom Dataset is alive at once.  Every transfer syntax pydicom can
+only the attributes series choice needs, or whole where they also feed routing or the encoding context
+(:func:`read_dataset`), once per file: a header already read is passed on, not read again.  Pixels are
+decoded one file at a time into a preallocated int16 array, so no more than one pixel-bearing pydicom
+Dataset is alive at once.  Every transfer syntax pydicom can
 decode with the installed plugins works (native, deflate, JPEG baseline/extended/lossless, JPEG-LS,
 JPEG 2000, RLE).
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,45 @@ class _Rescale:
 # --- headers -------------------------------------------------------------------------------------
 
 
-def read_header(root: Path, rel_path: str) -> InstanceHeader:
-    """Read the attributes series choice needs from one stored instance, without its pixel data.
+def read_dataset(root: Path, rel_path: str, *, whole: bool = False) -> Dataset:
+    """Read the header of one stored instance, without its pixel data.
+
+    The read is forced: files without the 128-byte preamble and ``DICM`` prefix are still DICOM, and
+    garbage fails the UID checks of :func:`header_from_dataset`.  Whether the preamble was there is
+    kept: the dataset's ``preamble`` is None when it was not.
+
+    Parameters
+    ----------
+    root
+        Spool root; ``rel_path`` is relative to it.
+    rel_path
+        Path of the instance file.
+    whole
+        Read every attribute before the pixel data (for routing and the encoding context), not only
+        those series choice needs.
+
+    Raises
+    ------
+    InvalidDatasetError
+        The file is absent or is not DICOM.
+    StorageError
+        The file cannot be read (retryable: a disk or mount problem).
+    """
+    path = root / rel_path
+    try:
+        if whole:
+            return dcmread(path, stop_before_pixels=True, force=True)
+        return dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS), force=True)
+    except FileNotFoundError as exc:
+        raise InvalidDatasetError(f"{rel_path}: file not found") from exc
+    except OSError as exc:
+        raise StorageError(f"{rel_path}: cannot read: {exc.strerror or exc}") from exc
+    except (InvalidDicomError, *_DECODE_ERRORS) as exc:
+        raise InvalidDatasetError(f"{rel_path}: not a readable DICOM file: {exc}") from exc
+
+
+def header_from_dataset(ds: Dataset, rel_path: str) -> InstanceHeader:
+    """The attributes series choice needs, from a header read by :func:`read_dataset`.
 
     Single-frame CT takes the Image Plane module (PS3.3 C.7.6.2) and CT Image module (C.8.2.1).
     Enhanced CT (C.8.15) takes orientation, pixel spacing, slice thickness and kernel from the
@@ -129,30 +168,17 @@ def read_header(root: Path, rel_path: str) -> InstanceHeader:
 
     Parameters
     ----------
-    root
-        Spool root; ``rel_path`` is relative to it and is stored in the header as given.
+    ds
+        The header, read whole or only its series-choice attributes.
     rel_path
-        Path of the instance file.
+        Path of its file, stored in the header as given.
 
     Raises
     ------
     InvalidDatasetError
-        The file is not DICOM; :class:`InstanceUIDError` when it is but its SOP Instance UID or Series
+        The dataset is not DICOM; :class:`InstanceUIDError` when it is but its SOP Instance UID or Series
         Instance UID is missing, empty or not a valid UID (PS3.5 9.1).
-    StorageError
-        The file cannot be read (retryable: a disk or mount problem).
     """
-    path = root / rel_path
-    try:
-        # force: files without the 128-byte preamble are still DICOM; garbage fails the UID checks.
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS), force=True)
-    except FileNotFoundError as exc:
-        raise InvalidDatasetError(f"{rel_path}: file not found") from exc
-    except OSError as exc:
-        raise StorageError(f"{rel_path}: cannot read: {exc.strerror or exc}") from exc
-    except (InvalidDicomError, *_DECODE_ERRORS) as exc:
-        raise InvalidDatasetError(f"{rel_path}: not a readable DICOM file: {exc}") from exc
-
     sop_uid = _text(ds, "SOPInstanceUID")
     series_uid = _text(ds, "SeriesInstanceUID")
     if not sop_uid or not series_uid:
@@ -195,8 +221,39 @@ def read_header(root: Path, rel_path: str) -> InstanceHeader:
     )
 
 
-def read_headers(root: Path, rel_paths: Iterable[str]) -> tuple[list[InstanceHeader], list[str]]:
+def read_header(root: Path, rel_path: str) -> InstanceHeader:
+    """Read the attributes series choice needs from one stored instance, without its pixel data.
+
+    One read (:func:`read_dataset`, only the series-choice attributes), then :func:`header_from_dataset`.
+
+    Parameters
+    ----------
+    root
+        Spool root; ``rel_path`` is relative to it and is stored in the header as given.
+    rel_path
+        Path of the instance file.
+
+    Raises
+    ------
+    InvalidDatasetError
+        The file is not DICOM; :class:`InstanceUIDError` when it is but its SOP Instance UID or Series
+        Instance UID is missing, empty or not a valid UID (PS3.5 9.1).
+    StorageError
+        The file cannot be read (retryable: a disk or mount problem).
+    """
+    return header_from_dataset(read_dataset(root, rel_path), rel_path)
+
+
+def read_headers(
+    root: Path,
+    rel_paths: Iterable[str],
+    *,
+    datasets: dict[str, Dataset] | None = None,
+    whole: bool = False,
+) -> tuple[list[InstanceHeader], list[str]]:
     """Read the headers of many instances; one unreadable file never stops the others.
+
+    Each file is opened at most once: a file whose header is in ``datasets`` is not opened at all.
 
     Parameters
     ----------
@@ -204,6 +261,14 @@ def read_headers(root: Path, rel_paths: Iterable[str]) -> tuple[list[InstanceHea
         Spool root.
     rel_paths
         Instance files relative to ``root``.
+    datasets
+        Headers already read by :func:`read_dataset`, by path: their instance headers are derived from
+        them.  Every header read here is added, so the caller can reuse them (the encoding context,
+        :func:`load_volume`).
+    whole
+        Read whole headers (every attribute before the pixel data), not only the series-choice
+        attributes.  A file whose whole header cannot be read is read again for those attributes only
+        (nothing is added to ``datasets`` then), so exactly the files :func:`read_header` reads are used.
 
     Returns
     -------
@@ -215,12 +280,29 @@ def read_headers(root: Path, rel_paths: Iterable[str]) -> tuple[list[InstanceHea
     problems: list[str] = []
     for rel in rel_paths:
         try:
-            headers.append(read_header(root, rel))
+            headers.append(_header(root, rel, datasets, whole))
         except TriagedError as exc:
             problems.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - a malformed file sent by a peer must not stop the study
             problems.append(f"{rel}: unreadable header ({type(exc).__name__}: {exc})")
     return headers, problems
+
+
+def _header(root: Path, rel: str, datasets: dict[str, Dataset] | None, whole: bool) -> InstanceHeader:
+    """One instance's header for :func:`read_headers`, from ``datasets`` or from one read of its file."""
+    ds = datasets.get(rel) if datasets is not None else None
+    if ds is None:
+        try:
+            ds = read_dataset(root, rel, whole=whole)
+        except Exception:
+            if not whole:
+                raise
+            # A whole header can fail to parse (a malformed sequence) where the series-choice
+            # attributes alone do not: read those as read_header always did.
+            return read_header(root, rel)
+        if datasets is not None:
+            datasets[rel] = ds
+    return header_from_dataset(ds, rel)
 
 
 def _multi_frame_header(ds: Dataset, frames: int, common: dict[str, Any]) -> InstanceHeader:
@@ -342,7 +424,9 @@ def _pair(values: tuple[float, ...] | None) -> tuple[float, float] | None:
 # --- volume ---------------------------------------------------------------------------------------
 
 
-def load_volume(root: Path, choice: SeriesChoice, study_uid: str) -> Volume:
+def load_volume(
+    root: Path, choice: SeriesChoice, study_uid: str, datasets: Mapping[str, Dataset] | None = None
+) -> Volume:
     """Decode the chosen series into a Hounsfield-unit volume with its LPS geometry.
 
     * Geometry (PS3.3 C.7.6.2.1.1): slices are sorted by ``dot(ImagePositionPatient, n)`` with
@@ -375,6 +459,9 @@ def load_volume(root: Path, choice: SeriesChoice, study_uid: str) -> Volume:
         The series chosen by :func:`triaged.assembly.select_series`.
     study_uid
         Study Instance UID recorded in the volume.
+    datasets
+        Headers already read from the series' files (by :func:`read_headers`), by path: a multi-frame
+        header without per-frame positions is derived again from these instead of its file.
 
     Raises
     ------
@@ -387,7 +474,7 @@ def load_volume(root: Path, choice: SeriesChoice, study_uid: str) -> Volume:
     if choice.series_uid is None or not choice.instances:
         raise AssemblyError(f"no series to load: {choice.reason}")
     series_uid = choice.series_uid
-    headers = [_with_frame_positions(root, h) for h in choice.instances]
+    headers = [_with_frame_positions(root, h, datasets or {}) for h in choice.instances]
     first = headers[0]
     orientation, rows, columns, (dy, dx) = _common_geometry(series_uid, headers)
     row_dir = np.asarray(orientation[:3], dtype=np.float64)
@@ -483,11 +570,12 @@ def load_volume(root: Path, choice: SeriesChoice, study_uid: str) -> Volume:
     )
 
 
-def _with_frame_positions(root: Path, h: InstanceHeader) -> InstanceHeader:
-    """A multi-frame header without per-frame positions is re-read from its file."""
+def _with_frame_positions(root: Path, h: InstanceHeader, datasets: Mapping[str, Dataset]) -> InstanceHeader:
+    """A multi-frame header without per-frame positions is derived again from its header (read if not held)."""
     if h.number_of_frames > 1 and not (isinstance(h, FramedInstanceHeader) and h.frame_positions):
         try:
-            return read_header(root, h.path)
+            ds = datasets.get(h.path)
+            return header_from_dataset(ds, h.path) if ds is not None else read_header(root, h.path)
         except InvalidDatasetError as exc:
             raise AssemblyError(str(exc)) from exc
     return h

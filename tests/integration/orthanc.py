@@ -9,9 +9,10 @@ Facts about the Debian package (Orthanc 1.10.1) that this helper relies on or wo
   server only). Send to it with DCMTK tools under the same variable.
 * **Bind address.** Orthanc 1.10 has no bind-address option: both the DICOM and the HTTP server
   listen on 0.0.0.0. ``RemoteAccessAllowed: false`` makes the REST API refuse anything but
-  loopback, and the ports are free ports picked by binding ``("127.0.0.1", 0)``, so nothing
-  well known is exposed. The package's own system service (4242/8042), if apt enabled it, is
-  never touched and those ports are never used.
+  loopback, and the ports are free ports handed out by ``tests.conftest.free_port`` (this pytest
+  process's own block, below the kernel's ephemeral range), so nothing well known is exposed.
+  The package's own system service (4242/8042), if apt enabled it, is never touched and those
+  ports are never used.
 * **Shutdown time.** After SIGTERM Orthanc takes a few seconds to exit (its threads wind down on
   their own poll intervals). :meth:`OrthancPeer.stop` waits for the process to be gone (SIGKILL
   after ``kill_after`` seconds) so that :meth:`OrthancPeer.start` can reopen the same SQLite
@@ -56,26 +57,29 @@ from typing import Any, Self
 
 import pytest
 
+from tests.conftest import PORT_BLOCK, free_port
+
 SYSTEM_SERVICE_PORTS = frozenset({4242, 8042})  # the Debian package's own service: never use these
 
 _LIVE: weakref.WeakSet[OrthancPeer] = weakref.WeakSet()
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (all held open together while picking)."""
-    sockets: list[socket.socket] = []
+    """``count`` distinct TCP ports on 127.0.0.1 that are free now, from :func:`tests.conftest.free_port`.
+
+    That hands out ports in turn from this pytest process's own block (per xdist worker, outside the
+    kernel's ephemeral range), so two peers, or a peer and a node, started at the same time by different
+    workers do not get the same port, as ports picked by binding port 0 and releasing it could.
+    """
     ports: list[int] = []
-    try:
-        while len(ports) < count:
-            s = socket.socket()
-            sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            if port not in SYSTEM_SERVICE_PORTS:
-                ports.append(port)
-    finally:
-        for s in sockets:
-            s.close()
+    tries = PORT_BLOCK  # free_port() comes back to a port only after the rest of its block
+    while len(ports) < count:
+        if tries == 0:
+            raise RuntimeError(f"only {len(ports)} of {count} free port(s) found on 127.0.0.1")
+        tries -= 1
+        port = free_port()
+        if port not in SYSTEM_SERVICE_PORTS and port not in ports:
+            ports.append(port)
     return ports
 
 

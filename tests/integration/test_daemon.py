@@ -66,10 +66,10 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, int]]:
 
 
 def test_sigterm_stops_accepting_lets_the_open_association_finish_and_exits_zero(
-    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path, pet_ct_dx: Path
+    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     proc, _, port = daemon
-    files = sorted(pet_ct_dx.iterdir())
+    files = sorted(phantom_ct_series.iterdir())
     assoc = _associate(port)
     assert assoc.is_established
     assert assoc.send_c_store(files[0]).Status == 0

@@ -37,8 +37,8 @@ def _sections(peer: OrthancPeer) -> dict[str, dict[str, object]]:
     }
 
 
-def _study_uid(pet_ct_dx: Path) -> str:
-    return str(dcmread(next(pet_ct_dx.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+def _study_uid(series: Path) -> str:
+    return str(dcmread(next(series.iterdir()), stop_before_pixels=True).StudyInstanceUID)
 
 
 def _classes(peer: OrthancPeer, study_uid: str) -> list[str]:
@@ -46,12 +46,12 @@ def _classes(peer: OrthancPeer, study_uid: str) -> list[str]:
 
 
 def test_sr_seg_and_sc_arrive_in_the_original_study_exactly_once(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path, orthanc: OrthancPeer
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path, orthanc: OrthancPeer
 ) -> None:
     node = node_factory(make_config(tmp_path, **_sections(orthanc)))
-    assert storescu(*node.listener.address, pet_ct_dx).returncode == 0
+    assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
     job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), timeout=120, what="DONE")
-    study_uid = _study_uid(pet_ct_dx)
+    study_uid = _study_uid(phantom_ct_series)
     classes = _classes(orthanc, study_uid)
     assert SR in classes and SEG in classes and SC in classes, classes
     items = node.ledger.outbox(job_id=job.id)
@@ -65,11 +65,11 @@ def test_sr_seg_and_sc_arrive_in_the_original_study_exactly_once(
 
 
 def test_an_outage_of_the_pacs_delays_delivery_and_loses_nothing(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path, orthanc: OrthancPeer
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path, orthanc: OrthancPeer
 ) -> None:
     orthanc.stop()
     node = node_factory(make_config(tmp_path, **_sections(orthanc)))
-    assert storescu(*node.listener.address, pet_ct_dx).returncode == 0
+    assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
     job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.RETRY_WAIT])), None), timeout=120,
                    what="RETRY_WAIT while the PACS is down")
     assert "next attempt" in job.detail
@@ -77,20 +77,20 @@ def test_an_outage_of_the_pacs_delays_delivery_and_loses_nothing(
     orthanc.start()
     wait_for(lambda: node.ledger.job(job.id).state is JobState.DONE, timeout=60, what="delivery after the outage")
     items = node.ledger.outbox(job_id=job.id)
-    assert len(_classes(orthanc, _study_uid(pet_ct_dx))) == len(items)
+    assert len(_classes(orthanc, _study_uid(phantom_ct_series))) == len(items)
     assert orthanc.count_instances() == len(items)  # nothing twice
     history = [to for _, _, to, _ in node.ledger.job(job.id).history]
     assert history.count("RETRY_WAIT") >= 1 and history[-1] == "DONE"
 
 
 def test_an_item_past_its_maximum_age_is_dead_lettered_and_can_be_resent(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path, orthanc: OrthancPeer
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path, orthanc: OrthancPeer
 ) -> None:
     orthanc.stop()
     sections = _sections(orthanc)
     sections["dispatch"]["max_age_hours"] = 0.0005  # 1.8 s
     node = node_factory(make_config(tmp_path, **sections))
-    assert storescu(*node.listener.address, pet_ct_dx).returncode == 0
+    assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
     job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.FAILED])), None), timeout=120,
                    what="dead letters")
     assert job.detail.startswith("dispatch: ") and "dead-lettered" in job.detail
@@ -100,7 +100,9 @@ def test_an_item_past_its_maximum_age_is_dead_lettered_and_can_be_resent(
     wait_for(lambda: node.ledger.job(job.id).state is JobState.DONE, timeout=60, what="the resent objects")
 
 
-def test_a_killed_daemon_delivers_after_restart(tmp_path: Path, pet_ct_dx: Path, orthanc: OrthancPeer) -> None:
+def test_a_killed_daemon_delivers_after_restart(
+    tmp_path: Path, phantom_ct_series: Path, orthanc: OrthancPeer
+) -> None:
     orthanc.stop()
     cfg = write_config(tmp_path, **_sections(orthanc))
     log = (tmp_path / "daemon.log").open("w")
@@ -114,7 +116,7 @@ def test_a_killed_daemon_delivers_after_restart(tmp_path: Path, pet_ct_dx: Path,
         ledger_path = tmp_path / "ledger.sqlite"
         wait_for(lambda: ledger_path.exists(), what="the ledger")
         port = int(yaml.safe_load(cfg.read_text())["listener"]["port"])
-        wait_for(lambda: storescu("127.0.0.1", port, pet_ct_dx).returncode == 0, what="the upload")
+        wait_for(lambda: storescu("127.0.0.1", port, phantom_ct_series).returncode == 0, what="the upload")
 
         def state() -> JobState | None:
             with Ledger(ledger_path) as ledger:

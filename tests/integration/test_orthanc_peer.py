@@ -34,8 +34,8 @@ def _store(peer: OrthancPeer, files: list[Path]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_receives_dcmtk_cstore_and_lists_instances(pet_ct_dx: Path, orthanc: OrthancPeer) -> None:
-    files, study_uid, sop_uids = _three_slices(pet_ct_dx)
+def test_receives_dcmtk_cstore_and_lists_instances(phantom_ct_series: Path, orthanc: OrthancPeer) -> None:
+    files, study_uid, sop_uids = _three_slices(phantom_ct_series)
     assert orthanc.count_instances() == 0
     assert orthanc.echo_ok()
 
@@ -56,8 +56,8 @@ def test_receives_dcmtk_cstore_and_lists_instances(pet_ct_dx: Path, orthanc: Ort
     assert orthanc.instances_of_study("1.2.3.4.5.6.7.8.9") == []
 
 
-def test_restart_on_same_folder_keeps_instances(pet_ct_dx: Path, orthanc: OrthancPeer) -> None:
-    files, study_uid, sop_uids = _three_slices(pet_ct_dx)
+def test_restart_on_same_folder_keeps_instances(phantom_ct_series: Path, orthanc: OrthancPeer) -> None:
+    files, study_uid, sop_uids = _three_slices(phantom_ct_series)
     _store(orthanc, files)
     assert orthanc.sop_instance_uids(study_uid) == sop_uids
     pid = orthanc.pid

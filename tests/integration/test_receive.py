@@ -71,15 +71,21 @@ def test_echoscu_gets_a_c_echo_answer(node_factory: Callable[[Config], Node], tm
     assert assoc.calling_ae == "ECHOSCU" and assoc.accepted
 
 
-def test_a_real_ct_series_from_storescu_is_stored_completed_and_queued(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+def test_a_ct_series_from_storescu_is_stored_completed_and_queued(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     require_tool("storescu")
     node = node_factory(make_config(tmp_path))
-    proc = storescu(*node.listener.address, pet_ct_dx)
+    proc = storescu(*node.listener.address, phantom_ct_series)
     assert proc.returncode == 0, proc.stderr
+    # What the source files say: slice count, matrix, position and spacing of the series.
+    sources = sorted(
+        (dcmread(f, stop_before_pixels=True) for f in phantom_ct_series.iterdir()),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
+    first, count = sources[0], len(sources)
     [study] = node.ledger.studies()
-    assert study.instances == 30 and study.series == 1
+    assert study.instances == count and study.series == 1
     # Every acknowledged instance is on disk with the bytes storescu sent.
     for path, *_ in node.ledger.study_instances(study.study_instance_uid):
         ds = dcmread(node.spool.root / path)
@@ -88,29 +94,29 @@ def test_a_real_ct_series_from_storescu_is_stored_completed_and_queued(
         lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), what="the job to be analysed"
     )
     queued = next(d for _, _, to, d in node.ledger.job(job.id).history if to == "QUEUED")
-    assert "30 axial slices" in queued
-    assert job.series_instance_uid == dcmread(next(pet_ct_dx.iterdir())).SeriesInstanceUID
+    assert f"{count} axial slices" in queued
+    assert job.series_instance_uid == first.SeriesInstanceUID
     assert node.ledger.findings(job.id) is not None
     [audit] = node.ledger.associations()
-    assert (audit.calling_ae, audit.instances, audit.failures) == ("STORESCU", 30, 0)
+    assert (audit.calling_ae, audit.instances, audit.failures) == ("STORESCU", count, 0)
     # The chosen series assembles from the spool with the geometry of the source files.
     rows = node.ledger.study_instances(study.study_instance_uid)
     headers, problems = read_headers(node.spool.root, [r[0] for r in rows])
     choice = select_series(headers, node.config.series_selection)
     volume = load_volume(node.spool.root, choice, study.study_instance_uid)
-    assert problems == [] and volume.hu.shape == (30, 512, 512)
-    first = min((dcmread(f, stop_before_pixels=True) for f in pet_ct_dx.iterdir()),
-                key=lambda d: float(d.ImagePositionPatient[2]))
+    assert problems == [] and volume.hu.shape == (count, first.Rows, first.Columns)
     assert volume.affine[:3, 3] == pytest.approx([float(v) for v in first.ImagePositionPatient])
-    assert volume.spacing == pytest.approx((8.0, float(first.PixelSpacing[0]), float(first.PixelSpacing[1])), rel=1e-3)
+    slice_spacing = float(sources[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+    pixel_spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    assert volume.spacing == pytest.approx((slice_spacing, *pixel_spacing), rel=1e-3)
     assert volume.hu.min() >= -1024
 
 
 def test_a_study_too_short_to_analyse_is_ignored_with_the_reason(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     node = node_factory(make_config(tmp_path))
-    files = sorted(pet_ct_dx.iterdir())[:12]
+    files = sorted(phantom_ct_series.iterdir())[:12]
     assert all(s.Status == 0 for s in _send(node, files))
     job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.IGNORED])), None), what="IGNORED")
     assert "12" in job.detail and "20" in job.detail, job.detail
@@ -150,28 +156,32 @@ def test_a_source_outside_the_allowed_networks_is_rejected(
     assert "127.0.0.1" in node.ledger.associations()[0].reject_reason
 
 
-def _ct(pet_ct_dx: Path) -> Dataset:
-    return dcmread(sorted(pet_ct_dx.iterdir())[0])
+def _first_file(series: Path) -> Path:
+    return sorted(series.iterdir())[0]
+
+
+def _ct(series: Path) -> Dataset:
+    return dcmread(_first_file(series))
 
 
 def test_bad_datasets_get_documented_statuses_are_quarantined_and_the_node_keeps_serving(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     node = node_factory(make_config(tmp_path))
-    no_study = _ct(pet_ct_dx)
+    no_study = _ct(phantom_ct_series)
     no_study.SOPInstanceUID = generate_uid()
     del no_study.StudyInstanceUID
-    hostile = _ct(pet_ct_dx)
+    hostile = _ct(phantom_ct_series)
     hostile.SOPInstanceUID = generate_uid()
     hostile.SeriesInstanceUID = "1.2/../../../etc"
-    truncated = _ct(pet_ct_dx)
+    truncated = _ct(phantom_ct_series)
     truncated.SOPInstanceUID = generate_uid()
     truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 2]
     statuses = [int(s.Status) for s in _send(node, [no_study, hostile, truncated])]
     assert statuses == [STATUS_INVALID_UID, STATUS_INVALID_UID, STATUS_TRUNCATED_PIXELS]
 
     # Garbage after a valid file meta header, sent raw (pynetdicom does not decode chunked sends).
-    good = pet_ct_dx / "1-01.dcm"
+    good = _first_file(phantom_ct_series)
     garbage = tmp_path / "garbage.dcm"
     meta = DicomBytesIO()
     write_file_meta_info(meta, dcmread(good, stop_before_pixels=True).file_meta)
@@ -191,21 +201,21 @@ def test_bad_datasets_get_documented_statuses_are_quarantined_and_the_node_keeps
     assert any("not a valid UID" in r for r in reasons)
     assert not list((node.spool.root / "studies").rglob("*etc*"))
     # Still serving: a good instance is stored.
-    [ok] = _send(node, [_ct(pet_ct_dx)])
+    [ok] = _send(node, [_ct(phantom_ct_series)])
     assert ok.Status == 0
     assert node.ledger.studies()[0].instances == 1
 
 
 def test_a_dataset_whose_uid_differs_from_the_request_is_refused(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     node = node_factory(make_config(tmp_path))
     host, port = node.listener.address
     assoc = _scu().associate(host, port, ae_title="TRIAGED")
     # pynetdicom takes the request's Affected SOP Instance UID from the file meta of a file it sends
     # raw, so a file whose meta names another instance puts the mismatch on the wire.
-    raw = (pet_ct_dx / "1-01.dcm").read_bytes()
-    uid = str(dcmread(pet_ct_dx / "1-01.dcm").SOPInstanceUID).encode()
+    raw = _first_file(phantom_ct_series).read_bytes()
+    uid = str(dcmread(_first_file(phantom_ct_series)).SOPInstanceUID).encode()
     other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
     path = tmp_path / "mismatch.dcm"
     path.write_bytes(raw.replace(uid, other, 1))  # the first occurrence is in the file meta
@@ -251,26 +261,26 @@ def test_configured_extra_sop_classes_are_stored_but_never_analysed(
 
 
 def test_a_full_disk_answers_out_of_resources_and_stores_nothing(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     node = node_factory(make_config(tmp_path, storage={"min_free_mb": 10**9}))
-    [rsp] = _send(node, [_ct(pet_ct_dx)])
+    [rsp] = _send(node, [_ct(phantom_ct_series)])
     assert int(rsp.Status) == STATUS_OUT_OF_RESOURCES
     assert "MiB free" in rsp.ErrorComment
     assert node.ledger.studies() == []
 
 
 def test_duplicates_are_acknowledged_once_and_a_late_instance_reopens_the_study(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     # The first analysis hangs, so the late instance finds the first job still running.
     node = node_factory(make_config(tmp_path, analysis={"default_pipeline": "hang"}))
-    files = sorted(pet_ct_dx.iterdir())
-    assert all(s.Status == 0 for s in _send(node, files[:29]))
+    files = sorted(phantom_ct_series.iterdir())  # all but the last still make an analysable series
+    assert all(s.Status == 0 for s in _send(node, files[:-1]))
     assert all(s.Status == 0 for s in _send(node, files[:3]))  # re-sent: identical bytes
     first = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.ANALYSING])), None), what="ANALYSING")
-    assert node.ledger.studies()[0].instances == 29
-    assert all(s.Status == 0 for s in _send(node, files[29:]))  # the late one
+    assert node.ledger.studies()[0].instances == len(files) - 1
+    assert all(s.Status == 0 for s in _send(node, files[-1:]))  # the late one
     # The superseded analysis is cancelled, so the worker takes the new revision.
     second = wait_for(
         lambda: next((j for j in node.ledger.jobs(states=[JobState.ANALYSING]) if j.id != first.id), None),
@@ -278,16 +288,17 @@ def test_duplicates_are_acknowledged_once_and_a_late_instance_reopens_the_study(
     )
     assert second.revision == first.revision + 1
     assert node.ledger.job(first.id).state is JobState.SUPERSEDED
-    assert node.ledger.studies()[0].instances == 30
+    assert node.ledger.studies()[0].instances == len(files)
 
 
 def test_compressed_transfer_syntaxes_are_accepted(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     # (encoder command or None for pydicom's JPEG 2000 encoder, storescu option proposing that syntax)
     encoders = [(["dcmcjpeg", "+e1"], "-xs"), (["dcmcjpls"], "-xt"), (["dcmcrle"], "-xr"), (None, "-xv")]
     node = node_factory(make_config(tmp_path))
-    for i, ((encoder, propose), src) in enumerate(zip(encoders, sorted(pet_ct_dx.iterdir()), strict=False)):
+    sources = sorted(phantom_ct_series.iterdir())
+    for i, ((encoder, propose), src) in enumerate(zip(encoders, sources, strict=False)):
         out = tmp_path / f"compressed-{i}.dcm"
         if encoder is None:
             ds = dcmread(src)
@@ -307,15 +318,15 @@ def test_compressed_transfer_syntaxes_are_accepted(
 
 
 def test_a_restart_keeps_every_acknowledged_instance_and_the_ledger_state(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> None:
     config = make_config(tmp_path, completion={"delay_seconds": 600})
     node = node_factory(config)
-    assert all(s.Status == 0 for s in _send(node, sorted(pet_ct_dx.iterdir())[:5]))
+    assert all(s.Status == 0 for s in _send(node, sorted(phantom_ct_series.iterdir())[:5]))
     node.stop(drain_seconds=2)
     # A power loss after the fsync of a file but before its ledger row: the reconcile records it.
-    late = _ct(pet_ct_dx)
-    src = sorted(pet_ct_dx.iterdir())[5]
+    late = _ct(phantom_ct_series)
+    src = sorted(phantom_ct_series.iterdir())[5]
     rel = f"studies/{late.StudyInstanceUID}/{late.SeriesInstanceUID}/{dcmread(src).SOPInstanceUID}.dcm"
     shutil.copy(src, config.storage.spool / rel)
     again = node_factory(config)

@@ -28,10 +28,13 @@ CASES = {"ACC-MILD": "sev:10:0.97", "ACC-SEVERE": "sev:60:0.40", "ACC-MEDIUM": "
 
 
 def _copy_study(src: Path, dest: Path, accession: str) -> str:
-    """20 slices of the real series as a new study (new UIDs), with its own accession number."""
+    """All of the series in ``src`` as a new study (new UIDs), with its own accession number.
+
+    All of it: the phantom's slices are 6 mm apart, so 20 of them would be too short for the default rules.
+    """
     study, series = generate_uid(), generate_uid()
     dest.mkdir(parents=True)
-    for path in sorted(src.iterdir())[:20]:
+    for path in sorted(src.iterdir()):
         ds = dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -42,7 +45,7 @@ def _copy_study(src: Path, dest: Path, accession: str) -> str:
 
 @pytest.fixture
 def node_with_three_studies(
-    node_factory: Callable[[Config], Node], tmp_path: Path, pet_ct_dx: Path
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
 ) -> tuple[Node, Path, dict[str, str]]:
     rules = [{"name": acc, "match": {"study": {"AccessionNumber": acc}}, "action": {"pipelines": [pipe]}}
              for acc, pipe in CASES.items()]
@@ -53,7 +56,7 @@ def node_with_three_studies(
     node = node_factory(load_config(cfg))
     studies = {}
     for acc in CASES:
-        studies[acc] = _copy_study(pet_ct_dx, tmp_path / acc, acc)
+        studies[acc] = _copy_study(phantom_ct_series, tmp_path / acc, acc)
         assert storescu(*node.listener.address, tmp_path / acc).returncode == 0
     wait_for(lambda: len(node.ledger.jobs(states=[JobState.DONE])) == 4, timeout=120, what="four analysed studies")
     return node, cfg, studies

@@ -1,17 +1,17 @@
 """Analysis pipelines (pure layer): a :class:`~triaged.domain.Volume` in, an
 :class:`~triaged.domain.AnalysisResult` out; no file or network I/O.
 
-``default_registry`` is what ``analysis.registry`` names by default (``triaged.analysis:default_registry``).
+The registry (:mod:`triaged.analysis.registry`): ``default_registry`` builds the non-learned one
+(``triaged.analysis:default_registry``), ``load_registry`` the one ``analysis.registry`` names.
 """
 
-from triaged.analysis.pipeline import (
-    ClassicalPipeline,
-    Pipeline,
+from triaged.analysis.pipeline import ClassicalPipeline, Pipeline, ThresholdPipeline
+from triaged.analysis.registry import (
     PipelineRegistry,
-    ThresholdPipeline,
     UnknownPipelineError,
     default_registry,
     get_pipeline,
+    load_registry,
     pipeline_names,
 )
 
@@ -23,5 +23,6 @@ __all__ = [
     "UnknownPipelineError",
     "default_registry",
     "get_pipeline",
+    "load_registry",
     "pipeline_names",
 ]

@@ -1,10 +1,8 @@
-"""The :class:`Pipeline` protocol, the pipeline registry and the two non-learned pipelines.
+"""The :class:`Pipeline` protocol and the two non-learned pipelines.
 
 A pipeline turns a :class:`~triaged.domain.Volume` into an :class:`~triaged.domain.AnalysisResult`
-(findings + masks). The registry is an ordinary object: :func:`default_registry` builds a fresh one
-holding the built-in pipelines every time it is called, so nothing is registered as a side effect of
-importing a module, and a test or plug-in can build its own (``analysis.registry`` in the config
-names the factory).
+(findings + masks). The registry lives in :mod:`triaged.analysis.registry`; its names are re-exported
+here (``triaged.analysis.pipeline:default_registry`` stays a valid ``analysis.registry``).
 
 Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
 :mod:`triaged.analysis.grid`, with the classical lungs of :mod:`triaged.analysis.lungs`):
@@ -24,7 +22,7 @@ Both grade with the explicit CT0 of :meth:`triaged.domain.CTGrade.from_affected_
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -44,9 +42,27 @@ from triaged.analysis.lesions import (
     threshold_lesions,
 )
 from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
+from triaged.analysis.registry import (
+    PipelineRegistry,
+    UnknownPipelineError,
+    default_registry,
+    get_pipeline,
+    pipeline_names,
+)
 from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Masks, Volume
-from triaged.errors import TriagedError
+
+__all__ = [
+    "ClassicalPipeline",
+    "Pipeline",
+    "PipelineRegistry",
+    "Progress",
+    "ThresholdPipeline",
+    "UnknownPipelineError",
+    "default_registry",
+    "get_pipeline",
+    "pipeline_names",
+]
 
 B = npt.NDArray[np.bool_]
 F32 = npt.NDArray[np.float32]
@@ -80,77 +96,6 @@ class Pipeline(Protocol):
     def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
         """Analyse one volume; raise :class:`~triaged.errors.TriagedError` when it cannot be."""
         ...
-
-
-class UnknownPipelineError(TriagedError):
-    """No pipeline of that name is registered (the message lists the known ones)."""
-
-
-class PipelineRegistry:
-    """Pipelines by name.
-
-    Parameters
-    ----------
-    pipelines : iterable of Pipeline
-        Registered in order; names must be unique.
-    """
-
-    def __init__(self, pipelines: Iterable[Pipeline] = ()) -> None:
-        self._pipelines: dict[str, Pipeline] = {}
-        for p in pipelines:
-            self.register(p)
-
-    def register(self, pipeline: Pipeline, *, replace: bool = False) -> None:
-        """Add a pipeline; a second one with the same name is refused unless ``replace``."""
-        if pipeline.name in self._pipelines and not replace:
-            raise TriagedError(f"a pipeline named {pipeline.name!r} is already registered")
-        self._pipelines[pipeline.name] = pipeline
-
-    def get_pipeline(self, name: str) -> Pipeline:
-        """The pipeline called ``name``.
-
-        Raises
-        ------
-        UnknownPipelineError
-            No such pipeline; the message lists the registered names.
-        """
-        try:
-            return self._pipelines[name]
-        except KeyError:
-            known = ", ".join(self.pipeline_names()) or "none"
-            raise UnknownPipelineError(f"unknown pipeline {name!r}; known pipelines: {known}") from None
-
-    def get(self, name: str) -> Pipeline:
-        """Alias of :meth:`get_pipeline` (the worker's spelling)."""
-        return self.get_pipeline(name)
-
-    def pipeline_names(self) -> tuple[str, ...]:
-        """Registered names, sorted."""
-        return tuple(sorted(self._pipelines))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._pipelines
-
-    def __iter__(self) -> Iterator[Pipeline]:
-        return iter(self._pipelines[n] for n in self.pipeline_names())
-
-    def __len__(self) -> int:
-        return len(self._pipelines)
-
-
-def default_registry(extra: Iterable[Pipeline] = ()) -> PipelineRegistry:
-    """A fresh registry with the built-in pipelines (``threshold``, ``classical``) and ``extra``."""
-    return PipelineRegistry([ThresholdPipeline(), ClassicalPipeline(), *extra])
-
-
-def get_pipeline(name: str) -> Pipeline:
-    """A built-in pipeline by name (from a fresh :func:`default_registry`)."""
-    return default_registry().get_pipeline(name)
-
-
-def pipeline_names() -> tuple[str, ...]:
-    """Names of the built-in pipelines."""
-    return default_registry().pipeline_names()
 
 
 # ----------------------------------------------------------------------------------- the pipelines
@@ -312,9 +257,11 @@ class ClassicalPipeline:
             ("lesions.hu_window", f"[{p.ggo_hu:g}, {p.max_hu:g}]"),
             ("lesions.min_component_ml", f"{p.min_component_ml:g}"),
             ("lesions.min_contrast_hu", f"{p.min_contrast_hu:g} (ring {p.contrast_ring_mm:g} mm)"),
-            ("lesions.subpleural_band",
-             f"<= {p.pleural_max_width_mm:g} mm thick, {p.pleural_band_mm:g} mm band, dependent "
-             f"(beyond {p.pleural_band_dependent:g} of the lung's depth from the front; supine assumed)"),
+            (
+                "lesions.subpleural_band",
+                f"<= {p.pleural_max_width_mm:g} mm thick, {p.pleural_band_mm:g} mm band, dependent "
+                f"(beyond {p.pleural_band_dependent:g} of the lung's depth from the front; supine assumed)",
+            ),
             ("lesions.nodule", f"round, <= {p.nodule_max_mm:g} mm, fill >= {p.nodule_min_fill:g}"),
             ("consolidation.method", "vessel-suppressed density threshold"),
             ("consolidation.hu", f"> {p.consolidation_hu:g}"),

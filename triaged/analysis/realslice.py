@@ -7,7 +7,7 @@ so there is no air around the body. To run a pipeline on one:
 1. grey → HU with the display window estimated from the slice's (or its source's) landmarks
    (:mod:`triaged.analysis.window`);
 2. pixel spacing assumed so that the longer side spans :data:`ASSUMED_FIELD_MM` (the learned models'
-   training grid: :data:`REAL_LONG_SIDE` pixels at :data:`TARGET_MM`, ``triaged.nets.data``);
+   training grid: :data:`REAL_LONG_SIDE` pixels at :data:`TARGET_MM`, ``triaged.lab.data``);
 3. the slice is embedded in a synthetic body outline — :data:`WALL_MM` of soft tissue
    (:data:`WALL_HU`) then :data:`AIR_MM` of air — so the non-learned lung segmentation finds a body with
    air outside it; the pipeline's masks are cropped back to the slice before scoring;
@@ -24,7 +24,7 @@ the masks back. Left and right of such a volume still mean nothing (mirroring is
 union of the lesion masks is scored.
 
 The fixed validation split of the doctor-labelled slices, :data:`DOCTOR_VALIDATION`, lives here so that
-both the training code (``triaged.nets``) and the evaluation (``triaged.realsets``) can import it.
+both the training code (``triaged.lab``) and the evaluation (``triaged.lab.realsets``) can import it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from triaged.domain import Volume
 
 #: In-plane target grid of the pipelines, mm (seed 004).
 TARGET_MM: Final[float] = 2.0
-#: Longer side of a real slice on the learned models' training grid, pixels (``triaged.nets.data``).
+#: Longer side of a real slice on the learned models' training grid, pixels (``triaged.lab.data``).
 REAL_LONG_SIDE: Final[int] = 160
 #: Assumed extent of a slice's longer side, mm (REAL_LONG_SIDE pixels of TARGET_MM).
 ASSUMED_FIELD_MM: Final[float] = REAL_LONG_SIDE * TARGET_MM
@@ -51,9 +51,23 @@ AIR_MM: Final[float] = 20.0
 AIR_HU: Final[int] = -1000
 
 #: Doctor-labelled slices (file stems) held out from every training run; the same stems in the
-#: ``multiclass`` subset; ``triaged.nets.data`` imports it from here, so training and eval hold out the same slices.
+#: ``multiclass`` subset; ``triaged.lab.data`` imports it from here, so training and eval hold out the same slices.
 DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
-    "44", "45", "46", "47", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "67",
+    "44",
+    "45",
+    "46",
+    "47",
+    "49",
+    "50",
+    "51",
+    "52",
+    "53",
+    "54",
+    "55",
+    "56",
+    "57",
+    "58",
+    "67",
 )
 
 

@@ -93,6 +93,10 @@ class OutputContext:
         """Content date and time to record."""
         return self.content_datetime or datetime.now()
 
+    def model_name(self, pipeline: str) -> str:
+        """Manufacturer's Model Name of an output of ``pipeline``: device name and pipeline (LO, 64 chars)."""
+        return f"{self.device_name} {pipeline}"[:64]
+
 
 @dataclass(frozen=True)
 class ImageRef:

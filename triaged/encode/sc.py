@@ -407,7 +407,7 @@ def _sc_image(
         ]
     )
     sc.SoftwareVersions = ctx.software_version
-    sc.ManufacturerModelName = f"{ctx.device_name} {findings.pipeline}"[:64]
+    sc.ManufacturerModelName = ctx.model_name(findings.pipeline)
     sc.DeviceSerialNumber = ctx.device_serial_number
     if ctx.institution:
         sc.InstitutionName = ctx.institution

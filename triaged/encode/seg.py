@@ -243,7 +243,7 @@ def build_seg(
         sop_instance_uid=uids.seg_instance,
         instance_number=1,
         manufacturer=ctx.manufacturer,
-        manufacturer_model_name=f"{ctx.device_name} {findings.pipeline}"[:64],
+        manufacturer_model_name=ctx.model_name(findings.pipeline),
         software_versions=ctx.software_version,
         device_serial_number=ctx.device_serial_number,
         content_description="Lungs and COVID-19 lesions, research use only"[:64],

@@ -185,7 +185,7 @@ def build_sr(
         is_verified=False,
     )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
-    sr.ManufacturerModelName = f"{ctx.device_name} {findings.pipeline}"[:64]
+    sr.ManufacturerModelName = ctx.model_name(findings.pipeline)
     sr.SoftwareVersions = ctx.software_version
     sr.DeviceSerialNumber = ctx.device_serial_number
     sr.CodingSchemeIdentificationSequence = [codes.private_scheme_identification()]

@@ -23,7 +23,20 @@ TRIAGED_NAMESPACE: Final[uuid.UUID] = uuid.uuid5(uuid.NAMESPACE_OID, "triaged")
 
 
 class OutputKind(enum.StrEnum):
-    """What a derived UID identifies: a series or an instance of one output type."""
+    """An encoded output type: TID 1500 SR, SEG, X-ray-like secondary capture.
+
+    The runtime owner of these names: the worker reports each encoded object's kind with it and a
+    route's destinations pick kinds by these values (:data:`triaged.config.OutputKind` is the YAML
+    schema's ``Literal`` of the same values, kept equal by a test: the config layer imports nothing above it).
+    """
+
+    SR = "sr"
+    SEG = "seg"
+    SC = "sc"
+
+
+class UIDRole(enum.StrEnum):
+    """What a derived UID identifies: a series or an instance of one output kind (the values are hashed)."""
 
     SR_SERIES = "sr-series"
     SR_INSTANCE = "sr-instance"
@@ -38,7 +51,7 @@ def derive_uid(
     pipeline: str,
     pipeline_version: str,
     revision: int,
-    kind: OutputKind | str,
+    kind: UIDRole | str,
     index: int = 0,
 ) -> str:
     """A ``2.25.`` UID determined by the analysis identity and the output it names.
@@ -52,7 +65,7 @@ def derive_uid(
     revision
         1 for the first analysis of the study, 2, 3, ... for re-analyses.
     kind
-        Which output (see :class:`OutputKind`).
+        Which output UID (see :class:`UIDRole`).
     index
         Instance index within the output's series (several SC images), 0 otherwise.
 
@@ -89,7 +102,7 @@ class OutputUIDs:
             self.pipeline,
             self.pipeline_version,
             self.revision,
-            OutputKind.SC_INSTANCE,
+            UIDRole.SC_INSTANCE,
             index,
         )
 
@@ -107,7 +120,7 @@ def output_uids(study_instance_uid: str, pipeline: str, pipeline_version: str, r
         Analysis revision of the study (1, 2, ...).
     """
 
-    def uid(kind: OutputKind) -> str:
+    def uid(kind: UIDRole) -> str:
         return derive_uid(study_instance_uid, pipeline, pipeline_version, revision, kind)
 
     return OutputUIDs(
@@ -115,11 +128,11 @@ def output_uids(study_instance_uid: str, pipeline: str, pipeline_version: str, r
         pipeline=pipeline,
         pipeline_version=pipeline_version,
         revision=revision,
-        sr_series=uid(OutputKind.SR_SERIES),
-        sr_instance=uid(OutputKind.SR_INSTANCE),
-        seg_series=uid(OutputKind.SEG_SERIES),
-        seg_instance=uid(OutputKind.SEG_INSTANCE),
-        sc_series=uid(OutputKind.SC_SERIES),
+        sr_series=uid(UIDRole.SR_SERIES),
+        sr_instance=uid(UIDRole.SR_INSTANCE),
+        seg_series=uid(UIDRole.SEG_SERIES),
+        seg_instance=uid(UIDRole.SEG_INSTANCE),
+        sc_series=uid(UIDRole.SC_SERIES),
     )
 
 

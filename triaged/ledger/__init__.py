@@ -1,5 +1,6 @@
 """The SQLite ledger: studies, instances, the association audit trail and the job state machine."""
 
-from triaged.ledger.ledger import AssociationRow, Ledger
+from triaged.ledger.ledger import Ledger
+from triaged.ledger.rows import AssociationRow, InstanceRow, OutboxRequest, QuietJob, StudySource
 
-__all__ = ["AssociationRow", "Ledger"]
+__all__ = ["AssociationRow", "InstanceRow", "Ledger", "OutboxRequest", "QuietJob", "StudySource"]

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from triaged.domain import JobState
+from triaged.domain import JobState, OutboxState
 
 #: Deterministic constraint and index names, so later (batch) migrations on SQLite can refer to them.
 NAMING_CONVENTION = {
@@ -229,7 +229,8 @@ class FindingsRecord(Base):
     data: Mapped[str] = mapped_column(Text)
 
 
-OUTBOX_STATES_SQL = "'PENDING', 'SENT', 'DEAD'"
+#: SQL literal list of every outbox state, for the CHECK constraint on ``outbox.state``.
+OUTBOX_STATES_SQL = ", ".join(f"'{s.value}'" for s in OutboxState)
 
 
 class OutboxItem(Base):

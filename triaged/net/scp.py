@@ -13,6 +13,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom.dataelem import RawDataElement
@@ -42,7 +44,7 @@ from triaged.config import ListenerConfig, sop_class_uids
 from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome, validate_uid
 from triaged.errors import InvalidDatasetError, StorageError
 from triaged.net.tcp import set_nodelay
-from triaged.net.worklist import STUDY_ROOT_FIND
+from triaged.net.worklist import STUDY_ROOT_FIND, WorklistFind
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class InstanceStore(Protocol):
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str: ...
     def store_instance(self, rel_path: str, data: bytes) -> StoredFileLike: ...
-    def quarantine(self, data: bytes, reason: str, origin: str) -> Any: ...
+    def quarantine(self, data: bytes, reason: str, origin: str) -> Path | None: ...
 
 
 class StoredFileLike(Protocol):
@@ -98,7 +100,7 @@ class InstanceRecorder(Protocol):
     def close_association(self, association_id: int, *, instances: int, bytes: int, failures: int,
                           aborted: bool) -> None: ...
     def record_instance(self, rec: InstanceRecord, *, association_id: int | None,
-                        now: Any = None) -> StoreOutcome: ...
+                        now: datetime | None = None) -> StoreOutcome: ...
 
 
 @dataclass
@@ -390,7 +392,7 @@ def storage_sop_classes(config: ListenerConfig) -> list[str]:
 class Listener:
     """The running DICOM listener (one pynetdicom server)."""
 
-    def __init__(self, config: ListenerConfig, service: StoreService, find: Any = None) -> None:
+    def __init__(self, config: ListenerConfig, service: StoreService, find: WorklistFind | None = None) -> None:
         """``find``: a :class:`triaged.net.worklist.WorklistFind` to answer Study Root C-FIND, or None."""
         self.config = config
         self.service = service

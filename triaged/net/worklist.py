@@ -20,13 +20,17 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from triaged.domain import RESEARCH_NOTE, WorklistRow, p_covid_text
+from triaged.domain import RESEARCH_NOTE, PriorityLevel, WorklistRow, p_covid_text
 
 log = logging.getLogger(__name__)
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 #: Our levels in Requested Procedure Priority's defined terms (PS3.3 C.4.11: STAT, HIGH, ROUTINE, MEDIUM, LOW).
-DICOM_PRIORITY = {"STAT": "STAT", "URGENT": "HIGH", "ROUTINE": "ROUTINE"}
+DICOM_PRIORITY: dict[str, str] = {
+    PriorityLevel.STAT: "STAT",
+    PriorityLevel.URGENT: "HIGH",
+    PriorityLevel.ROUTINE: "ROUTINE",
+}
 
 #: Patient-level attributes come from the study's first stored instance (the ledger keeps no names).
 HeaderLookup = Callable[[str], Dataset | None]

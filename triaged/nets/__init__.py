@@ -11,13 +11,13 @@ Modules (import what you need; nothing heavy is imported here):
     Seed 001's 2.5D UNet (UNet-1 infection, UNet-2 consolidation), the φ2 prior and the hard-EM E-step.
 ``weights``
     Model folders ``models/<name>/`` with ``manifest.yaml``: sha256 checked before loading.
-``data``
-    Phantom datasets and the real 8-bit COVID-19 slices, on the ≈ 2 mm working grid.
-``train``
-    Seeded, resumable training loops, evaluation (phantom test sets, held-out real slices) and the
-    model cards; ``python -m triaged.nets.train``.
+``preprocess``
+    The lungs' bounding-box crop and the z slab resampling the pipelines (and training) apply.
 ``pipelines``
     The ``multitask`` and ``consolidation-em`` analysis pipelines and :func:`register_learned`.
+
+Training, its data loaders and the model cards live in :mod:`triaged.lab` (``python -m triaged.lab.train``);
+nothing here imports the lab.
 
 Research use only - not for diagnosis.
 """

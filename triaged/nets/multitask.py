@@ -13,7 +13,7 @@ share.
 Scaled for CPU: widths 8…64 and an FC of 128 units instead of 1024 (the pooled vector has
 ``8 × (1 + 8 + 64 + 512) = 4680`` entries, so the first FC dominates the parameter count).
 Loss (Section 4.5): BCE of the segmentation on the studies that have masks + 0.1 × BCE of the
-classification; see :mod:`triaged.nets.train`.
+classification; see :mod:`triaged.lab.train`.
 """
 
 from __future__ import annotations

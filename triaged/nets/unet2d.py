@@ -23,6 +23,28 @@ from torch import nn
 DEFAULT_WIDTHS: tuple[int, ...] = (8, 16, 32, 64)
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last two axes of ``x`` at their ends, by edge replication, to a multiple of ``multiple``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(N, C, H, W)`` input.
+    multiple : int
+        Height and width of the result are multiples of it.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` itself when it already fits, else the padded copy; crop back with ``[..., :H, :W]``.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x
+
+
 class ResBlock2d(nn.Module):
     """conv3×3-BN-ReLU-conv3×3-BN plus an identity (or 1×1 projected) shortcut, then ReLU (He et al. 2016)."""
 
@@ -88,10 +110,7 @@ class UNet2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = pad_to_multiple(x, self.multiple)
         skips: list[torch.Tensor] = []
         for i, enc in enumerate(self.encoders):
             if i:

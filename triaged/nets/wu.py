@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from triaged.nets.unet2d import pad_to_multiple
 
 #: Adjacent slices fed as channels (Wu et al.: 7).
 CONTEXT_SLICES = 7
@@ -142,10 +143,7 @@ class WuUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = pad_to_multiple(x, self.multiple)
         skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)

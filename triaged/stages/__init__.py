@@ -6,7 +6,7 @@ daemon composes them; the CLI builds only the one it needs.  Every state change 
 ledger's compare-and-set methods, so what a stage does is visible in ``triaged jobs`` with its reason.
 """
 
-from triaged.stages.analyse import Analysis, route_to_json, study_facts
+from triaged.stages.analyse import Analysis, StudyRead, read_study, study_facts
 from triaged.stages.complete import Completion
 from triaged.stages.dispatch import Destination, Dispatch, SCUDestination, backoff_seconds, retryable_status
 from triaged.stages.recovery import Recovery
@@ -22,6 +22,7 @@ __all__ = [
     "Worklist",
     "backoff_seconds",
     "retryable_status",
-    "route_to_json",
     "study_facts",
+    "read_study",
+    "StudyRead",
 ]

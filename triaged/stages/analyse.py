@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
-from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from triaged.assembly import select_series
 from triaged.domain import JobRow, JobState, findings_from_json
@@ -18,24 +17,38 @@ from triaged.routing import RouteDecision, StudyFacts, attributes_of, route
 from triaged.spool import Spool
 from triaged.stages._common import ConfigProvider
 from triaged.stages.dispatch import Dispatch
-from triaged.volume import read_headers
-from triaged.worker import AnalysisTask, EncodingStarted, TaskOutcome, TaskQueue
+from triaged.volume import read_dataset, read_headers
+from triaged.worker import AnalysisTask, EncodingStarted, PriorityResult, TaskOutcome, TaskQueue
 
 log = logging.getLogger(__name__)
 
+#: Why routing leaves out a file without the 128-byte preamble (it is read, forced, for series choice).
+_NO_PREAMBLE = "no 128-byte preamble and 'DICM' prefix (not in DICOM file format)"
 
-def route_to_json(decision: RouteDecision) -> str:
-    """The parts of a routing decision a job needs later (pipelines, destinations, policy)."""
-    data = asdict(decision)
-    data.pop("explanation", None)
-    return json.dumps(data)
+
+@dataclass(frozen=True)
+class StudyRead:
+    """One read of a study's routing headers: the routing facts, the relative paths of its instances and
+    the datasets read (by path), which the series choice reuses instead of opening those files again."""
+
+    facts: StudyFacts
+    paths: list[str]
+    datasets: dict[str, Dataset]
 
 
 def study_facts(ledger: Ledger, spool: Spool, study_uid: str) -> tuple[StudyFacts, list[str]]:
-    """What routing rules match on: the sending AEs and address, study and per-series attributes.
+    """What routing rules match on, and the relative paths of the study's instances (:func:`read_study`)."""
+    read = read_study(ledger, spool, study_uid)
+    return read.facts, read.paths
 
-    Reads one header per series (no pixel data); returns the facts and the relative paths of the
-    study's instances.
+
+def read_study(ledger: Ledger, spool: Spool, study_uid: str) -> StudyRead:
+    """What routing rules match on: the sending AEs and address, study and per-series attributes, from
+    the header of the first instance of each series (no pixel data).
+
+    Each header is read once, forced and whole.  Routing takes only files in DICOM file format (with
+    the 128-byte preamble and ``DICM`` prefix); series choice takes the others too, as it reads forced.
+    A file that cannot be read is not returned: the series choice reads it again and says why it failed.
     """
     rows = ledger.study_instances(study_uid)
     firsts: dict[str, str] = {}
@@ -43,11 +56,16 @@ def study_facts(ledger: Ledger, spool: Spool, study_uid: str) -> tuple[StudyFact
         firsts.setdefault(series_uid, path)
     series = []
     study_attrs: dict[str, Any] = {}
+    datasets: dict[str, Dataset] = {}
     for path in firsts.values():
         try:
-            ds = dcmread(spool.root / path, stop_before_pixels=True)
+            ds = read_dataset(spool.root, path, whole=True)
         except Exception as exc:  # noqa: BLE001 - an unreadable file is left out of routing
-            log.warning("study %s: cannot read %s for routing: %s", study_uid, path, exc)
+            log.warning("study %s: cannot read %s for routing: %s", study_uid, path, exc.__cause__ or exc)
+            continue
+        datasets[path] = ds
+        if getattr(ds, "preamble", None) is None:
+            log.warning("study %s: cannot read %s for routing: %s", study_uid, path, _NO_PREAMBLE)
             continue
         attrs = attributes_of(ds)
         series.append(attrs)
@@ -55,7 +73,7 @@ def study_facts(ledger: Ledger, spool: Spool, study_uid: str) -> tuple[StudyFact
     calling, called, peer = ledger.study_source(study_uid) or ("", "", None)
     facts = StudyFacts(called_ae=called, calling_ae=calling, peer_address=peer, study=study_attrs,
                        series=tuple(series))
-    return facts, [r[0] for r in rows]
+    return StudyRead(facts, [r.path for r in rows], datasets)
 
 
 class Analysis:
@@ -67,19 +85,31 @@ class Analysis:
         self._config = config
         self._dispatch = dispatch
 
-    def choose_series(self, job_id: int, study_uid: str, decision: RouteDecision | None = None) -> None:
-        """COMPLETE → QUEUED with the route and chosen series, or → IGNORED with the reason."""
+    def choose_series(
+        self,
+        job_id: int,
+        study_uid: str,
+        decision: RouteDecision | None = None,
+        datasets: dict[str, Dataset] | None = None,
+    ) -> None:
+        """COMPLETE → QUEUED with the route and chosen series, or → IGNORED with the reason.
+
+        Every instance's header is read once: the ``datasets`` that :func:`read_study` read for
+        ``decision`` (or reads here, without one) are reused, the others are read for the series-choice
+        attributes only.
+        """
         cfg = self._config()
         try:
             if decision is None:
-                decision = route(cfg, study_facts(self.ledger, self.spool, study_uid)[0])
+                read = read_study(self.ledger, self.spool, study_uid)
+                decision, datasets = route(cfg, read.facts), read.datasets
             if decision.ignored:
                 reason = f"routing rule '{decision.rule}': {decision.ignore_reason}"
                 self.ledger.transition(job_id, JobState.COMPLETE, JobState.IGNORED, reason)
                 log.info("job %s study %s ignored: %s", job_id, study_uid, reason)
                 return
             rows = self.ledger.study_instances(study_uid)
-            headers, problems = read_headers(self.spool.root, [r[0] for r in rows])
+            headers, problems = read_headers(self.spool.root, [r.path for r in rows], datasets=datasets)
             choice = select_series(headers, cfg.series_selection)
             if choice.series_uid is None:
                 reason = choice.reason
@@ -89,7 +119,7 @@ class Analysis:
                 log.info("job %s study %s ignored: %s", job_id, study_uid, reason)
                 return
             self.ledger.queue_job(
-                job_id, route_json=route_to_json(decision), pipeline=decision.pipelines[0],
+                job_id, route=decision, pipeline=decision.pipelines[0],
                 series_instance_uid=choice.series_uid,
                 detail=f"route '{decision.rule}' ({decision.pipelines[0]}, {decision.analysis_priority}); "
                        f"{choice.reason}",
@@ -109,20 +139,20 @@ class Analysis:
         cfg = self._config()
         if job.series_instance_uid is None:
             raise TriagedError(f"job {job.id} was queued without a series")
-        paths = tuple(r[0] for r in self.ledger.study_instances(job.study_instance_uid)
-                      if r[2] == job.series_instance_uid)
-        routed = json.loads(job.route) if job.route else {}
-        policy_name = routed.get("priority_policy")
+        paths = tuple(r.path for r in self.ledger.study_instances(job.study_instance_uid)
+                      if r.series_instance_uid == job.series_instance_uid)
+        routed = self.ledger.route_decision(job)
+        policy_name = routed.priority_policy if routed else None
         policy = cfg.priority.policies.get(policy_name) if policy_name else None
         return AnalysisTask(
             job_id=job.id, study_uid=job.study_instance_uid, series_uid=job.series_instance_uid,
             pipeline=job.pipeline or cfg.analysis.default_pipeline,
-            fallbacks=tuple(p for p in routed.get("pipelines", ()) if p != job.pipeline),
+            fallbacks=tuple(p for p in (routed.pipelines if routed else ()) if p != job.pipeline),
             spool_root=str(self.spool.root),
             instance_paths=paths, work_dir=str(self.spool.work_dir(job.id)),
-            level=routed.get("analysis_priority", "ROUTINE"),
+            level=routed.analysis_priority if routed else "ROUTINE",
             device=cfg.analysis.device, threads=cfg.analysis.threads, registry=cfg.analysis.registry,
-            encode=bool(routed.get("destinations")), revision=job.revision,
+            encode=bool(routed and routed.destinations), revision=job.revision,
             predecessor_sr=self.predecessor_sr(job), policy=policy,
         )
 
@@ -196,7 +226,7 @@ class Analysis:
             return
         self._dispatch.enqueue_outputs(self.ledger.job(task.job_id), outcome.outputs)
 
-    def _record(self, task: AnalysisTask, findings_json: str, priority: tuple[float, str, str] | None,
+    def _record(self, task: AnalysisTask, findings_json: str, priority: PriorityResult | None,
                 seconds: float, peak_rss_mb: float) -> bool:
         findings = findings_from_json(findings_json)
         summary = (f"{findings.pipeline} {findings.pipeline_version}: {findings.ct_grade.name}, "

@@ -12,7 +12,7 @@ from triaged.ledger import Ledger
 from triaged.routing import route
 from triaged.spool import Spool
 from triaged.stages._common import Clock, ConfigProvider, utc_now
-from triaged.stages.analyse import Analysis, study_facts
+from triaged.stages.analyse import Analysis, read_study
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class Completion:
         done = []
         for job_id, study_uid in self.ledger.quiet_jobs(now - timedelta(seconds=shortest)):
             try:
-                facts, _ = study_facts(self.ledger, self.spool, study_uid)
-                decision = route(cfg, facts)
+                read = read_study(self.ledger, self.spool, study_uid)
+                decision = route(cfg, read.facts)
                 if shortest < decision.completion_delay_seconds:
                     quiet_since = now - timedelta(seconds=decision.completion_delay_seconds)
                     if job_id not in {j for j, _ in self.ledger.quiet_jobs(quiet_since)}:
@@ -64,5 +64,5 @@ class Completion:
                 log.exception("job %s study %s: completion failed", job_id, study_uid)
                 continue
             done.append(job_id)
-            self._analysis.choose_series(job_id, study_uid, decision)
+            self._analysis.choose_series(job_id, study_uid, decision, read.datasets)
         return done

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -11,9 +10,9 @@ from pathlib import Path
 from typing import Protocol
 
 from triaged.config import Config, DestinationConfig, DispatchConfig
-from triaged.domain import JobRow, JobState, OutboxEntry
+from triaged.domain import JobRow, JobState, OutboxEntry, OutboxState
 from triaged.errors import DispatchError, StateError, TriagedError
-from triaged.ledger import Ledger
+from triaged.ledger import Ledger, OutboxRequest
 from triaged.net.scu import SendResult, send_files
 from triaged.spool import Spool
 from triaged.stages._common import Clock, ConfigProvider, utc_now
@@ -68,15 +67,15 @@ class Dispatch:
 
     def enqueue_outputs(self, job: JobRow, outputs: tuple[Output, ...]) -> None:
         """ENCODING → DISPATCHING with one outbox item per (destination, output of a kind it takes)."""
-        routed = json.loads(job.route) if job.route else {}
+        routed = self.ledger.route_decision(job)
         items = [
-            (dest["name"], kind, path, sop_class, sop_uid)
-            for dest in routed.get("destinations", [])
+            OutboxRequest(dest.name, kind, path, sop_class, sop_uid)
+            for dest in (routed.destinations if routed else ())
             for kind, path, sop_class, sop_uid in outputs
-            if kind in dest.get("outputs", ())
+            if kind in dest.outputs
         ]
         added = self.ledger.enqueue_outbox(job.id, items)
-        names = sorted({i[0] for i in items})
+        names = sorted({i.destination for i in items})
         try:
             self.ledger.transition(
                 job.id, JobState.ENCODING, JobState.DISPATCHING,
@@ -92,7 +91,7 @@ class Dispatch:
         """Send every due outbox item, one association per destination and job; returns items sent."""
         cfg = self._config()
         now = now or self._now()
-        due = self.ledger.outbox(states=["PENDING"], due_before=now, limit=10000)
+        due = self.ledger.outbox(states=[OutboxState.PENDING], due_before=now, limit=10000)
         by_job: dict[int, list[OutboxEntry]] = defaultdict(list)
         for item in due:
             by_job[item.job_id].append(item)
@@ -159,9 +158,9 @@ class Dispatch:
     def settle(self, job_id: int) -> None:
         """DISPATCHING → DONE, RETRY_WAIT (next attempt) or FAILED (dead letters), from the outbox."""
         items = self.ledger.outbox(job_id=job_id)
-        pending = [i for i in items if i.state == "PENDING"]
-        dead = [i for i in items if i.state == "DEAD"]
-        sent = [i for i in items if i.state == "SENT"]
+        pending = [i for i in items if i.state == OutboxState.PENDING]
+        dead = [i for i in items if i.state == OutboxState.DEAD]
+        sent = [i for i in items if i.state == OutboxState.SENT]
         try:
             if pending:
                 nxt = min(i.next_attempt_at for i in pending)

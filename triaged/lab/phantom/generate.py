@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from triaged.phantom.anatomy import PARENCHYMA_HU, Anatomy, SliceRenderer
-from triaged.phantom.findings import (
+from triaged.lab.phantom.anatomy import PARENCHYMA_HU, Anatomy, SliceRenderer
+from triaged.lab.phantom.findings import (
     P_LEVELS,
     BacterialField,
     CoarseLungs,
@@ -40,7 +40,7 @@ from triaged.phantom.findings import (
     resolve_targets,
     threshold_for_count,
 )
-from triaged.phantom.spec import (
+from triaged.lab.phantom.spec import (
     PIXEL_QUANTUM_MM,
     SLICE_QUANTUM_MM,
     GroundTruth,
@@ -49,7 +49,7 @@ from triaged.phantom.spec import (
     ct_grade_of,
     quantise,
 )
-from triaged.phantom.tubes import TubeClass, TubeRaster, Tubes, bronchi_along, grow_tree, tree_tubes
+from triaged.lab.phantom.tubes import TubeClass, TubeRaster, Tubes, bronchi_along, grow_tree, tree_tubes
 
 F32 = npt.NDArray[np.float32]
 

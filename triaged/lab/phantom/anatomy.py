@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from triaged.phantom.tubes import TUBE_HU, TubeClass, TubeRaster
+from triaged.lab.phantom.tubes import TUBE_HU, TubeClass, TubeRaster
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -392,7 +392,7 @@ class Anatomy:
 
 
 class LesionField(Protocol):
-    """Something that scores lung voxels for pneumonia (see :mod:`triaged.phantom.findings`)."""
+    """Something that scores lung voxels for pneumonia (see :mod:`triaged.lab.phantom.findings`)."""
 
     def propensity(
         self, z: float, rows: slice, cols: slice, inside: npt.NDArray[np.bool_], ctx: LungContext

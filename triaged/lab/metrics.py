@@ -99,6 +99,15 @@ def spearman(a: Sequence[float] | npt.ArrayLike, b: Sequence[float] | npt.ArrayL
     return float(rho)
 
 
+def _bool_pair(a: npt.ArrayLike, b: npt.ArrayLike) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """``a`` and ``b`` as boolean arrays; ValueError when their shapes differ."""
+    x = np.asarray(a, dtype=bool)
+    y = np.asarray(b, dtype=bool)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+    return x, y
+
+
 def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     """Dice coefficient 2|A ∩ B| / (|A| + |B|) of two boolean masks of the same shape.
 
@@ -111,10 +120,7 @@ def dice(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     ValueError
         Shapes differ.
     """
-    x = np.asarray(a, dtype=bool)
-    y = np.asarray(b, dtype=bool)
-    if x.shape != y.shape:
-        raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+    x, y = _bool_pair(a, b)
     total = int(np.count_nonzero(x)) + int(np.count_nonzero(y))
     if total == 0:
         return 1.0
@@ -263,6 +269,11 @@ def table2_row(method: str, cases: Sequence[CaseResult]) -> Table2Row:
     )
 
 
+def _fmt(v: float | None, digits: int = 3) -> str:
+    """``v`` with ``digits`` decimals; an em dash for None."""
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
 def markdown_table(rows: Sequence[Table2Row]) -> str:
     """One Markdown table of :class:`Table2Row` s, seed 004's Table 2 columns first.
 
@@ -274,16 +285,12 @@ def markdown_table(rows: Sequence[Table2Row]) -> str:
         "| consolidation Dice | severity MAE (pp) | cases (covid/healthy/other) |"
     )
     sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-
-    def fmt(v: float | None, digits: int = 3) -> str:
-        return "—" if v is None else f"{v:.{digits}f}"
-
     lines = [header, sep]
     for r in rows:
         lines.append(
-            f"| {r.method} | {fmt(r.auc_vs_healthy)} | {fmt(r.auc_vs_all)} | {fmt(r.spearman_rho, 2)} | "
-            f"{fmt(r.lesion_dice, 2)} | {fmt(r.lung_dice, 3)} | {fmt(r.consolidation_dice, 2)} | "
-            f"{fmt(r.severity_mae, 1)} | {r.n_covid}/{r.n_healthy}/{r.n_other} |"
+            f"| {r.method} | {_fmt(r.auc_vs_healthy)} | {_fmt(r.auc_vs_all)} | {_fmt(r.spearman_rho, 2)} | "
+            f"{_fmt(r.lesion_dice, 2)} | {_fmt(r.lung_dice, 3)} | {_fmt(r.consolidation_dice, 2)} | "
+            f"{_fmt(r.severity_mae, 1)} | {r.n_covid}/{r.n_healthy}/{r.n_other} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -297,10 +304,7 @@ def confusion(pred: npt.ArrayLike, truth: npt.ArrayLike) -> tuple[int, int, int,
     ValueError
         Shapes differ.
     """
-    p = np.asarray(pred, dtype=bool)
-    t = np.asarray(truth, dtype=bool)
-    if p.shape != t.shape:
-        raise ValueError(f"shapes differ: {p.shape} vs {t.shape}")
+    p, t = _bool_pair(pred, truth)
     tp = int(np.count_nonzero(p & t))
     fp = int(np.count_nonzero(p & ~t))
     fn = int(np.count_nonzero(~p & t))
@@ -423,10 +427,6 @@ def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
     )
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
 def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
     """Markdown table of :class:`SliceSetRow` s (consolidation Dice column only when some row has one;
     "reference lesion in lung mask" is the mean share of the reference lesion inside the lung mask)."""
@@ -437,8 +437,13 @@ def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
     head += ["reference lesion in lung mask", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r.method, f"{r.n_images} ({r.n_with_lesion})", _fmt(r.dice), _fmt(r.sensitivity),
-                 _fmt(r.specificity)]
+        cells = [
+            r.method,
+            f"{r.n_images} ({r.n_with_lesion})",
+            _fmt(r.dice),
+            _fmt(r.sensitivity),
+            _fmt(r.specificity),
+        ]
         if with_cons:
             cells.append(f"{_fmt(r.consolidation_dice)} ({r.n_consolidation})")
         cells += [_fmt(r.lesion_in_lungs), str(r.n_failed)]
@@ -595,8 +600,16 @@ def volume_cases_markdown(results: Mapping[str, Sequence[VolumeCaseScore]]) -> s
                 if c.failed:
                     cells = [c.case_id, c.diagnosis, method, f"failed: {c.error}"] + [""] * (len(head) - 4)
                 else:
-                    cells = [c.case_id, c.diagnosis, method, f"{c.right_pct:.2f}", f"{c.left_pct:.2f}",
-                             f"{c.whole_pct:.2f}", CTGrade(c.ct_grade).name, _fmt(c.p_covid, 2)]
+                    cells = [
+                        c.case_id,
+                        c.diagnosis,
+                        method,
+                        f"{c.right_pct:.2f}",
+                        f"{c.left_pct:.2f}",
+                        f"{c.whole_pct:.2f}",
+                        CTGrade(c.ct_grade).name,
+                        _fmt(c.p_covid, 2),
+                    ]
                     if with_dice:
                         cells.append(_fmt(c.lesion_dice, 2))
                 lines.append("| " + " | ".join(cells) + " |")
@@ -606,14 +619,36 @@ def volume_cases_markdown(results: Mapping[str, Sequence[VolumeCaseScore]]) -> s
 def volume_summary_markdown(rows: Sequence[VolumeSetRow]) -> str:
     """Markdown table of :class:`VolumeSetRow` s: both AUCs (with the score used), the worst
     no-pneumonia case and the number of cases per class."""
-    head = ["method", "ROC AUC COVID-19 vs others", "score", "ROC AUC severity COVID-19 vs no pneumonia",
-            "worst no-pneumonia case (whole / worse lung %, grade)", "cases covid/cap/normal", "failed"]
+    head = [
+        "method",
+        "ROC AUC COVID-19 vs others",
+        "score",
+        "ROC AUC severity COVID-19 vs no pneumonia",
+        "worst no-pneumonia case (whole / worse lung %, grade)",
+        "cases covid/cap/normal",
+        "failed",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         w = r.worst_normal
-        worst = "—" if w is None else (
-            f"{w.case_id} ({w.whole_pct:.2f} / {w.severity_pct:.2f} %, {CTGrade(w.ct_grade).name})")
-        lines.append("| " + " | ".join([
-            r.method, _fmt(r.auc_covid_vs_others), r.auc_score, _fmt(r.auc_severity_covid_vs_normal), worst,
-            f"{r.n_covid}/{r.n_cap}/{r.n_normal}", str(r.n_failed)]) + " |")
+        worst = (
+            "—"
+            if w is None
+            else (f"{w.case_id} ({w.whole_pct:.2f} / {w.severity_pct:.2f} %, {CTGrade(w.ct_grade).name})")
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r.method,
+                    _fmt(r.auc_covid_vs_others),
+                    r.auc_score,
+                    _fmt(r.auc_severity_covid_vs_normal),
+                    worst,
+                    f"{r.n_covid}/{r.n_cap}/{r.n_normal}",
+                    str(r.n_failed),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -52,9 +52,9 @@ from pydicom.valuerep import format_number_as_ds
 
 from triaged import __version__
 from triaged.domain import Volume
-from triaged.phantom.dosescreen import render_text
-from triaged.phantom.generate import fov_mask
-from triaged.phantom.spec import Phantom, PhantomSpec, Vendor
+from triaged.lab.phantom.dosescreen import render_text
+from triaged.lab.phantom.generate import fov_mask
+from triaged.lab.phantom.spec import Phantom, PhantomSpec, Vendor
 
 RESEARCH_NOTE: Final[str] = "SYNTHETIC PHANTOM - RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 _UNCOMPRESSED: Final[frozenset[str]] = frozenset(
@@ -87,7 +87,7 @@ def vendor_style(vendor: Vendor) -> VendorStyle:
 
 
 #: Namespace of the name-based UUIDs behind phantom UIDs (any fixed UUID; this one is uuid5(OID, name)).
-_UID_NAMESPACE: Final[uuid.UUID] = uuid.uuid5(uuid.NAMESPACE_OID, "triaged.phantom")
+_UID_NAMESPACE: Final[uuid.UUID] = uuid.uuid5(uuid.NAMESPACE_OID, "triaged.lab.phantom")
 
 
 def study_uid(spec: PhantomSpec, role: str = "study", index: int | None = None) -> str:

@@ -1,7 +1,7 @@
-"""Files of synthetic studies: DICOM study folders and the labelled NIfTI dataset (adapter layer).
+"""Files of synthetic studies: DICOM study folders and the labelled NIfTI dataset (lab, file I/O).
 
 The phantom package builds arrays and Datasets; this module is the only one that writes them. Real
-labelled sets (MedSeg slice sets, manifests of real DICOM series) are read by :mod:`triaged.realsets`;
+labelled sets (MedSeg slice sets, manifests of real DICOM series) are read by :mod:`triaged.lab.realsets`;
 ``triaged eval`` tells the kinds apart by what its path holds.
 
 Labelled dataset format (training and evaluation)
@@ -61,7 +61,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from triaged.domain import Volume
-from triaged.phantom import GroundTruth, Phantom, PhantomSpec, generate, study_uid, to_datasets
+from triaged.lab.phantom import GroundTruth, Phantom, PhantomSpec, generate, study_uid, to_datasets
 
 LABEL_COLUMNS: Final[tuple[str, ...]] = (
     "case_id",
@@ -92,7 +92,7 @@ def write_dicom_study(datasets: Iterable[Dataset], out_dir: Path) -> list[Path]:
     Parameters
     ----------
     datasets : iterable of pydicom.Dataset
-        Instances with ``file_meta`` (as :func:`triaged.phantom.to_datasets` returns them).
+        Instances with ``file_meta`` (as :func:`triaged.lab.phantom.to_datasets` returns them).
     out_dir : Path
         Folder of the study; created if needed.
 
@@ -196,7 +196,7 @@ def write_dataset(specs: Sequence[PhantomSpec], out_dir: Path, progress: bool = 
     Parameters
     ----------
     specs : sequence of PhantomSpec
-        One per case (see :func:`triaged.phantom.dataset_specs`).
+        One per case (see :func:`triaged.lab.phantom.dataset_specs`).
     out_dir : Path
         Root folder; created if needed. An existing ``labels.csv`` there is replaced.
     progress : bool
@@ -311,7 +311,7 @@ class Case:
         )
 
     def truth(self) -> GroundTruth:
-        """All masks and labels as a :class:`~triaged.phantom.GroundTruth` (vessels are not stored:
+        """All masks and labels as a :class:`~triaged.lab.phantom.GroundTruth` (vessels are not stored:
         that mask comes back empty)."""
         spacing, affine = self.geometry()
         masks = {name: self.mask(name) for name in MASKS}

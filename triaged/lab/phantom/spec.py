@@ -29,7 +29,7 @@ Vendor = Literal["siemens", "ge", "philips", "canon"]
 
 #: Study classes, in the order :func:`dataset_specs` cycles through them.
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
-#: Vendor-style header conventions :func:`~triaged.phantom.to_datasets` can imitate.
+#: Vendor-style header conventions :func:`~triaged.lab.phantom.to_datasets` can imitate.
 VENDORS: Final[tuple[Vendor, ...]] = get_args(Vendor)
 
 #: Transfer syntaxes the writer can produce (all lossless; pydicom 3 has encoders for these).
@@ -290,7 +290,7 @@ class Phantom:
 
     The array is always in the canonical head-first supine layout (columns right→left, rows
     anterior→posterior, slices inferior→superior); feet-first and instance order are writer
-    conventions applied by :func:`~triaged.phantom.to_datasets`.
+    conventions applied by :func:`~triaged.lab.phantom.to_datasets`.
     """
 
     hu: npt.NDArray[np.int16]

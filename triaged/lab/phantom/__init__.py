@@ -1,12 +1,12 @@
 """Synthetic chest CT with ground truth, for the demo, the self-test and training (pure layer).
 
 Everything is deterministic from :attr:`PhantomSpec.seed`; nothing here writes files
-(:mod:`triaged.datasets` does).
+(:mod:`triaged.lab.datasets` does).
 """
 
-from triaged.phantom.acquisition import RESEARCH_NOTE, study_uid, to_datasets, to_volume, vendor_style
-from triaged.phantom.generate import Geometry, generate
-from triaged.phantom.spec import (
+from triaged.lab.phantom.acquisition import RESEARCH_NOTE, study_uid, to_datasets, to_volume, vendor_style
+from triaged.lab.phantom.generate import Geometry, generate
+from triaged.lab.phantom.spec import (
     KINDS,
     MAX_SEVERITY,
     SUPPORTED_TRANSFER_SYNTAXES,

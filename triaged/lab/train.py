@@ -5,8 +5,8 @@ Training is seeded and reproducible: every epoch draws its samples from a genera
 run resumed from a checkpoint continues exactly as an uninterrupted one would (on the same machine and
 torch build).  CPU by default; CUDA when it is present (or asked for with ``device``).
 
-Data (see :mod:`triaged.nets.data`): a labelled phantom dataset (``data_dir``, the
-:mod:`triaged.datasets` format) and, when available, the real 8-bit COVID-19 slices (pseudo-labelled
+Data (see :mod:`triaged.lab.data`): a labelled phantom dataset (``data_dir``, the
+:mod:`triaged.lab.datasets` format) and, when available, the real 8-bit COVID-19 slices (pseudo-labelled
 slices and the training split of the doctor-labelled slices; the validation split is never used here).
 
 ``multitask`` (seed 004, Goncharov et al. 2021, Section 4.5): each step takes ``phantom_batch`` stacks
@@ -54,8 +54,9 @@ from scipy import ndimage
 from torch import nn
 
 from triaged.errors import TriagedError
-from triaged.nets import data, wu
+from triaged.lab import data
 from triaged.nets import multitask as mt
+from triaged.nets import preprocess, wu
 from triaged.nets.unet2d import count_parameters
 from triaged.nets.weights import MANIFEST, build_module, load_model, sha256_of
 
@@ -125,14 +126,20 @@ RECIPES: Final[dict[str, Recipe]] = {
         augment="v2",
         warmup=50,
     ),
+    # real first (issue 11): UNet-1 on real slices with estimated windows (pseudo- and doctor-labelled)
+    # and real no-pneumonia slices as negatives; the EM stage on the doctor slices, whose multiclass
+    # labels give the image-level consolidation z; no phantoms
     "consolidation-em": Recipe(
-        steps_per_epoch=20,
+        steps_per_epoch=60,
         lr=3e-3,
-        phantom_batch=6,
+        phantom_batch=0,
         crop_hw=(96, 96),
-        real_batch=6,
-        em_phantom_batch=6,
-        em_real_batch=4,
+        real_batch=8,
+        em_phantom_batch=0,
+        em_real_batch=8,
+        doctor_share=0.15,
+        negative_share=0.2,
+        augment="v2",
     ),
 }
 
@@ -475,9 +482,9 @@ class SlabCase:
     def of(case: data.VolumeCase) -> SlabCase:
         dz = case.spacing[0]
         if dz < 4.0:
-            hu = data.resample_z(case.hu.astype(np.float32), dz, wu.TARGET_SLICE_MM)
-            les = data.resample_z(case.lesions.astype(np.float32), dz, wu.TARGET_SLICE_MM) >= 0.5
-            cons = data.resample_z(case.consolidation.astype(np.float32), dz, wu.TARGET_SLICE_MM) >= 0.5
+            hu = preprocess.resample_z(case.hu.astype(np.float32), dz, wu.TARGET_SLICE_MM)
+            les = preprocess.resample_z(case.lesions.astype(np.float32), dz, wu.TARGET_SLICE_MM) >= 0.5
+            cons = preprocess.resample_z(case.consolidation.astype(np.float32), dz, wu.TARGET_SLICE_MM) >= 0.5
         else:
             hu, les, cons = case.hu.astype(np.float32), case.lesions, case.consolidation
         return SlabCase(case, hu, les, cons, np.nonzero(les.any(axis=(1, 2)))[0])
@@ -527,14 +534,20 @@ def wu_real_sample(
     rng: np.random.Generator, pools: RealPools, recipe: Recipe, *, need_cons_label: bool
 ) -> tuple[F32, B, B, float]:
     """One 2.5D real sample: pseudo-labelled slices with their neighbours, doctor slices repeated 7×."""
-    pool, i = pools.pick(rng, recipe.doctor_share, need_cons_label)
+    pool, i = pools.pick(
+        rng,
+        recipe.doctor_share,
+        need_cons_label,
+        negative_share=0.0 if need_cons_label else recipe.negative_share,
+    )
     s = pool[i]
     if s.case.startswith("doctor-") or rng.random() < recipe.real_flat_stack_p:
         stack = np.repeat(s.hu[None].astype(np.float32), wu.CONTEXT_SLICES, 0)
     else:
         stack = data.neighbour_stack(pool, i, wu.CONTEXT_SLICES).astype(np.float32)
     cons = s.consolidation if s.consolidation is not None else np.zeros_like(s.lesion)
-    stack, (les, cons) = augment_real(rng, stack, [s.lesion, cons])
+    aug = augment_real_v2 if recipe.augment == "v2" else augment_real
+    stack, (les, cons) = aug(rng, stack, [s.lesion, cons])
     centre = _lesion_centre(rng, les) if rng.random() < 0.7 else None
     stack, les, cons = random_crop(rng, [stack, les, cons], recipe.crop_hw, [PAD_HU, 0, 0], centre)
     return stack, les, cons, (1.0 if s.consolidation is not None and s.consolidation.any() else 0.0)
@@ -553,6 +566,25 @@ def _stack_wu(
     )
 
 
+def _wu_batch(
+    rng: np.random.Generator, slabs: Sequence[SlabCase], pools: RealPools, recipe: Recipe, *, em: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch of one Wu stage: phantom samples, then real ones (:func:`_stack_wu`).
+
+    UNet-1 (``em`` False): ``phantom_batch`` phantoms of any case and ``real_batch`` real slices when there
+    are any.  EM step (``em`` True): ``em_phantom_batch`` infected phantoms and ``em_real_batch``
+    doctor-labelled slices (they carry a consolidation label) when there are any.
+    """
+    if em:
+        phantoms, reals, has_real = recipe.em_phantom_batch, recipe.em_real_batch, bool(pools.doctor)
+    else:
+        phantoms, reals, has_real = recipe.phantom_batch, recipe.real_batch, bool(pools)
+    samples = [wu_phantom_sample(rng, slabs, recipe, infected_only=em) for _ in range(phantoms)]
+    if has_real:
+        samples += [wu_real_sample(rng, pools, recipe, need_cons_label=em) for _ in range(reals)]
+    return _stack_wu(samples)
+
+
 def wu_unet1_step(
     net: wu.ConsolidationEM,
     rng: np.random.Generator,
@@ -561,14 +593,7 @@ def wu_unet1_step(
     recipe: Recipe,
     device: torch.device,
 ) -> dict[str, float]:
-    samples = [
-        wu_phantom_sample(rng, slabs, recipe, infected_only=False) for _ in range(recipe.phantom_batch)
-    ]
-    if pools:
-        samples += [
-            wu_real_sample(rng, pools, recipe, need_cons_label=False) for _ in range(recipe.real_batch)
-        ]
-    x, les, _, _ = _stack_wu(samples)
+    x, les, _, _ = _wu_batch(rng, slabs, pools, recipe, em=False)
     x, les = x.to(device), les.to(device)
     prob = torch.sigmoid(net.unet1(x))[:, 0]
     loss = wu.smooth_dice_loss(prob, les)
@@ -585,14 +610,7 @@ def wu_em_step(
     device: torch.device,
 ) -> dict[str, float]:
     """Algorithm 1 of Wu et al.: E-step with φ2 inside UNet-1's infected mask, M-step smooth Dice."""
-    samples = [
-        wu_phantom_sample(rng, slabs, recipe, infected_only=True) for _ in range(recipe.em_phantom_batch)
-    ]
-    if pools.doctor:
-        samples += [
-            wu_real_sample(rng, pools, recipe, need_cons_label=True) for _ in range(recipe.em_real_batch)
-        ]
-    x, _, _, z = _stack_wu(samples)
+    x, _, _, z = _wu_batch(rng, slabs, pools, recipe, em=True)
     x, z = x.to(device), z.to(device)
     with torch.no_grad():
         m = (torch.sigmoid(net.unet1(x))[:, 0] > 0.5).float()
@@ -668,7 +686,7 @@ def train(
     ----------
     model_name : {'multitask', 'consolidation-em'}
     data_dir : Path or None
-        Labelled phantom dataset (``labels.csv`` + NIfTI, :mod:`triaged.datasets`); None trains on real
+        Labelled phantom dataset (``labels.csv`` + NIfTI, :mod:`triaged.lab.datasets`); None trains on real
         data only (a recipe with ``phantom_batch`` 0).
     out_dir : Path
         Model folder to write (checkpoint, weights, manifest, prepared-data cache).
@@ -713,7 +731,7 @@ def train(
         cases = data.read_phantom_dataset(Path(data_dir), cache_dir=out / "cache", progress=progress)
         if not cases:
             raise TrainingError(f"{data_dir}: no cases")
-    elif recipe.phantom_batch or model_name != "multitask":
+    elif recipe.phantom_batch or (model_name == "consolidation-em" and recipe.em_phantom_batch):
         raise TrainingError(f"{model_name}: this recipe needs a phantom dataset (--data)")
     pools = RealPools.load(
         Path(real_slices) if real_slices else None, progress, negatives=recipe.negative_share > 0
@@ -925,9 +943,9 @@ def score_real_slices(loaded: Any, slices: Sequence[data.RealSlice]) -> dict[str
 
 
 def evaluate_real_slices(model_dir: Path | str, real_slices: Path | str | None = None) -> dict[str, Any]:
-    """Lesion scores on the held-out doctor-labelled slices (:data:`triaged.nets.data.DOCTOR_VALIDATION`).
+    """Lesion scores on the held-out doctor-labelled slices (:data:`triaged.lab.data.DOCTOR_VALIDATION`).
 
-    The 8-bit JPGs are mapped to HU under their estimated display windows (:mod:`triaged.nets.data`);
+    The 8-bit JPGs are mapped to HU under their estimated display windows (:mod:`triaged.lab.data`);
     the model sees each slice alone (the 2.5D ``consolidation-em`` model gets the slice repeated 7×).
     No lung mask is applied.  For ``consolidation-em`` the consolidation Dice against the multiclass
     labels (class 2) is reported too.
@@ -938,7 +956,7 @@ def evaluate_real_slices(model_dir: Path | str, real_slices: Path | str | None =
         ``split``, ``n_slices`` and the scores of :func:`score_real_slices`.
     """
     loaded = load_model(model_dir)
-    root = Path(real_slices) if real_slices else data.DEFAULT_REAL_SLICES
+    root = data.default_real_slices(Path(real_slices) if real_slices else None)
     slices = data.load_doctor_slices(root, validation=True)
     return {
         "split": "doctor-label validation (file stems " + " ".join(data.DOCTOR_VALIDATION) + ")",
@@ -947,11 +965,11 @@ def evaluate_real_slices(model_dir: Path | str, real_slices: Path | str | None =
 
 
 def evaluate_real_fit(model_dir: Path | str, real_slices: Path | str | None = None) -> dict[str, Any]:
-    """Held-out pseudo-labelled volumes (:data:`~triaged.nets.data.PSEUDO_VALIDATION`) and, to check that
+    """Held-out pseudo-labelled volumes (:data:`~triaged.lab.data.PSEUDO_VALIDATION`) and, to check that
     the network fits its training data, the same scores on the doctor training split and on every 4th
     slice of the pseudo-labelled training volumes."""
     loaded = load_model(model_dir)
-    root = Path(real_slices) if real_slices else data.DEFAULT_REAL_SLICES
+    root = data.default_real_slices(Path(real_slices) if real_slices else None)
     pseudo_val = data.load_pseudo_slices(root, validation=True)
     pseudo_train = data.load_pseudo_slices(root, validation=False)[::4]
     doctor_train = data.load_doctor_slices(root, validation=False)
@@ -972,7 +990,7 @@ def evaluate_cases(
 ) -> dict[str, Any]:
     """Run a model's pipeline on full-resolution labelled phantoms and score it with seed 004's protocol.
 
-    Scores come from :mod:`triaged.analysis.metrics` (the same functions as the ``triaged eval`` table):
+    Scores come from :mod:`triaged.lab.metrics` (the same functions as the ``triaged eval`` table):
     the identification score is P(COVID-19) for ``multitask`` and the predicted affected % of the worse
     lung for ``consolidation-em`` (seed 004, Section 5.1, for segmentation-only methods).
 
@@ -985,8 +1003,8 @@ def evaluate_cases(
         pneumonia included), ``consolidation_dice`` (mean over cases with reference consolidation),
         ``lung_dice``, ``severity_mae_pp``, ``seconds_per_case`` and ``per_case`` rows.
     """
-    from triaged.analysis.metrics import case_result, table2_row
     from triaged.domain import Volume
+    from triaged.lab.metrics import case_result, table2_row
     from triaged.nets.pipelines import ConsolidationEMPipeline, LearnedPipeline, MultitaskPipeline
 
     loaded = load_model(model_dir)
@@ -1089,7 +1107,7 @@ def evaluate_dataset(model_dir: Path | str, data_dir: Path | str, progress: bool
 def smoke_specs() -> list[Any]:
     """The small fixed phantom set whose metrics every model card records and ``tests/test_weights.py``
     recomputes: four 160 × 160 studies of 32 slices × 5 mm, seeds never used in training."""
-    from triaged.phantom import PhantomSpec
+    from triaged.lab.phantom import PhantomSpec
 
     common = {"matrix": 160, "pixel_spacing": 2.25, "slice_thickness": 5.0, "slices": 32, "noise_hu": 15.0}
     return [
@@ -1101,8 +1119,8 @@ def smoke_specs() -> list[Any]:
 
 
 def smoke_cases() -> list[data.FullCase]:
-    """:func:`smoke_specs` generated in memory as :class:`~triaged.nets.data.FullCase`."""
-    from triaged.phantom import generate
+    """:func:`smoke_specs` generated in memory as :class:`~triaged.lab.data.FullCase`."""
+    from triaged.lab.phantom import generate
 
     out = []
     for spec in smoke_specs():
@@ -1146,7 +1164,7 @@ def card_metrics(
 
 
 _LICENCES = {
-    "phantoms": "triaged synthetic phantoms (generated by triaged.phantom; ours, same licence as the code)",
+    "phantoms": "triaged synthetic phantoms (generated by triaged.lab.phantom; ours, same licence as the code)",
     "pseudo-label": (
         "COVID-19 CT Lung and Infection Segmentation Dataset, Ma J. et al. 2020, Zenodo 3757476, as "
         "prepared by the Inf-Net authors (Fan et al., IEEE TMI 2020): 1,600 slices with model-made "
@@ -1392,9 +1410,56 @@ def rewrite_card_metrics(model_dir: Path | str, *, test_data: Path | None, real_
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def train_from_args(
+    args: argparse.Namespace,
+    *,
+    command: str,
+    progress: bool,
+    recipe: Recipe | None = None,
+    data_note: str | None = None,
+) -> Path:
+    """Call :func:`train` with the options ``triaged train`` and ``python -m triaged.lab.train`` share.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options with ``model``, ``data``, ``out``, ``epochs``, ``seed``, ``resume``, ``device``,
+        ``real_slices`` and ``test_data``.
+    command : str
+        The command line recorded in the model card.
+    progress : bool
+        tqdm progress bars on stderr.
+    recipe : Recipe or None
+        Overrides the model's default recipe.
+    data_note : str or None
+        How the phantom dataset was generated (for the card).
+
+    Returns
+    -------
+    Path
+        The model folder :func:`train` wrote.
+    """
+    return train(
+        args.model,
+        args.data,
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        resume=args.resume,
+        device=args.device,
+        progress=progress,
+        real_slices=args.real_slices,
+        test_data=args.test_data,
+        recipe=recipe,
+        command=command,
+        data_note=data_note,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m triaged.nets.train MODEL --data DIR --out DIR ...`` (until ``triaged train`` wraps it)."""
-    ap = argparse.ArgumentParser(prog="python -m triaged.nets.train", description=__doc__.split("\n")[0])
+    """``python -m triaged.lab.train MODEL --out DIR [--real-slices DIR] [--data DIR] ...``: ``triaged train``
+    with the researcher's extra knobs (``--threads``, ``--steps-per-epoch``, ``--data-note``)."""
+    ap = argparse.ArgumentParser(prog="python -m triaged.lab.train", description=__doc__.split("\n")[0])
     ap.add_argument("model", choices=MODEL_NAMES)
     ap.add_argument(
         "--data",
@@ -1419,23 +1484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = RECIPES[args.model]
     if args.steps_per_epoch:
         recipe = replace(recipe, steps_per_epoch=args.steps_per_epoch)
-    command = "python -m triaged.nets.train " + " ".join(
+    command = "python -m triaged.lab.train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    out = train(
-        args.model,
-        args.data,
-        args.out,
-        epochs=args.epochs,
-        seed=args.seed,
-        resume=args.resume,
-        device=args.device,
-        progress=not args.no_progress,
-        real_slices=args.real_slices,
-        test_data=args.test_data,
-        recipe=recipe,
-        command=command,
-        data_note=args.data_note,
+    out = train_from_args(
+        args, command=command, progress=not args.no_progress, recipe=recipe, data_note=args.data_note
     )
     print(out / MANIFEST)
     return 0

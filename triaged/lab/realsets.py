@@ -1,10 +1,10 @@
-"""Real labelled evaluation sets: slice sets and volume manifests (adapter layer, beside
-:mod:`triaged.datasets`, which reads the phantom datasets).
+"""Real labelled evaluation sets: slice sets and volume manifests (in the lab, beside
+:mod:`triaged.lab.datasets`, which reads the phantom datasets).
 
 ``triaged eval PATH`` accepts three kinds of labelled data (:func:`detect_kind`):
 
 ``phantoms``
-    a folder with ``labels.csv`` (:func:`triaged.datasets.read_dataset`).
+    a folder with ``labels.csv`` (:func:`triaged.lab.datasets.read_dataset`).
 ``slices``
     a folder with ``images/*.jpg`` and ``infection/*.png`` (0/255, threshold 128) or ``labels/*.png``
     (0 background, 1 ground glass, 2 consolidation), one mask per image with the same stem — e.g.
@@ -13,7 +13,7 @@
     ``<source>_<index>`` (the pseudo-label volumes) share one window per source.  A set whose slices
     mostly show the lungs above and below each other is transposed (and its masks transposed back).
     Each slice is analysed as a one-slice volume (:func:`triaged.analysis.realslice.slice_volume`) and
-    scored pixel-wise on its own grid (:func:`triaged.analysis.metrics.slice_score`).
+    scored pixel-wise on its own grid (:func:`triaged.lab.metrics.slice_score`).
 ``volumes``
     a ``.csv`` manifest (:func:`read_manifest`) of DICOM series folders with a diagnosis.
 
@@ -37,7 +37,6 @@ The data root is ``--root``, else ``$TRIAGED_REAL_DATA``, else ``../shared/data/
 from __future__ import annotations
 
 import csv
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,13 +46,6 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from triaged.analysis.metrics import (
-    DIAGNOSES,
-    SliceScore,
-    VolumeCaseScore,
-    slice_score,
-    volume_case_score,
-)
 from triaged.analysis.pipeline import Pipeline
 from triaged.analysis.realslice import (
     DOCTOR_VALIDATION,
@@ -64,12 +56,18 @@ from triaged.analysis.realslice import (
 from triaged.analysis.window import Window, estimate_window, gray_to_hu
 from triaged.domain import Volume
 from triaged.errors import TriagedError
+from triaged.lab.metrics import (
+    DIAGNOSES,
+    SliceScore,
+    VolumeCaseScore,
+    slice_score,
+    volume_case_score,
+)
+from triaged.lab.paths import DATA_ENV, real_data_root
 
 U8 = npt.NDArray[np.uint8]
 B = npt.NDArray[np.bool_]
 
-#: Environment variable naming the real data root.
-DATA_ENV: Final[str] = "TRIAGED_REAL_DATA"
 #: Columns of a volume manifest; the first three are required.
 MANIFEST_COLUMNS: Final[tuple[str, ...]] = ("case_id", "folder", "diagnosis", "lesion_mask", "note")
 REQUIRED_COLUMNS: Final[tuple[str, ...]] = MANIFEST_COLUMNS[:3]
@@ -87,13 +85,9 @@ class RealSetError(TriagedError):
 
 
 def default_data_root(root: Path | str | None = None) -> Path:
-    """``root`` if given, else ``$TRIAGED_REAL_DATA``, else ``../shared/data/real`` next to the checkout."""
-    if root:
-        return Path(root)
-    env = os.environ.get(DATA_ENV, "")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+    """``root`` if given, else :func:`triaged.lab.paths.real_data_root` (``$TRIAGED_REAL_DATA``, else
+    ``../shared/data/real`` next to the checkout)."""
+    return Path(root) if root else real_data_root()
 
 
 def detect_kind(path: Path) -> Kind:
@@ -223,8 +217,9 @@ def read_slice_set(path: Path, *, split: Split = "all", limit: int = 0) -> Slice
             f"{root}: no {split} split is defined for this set (only for {', '.join(DOCTOR_SETS)}; "
             f"the held-out stems are {' '.join(DOCTOR_VALIDATION)})"
         )
-    stems = sorted((p.stem for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
-                   key=_stem_key)
+    stems = sorted(
+        (p.stem for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=_stem_key
+    )
     if split != "all":
         held = set(DOCTOR_VALIDATION)
         stems = [s for s in stems if (s in held) == (split == "validation")]
@@ -275,7 +270,10 @@ class SliceEvaluation:
                 {
                     "name": ref.name,
                     "source": ref.source,
-                    "window_hu": [round(self.windows[ref.name].lo_hu, 1), round(self.windows[ref.name].hi_hu, 1)],
+                    "window_hu": [
+                        round(self.windows[ref.name].lo_hu, 1),
+                        round(self.windows[ref.name].hi_hu, 1),
+                    ],
                     "window_method": self.windows[ref.name].method,
                     **{
                         name: _slice_json(next(s for s in scores if s.name == ref.name))
@@ -284,7 +282,7 @@ class SliceEvaluation:
                 }
                 for ref in self.slice_set.refs
                 if ref.name in self.windows
-            ]
+            ],
         }
 
 
@@ -299,8 +297,12 @@ def _slice_json(s: SliceScore) -> dict[str, Any]:
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 4)
 
-    out: dict[str, Any] = {"dice": r(s.dice), "sensitivity": r(s.sensitivity), "specificity": r(s.specificity),
-                           "lesion_in_lungs": r(s.lesion_in_lungs)}
+    out: dict[str, Any] = {
+        "dice": r(s.dice),
+        "sensitivity": r(s.sensitivity),
+        "specificity": r(s.specificity),
+        "lesion_in_lungs": r(s.lesion_in_lungs),
+    }
     if s.consolidation_dice is not None:
         out["consolidation_dice"] = r(s.consolidation_dice)
     if s.failed:
@@ -325,7 +327,9 @@ def evaluate_slice_set(
     uid = 0
     for refs in by_source.values():
         loaded = [ref.load() for ref in refs]
-        window = estimate_window(loaded[0].grey) if len(loaded) == 1 else estimate_window([s.grey for s in loaded])
+        window = (
+            estimate_window(loaded[0].grey) if len(loaded) == 1 else estimate_window([s.grey for s in loaded])
+        )
         for s in loaded:
             result.windows[s.name] = window
             uid += 1
@@ -338,18 +342,32 @@ def evaluate_slice_set(
                     masks = pipeline.run(volume).masks
                 except TriagedError as exc:
                     empty = np.zeros_like(s.lesion)
-                    result.scores[name].append(slice_score(
-                        s.name, empty, s.lesion, consolidation=empty, true_consolidation=s.consolidation,
-                        error=str(exc) or type(exc).__name__))
+                    result.scores[name].append(
+                        slice_score(
+                            s.name,
+                            empty,
+                            s.lesion,
+                            consolidation=empty,
+                            true_consolidation=s.consolidation,
+                            error=str(exc) or type(exc).__name__,
+                        )
+                    )
                     continue
                 lesions = masks.lesions[0][crop]
                 cons = masks.consolidation[0][crop]
                 lungs = masks.lungs[0][crop]
                 if transpose:
                     lesions, cons, lungs = lesions.T, cons.T, lungs.T
-                result.scores[name].append(slice_score(
-                    s.name, lesions, s.lesion, consolidation=cons, true_consolidation=s.consolidation,
-                    lungs=lungs))
+                result.scores[name].append(
+                    slice_score(
+                        s.name,
+                        lesions,
+                        s.lesion,
+                        consolidation=cons,
+                        true_consolidation=s.consolidation,
+                        lungs=lungs,
+                    )
+                )
     return result
 
 
@@ -386,20 +404,27 @@ def read_manifest(path: Path, root: Path) -> list[ManifestEntry]:
         raise RealSetError(f"manifest {path} does not exist")
     if not root.is_dir():
         raise RealSetError(f"data root {root} does not exist (give --root or set ${DATA_ENV})")
-    lines = [(i, text) for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-             if text.strip() and not text.lstrip().startswith("#")]
+    lines = [
+        (i, text)
+        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if text.strip() and not text.lstrip().startswith("#")
+    ]
     if not lines:
         raise ManifestError(f"{path}: empty manifest (no header row)")
     header_line, header_text = lines[0]
     header = [h.strip() for h in next(csv.reader([header_text]))]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise ManifestError(f"{path}:{header_line}: header lacks column(s) {', '.join(missing)} "
-                            f"(columns: {', '.join(MANIFEST_COLUMNS)})")
+        raise ManifestError(
+            f"{path}:{header_line}: header lacks column(s) {', '.join(missing)} "
+            f"(columns: {', '.join(MANIFEST_COLUMNS)})"
+        )
     unknown = [c for c in header if c not in MANIFEST_COLUMNS]
     if unknown:
-        raise ManifestError(f"{path}:{header_line}: unknown column(s) {', '.join(unknown)} "
-                            f"(columns: {', '.join(MANIFEST_COLUMNS)})")
+        raise ManifestError(
+            f"{path}:{header_line}: unknown column(s) {', '.join(unknown)} "
+            f"(columns: {', '.join(MANIFEST_COLUMNS)})"
+        )
     entries: list[ManifestEntry] = []
     seen: dict[str, int] = {}
     for line, text in lines[1:]:
@@ -414,15 +439,18 @@ def read_manifest(path: Path, root: Path) -> list[ManifestEntry]:
             raise ManifestError(f"{path}:{line}: case_id {case_id!r} already on line {seen[case_id]}")
         seen[case_id] = line
         if diagnosis not in DIAGNOSES:
-            raise ManifestError(f"{path}:{line}: diagnosis {diagnosis!r} of {case_id} is not one of "
-                                f"{', '.join(DIAGNOSES)}")
+            raise ManifestError(
+                f"{path}:{line}: diagnosis {diagnosis!r} of {case_id} is not one of {', '.join(DIAGNOSES)}"
+            )
         if not folder:
             raise ManifestError(f"{path}:{line}: empty folder for {case_id}")
         if Path(folder).is_absolute():
             raise ManifestError(f"{path}:{line}: folder {folder} must be relative to the data root")
         full = root / folder
         if not full.is_dir():
-            raise ManifestError(f"{path}:{line}: folder {full} of {case_id} does not exist (data root {root})")
+            raise ManifestError(
+                f"{path}:{line}: folder {full} of {case_id} does not exist (data root {root})"
+            )
         mask = None
         if row.get("lesion_mask"):
             mask = root / row["lesion_mask"]
@@ -448,14 +476,28 @@ class VolumeEvaluation:
 
         cases = []
         for e in self.entries:
-            item: dict[str, Any] = {"case_id": e.case_id, "folder": e.folder.as_posix(), "diagnosis": e.diagnosis,
-                                    "note": e.note, "series": self.series.get(e.case_id, "")}
+            item: dict[str, Any] = {
+                "case_id": e.case_id,
+                "folder": e.folder.as_posix(),
+                "diagnosis": e.diagnosis,
+                "note": e.note,
+                "series": self.series.get(e.case_id, ""),
+            }
             for name, scores in self.results.items():
                 c = next(s for s in scores if s.case_id == e.case_id)
-                item[name] = {"error": c.error} if c.failed else {
-                    "right_pct": r(c.right_pct), "left_pct": r(c.left_pct), "whole_pct": r(c.whole_pct),
-                    "severity_pct": r(c.severity_pct), "ct_grade": c.ct_grade, "p_covid": r(c.p_covid),
-                    "lesion_dice": r(c.lesion_dice)}
+                item[name] = (
+                    {"error": c.error}
+                    if c.failed
+                    else {
+                        "right_pct": r(c.right_pct),
+                        "left_pct": r(c.left_pct),
+                        "whole_pct": r(c.whole_pct),
+                        "severity_pct": r(c.severity_pct),
+                        "ct_grade": c.ct_grade,
+                        "p_covid": r(c.p_covid),
+                        "lesion_dice": r(c.lesion_dice),
+                    }
+                )
             cases.append(item)
         return {"cases": cases}
 
@@ -489,8 +531,9 @@ def evaluate_volume_set(
             volume, reason = load_series(e.folder)
         except TriagedError as exc:
             for name in pipelines:
-                out.results[name].append(VolumeCaseScore(e.case_id, e.diagnosis, note=e.note,
-                                                         error=f"series: {exc}"))
+                out.results[name].append(
+                    VolumeCaseScore(e.case_id, e.diagnosis, note=e.note, error=f"series: {exc}")
+                )
             out.series[e.case_id] = f"not loaded: {exc}"
             continue
         out.series[e.case_id] = reason
@@ -500,20 +543,30 @@ def evaluate_volume_set(
                 raise RealSetError(f"{e.lesion_mask}: no mask reader given")
             truth = np.asarray(load_mask(e.lesion_mask)) > 0
             if truth.shape != volume.hu.shape:
-                raise ManifestError(f"line {e.line}: lesion mask {e.lesion_mask} has shape {truth.shape}, the "
-                                    f"series {volume.hu.shape}")
+                raise ManifestError(
+                    f"line {e.line}: lesion mask {e.lesion_mask} has shape {truth.shape}, the "
+                    f"series {volume.hu.shape}"
+                )
         for name, pipeline in pipelines.items():
             if progress is not None:
                 progress(f"{name} {e.case_id}")
             try:
                 res = pipeline.run(volume)
             except TriagedError as exc:
-                out.results[name].append(VolumeCaseScore(e.case_id, e.diagnosis, note=e.note,
-                                                         error=str(exc) or type(exc).__name__))
+                out.results[name].append(
+                    VolumeCaseScore(e.case_id, e.diagnosis, note=e.note, error=str(exc) or type(exc).__name__)
+                )
                 continue
-            out.results[name].append(volume_case_score(
-                e.case_id, e.diagnosis, res.findings,
-                lesions=res.masks.lesions if truth is not None else None, true_lesions=truth, note=e.note))
+            out.results[name].append(
+                volume_case_score(
+                    e.case_id,
+                    e.diagnosis,
+                    res.findings,
+                    lesions=res.masks.lesions if truth is not None else None,
+                    true_lesions=truth,
+                    note=e.note,
+                )
+            )
     return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from triaged.phantom.anatomy import (
+from triaged.lab.phantom.anatomy import (
     LLL,
     LUL,
     RLL,
@@ -39,9 +39,9 @@ from triaged.phantom.anatomy import (
     Effusion,
     LungContext,
 )
-from triaged.phantom.fields import SmoothField
-from triaged.phantom.spec import PhantomSpec
-from triaged.phantom.tubes import TubeClass, Tubes, spheres
+from triaged.lab.phantom.fields import SmoothField
+from triaged.lab.phantom.spec import PhantomSpec
+from triaged.lab.phantom.tubes import TubeClass, Tubes, spheres
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]

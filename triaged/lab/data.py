@@ -3,10 +3,9 @@
 Two sources, both brought to the grid every learned model works on — axial slices at ≈ 2 mm in-plane
 (seed 004, Section 4.1), z untouched — and kept in Hounsfield units:
 
-* **Phantom datasets** in the labelled NIfTI format of :mod:`triaged.datasets` (``labels.csv`` and one
-  folder per case).  ``triaged.nets`` sits in the adapter layer beside ``triaged.datasets`` and the
-  import contract keeps adapters independent, so :func:`read_phantom_dataset` reads that documented
-  format itself (labels.csv + nibabel).  Each case is block-averaged to ≈ 2 mm
+* **Phantom datasets** in the labelled NIfTI format of :mod:`triaged.lab.datasets` (``labels.csv`` and one
+  folder per case).  :func:`read_phantom_dataset` reads that documented format itself (labels.csv +
+  nibabel) rather than through the phantom generator's code.  Each case is block-averaged to ≈ 2 mm
   (:class:`triaged.analysis.grid.WorkGrid`) and cropped to its lungs' bounding box.
 * **Real COVID-19 slices** (``medseg-covid-slices`` under the real data root): 8-bit JPGs that were
   windowed before export, so they carry no HU, and with *different* windows per source (the Ma et al.
@@ -25,7 +24,7 @@ Splits of the real data (fixed; nothing here is random):
 
 * ``doctor-label`` (50 slices, radiologist masks, MedSeg via the Inf-Net split) and ``multiclass`` (the
   *same* 50 slices with 1 = ground glass, 2 = consolidation): the 15 slices of
-  :data:`DOCTOR_VALIDATION` are held out for :func:`triaged.nets.train.evaluate_real_slices` and never
+  :data:`DOCTOR_VALIDATION` are held out for :func:`triaged.lab.train.evaluate_real_slices` and never
   trained on; the other 35 may be.
 * ``pseudo-label`` (1,600 slices of 20 volumes, model-made masks, CC BY-NC 4.0): the whole volumes of
   :data:`PSEUDO_VALIDATION` are held out (neighbouring slices of one case never straddle the split); the
@@ -51,6 +50,13 @@ from scipy import ndimage
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.realslice import DOCTOR_VALIDATION, REAL_LONG_SIDE, TARGET_MM
 from triaged.analysis.window import Window, estimate_window, gray_to_hu
+from triaged.lab.paths import real_data_root
+
+# The crop and the z resampling are shared with inference and live in triaged.nets.preprocess; the z
+# helpers are re-exported so the lab's callers find every data helper here.
+from triaged.nets.preprocess import lung_box
+from triaged.nets.preprocess import resample_z as resample_z
+from triaged.nets.preprocess import upsample_z as upsample_z
 
 I16 = npt.NDArray[np.int16]
 U8 = npt.NDArray[np.uint8]
@@ -58,22 +64,11 @@ B = npt.NDArray[np.bool_]
 F32 = npt.NDArray[np.float32]
 
 
-def default_real_root() -> Path:
-    """The shared real data: ``$TRIAGED_REAL_DATA``, else ``../shared/data/real`` next to the checkout (the
-    same order as :func:`triaged.realsets.default_data_root` and ``tests/conftest.py``)."""
-    import os
+def default_real_slices(root: Path | None = None) -> Path:
+    """The real slices folder: ``root`` if given, else ``medseg-covid-slices`` under the real data root
+    (:func:`triaged.lab.paths.real_data_root`), resolved at call time."""
+    return Path(root) if root is not None else real_data_root() / "medseg-covid-slices"
 
-    env = os.environ.get("TRIAGED_REAL_DATA", "")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
-
-
-def default_real_slices() -> Path:
-    """The real slices folder: ``medseg-covid-slices`` under :func:`default_real_root`."""
-    return default_real_root() / "medseg-covid-slices"
-
-
-#: Where the development machines keep the real slices (resolved at import; tests skip when absent).
-DEFAULT_REAL_SLICES: Final[Path] = default_real_slices()
 
 #: Assumed display window of the 8-bit real slices (lung window): width and level, HU.
 REAL_WINDOW_WIDTH: Final[float] = 1500.0
@@ -105,10 +100,6 @@ VALIDATION_VOLUMES: Final[tuple[str, ...]] = (
 
 #: Doctor-slice windows further than this from the set's median (HU at grey 0 / grey 255) fall back to it.
 WINDOW_FALLBACK_HU: Final[tuple[float, float]] = (150.0, 300.0)
-
-#: Margin around the lungs' bounding box kept by the crop, working pixels (in-plane) and slices.
-CROP_MARGIN_PX: Final[int] = 4
-CROP_MARGIN_SLICES: Final[int] = 2
 
 
 # ---------------------------------------------------------------------------------------- real slices
@@ -202,12 +193,14 @@ def _stem_key(stem: str) -> tuple[int, str]:
     return (int(stem), stem) if stem.isdigit() else (1 << 30, stem)
 
 
-def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) -> list[RealSlice]:
+def load_doctor_slices(root: Path | None = None, *, validation: bool) -> list[RealSlice]:
     """The doctor-labelled slices of the validation split (``validation=True``) or of the training split.
 
-    Consolidation masks come from the ``multiclass`` subset (the same slices) when it is present.
+    Consolidation masks come from the ``multiclass`` subset (the same slices) when it is present;
+    ``root`` None reads :func:`default_real_slices`.
     """
-    images = Path(root) / "doctor-label" / "images"
+    root = default_real_slices(root)
+    images = root / "doctor-label" / "images"
     if not images.is_dir():
         raise FileNotFoundError(f"{images} is absent (real slices live only on development machines)")
     stems = sorted((p.stem for p in images.glob("*.jpg")), key=_stem_key)
@@ -216,11 +209,11 @@ def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) ->
     chosen = [s for s in stems if (s in held) == validation]
     out: list[RealSlice] = []
     for stem in chosen:
-        mc = Path(root) / "multiclass" / "labels" / f"{stem}.png"
+        mc = root / "multiclass" / "labels" / f"{stem}.png"
         out.append(
             load_real_slice(
                 images / f"{stem}.jpg",
-                Path(root) / "doctor-label" / "infection" / f"{stem}.png",
+                root / "doctor-label" / "infection" / f"{stem}.png",
                 name=f"doctor-label/{stem}",
                 case=f"doctor-{stem}",
                 multiclass=mc if mc.is_file() else None,
@@ -230,10 +223,11 @@ def load_doctor_slices(root: Path = DEFAULT_REAL_SLICES, *, validation: bool) ->
     return out
 
 
-def doctor_windows(root: Path = DEFAULT_REAL_SLICES) -> dict[str, Window]:
+def doctor_windows(root: Path | None = None) -> dict[str, Window]:
     """Display window of every doctor-labelled slice (file stem → window): the slice's own estimate, or
-    the set's median window where the estimate is implausible (module docstring).  Images only, no labels."""
-    images = Path(root) / "doctor-label" / "images"
+    the set's median window where the estimate is implausible (module docstring).  Images only, no labels;
+    ``root`` None reads :func:`default_real_slices`."""
+    images = default_real_slices(root) / "doctor-label" / "images"
     own = {p.stem: estimate_window(_read_gray(p)) for p in sorted(images.glob("*.jpg"))}
     if not own:
         return {}
@@ -248,11 +242,11 @@ def doctor_windows(root: Path = DEFAULT_REAL_SLICES) -> dict[str, Window]:
 
 
 def pseudo_entries(
-    root: Path = DEFAULT_REAL_SLICES, *, validation: bool | None = None
+    root: Path | None = None, *, validation: bool | None = None
 ) -> list[tuple[str, int, Path]]:
     """``(case, slice index, image path)`` of the pseudo-labelled slices, sorted; ``validation`` as in
-    :func:`load_pseudo_slices`."""
-    images = Path(root) / "pseudo-label" / "images"
+    :func:`load_pseudo_slices`; ``root`` None reads :func:`default_real_slices`."""
+    images = default_real_slices(root) / "pseudo-label" / "images"
     if not images.is_dir():
         raise FileNotFoundError(f"{images} is absent")
     entries: list[tuple[str, int, Path]] = []
@@ -267,15 +261,16 @@ def pseudo_entries(
 
 
 def load_pseudo_slices(
-    root: Path = DEFAULT_REAL_SLICES, limit: int | None = None, *, validation: bool | None = None
+    root: Path | None = None, limit: int | None = None, *, validation: bool | None = None
 ) -> list[RealSlice]:
     """The pseudo-labelled slices (``<case>_<index>.jpg``), sorted by case and index, each volume under its
     own estimated window; ``validation`` True/False keeps only the held-out / training volumes
-    (:data:`PSEUDO_VALIDATION`), None all."""
+    (:data:`PSEUDO_VALIDATION`), None all; ``root`` None reads :func:`default_real_slices`."""
+    root = default_real_slices(root)
     entries = pseudo_entries(root, validation=validation)
     if limit is not None:
         entries = entries[:limit]
-    masks = Path(root) / "pseudo-label" / "infection"
+    masks = root / "pseudo-label" / "infection"
     windows: dict[str, Window] = {}
     for case in dict.fromkeys(e[0] for e in entries):
         paths = [p for c, _, p in entries if c == case]
@@ -346,7 +341,7 @@ def load_volume_slices(folder: Path, name: str) -> list[RealSlice]:
 
 def load_negative_slices(root: Path | None = None) -> list[RealSlice]:
     """The lung slices of every :data:`NEGATIVE_VOLUMES` folder present under the real data root."""
-    base = Path(root) if root is not None else default_real_root()
+    base = Path(root) if root is not None else real_data_root()
     out: list[RealSlice] = []
     for rel in NEGATIVE_VOLUMES:
         if (base / rel).is_dir():
@@ -382,11 +377,11 @@ def _clamp_same_case(slices: Sequence[RealSlice], i: int, k: int) -> int:
 
 # ------------------------------------------------------------------------------------- phantom volumes
 @dataclass(frozen=True)
-class VolumeCase:
-    """One labelled phantom on the ≈ 2 mm working grid, cropped to its lungs.
+class _LabelledCase:
+    """The arrays of one labelled phantom, shared by :class:`VolumeCase` and :class:`FullCase`.
 
     ``hu`` int16 (z, y, x); ``lungs`` 0/1/2; ``lesions`` and ``consolidation`` bool; ``label`` one of
-    healthy, covid, bacterial, other; ``spacing`` (z, y, x) mm of the working grid.
+    healthy, covid, bacterial, other; ``spacing`` (z, y, x) mm of the grid the arrays are on.
     """
 
     case_id: str
@@ -396,6 +391,12 @@ class VolumeCase:
     lesions: B
     consolidation: B
     spacing: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class VolumeCase(_LabelledCase):
+    """One labelled phantom on the ≈ 2 mm working grid, cropped to its lungs (``spacing``: the working grid's)."""
+
     affected_pct_max: float = 0.0
     whole_lung_pct: float = 0.0
 
@@ -409,10 +410,12 @@ def _load_nifti_zyx(path: Path) -> tuple[npt.NDArray[np.generic], npt.NDArray[np
 
 
 def read_labels(root: Path) -> list[dict[str, str]]:
-    """Rows of ``<root>/labels.csv`` (the :mod:`triaged.datasets` format)."""
+    """Rows of ``<root>/labels.csv`` (the :mod:`triaged.lab.datasets` format)."""
     path = Path(root) / "labels.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a labelled phantom dataset (see triaged.datasets)")
+        raise FileNotFoundError(
+            f"{path} is missing: not a labelled phantom dataset (see triaged.lab.datasets)"
+        )
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
@@ -448,20 +451,6 @@ def prepare_case(
         affected_pct_max,
         whole_lung_pct,
     )
-
-
-def lung_box(
-    lung: B, margin_px: int = CROP_MARGIN_PX, margin_slices: int = CROP_MARGIN_SLICES
-) -> tuple[slice, slice, slice]:
-    """Bounding box of ``lung`` (z, y, x) grown by the margins and clipped to the array."""
-    if not lung.any():
-        return slice(0, lung.shape[0]), slice(0, lung.shape[1]), slice(0, lung.shape[2])
-    out = []
-    for axis, margin in zip(range(3), (margin_slices, margin_px, margin_px), strict=True):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.nonzero(lung.any(axis=other))[0]
-        out.append(slice(max(0, int(idx[0]) - margin), min(lung.shape[axis], int(idx[-1]) + margin + 1)))
-    return out[0], out[1], out[2]
 
 
 def read_phantom_dataset(
@@ -553,57 +542,14 @@ def _load_cache(path: Path) -> list[VolumeCase]:
         ]
 
 
-# -------------------------------------------------------------------------------------- z resampling
-def resample_z(volume: F32, dz: float, target_mm: float) -> F32:
-    """Thick-slab resampling along z to ≈ ``target_mm`` spacing (seed 001: slices thinner than 4 mm become
-    5 mm slabs).  The stack's extent is divided into ``round(extent / target_mm)`` equal slabs and each
-    output slice is the mean of the input slices weighted by their overlap with its slab."""
-    nz = volume.shape[0]
-    length = nz * dz
-    n_out = max(1, int(round(length / target_mm)))
-    edges = np.linspace(0.0, length, n_out + 1)
-    lo_in = np.arange(nz) * dz
-    overlap = np.clip(
-        np.minimum(edges[1:, None], lo_in[None, :] + dz) - np.maximum(edges[:-1, None], lo_in[None, :]),
-        0.0,
-        None,
-    )
-    weights = (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
-    out = np.tensordot(weights, np.asarray(volume, np.float32), axes=(1, 0))
-    return np.asarray(out, np.float32)
-
-
-def upsample_z(volume: F32, n_out: int) -> F32:
-    """Inverse of :func:`resample_z`: linear interpolation back to ``n_out`` slices."""
-    n_in = volume.shape[0]
-    positions = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
-    return _interp_z(volume, positions)
-
-
-def _interp_z(volume: F32, positions: npt.NDArray[np.float64]) -> F32:
-    n = volume.shape[0]
-    p = np.clip(positions, 0.0, n - 1.0)
-    lo = np.floor(p).astype(np.intp)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (p - lo).astype(np.float32)[:, None, None]
-    return np.asarray(volume[lo] * (1.0 - w) + volume[hi] * w, np.float32)
-
-
 # ------------------------------------------------------------------------------- full-resolution cases
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
-class FullCase:
+class FullCase(_LabelledCase):
     """One labelled phantom at full resolution, for evaluating a pipeline end to end."""
 
-    case_id: str
-    label: str
-    hu: I16
-    lungs: U8
-    lesions: B
-    consolidation: B
-    spacing: tuple[float, float, float]
     affine_lps: npt.NDArray[np.float64]
     affected_pct_max: float
     whole_lung_pct: float

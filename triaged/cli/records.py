@@ -1,0 +1,330 @@
+"""Commands that read or act on the ledger: ``studies``, ``jobs``, ``outbox``, ``worklist``, ``resend``
+and ``rules test``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from triaged.cli._common import AddParser, Subparsers, _ledger, _load, _table, with_config
+from triaged.domain import RESEARCH_NOTE, OutboxState
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        rows = ledger.studies(limit=args.limit)
+    finally:
+        ledger.close()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "study_instance_uid": s.study_instance_uid,
+                        "first_seen": s.first_seen.isoformat(),
+                        "last_seen": s.last_seen.isoformat(),
+                        "instances": s.instances,
+                        "bytes": s.bytes,
+                        "series": s.series,
+                        "state": s.state,
+                        "accession_number": s.accession_number,
+                    }
+                    for s in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    print(
+        _table(
+            ["study", "accession", "series", "instances", "MB", "last seen (UTC)", "state"],
+            [
+                [
+                    s.study_instance_uid,
+                    s.accession_number,
+                    s.series,
+                    s.instances,
+                    f"{s.bytes / 1e6:.1f}",
+                    s.last_seen.strftime("%Y-%m-%d %H:%M:%S"),
+                    s.state,
+                ]
+                for s in rows
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from triaged.domain import JobState
+
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        if args.job is not None:
+            job = ledger.job(args.job)
+            print(
+                f"job {job.id}  study {job.study_instance_uid}  revision {job.revision}  state {job.state.value}"
+            )
+            if job.series_instance_uid:
+                print(f"series {job.series_instance_uid}")
+            print(
+                _table(
+                    ["at (UTC)", "from", "to", "detail"],
+                    [[at.strftime("%Y-%m-%d %H:%M:%S"), f or "-", t, d] for at, f, t, d in job.history],
+                )
+            )
+            return 0
+        states = [JobState(s.upper()) for s in args.state] if args.state else None
+        rows = ledger.jobs(states=states, limit=args.limit)
+    finally:
+        ledger.close()
+    print(
+        _table(
+            ["job", "study", "rev", "state", "updated (UTC)", "detail"],
+            [
+                [
+                    j.id,
+                    j.study_instance_uid,
+                    j.revision,
+                    j.state.value,
+                    j.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    j.detail[:100],
+                ]
+                for j in rows
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        states = [s.upper() for s in args.state] if args.state else None
+        items = ledger.outbox(job_id=args.job, states=states, limit=args.limit)
+    finally:
+        ledger.close()
+    print(
+        _table(
+            [
+                "item",
+                "job",
+                "destination",
+                "kind",
+                "state",
+                "tries",
+                "next attempt (UTC)",
+                "last status",
+                "last error",
+            ],
+            [
+                [
+                    i.id,
+                    i.job_id,
+                    i.destination,
+                    i.kind,
+                    i.state,
+                    i.attempts,
+                    i.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if i.state == OutboxState.PENDING else "",
+                    f"0x{i.last_status:04X}" if i.last_status is not None else "",
+                    i.last_error[:80],
+                ]
+                for i in items
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from triaged.spool import Spool
+    from triaged.stages import Dispatch
+
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        count = Dispatch(ledger, Spool(config.storage.spool), lambda: config).resend(args.job)
+    finally:
+        ledger.close()
+    print(
+        f"job {args.job}: {count} object(s) queued again; the running node sends them within "
+        f"{config.dispatch.interval_seconds:g} s"
+    )
+    return 0
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    import csv
+
+    from triaged.spool import Spool
+    from triaged.stages import Worklist
+
+    config = _load(args.config)
+    ledger = _ledger(config)
+    try:
+        rows = Worklist(ledger, Spool(config.storage.spool), lambda: config).rows()
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    if args.csv:
+        data = [r.as_dict() for r in rows]
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(data[0]) if data else ["study_instance_uid"])
+        writer.writeheader()
+        writer.writerows(data)
+        return 0
+    print(
+        _table(
+            ["priority", "score", "study", "accession", "arrived (UTC)", "result", "state", "why"],
+            [
+                [
+                    (r.priority_level or "-") + (" OVERDUE" if r.overdue else ""),
+                    f"{r.priority_score:.2f}" if r.priority_score is not None else "",
+                    r.study_instance_uid,
+                    r.accession_number,
+                    r.arrived.strftime("%Y-%m-%d %H:%M"),
+                    f"{(r.result_at - r.arrived).total_seconds() / 60:.1f} min" if r.result_at else "",
+                    r.state,
+                    r.priority_reasons[:90],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(RESEARCH_NOTE)
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from triaged.routing import StudyFacts, attributes_of, route
+
+    config = _load(args.config)
+    cases: list[tuple[str, StudyFacts]] = []
+    if args.last:
+        from triaged.spool import Spool
+        from triaged.stages import study_facts
+
+        ledger = _ledger(config)
+        try:
+            spool = Spool(config.storage.spool)
+            for study in ledger.studies(limit=args.last):
+                cases.append(
+                    (study.study_instance_uid, study_facts(ledger, spool, study.study_instance_uid)[0])
+                )
+        finally:
+            ledger.close()
+    for folder in args.folder:
+        if not folder.is_dir():
+            print(f"triaged rules test: {folder} is not a folder", file=sys.stderr)
+            return 2
+        per_series: dict[str, dict[str, object]] = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001, S112 - not DICOM: skipped, like the listener would refuse it
+                continue
+            per_series.setdefault(str(ds.get("SeriesInstanceUID", path)), attributes_of(ds))
+        if not per_series:
+            print(f"triaged rules test: no DICOM file in {folder}", file=sys.stderr)
+            return 2
+        series = tuple(per_series.values())
+        cases.append(
+            (
+                str(folder),
+                StudyFacts(
+                    args.called_ae or config.listener.ae_title,
+                    args.calling_ae,
+                    args.peer,
+                    study=dict(series[0]),
+                    series=series,
+                ),
+            )
+        )
+    if not cases:
+        print("triaged rules test: give study folders or --last N", file=sys.stderr)
+        return 2
+    for name, facts in cases:
+        decision = route(config, facts)
+        print(f"{name}:")
+        for line in decision.explanation:
+            print(f"  {line}")
+        if decision.ignored:
+            print(f"  -> IGNORED by rule '{decision.rule}': {decision.ignore_reason}")
+        else:
+            dests = ", ".join(f"{d.name} ({'/'.join(d.outputs)})" for d in decision.destinations) or "none"
+            print(
+                f"  -> rule '{decision.rule}': pipelines {', '.join(decision.pipelines)}; destinations {dests}; "
+                f"priority policy {decision.priority_policy}; analysis {decision.analysis_priority}; "
+                f"complete after {decision.completion_delay_seconds:g} s"
+            )
+    return 0
+
+
+def _add_studies(sub: Subparsers) -> None:
+    p = with_config(sub.add_parser("studies", help="studies in the ledger, most recent first"))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies)
+
+
+def _add_jobs(sub: Subparsers) -> None:
+    p = with_config(sub.add_parser("jobs", help="jobs and their states; give a job id for its history"))
+    p.add_argument("job", type=int, nargs="?")
+    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs)
+
+
+def _add_worklist(sub: Subparsers) -> None:
+    p = with_config(sub.add_parser("worklist", help="studies in triage priority order, with the reasons"))
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_worklist)
+
+
+def _add_rules(sub: Subparsers) -> None:
+    rules = sub.add_parser("rules", help="routing rules").add_subparsers(dest="rules_command", required=True)
+    p = with_config(rules.add_parser("test", help="dry-run the rules on study folders or the last N studies"))
+    p.add_argument("folder", type=Path, nargs="*", help="folders holding one study each")
+    p.add_argument("--last", type=int, default=0, help="also the last N studies in the ledger")
+    p.add_argument("--calling-ae", default="", help="calling AE title to assume for folders")
+    p.add_argument("--called-ae", default="", help="called AE title to assume (default: the listener's)")
+    p.add_argument("--peer", default=None, help="peer address to assume for folders")
+    p.set_defaults(func=cmd_rules_test)
+
+
+def _add_outbox(sub: Subparsers) -> None:
+    p = with_config(sub.add_parser("outbox", help="result objects waiting for or delivered to destinations"))
+    p.add_argument("--job", type=int)
+    p.add_argument("--state", action="append", help="PENDING, SENT or DEAD (repeatable)")
+    p.add_argument("--limit", type=int, default=200)
+    p.set_defaults(func=cmd_outbox)
+
+
+def _add_resend(sub: Subparsers) -> None:
+    p = with_config(
+        sub.add_parser("resend", help="send a job's result objects again (e.g. after a dead letter)")
+    )
+    p.add_argument("job", type=int)
+    p.set_defaults(func=cmd_resend)
+
+
+PARSERS: dict[str, AddParser] = {
+    "studies": _add_studies,
+    "jobs": _add_jobs,
+    "worklist": _add_worklist,
+    "rules": _add_rules,
+    "outbox": _add_outbox,
+    "resend": _add_resend,
+}
+"""Command name -> the function that adds its parser."""

@@ -1,0 +1,243 @@
+"""Loading a config file: :func:`load_config`, :func:`parse_config` and the checks across sections.
+
+Every problem in a file is reported at once, each with its YAML path and line, so an admin fixes a
+config in one pass; a config that does not validate is never used (``triaged check-config``, SIGHUP).
+Relative paths are resolved against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from triaged.config.rules import DEFAULT_PRIORITY_POLICY, RouteAction
+from triaged.config.schema import Config
+from triaged.domain import UID_RE
+from triaged.errors import ConfigError
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map every YAML path (keys and list indices) to its 1-based line number."""
+    index: dict[tuple[str | int, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+                index[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _format_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` listing every problem.
+
+    Each problem is ``("<source>:<line>: <yaml.path>", message)``.
+    """
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise ConfigError(source, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [(f"{source}:1", "the top level must be a mapping of sections")])
+    lines = _line_index(text)
+    problems: list[tuple[str, str]] = []
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            # pydantic adds "function-..." for validator wrappers and "[key]" for a bad mapping key;
+            # neither is part of the YAML path the admin sees.
+            loc = tuple(
+                p
+                for p in err["loc"]
+                if not (isinstance(p, str) and (p.startswith("function-") or p == "[key]"))
+            )
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = _unknown_setting_message(loc)
+            problems.append((_where(source, lines, loc) + _format_path(loc), msg))
+        raise ConfigError(source, problems) from exc
+    problems.extend(_cross_checks(config, source, lines))
+    problems.extend(_routing_checks(config, source, lines))
+    if problems:
+        raise ConfigError(source, problems)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _where(source: str, lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> str:
+    """``"<source>:<line>: "`` of the deepest part of ``loc`` that the file spells out."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{source}:{lines[loc[:n]]}: "
+    return f"{source}: "
+
+
+def _unknown_setting_message(loc: tuple[str | int, ...]) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    key = loc[-1] if loc else ""
+    in_match = len(loc) >= 2 and "match" in loc[:-1]
+    if in_match and isinstance(key, str) and tag_for_keyword(key) is not None:
+        return f"DICOM keywords go under `study:` or `series:` in a match block (e.g. study: {{{key}: ...}})"
+    return "unknown setting (check the spelling; see docs/configuration.md)"
+
+
+def _routing_checks(
+    config: Config, source: str, lines: dict[tuple[str | int, ...], int]
+) -> list[tuple[str, str]]:
+    """Names a route refers to must exist: destinations, priority policies; rule names are unique."""
+    problems: list[tuple[str, str]] = []
+
+    def add(path: tuple[str | int, ...], message: str) -> None:
+        problems.append((_where(source, lines, path) + _format_path(path), message))
+
+    known_destinations = sorted(config.destinations)
+    known_policies = sorted(config.priority.policies)
+    actions: list[tuple[tuple[str | int, ...], RouteAction]] = [
+        (("routing", "default"), config.routing.default)
+    ]
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(config.routing.rules):
+        actions.append((("routing", "rules", i, "action"), rule.action))
+        if rule.name in seen:
+            add(
+                ("routing", "rules", i, "name"),
+                f"rule name {rule.name!r} is already used by rules[{seen[rule.name]}]",
+            )
+        seen.setdefault(rule.name, i)
+    for path, action in actions:
+        for j, target in enumerate(action.destinations or ()):
+            if target.name not in config.destinations:
+                add(
+                    (*path, "destinations", j),
+                    f"unknown destination {target.name!r} (destinations: {', '.join(known_destinations) or 'none'})",
+                )
+        if action.priority_policy is not None and action.priority_policy not in config.priority.policies:
+            add(
+                (*path, "priority_policy"),
+                f"unknown priority policy {action.priority_policy!r} (priority.policies: {', '.join(known_policies)})",
+            )
+    if (
+        config.routing.default.priority_policy is None
+        and DEFAULT_PRIORITY_POLICY not in config.priority.policies
+    ):
+        add(
+            ("priority", "policies"),
+            f"no policy named {DEFAULT_PRIORITY_POLICY!r}, which routes use when they name none: "
+            "add it or set routing.default.priority_policy",
+        )
+    return problems
+
+
+def validate_pipelines(
+    config: Config,
+    known: Container[str],
+    *,
+    source: str = "",
+    text: str | None = None,
+    listed: Iterable[str] | None = None,
+) -> list[tuple[str, str]]:
+    """Pipeline names used by routing that ``known`` (the analysis registry) lacks.
+
+    The config layer cannot import the analysis registry (layers point down only), so the daemon and
+    ``triaged check-config`` call this with the registry itself (membership is what counts: a plug-in
+    registry may answer names it does not list) and, for the message, the names it lists (``listed``;
+    default: ``known`` when it is iterable).  Returns ``(where, message)`` pairs: ``where`` is the YAML
+    path, prefixed with ``"<source>:<line>: "`` when the file ``text`` is given.
+    """
+    lines = _line_index(text) if text is not None else {}
+    problems: list[tuple[str, str]] = []
+    if listed is None and isinstance(known, Iterable):
+        listed = known
+    names = ", ".join(sorted(listed or ())) or "none"
+
+    def check(path: tuple[str | int, ...], name: str) -> None:
+        if name not in known:
+            where = _where(source, lines, path) if text is not None else ""
+            problems.append((where + _format_path(path), f"unknown pipeline {name!r} (pipelines: {names})"))
+
+    check(("analysis", "default_pipeline"), config.analysis.default_pipeline)
+    for j, name in enumerate(config.routing.default.pipelines or ()):
+        check(("routing", "default", "pipelines", j), name)
+    for i, rule in enumerate(config.routing.rules):
+        for j, name in enumerate(rule.action.pipelines or ()):
+            check(("routing", "rules", i, "action", "pipelines", j), name)
+    return problems
+
+
+def _cross_checks(
+    config: Config, source: str, lines: dict[tuple[str | int, ...], int]
+) -> list[tuple[str, str]]:
+    from pydicom.uid import UID, UID_dictionary
+
+    problems = []
+    keywords = {v[4]: k for k, v in UID_dictionary.items()}
+    for i, sop in enumerate(config.listener.extra_storage_sop_classes):
+        path = ("listener", "extra_storage_sop_classes", i)
+        uid = keywords.get(sop, sop)
+        if not UID_RE.match(uid) or (uid in UID_dictionary and UID(uid).type != "SOP Class"):
+            line = lines.get(path, lines.get(path[:2], 0))
+            problems.append(
+                (f"{source}:{line}: {_format_path(path)}", f"{sop!r} is not a SOP Class UID or keyword")
+            )
+    return problems
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def res(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    storage = config.storage.model_copy(
+        update={"spool": res(config.storage.spool), "ledger": res(config.storage.ledger)}
+    )
+    log = config.logging
+    if log.file is not None:
+        log = log.model_copy(update={"file": res(log.file)})
+    return config.model_copy(update={"storage": storage, "logging": log})
+
+
+def sop_class_uids(names: list[str]) -> list[str]:
+    """Translate SOP Class keywords (``"DigitalXRayImageStorageForPresentation"``) to UIDs."""
+    from pydicom.uid import UID_dictionary
+
+    keywords = {v[4]: k for k, v in UID_dictionary.items()}
+    return [keywords.get(n, n) for n in names]
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [(str(path), f"cannot read: {exc.strerror}")]) from exc
+    return parse_config(text, str(path), base_dir=path.resolve().parent)

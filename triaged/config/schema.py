@@ -1,0 +1,192 @@
+"""The node's settings: pydantic models (``extra="forbid"``), one per section of ``config.yaml``.
+
+:class:`Config` is the whole file; the ``routing`` and ``priority`` policy models live in
+:mod:`triaged.config.rules`, loading and the checks across sections in :mod:`triaged.config.load`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from triaged.config._model import _Model
+from triaged.config.rules import PriorityPolicyConfig, RoutingConfig, _builtin_policies
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+def check_ip_address(value: str) -> str:
+    """``value`` if it is an IPv4 or IPv6 address (what a listening socket binds to), else ValueError."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IP address") from exc
+    return value
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class ListenerConfig(_Model):
+    """The C-ECHO / C-STORE service class provider."""
+
+    ae_title: AETitle = "TRIAGED"
+    bind_address: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for the PACS by design
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1, le=256)
+    #: Maximum PDU we advertise; 0 means unlimited (PS3.8 D.3.3.1), the fastest for large CT.
+    max_pdu: int = Field(0, ge=0)
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    #: Source networks allowed to associate (CIDR); empty means any.
+    allowed_networks: list[str] = Field(default_factory=list)
+    #: Storage SOP classes accepted besides CT and Enhanced CT (UIDs or keywords); stored, never analysed.
+    extra_storage_sop_classes: list[str] = Field(default_factory=list)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not a network in CIDR form (e.g. 10.0.0.0/8)") from exc
+        return v
+
+    _bind = field_validator("bind_address")(classmethod(lambda cls, v: check_ip_address(v)))
+
+
+class StorageConfig(_Model):
+    """Where received instances and the ledger live."""
+
+    spool: Path = Path("var/spool")
+    ledger: Path = Path("var/ledger.sqlite")
+    #: Refuse new instances with 0xA700 (out of resources) when less than this many MiB are free.
+    min_free_mb: int = Field(500, ge=0)
+
+
+class CompletionConfig(_Model):
+    """When a study counts as completely received."""
+
+    delay_seconds: float = Field(30.0, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+
+
+class SeriesSelectionConfig(_Model):
+    """Which series of a study may be analysed (see :mod:`triaged.assembly`)."""
+
+    min_slices: int = Field(20, ge=1)
+    min_coverage_mm: float = Field(150.0, ge=0)
+    max_tilt_degrees: float = Field(10.0, ge=0, le=45)
+    #: Convolution kernel substrings preferred, best first (case-insensitive): lung and sharp kernels.
+    preferred_kernels: list[str] = Field(
+        default_factory=lambda: ["LUNG", "B70", "B60", "I70", "FC5", "FC8", "YA", "BONE", "SHARP", "B50"]
+    )
+
+
+class DestinationConfig(_Model):
+    """A DICOM peer that receives results by C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class AnalysisConfig(_Model):
+    """Analysis worker processes (see :mod:`triaged.worker`)."""
+
+    #: Pipeline for studies no routing rule assigns one to (names: ``triaged analyze --list``).
+    default_pipeline: str = "classical"
+    #: ``auto`` picks CUDA when torch sees a GPU, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, le=16)
+    threads: int = Field(2, ge=1, le=64)
+    timeout_seconds: float = Field(600.0, gt=0)
+    #: A worker whose resident memory passes this is killed and the job FAILED (0: no guard).
+    memory_limit_mb: int = Field(6144, ge=0)
+    #: Seconds of waiting that count as one priority level, so routine work is never starved.
+    aging_seconds: float = Field(600.0, gt=0)
+    #: ``module:function`` returning the pipeline registry (tests and plug-ins name their own).
+    registry: str = Field("triaged.nets.pipelines:node_registry", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class DispatchConfig(_Model):
+    """Sending result objects to destinations: retries with capped exponential backoff."""
+
+    interval_seconds: float = Field(5.0, gt=0)
+    #: Delay after the first failure; each further failure multiplies it, up to ``max_delay_seconds``.
+    base_delay_seconds: float = Field(10.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_delay_seconds: float = Field(600.0, gt=0)
+    #: After this long without success an item is dead-lettered (ERROR log, ledger flag, job FAILED).
+    max_age_hours: float = Field(24.0, gt=0)
+    calling_ae_title: AETitle = "TRIAGED"
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class WorklistConfig(_Model):
+    """How the radiology worklist reads the ledger: C-FIND on the listener and a JSON endpoint."""
+
+    #: Answer Study Root C-FIND on the listener with the ledger's studies in priority order.
+    c_find: bool = True
+    #: A read-only HTTP endpoint serving the worklist as JSON (``GET /worklist``); 0 disables it.
+    http_port: int = Field(8088, ge=0, le=65535)
+    http_bind_address: str = "127.0.0.1"
+
+    _bind = field_validator("http_bind_address")(classmethod(lambda cls, v: check_ip_address(v)))
+
+
+class LoggingConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    file: Path | None = None
+
+
+class PriorityConfig(_Model):
+    """Worklist priority: named policies and the waiting alert."""
+
+    #: Studies waiting longer than this (minutes since arrival, not yet reported) are flagged; null = never.
+    waiting_alert_minutes: float | None = Field(60.0, gt=0)
+    #: Named policies; giving this key replaces the built-in identification / severity / both.
+    policies: dict[str, PriorityPolicyConfig] = Field(default_factory=_builtin_policies, min_length=1)
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    listener: ListenerConfig = Field(default_factory=lambda: ListenerConfig())
+    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    completion: CompletionConfig = Field(default_factory=lambda: CompletionConfig())
+    series_selection: SeriesSelectionConfig = Field(default_factory=lambda: SeriesSelectionConfig())
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    analysis: AnalysisConfig = Field(default_factory=lambda: AnalysisConfig())
+    dispatch: DispatchConfig = Field(default_factory=lambda: DispatchConfig())
+    worklist: WorklistConfig = Field(default_factory=lambda: WorklistConfig())
+    #: Re-read the config file when it changes (as on SIGHUP); an invalid file is refused.
+    reload_on_change: bool = True
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+    priority: PriorityConfig = Field(default_factory=lambda: PriorityConfig())

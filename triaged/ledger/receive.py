@@ -1,0 +1,351 @@
+"""Receiving: the association audit trail, and studies, series and instances as C-STORE records them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from triaged.domain import InstanceRecord, JobState, StoreOutcome
+from triaged.errors import InvalidDatasetError, TriagedError
+from triaged.ledger.base import _associations, _instances, _jobs, _series, _studies, _utc, log
+from triaged.ledger.jobs import JobsMixin
+from triaged.ledger.schema import UTCDateTime
+
+#: States whose results are not yet sent: a late instance cancels them (SUPERSEDED).  Later states
+#: keep going; the next revision's SR names their SR as predecessor.
+_SUPERSEDABLE = frozenset({JobState.COMPLETE, JobState.QUEUED, JobState.ANALYSING, JobState.ENCODING})
+
+
+class _ReceiveStatements:
+    """The statements of :meth:`Ledger.record_instance`, built once with bind parameters.
+
+    Building a Core statement and its cache key costs far more than executing it on SQLite (an
+    upsert's ``excluded`` alone proxies every column); prebuilt statements keep the C-STORE path to
+    parameter binding and execution.
+    """
+
+    def __init__(self) -> None:
+        st, se, ins, j = _studies, _series, _instances, _jobs
+        now = bindparam("now", type_=UTCDateTime())
+
+        self.find_instance = select(ins.c.id, ins.c.series_id, ins.c.size, ins.c.sha256).where(
+            ins.c.sop_instance_uid == bindparam("sop")
+        )
+        self.count_duplicate = (
+            update(ins).where(ins.c.id == bindparam("iid")).values(duplicate_count=ins.c.duplicate_count + 1)
+        )
+
+        study = sqlite_insert(st).values(
+            study_instance_uid=bindparam("study_uid"),
+            first_seen=now,
+            last_seen=now,
+            instance_count=bindparam("d_count"),
+            byte_count=bindparam("d_bytes"),
+            accession_number=bindparam("accession_number"),
+            study_date=bindparam("study_date"),
+            study_description=bindparam("study_description"),
+        )
+        ex = study.excluded
+        self.upsert_study = study.on_conflict_do_update(
+            index_elements=[st.c.study_instance_uid],
+            set_={
+                # max(): a reconcile or a caller-given time must not move last_seen back.
+                "last_seen": func.max(st.c.last_seen, ex.last_seen),
+                "instance_count": st.c.instance_count + ex.instance_count,
+                "byte_count": st.c.byte_count + ex.byte_count,
+                # Descriptive fields: a later instance that lacks them must not blank them.
+                "accession_number": func.coalesce(
+                    func.nullif(ex.accession_number, ""), st.c.accession_number
+                ),
+                "study_date": func.coalesce(func.nullif(ex.study_date, ""), st.c.study_date),
+                "study_description": func.coalesce(
+                    func.nullif(ex.study_description, ""), st.c.study_description
+                ),
+            },
+        ).returning(st.c.id)
+
+        series = sqlite_insert(se).values(
+            study_id=bindparam("study_id"),
+            series_instance_uid=bindparam("series_uid"),
+            modality=bindparam("modality"),
+            series_number=bindparam("series_number"),
+            series_description=bindparam("series_description"),
+            instance_count=bindparam("d_count"),
+            byte_count=bindparam("d_bytes"),
+        )
+        ex = series.excluded
+        self.upsert_series = series.on_conflict_do_update(
+            index_elements=[se.c.series_instance_uid],
+            set_={
+                "instance_count": se.c.instance_count + ex.instance_count,
+                "byte_count": se.c.byte_count + ex.byte_count,
+                "modality": func.coalesce(func.nullif(ex.modality, ""), se.c.modality),
+                "series_number": func.coalesce(ex.series_number, se.c.series_number),
+                "series_description": func.coalesce(
+                    func.nullif(ex.series_description, ""), se.c.series_description
+                ),
+            },
+        ).returning(se.c.id, se.c.study_id)
+
+        content = {
+            "sop_class_uid": bindparam("sop_class_uid"),
+            "transfer_syntax_uid": bindparam("transfer_syntax_uid"),
+            "path": bindparam("path"),
+            "size": bindparam("size"),
+            "sha256": bindparam("sha256"),
+            "received_at": now,
+            "association_id": bindparam("association_id"),
+        }
+        self.insert_instance = insert(ins).values(
+            series_id=bindparam("series_id"),
+            sop_instance_uid=bindparam("sop"),
+            duplicate_count=0,
+            **content,
+        )
+        self.replace_instance = update(ins).where(ins.c.id == bindparam("iid")).values(**content)
+        self.latest_job = (
+            select(j.c.id, j.c.revision, j.c.state)
+            .where(j.c.study_id == bindparam("study_id"))
+            .order_by(j.c.revision.desc())
+            .limit(1)
+        )
+
+
+class ReceiveMixin(JobsMixin):
+    """Receiving part of the :class:`~triaged.ledger.Ledger`; a received instance creates or re-opens jobs."""
+
+    #: Built once by the ledger when it opens.
+    _q: _ReceiveStatements
+
+    # ------------------------------------------------------------------ audit trail
+
+    def open_association(
+        self,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        peer_address: str,
+        peer_port: int,
+        accepted: bool = True,
+        reject_reason: str = "",
+    ) -> int:
+        """Record an association request (accepted or rejected).
+
+        Parameters
+        ----------
+        calling_ae, called_ae
+            AE titles of the requestor and of us as requested.
+        peer_address, peer_port
+            Where the request came from.
+        accepted
+            False for a rejected request; it is then recorded as already ended.
+        reject_reason
+            Why it was rejected (empty when accepted).
+
+        Returns
+        -------
+        int
+            The association id to pass to :meth:`record_instance` and :meth:`close_association`.
+        """
+        now = datetime.now(UTC)
+        with self._write("open_association") as conn:
+            result = conn.execute(
+                insert(_associations).values(
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    peer_address=peer_address,
+                    peer_port=peer_port,
+                    started_at=now,
+                    ended_at=None if accepted else now,
+                    accepted=accepted,
+                    reject_reason=reject_reason,
+                    instances=0,
+                    bytes=0,
+                    failures=0,
+                    aborted=False,
+                )
+            )
+            pk = result.inserted_primary_key
+            assert pk is not None
+            return int(pk[0])
+
+    def close_association(
+        self, association_id: int, *, instances: int, bytes: int, failures: int, aborted: bool
+    ) -> None:
+        """Record the end of an association with its totals.
+
+        Parameters
+        ----------
+        association_id
+            As returned by :meth:`open_association`.
+        instances, bytes, failures
+            Instances stored, their total size, and C-STOREs answered with a failure status.
+        aborted
+            True when the association ended with an A-ABORT or a network error.
+
+        Raises
+        ------
+        TriagedError
+            The association id is unknown.
+        """
+        with self._write("close_association") as conn:
+            result = conn.execute(
+                update(_associations)
+                .where(_associations.c.id == association_id)
+                .values(
+                    ended_at=datetime.now(UTC),
+                    instances=instances,
+                    bytes=bytes,
+                    failures=failures,
+                    aborted=aborted,
+                )
+            )
+            if result.rowcount != 1:
+                raise TriagedError(f"association {association_id} is not in the ledger")
+
+    # ------------------------------------------------------------------ receive
+
+    def record_instance(
+        self, rec: InstanceRecord, *, association_id: int | None, now: datetime | None = None
+    ) -> StoreOutcome:
+        """Record one stored instance; called by the C-STORE handler after the spool write.
+
+        In one ``BEGIN IMMEDIATE`` transaction: upsert the study and series (counts, last-seen time,
+        descriptive fields when given), insert or update the instance, and make sure the study has a
+        RECEIVING job (creating revision 1, or re-opening a finished study with a new revision and
+        superseding a previous job whose results are not sent yet).
+
+        Parameters
+        ----------
+        rec
+            The instance as written to the spool (``path`` relative to the spool root).
+        association_id
+            The association it came on, or None (start-up reconcile, imports).
+        now
+            Receive time, aware; defaults to the current UTC time.
+
+        Returns
+        -------
+        StoreOutcome
+            NEW; DUPLICATE (same SOP Instance UID and identical bytes: only ``duplicate_count``
+            changes, the study is not bumped); or REPLACED (same UID, different bytes: the row now
+            describes the new copy, and the study is bumped as for a new instance).
+
+        Raises
+        ------
+        InvalidDatasetError
+            A UID is empty, the series is recorded under another study, or the SOP Instance UID is
+            recorded in another series with different bytes.
+        StorageError
+            The database could not be written.
+        """
+        now = _utc(now)
+        if not (rec.study_instance_uid and rec.series_instance_uid and rec.sop_instance_uid):
+            raise InvalidDatasetError("an instance needs Study, Series and SOP Instance UIDs")
+        q = self._q
+        with self._write("record_instance") as conn:
+            known = conn.execute(q.find_instance, {"sop": rec.sop_instance_uid}).first()
+            if known is not None and known.sha256 == rec.sha256:
+                conn.execute(q.count_duplicate, {"iid": known.id})
+                return StoreOutcome.DUPLICATE
+
+            # NEW adds one instance; REPLACED swaps its bytes in place.
+            d_count, d_bytes = (1, rec.size) if known is None else (0, rec.size - known.size)
+            study_id: int = conn.execute(
+                q.upsert_study,
+                {
+                    "study_uid": rec.study_instance_uid,
+                    "now": now,
+                    "d_count": d_count,
+                    "d_bytes": d_bytes,
+                    "accession_number": rec.accession_number,
+                    "study_date": rec.study_date,
+                    "study_description": rec.study_description,
+                },
+            ).scalar_one()
+            series_row = conn.execute(
+                q.upsert_series,
+                {
+                    "study_id": study_id,
+                    "series_uid": rec.series_instance_uid,
+                    "modality": rec.modality,
+                    "series_number": rec.series_number,
+                    "series_description": rec.series_description,
+                    "d_count": d_count,
+                    "d_bytes": d_bytes,
+                },
+            ).one()
+            # Raising rolls the whole transaction back, counts included.
+            if series_row.study_id != study_id:
+                raise InvalidDatasetError(
+                    f"series {rec.series_instance_uid} is already recorded under another study "
+                    f"than {rec.study_instance_uid}"
+                )
+            if known is not None and known.series_id != series_row.id:
+                raise InvalidDatasetError(
+                    f"SOP Instance {rec.sop_instance_uid} is already recorded in another series "
+                    "with different content"
+                )
+            values = {
+                "sop_class_uid": rec.sop_class_uid,
+                "transfer_syntax_uid": rec.transfer_syntax_uid,
+                "path": rec.path,
+                "size": rec.size,
+                "sha256": rec.sha256,
+                "now": now,
+                "association_id": association_id,
+            }
+            if known is None:
+                conn.execute(
+                    q.insert_instance, {**values, "series_id": series_row.id, "sop": rec.sop_instance_uid}
+                )
+                outcome = StoreOutcome.NEW
+            else:
+                conn.execute(q.replace_instance, {**values, "iid": known.id})
+                outcome = StoreOutcome.REPLACED
+                log.info(
+                    "study %s: instance %s replaced by a copy with different content",
+                    rec.study_instance_uid,
+                    rec.sop_instance_uid,
+                )
+            self._ensure_receiving(conn, study_id, rec.study_instance_uid, now)
+            return outcome
+
+    def _ensure_receiving(self, conn: Connection, study_id: int, study_uid: str, now: datetime) -> None:
+        """Make sure the study has a RECEIVING job (inside the caller's IMMEDIATE transaction)."""
+        latest = conn.execute(self._q.latest_job, {"study_id": study_id}).first()
+        if latest is not None and latest.state == JobState.RECEIVING:
+            return
+        if latest is None:
+            revision, detail = 1, "first instance received"
+        else:
+            revision = latest.revision + 1
+            detail = f"re-opened by a late instance; supersedes job {latest.id} ({latest.state})"
+        job_id = self._insert_job(conn, study_id, revision, detail, now)
+        if latest is None:
+            log.info("study %s: job %d created (RECEIVING)", study_uid, job_id)
+            return
+        log.info(
+            "study %s: re-opened by a late instance, job %d supersedes job %d", study_uid, job_id, latest.id
+        )
+        previous = JobState(latest.state)
+        if previous in _SUPERSEDABLE:
+            self._move(
+                conn,
+                latest.id,
+                previous,
+                JobState.SUPERSEDED,
+                f"re-opened by a late instance; job {job_id} supersedes it",
+                now,
+            )
+
+    def instance_paths(self) -> set[str]:
+        """Every recorded instance path (relative to the spool root), for the start-up reconcile.
+
+        A spool file whose path is not in this set was written but not recorded (crash between the
+        fsync and the commit); the reconcile reads its header and calls :meth:`record_instance`.
+        """
+        with self._read("instance_paths") as conn:
+            return set(conn.execute(select(_instances.c.path)).scalars())

@@ -1,0 +1,263 @@
+"""Worker processes and their supervision.
+
+One worker process per device runs one job at a time (:func:`triaged.worker.task.run_task`).  The parent
+watches it: a job past its timeout or a process past its memory limit is killed (and the process
+replaced), a crashed process is replaced, and the job is reported FAILED with the stage and reason; the
+daemon carries on.  When a task's analysis is done and encoding begins, the process says so
+(:class:`~triaged.worker.task.EncodingStarted`), and the parent records the findings and priority then,
+not after the encoded objects exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from triaged.worker.queue import TaskQueue
+from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, run_task
+
+log = logging.getLogger(__name__)
+
+
+def _worker_main(conn: Connection, threads: int) -> None:
+    """Entry point of a worker process: answer tasks until the pipe closes."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency; analysis without it still runs
+        pass
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        conn.send(run_task(task, conn.send))
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class WorkerProcess:
+    """One long-lived worker process; replaced after a crash, timeout or memory kill."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        self.threads = threads
+        self._ctx = mp.get_context("spawn")  # never fork a process that runs threads
+        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(
+            target=_worker_main, args=(child, self.threads), name=self.name, daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def kill(self) -> None:
+        """Kill the process (if any); safe from any thread, any number of times."""
+        with self._lock:
+            proc, conn = self._proc, self._conn
+            self._proc, self._conn = None, None
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """Ask the process to exit after its current task; kill it if it does not within 5 s."""
+        proc, conn = self._proc, self._conn
+        if conn is not None and proc is not None and proc.is_alive():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(5)
+        self.kill()
+
+    def run(
+        self,
+        task: AnalysisTask,
+        timeout: float,
+        memory_limit_mb: float,
+        wanted: Callable[[], bool] | None = None,
+        on_encoding: Callable[[EncodingStarted], bool] | None = None,
+    ) -> TaskOutcome:
+        """Run one task; ``wanted`` is asked about once a second and False kills the analysis early.
+
+        ``on_encoding`` is called when the worker starts encoding; False (the job moved on) kills it.
+        """
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        # Local references: kill() from another thread (a stop) clears the attributes.
+        proc, conn = self._proc, self._conn
+        assert proc is not None and conn is not None
+        pid = proc.pid
+        assert pid is not None  # set by start()
+        start = time.monotonic()
+        asked = start
+        peak = 0.0
+
+        def failed(error: str) -> TaskOutcome:
+            return TaskOutcome(
+                task.job_id, False, error=error, seconds=time.monotonic() - start, peak_rss_mb=peak
+            )
+
+        try:
+            conn.send(task)
+            while True:
+                if conn.poll(0.2):
+                    message: TaskOutcome | EncodingStarted = conn.recv()
+                    peak = max(peak, _rss_mb(pid))
+                    if isinstance(message, TaskOutcome):
+                        return dataclasses.replace(message, peak_rss_mb=peak)
+                    if on_encoding is not None and not on_encoding(
+                        dataclasses.replace(message, peak_rss_mb=peak)
+                    ):
+                        self.kill()
+                        return failed(
+                            "encode: cancelled, the job moved on (e.g. superseded by a late instance)"
+                        )
+                    continue
+                if not proc.is_alive():
+                    break
+                rss = _rss_mb(pid)
+                peak = max(peak, rss)
+                if memory_limit_mb and rss > memory_limit_mb:
+                    self.kill()
+                    return failed(f"analysis: memory guard: {rss:.0f} MiB > limit {memory_limit_mb:.0f} MiB")
+                if time.monotonic() - start > timeout:
+                    self.kill()
+                    return failed(f"analysis: timed out after {timeout:g} s")
+                if wanted is not None and time.monotonic() - asked > 1.0:
+                    asked = time.monotonic()
+                    if not wanted():
+                        self.kill()
+                        return failed(
+                            "analysis: cancelled, the job moved on (e.g. superseded by a late instance)"
+                        )
+        except (EOFError, OSError):
+            pass  # the pipe broke: the process died (or was killed by a stop)
+        proc.join(2)
+        code = proc.exitcode
+        self.kill()
+        return failed(f"analysis: worker process crashed (exit code {code})")
+
+
+class WorkerPool:
+    """Threads that take tasks from the queue, run them in worker processes and report outcomes.
+
+    ``on_start(task) -> bool`` is called before a task runs (False: skip it, e.g. the job was
+    superseded); ``on_encoding(task, started) -> bool`` when its worker starts encoding (False: the
+    job moved on, stop it); ``on_done(task, outcome)`` after.
+    """
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        on_start: Callable[[AnalysisTask], bool],
+        on_done: Callable[[AnalysisTask, TaskOutcome], None],
+        *,
+        still_wanted: Callable[[int], bool] | None = None,
+        on_encoding: Callable[[AnalysisTask, EncodingStarted], bool] | None = None,
+        workers: int = 1,
+        threads: int = 2,
+        timeout: float = 600.0,
+        memory_limit_mb: float = 4096.0,
+    ) -> None:
+        self.queue = queue
+        self._on_start = on_start
+        self._on_done = on_done
+        self._still_wanted = still_wanted
+        self._on_encoding = on_encoding
+        self.timeout = timeout
+        self.memory_limit_mb = memory_limit_mb
+        self._procs = [WorkerProcess(f"triaged-worker-{i}", threads) for i in range(workers)]
+        self._threads: list[threading.Thread] = []
+        self._running: dict[int, AnalysisTask] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for proc in self._procs:
+            t = threading.Thread(target=self._loop, args=(proc,), name=f"{proc.name}-feeder", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def running(self) -> set[int]:
+        with self._lock:
+            return set(self._running)
+
+    def _loop(self, proc: WorkerProcess) -> None:
+        while not self._stop.is_set():
+            task = self.queue.get(timeout=0.5)
+            if task is None:
+                continue
+            try:
+                if not self._on_start(task):
+                    continue
+            except Exception:  # noqa: BLE001 - a ledger hiccup must not kill the feeder
+                log.exception("job %s: could not start analysis", task.job_id)
+                continue
+            with self._lock:
+                self._running[task.job_id] = task
+            try:
+                wanted = (
+                    functools.partial(self._still_wanted, task.job_id)
+                    if self._still_wanted is not None
+                    else None
+                )
+                encoding = functools.partial(self._encoding, task) if self._on_encoding is not None else None
+                outcome = proc.run(task, self.timeout, self.memory_limit_mb, wanted, encoding)
+            finally:
+                with self._lock:
+                    self._running.pop(task.job_id, None)
+            if self._stop.is_set() and not outcome.ok:
+                continue  # killed by stop(): the job stays ANALYSING or ENCODING and resumes at the next start
+            try:
+                self._on_done(task, outcome)
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: could not record the analysis outcome", task.job_id)
+
+    def _encoding(self, task: AnalysisTask, started: EncodingStarted) -> bool:
+        assert self._on_encoding is not None
+        try:
+            return self._on_encoding(task, started)
+        except Exception:  # noqa: BLE001 - a ledger hiccup must not kill the feeder; the outcome records it
+            log.exception("job %s: could not record the start of encoding", task.job_id)
+            return True
+
+    def stop(self) -> None:
+        """Stop taking tasks; a running analysis is killed (its job resumes at the next start)."""
+        self._stop.set()
+        self.queue.close()
+        for proc in self._procs:
+            proc.kill()
+        for t in self._threads:
+            t.join(5)

@@ -1,0 +1,244 @@
+"""The task body a worker process runs: load the series, analyse, write the results, encode.
+
+Everything here crosses the pipe between the parent and a worker process, so it is picklable: the task,
+what the process says when encoding begins (:class:`EncodingStarted`) and the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from triaged.analysis.registry import load_registry
+from triaged.config import PriorityPolicyConfig
+from triaged.domain import AnalysisResult, InstanceHeader, Volume
+from triaged.encode.uids import OutputKind
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class PriorityResult(NamedTuple):
+    """A study's priority under the route's policy, as the ledger records it."""
+
+    score: float
+    #: The level's name (``STAT``, ``URGENT``, ``ROUTINE``).
+    level: str
+    #: The reasons on one line (:attr:`triaged.priority.Priority.summary`).
+    reasons: str
+
+
+class EncodedOutput(NamedTuple):
+    """One encoded object, written under ``work/<job>/outputs``."""
+
+    kind: OutputKind
+    #: Relative to the spool root.
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class AnalysisTask:
+    """Everything a worker process needs to analyse one job (picklable)."""
+
+    job_id: int
+    study_uid: str
+    series_uid: str
+    pipeline: str
+    spool_root: str
+    instance_paths: tuple[str, ...]
+    work_dir: str
+    level: str = "ROUTINE"
+    device: str = "cpu"
+    threads: int = 2
+    #: "module:function" returning the pipeline registry; tests name their own (crashing, hanging).
+    registry: str = "triaged.analysis:default_registry"
+    #: Used in order when ``pipeline`` is not installed (e.g. its model weights are absent).
+    fallbacks: tuple[str, ...] = ()
+    #: Encode SR/SEG/SC after the analysis (the route has destinations).
+    encode: bool = False
+    revision: int = 1
+    predecessor_sr: tuple[str, str, str] | None = None
+    #: The route's priority policy: the level is burned into the SC.
+    policy: PriorityPolicyConfig | None = None
+    key_slice_images: int = 1
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What came back for one task."""
+
+    job_id: int
+    ok: bool
+    findings_json: str = ""
+    error: str = ""  # "stage: reason"
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    #: The encoded objects.
+    outputs: tuple[EncodedOutput, ...] = ()
+    #: From the route's policy, when one was given.
+    priority: PriorityResult | None = None
+
+
+@dataclass(frozen=True)
+class EncodingStarted:
+    """Sent by a worker process when its analysis is done and encoding begins (picklable).
+
+    The parent records the findings and priority then (ANALYSING → ENCODING), so the worklist has
+    them while SR, SEG and SC are still being built.
+    """
+
+    job_id: int
+    findings_json: str
+    #: From the route's policy, when one was given.
+    priority: PriorityResult | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | None = None) -> TaskOutcome:
+    """Load the series and run the pipeline (in the worker process); ``report`` is told when encoding starts.
+
+    Each instance's header is read once: whole when the task encodes (the same datasets are the encoding
+    context), else only the series-choice attributes; the pixel data is read once more, by the volume load.
+    """
+    from triaged.domain import SeriesChoice, findings_to_json
+    from triaged.volume import load_volume, read_headers
+
+    t0 = time.perf_counter()
+    stage = "load"
+    try:
+        root = Path(task.spool_root)
+        datasets: dict[str, Dataset] = {}
+        headers, problems = read_headers(root, task.instance_paths, datasets=datasets, whole=task.encode)
+        series = tuple(h for h in headers if h.series_instance_uid == task.series_uid)
+        if not series:
+            raise RuntimeError(f"no readable instance of series {task.series_uid}; {problems[:3]}")
+        volume = load_volume(root, SeriesChoice(task.series_uid, "queued", series), task.study_uid, datasets)
+        stage = "analysis"
+        registry = load_registry(task.registry, task.device)
+        names = (task.pipeline, *task.fallbacks)
+        name = next((n for n in names if n in registry), None)
+        if name is None:
+            raise LookupError(f"none of the pipelines {', '.join(names)} is installed")
+        pipeline = registry.get(name)
+        result = pipeline.run(volume)
+        stage = "write results"
+        work = Path(task.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        masks = result.masks
+        arrays: dict[str, Any] = {
+            "lungs": masks.lungs,
+            "lesions": masks.lesions,
+            "consolidation": masks.consolidation,
+        }
+        if masks.lobes is not None:
+            arrays["lobes"] = masks.lobes
+        tmp = work / "masks.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, work / "masks.npz")
+        text = findings_to_json(result.findings)
+        (work / "findings.json").write_text(text, encoding="utf-8")
+        priority = None
+        if task.policy is not None:
+            from triaged.priority import prioritise
+
+            p = prioritise(result.findings, task.policy)
+            priority = PriorityResult(p.score, str(p.level), p.summary)
+        outputs: tuple[EncodedOutput, ...] = ()
+        if task.encode:
+            stage = "encode"
+            if report is not None:
+                report(EncodingStarted(task.job_id, text, priority, seconds=time.perf_counter() - t0))
+            outputs = _encode(
+                task, result, volume, series, root, priority.level if priority else None, datasets
+            )
+        return TaskOutcome(
+            task.job_id, True, text, seconds=time.perf_counter() - t0, outputs=outputs, priority=priority
+        )
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as the job's failure reason
+        log.debug("task %s failed:\n%s", task.job_id, traceback.format_exc())
+        return TaskOutcome(
+            task.job_id,
+            False,
+            error=f"{stage}: {type(exc).__name__}: {exc}",
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def output_kind(sop_class_uid: str) -> OutputKind:
+    """The kind of an encoded object, by its SOP Class (SEG, an SR, else a secondary capture)."""
+    from pydicom.uid import UID
+
+    name = UID(sop_class_uid).name
+    if "Segmentation" in name:
+        return OutputKind.SEG
+    if "SR" in name or "Report" in name:
+        return OutputKind.SR
+    return OutputKind.SC
+
+
+def _encode(
+    task: AnalysisTask,
+    result: AnalysisResult,
+    volume: Volume,
+    series: tuple[InstanceHeader, ...],
+    root: Path,
+    level: str | None,
+    datasets: Mapping[str, Dataset],
+) -> tuple[EncodedOutput, ...]:
+    """Build SR, SEG and SC and write them under ``work/<job>/outputs`` (atomically, fsynced).
+
+    The source datasets are the whole headers already read for the volume (``datasets``, by path).
+    """
+    from pydicom.filebase import DicomBytesIO
+
+    from triaged import __version__
+    from triaged.encode import OutputContext, build_outputs
+    from triaged.spool import Spool
+
+    source = [_source_dataset(root, h.path, datasets) for h in series]
+    ctx = OutputContext(
+        software_version=__version__,
+        revision=task.revision,
+        predecessor_sr=task.predecessor_sr,
+        priority_level=level,
+        key_slice_images=task.key_slice_images,
+    )
+    spool = Spool(root, 0)
+    out = []
+    for ds in build_outputs(result.findings, result.masks, volume, source, ctx):
+        kind = output_kind(str(ds.SOPClassUID))
+        rel = f"work/{task.job_id}/outputs/{kind}-{ds.SOPInstanceUID}.dcm"
+        buffer = DicomBytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        spool.store_instance(rel, buffer.getvalue())
+        out.append(EncodedOutput(kind, rel, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return tuple(out)
+
+
+def _source_dataset(root: Path, rel_path: str, datasets: Mapping[str, Dataset]) -> Dataset:
+    """The whole header of one source instance for the encoding context, as read for the volume.
+
+    A file read without its 128-byte preamble, or whose whole header could not be read, is read here
+    as the encoding context always read its sources (unforced), so it fails the encoding as it did.
+    """
+    ds = datasets.get(rel_path)
+    if ds is not None and getattr(ds, "preamble", None) is not None:
+        return ds
+    from pydicom import dcmread
+
+    return dcmread(root / rel_path, stop_before_pixels=True)
