@@ -275,3 +275,23 @@ def test_check_config_reports_unknown_pipeline_names_with_path_and_line(tmp_path
     )
     assert proc.returncode == 2
     assert f"{bad}:3: routing.default.pipelines[0]: unknown pipeline 'no-such-pipeline'" in proc.stderr
+
+
+def test_a_file_that_is_not_utf8_or_not_readable_is_a_config_error_naming_the_byte(tmp_path: Path) -> None:
+    # Issue 12 item 4: a Latin-1 "é" in a comment used to escape as UnicodeDecodeError (a traceback from
+    # check-config, a dead node on auto-reload).
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"listener:\n  port: 11112\n# caf\xe9 on floor 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    [(where, message)] = info.value.problems
+    assert where == f"{bad}:3"
+    assert "not valid UTF-8" in message and "e9 at byte offset 29 (line 3, column 6)" in message
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)  # a folder, not a file
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "check-config", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{bad}:3: not valid UTF-8" in proc.stderr

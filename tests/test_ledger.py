@@ -580,3 +580,21 @@ def _head() -> str:
     head = ScriptDirectory.from_config(cfg).get_current_head()
     assert head is not None
     return head
+
+
+def test_hierarchy_conflict_names_what_record_instance_would_refuse_before_anything_is_written(
+    ledger: Ledger,
+) -> None:
+    # Issue 12 item 1: the C-STORE handler asks this before it spools a file.
+    ledger.record_instance(instance("1"), association_id=None, now=T0)
+    assert ledger.hierarchy_conflict(STUDY, SERIES, "1") is None  # a re-send or a replacement
+    assert ledger.hierarchy_conflict(STUDY, SERIES, "2") is None  # a new instance
+    assert ledger.hierarchy_conflict("7.7", "7.7.1", "3") is None  # a new study
+    series_conflict = ledger.hierarchy_conflict("9.9", SERIES, "2")
+    assert series_conflict is not None and f"under study {STUDY}, not 9.9" in series_conflict
+    sop_conflict = ledger.hierarchy_conflict(STUDY, "1.2.826.0.1.1.2", "1")
+    assert sop_conflict is not None and f"in series {SERIES}" in sop_conflict
+    # Each is what record_instance itself refuses.
+    for rec in (instance("2", study="9.9"), instance("1", series="1.2.826.0.1.1.2", sha="other bytes")):
+        with pytest.raises(InvalidDatasetError, match="another"):
+            ledger.record_instance(rec, association_id=None, now=T0)

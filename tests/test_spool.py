@@ -66,6 +66,44 @@ def test_quarantine_keeps_the_bytes_and_the_reason(tmp_path: Path) -> None:
     assert qpath == path and "0xC211 cannot decode" in reason and "X@1.2.3.4" in reason
 
 
+def test_below_the_free_space_watermark_quarantine_keeps_only_the_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_mb=10**9)  # more than any disk has: always "below"
+    path = spool.quarantine(b"x" * 2**20, "0xC211 cannot decode", "from X@1.2.3.4")
+    assert path is not None and path.name.endswith(".reason.txt")
+    assert not list((tmp_path / "spool" / "quarantine").glob("*.dcm"))
+    [(qpath, reason)] = spool.quarantined()
+    assert not qpath.exists()
+    assert "0xC211 cannot decode" in reason and "bytes not kept" in reason and "MiB free" in reason
+
+
+def _quarantine_bytes(spool: Spool) -> int:
+    return sum(p.stat().st_size for p in (spool.root / "quarantine").iterdir())
+
+
+def test_quarantine_is_capped_and_the_oldest_go_first(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", quarantine_max_mb=1)
+    # The flood from issue 12: refused 2 MiB stores (larger than the cap: reasons only), then 300 KiB ones.
+    for i in range(30):
+        spool.quarantine(b"x" * 2 * 2**20, f"big {i}", "from X@1.2.3.4")
+    assert not list((spool.root / "quarantine").glob("*.dcm"))
+    assert _quarantine_bytes(spool) <= 2**20
+    kept = [spool.quarantine(bytes([i]) * 300 * 1024, f"small {i}", "from X@1.2.3.4") for i in range(8)]
+    assert _quarantine_bytes(spool) <= 2**20
+    entries = spool.quarantined()
+    # Only the newest datasets fit (three of 300 KiB plus reasons); the oldest were deleted first.
+    assert [r.splitlines()[-1] for p, r in entries if p.exists()] == ["small 5", "small 6", "small 7"]
+    assert all(p is not None and p.exists() for p in kept[-3:])
+    assert not any(p is not None and p.exists() for p in kept[:5])
+    assert kept[-1] is not None and kept[-1].read_bytes() == bytes([7]) * 300 * 1024
+
+
+def test_an_uncapped_quarantine_keeps_everything(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", quarantine_max_mb=0)
+    for i in range(5):
+        spool.quarantine(b"x" * 2**20, f"r{i}", "o")
+    assert len([p for p, _ in spool.quarantined() if p.exists()]) == 5
+
+
 def test_leftover_partial_writes_are_removed_at_start(tmp_path: Path) -> None:
     (tmp_path / "spool" / "tmp").mkdir(parents=True)
     (tmp_path / "spool" / "tmp" / "123.part").write_bytes(b"half")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from triaged.config import Config, DestinationConfig, DispatchConfig
 from triaged.domain import InstanceRecord, JobState
 from triaged.errors import DispatchError, TriagedError
 from triaged.ledger import Ledger
-from triaged.net.scu import SendResult
+from triaged.net.scu import SendResult, StopSignal
 from triaged.routing import RouteDecision
 from triaged.spool import Spool
 from triaged.stages import Dispatch, backoff_seconds, retryable_status
@@ -31,12 +31,15 @@ class Peer:
         self.refuse_association = refuse_association
         self.calls: list[tuple[list[Path], str, str]] = []
 
-    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str,
-             timeout: float) -> list[SendResult]:
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str, timeout: float,
+             on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
         self.calls.append((list(paths), dest.ae_title, calling_ae))
         if self.refuse_association:
             raise DispatchError(f"no association with {dest.ae_title}")
-        return [SendResult(str(p), p.stem, self.statuses.pop(0), "scripted") for p in paths]
+        results = [SendResult(str(p), p.stem, self.statuses.pop(0), "scripted") for p in paths]
+        for result in results:
+            on_result(result)
+        return results
 
 
 class Clock:
@@ -207,3 +210,31 @@ def test_resend_puts_a_finished_jobs_outputs_back_and_refuses_a_job_before_encod
     receiving = ledger.jobs(states=[JobState.RECEIVING])[0]
     with pytest.raises(TriagedError, match="only a job past encoding can be re-sent"):
         dispatch.resend(receiving.id)
+
+
+class LostAfter(Peer):
+    """Acknowledges the first ``n`` objects, then loses the connection (an ``OSError`` out of the send)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str, timeout: float,
+             on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
+        self.calls.append((list(paths), dest.ae_title, calling_ae))
+        for p in paths[: self.n]:
+            on_result(SendResult(str(p), p.stem, 0x0000))
+        raise OSError("connection reset by peer")
+
+
+def test_acknowledgements_before_a_lost_connection_stay_sent_and_only_the_rest_is_retried(
+    config: Config, ledger: Ledger
+) -> None:
+    dispatch = Dispatch(ledger, Spool(config.storage.spool), lambda: config, destination=LostAfter(1))
+    job_id = dispatching(ledger, dispatch)
+    assert dispatch.dispatch_due() == 1
+    first, second = ledger.outbox(job_id=job_id)
+    assert (first.state, first.attempts, first.last_status) == ("SENT", 1, 0x0000)
+    assert (second.state, second.attempts, second.last_error) == ("PENDING", 1, "connection reset by peer")
+    job = ledger.job(job_id)
+    assert job.state is JobState.RETRY_WAIT and job.detail.startswith("1 of 2 delivered")

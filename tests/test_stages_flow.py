@@ -293,3 +293,31 @@ def test_the_record_builder_reads_every_field_of_a_header(
         study_description=str(ds.StudyDescription), accession_number=str(ds.get("AccessionNumber", "")),
     )
     assert record.series_number is not None and record.study_description  # the two the old copy dropped
+
+
+def test_reconcile_quarantines_a_spooled_file_that_conflicts_and_records_the_rest(
+    node: Node, ct_series: Path
+) -> None:
+    # Issue 12 item 1: a file the ledger refuses (its series recorded under another study) used to
+    # make reconcile_spool raise, so every start of the node failed.
+    files = series(ct_series)
+    study = node.receive(files[:1])
+    conflicting = dcmread(files[1])
+    conflicting.StudyInstanceUID = "1.2.826.0.1.3680043.99.1"  # same series, another study
+    rel = node.spool.instance_path(
+        conflicting.StudyInstanceUID, conflicting.SeriesInstanceUID, conflicting.SOPInstanceUID
+    )
+    (node.spool.root / rel).parent.mkdir(parents=True)
+    conflicting.save_as(node.spool.root / rel)
+    late = files[2]  # and a good file spooled but unrecorded: still recorded
+    ds = dcmread(late, stop_before_pixels=True)
+    good = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    node.spool.store_instance(good, late.read_bytes())
+
+    assert node.recovery.reconcile_spool() == 1
+    assert not (node.spool.root / rel).exists()
+    [(_, reason)] = node.spool.quarantined()
+    assert rel in reason and "already recorded under another study" in reason
+    [row] = node.ledger.studies()
+    assert (row.study_instance_uid, row.instances) == (study, 2)
+    assert node.recovery.reconcile_spool() == 0

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +178,111 @@ def test_a_refused_encoding_stops_the_worker_and_the_next_task_still_runs(
     again = worker.run(AnalysisTask(**{**task.__dict__, "encode": False, "work_dir": str(tmp_path / "next")}),
                        timeout=300, memory_limit_mb=0)
     assert again.ok, again.error
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.1)
+    return _gone(pid)
+
+
+def _kill_parent_and_wait_for(parent: subprocess.Popen[str], child_pid: int) -> bool:
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        return _wait_gone(child_pid, 5)
+    finally:
+        if not _gone(child_pid):
+            os.kill(child_pid, signal.SIGKILL)  # do not leave it behind when the test fails
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+# A node in miniature: a WorkerPool analysing one task with the hanging pipeline, no timeout that would end it.
+_NODE = """
+import multiprocessing, sys, time
+from triaged.worker import AnalysisTask, TaskQueue, WorkerPool
+
+if __name__ == "__main__":
+    root, series_uid, work, *paths = sys.argv[1:]
+    queue = TaskQueue()
+    pool = WorkerPool(queue, lambda task: True, lambda task, outcome: None, threads=1, timeout=3600,
+                      memory_limit_mb=0)
+    pool.start()
+    queue.put(AnalysisTask(job_id=1, study_uid="1.2", series_uid=series_uid, pipeline="hang", spool_root=root,
+                           instance_paths=tuple(paths), work_dir=work, registry="tests.worker_pipelines:registry"))
+    while not pool.running():
+        time.sleep(0.05)
+    time.sleep(1.0)  # the task is in the worker's hands
+    (worker,) = multiprocessing.active_children()
+    print(worker.pid, flush=True)
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_the_node_takes_its_analysing_worker_with_it(
+    phantom_ct_series: Path, tmp_path: Path
+) -> None:
+    root, paths = _series(phantom_ct_series)
+    from pydicom import dcmread
+
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    node = subprocess.Popen(
+        [sys.executable, "-c", _NODE, str(root), series_uid, str(tmp_path / "work"), *paths],
+        cwd=_REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert node.stdout is not None
+        worker_pid = int(node.stdout.readline())
+        assert not _gone(worker_pid)
+        assert _kill_parent_and_wait_for(node, worker_pid), "the worker outlived kill -9 of its node"
+    finally:
+        node.kill()
+        node.wait()
+
+
+# The portable guard alone (no PR_SET_PDEATHSIG): a parent starts a child that binds itself to it.
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "bound\\n"
+print(child.pid, flush=True)
+time.sleep(3600)
+"""
+_CHILD = """
+import os, time
+from triaged.worker.pool import bind_to_parent
+bind_to_parent(os.getppid(), death_signal=False)
+print("bound", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_watchdog_alone_ends_a_process_whose_parent_died() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _CHILD], cwd=_REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        assert not _gone(child_pid)
+        assert _kill_parent_and_wait_for(parent, child_pid), "the watchdog did not notice its parent die"
+    finally:
+        parent.kill()
+        parent.wait()

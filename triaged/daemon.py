@@ -2,13 +2,17 @@
 
 SIGTERM/SIGINT: stop accepting associations, let in-flight stores finish, stop the scheduler, exit 0.
 SIGHUP: re-read the config file; a valid one replaces the running one atomically, an invalid one is
-refused with every error logged and the old one stays.
+refused with every error logged and the old one stays.  A reload never takes the node down, and one edit
+is applied once (SIGHUP and the file watcher skip content already applied).  ``serve`` locks the spool
+(:class:`~triaged.spool.SpoolLock`) before touching any state, so a second node on the same state exits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,14 +20,15 @@ from pathlib import Path
 from types import FrameType
 
 from triaged.analysis.registry import load_registry
-from triaged.config import Config, LoggingConfig, load_config
+from triaged.config import Config, LoggingConfig, parse_config
+from triaged.config.load import read_config_text
 from triaged.domain import RESEARCH_NOTE
-from triaged.errors import ConfigError
+from triaged.errors import ConfigError, StorageError
 from triaged.ledger import Ledger
 from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
-from triaged.spool import Spool
+from triaged.spool import Spool, SpoolLock
 from triaged.stages import Analysis, Completion, Dispatch, Recovery, Worklist
 from triaged.worker import TaskQueue, WorkerPool
 
@@ -42,13 +47,13 @@ class _JsonFormatter(logging.Formatter):
 
 def configure_logging(cfg: LoggingConfig) -> None:
     """Route logs to stderr (journald under systemd) and optionally a file."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg.file is not None:  # opened before the old handlers go: a bad path leaves logging as it was
+        cfg.file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(cfg.file))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if cfg.file is not None:
-        cfg.file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(cfg.file))
     fmt: logging.Formatter = (
         _JsonFormatter() if cfg.format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,15 +68,24 @@ def configure_logging(cfg: LoggingConfig) -> None:
         logging.getLogger(chatty).setLevel(quiet)
 
 
-def pipeline_problems(config: Config, source: Path | None = None) -> list[tuple[str, str]]:
-    """Pipeline names in the config that the configured registry does not know (with file lines)."""
+def pipeline_problems(
+    config: Config, source: Path | None = None, text: str | None = None
+) -> list[tuple[str, str]]:
+    """Pipeline names in the config that the configured registry does not know (with file lines).
+
+    ``text`` is the content ``config`` was parsed from (default: ``source`` is read again).
+    """
     from triaged.config import validate_pipelines
 
     try:
         registry = load_registry(config.analysis.registry)
     except Exception as exc:  # noqa: BLE001 - a broken plug-in path is a config error
         return [("analysis.registry", f"cannot load {config.analysis.registry}: {exc}")]
-    text = source.read_text(encoding="utf-8") if source is not None and source.exists() else None
+    if text is None and source is not None and source.exists():
+        try:
+            text = read_config_text(source)
+        except ConfigError:
+            text = None  # the problems are then listed without their lines
     return validate_pipelines(
         config, registry, source=str(source or ""), text=text, listed=registry.pipeline_names()
     )
@@ -86,14 +100,26 @@ class Node:
         The validated configuration.
     config_path : Path or None
         Where SIGHUP re-reads the configuration from.
+    config_text : str or None
+        The text ``config`` was parsed from: a reload of the same text is skipped.
     """
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None = None, config_text: str | None = None
+    ) -> None:
         self.config_path = config_path
         self._config = config
+        # sha256 of the text the running config came from, and of the last text a reload tried
+        self._applied_digest = _digest(config_text) if config_text is not None else None
+        self._tried_digest = self._applied_digest
         self._stop = threading.Event()
         self.ledger = Ledger(config.storage.ledger)
-        self.spool = Spool(config.storage.spool, config.storage.min_free_mb, clean_partial=True)
+        self.spool = Spool(
+            config.storage.spool,
+            config.storage.min_free_mb,
+            clean_partial=True,
+            quarantine_max_mb=config.storage.quarantine_max_mb,
+        )
         current = self._current_config
         self.dispatch = Dispatch(self.ledger, self.spool, current)
         self.analysis = Analysis(self.ledger, self.spool, current, self.dispatch)
@@ -116,7 +142,8 @@ class Node:
         self.scheduler = build_scheduler(
             self.completion.complete_quiet_studies, config.completion.sweep_interval_seconds,
             submit=lambda: self.analysis.submit_queued(self.queue, self.workers.running()),
-            dispatch=self.dispatch.dispatch_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
+            dispatch=self.dispatch.start_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
+            stop_dispatch=self.dispatch.stop,
         )
 
     def _current_config(self) -> Config:
@@ -137,17 +164,35 @@ class Node:
         self.workers.start()
         self.scheduler.start()
 
-    def reload(self) -> bool:
-        """Re-read the config file; swap only a valid config.  Returns whether it was applied."""
+    def reload(self, *, from_signal: bool = True) -> bool:
+        """Re-read the config file; swap only a valid config.  Returns whether a new config was applied.
+
+        Never raises: whatever goes wrong reading, validating or applying the file (unreadable, not
+        UTF-8, a broken plug-in registry, an unwritable log file) is logged and the running config stays.
+        One edit is applied once: the file watcher (``from_signal=False``) skips text it has already
+        tried, and SIGHUP for the text already applied only reopens the log files (for log rotation).
+        """
         if self.config_path is None:
             return False
+        path = self.config_path
         try:
-            new = load_config(self.config_path)
+            text = read_config_text(path)
+            digest = _digest(text)
+            if digest == (self._applied_digest if from_signal else self._tried_digest):
+                if from_signal:
+                    configure_logging(self._config.logging)
+                    log.info(
+                        "config file %s unchanged since it was applied: nothing to reload (logs reopened)",
+                        path,
+                    )
+                return False
+            self._tried_digest = digest
+            new = parse_config(text, str(path), base_dir=path.resolve().parent)
+            problems = pipeline_problems(new, path, text)
         except ConfigError as exc:
-            for where, msg in exc.problems:
-                log.error("config reload refused, keeping the running config: %s: %s", where, msg)
-            return False
-        problems = pipeline_problems(new, self.config_path)
+            problems = exc.problems
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the running node down
+            problems = [(str(path), f"cannot reload: {type(exc).__name__}: {exc}")]
         if problems:
             for where, msg in problems:
                 log.error("config reload refused, keeping the running config: %s: %s", where, msg)
@@ -164,11 +209,16 @@ class Node:
         ]
         for name in restart_needed:
             log.warning("config reload: %s changed; it takes effect at the next restart", name)
+        try:
+            configure_logging(new.logging)  # first: if the new log file cannot be opened nothing has changed
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the running node down
+            log.error("config reload refused, keeping the running config: %s: logging: %s", path, exc)
+            return False
         self._config = new
+        self._applied_digest = digest
         self.service.reload(new.listener)
         reschedule(self.scheduler, new.completion.sweep_interval_seconds, new.dispatch.interval_seconds)
-        configure_logging(new.logging)
-        log.info("configuration reloaded from %s", self.config_path)
+        log.info("configuration reloaded from %s", path)
         return True
 
     def stop(self, drain_seconds: float = 30.0) -> None:
@@ -191,23 +241,40 @@ class Node:
         return self._stop.is_set()
 
 
-def _mtime(path: Path) -> float:
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What the file watcher compares: modification time, size and inode (an editor's rename changes it)."""
     try:
-        return path.stat().st_mtime
+        st = path.stat()
     except OSError:
-        return 0.0
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def serve(config_path: Path) -> int:
-    """Run the node in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    """Run the node in the foreground until SIGTERM/SIGINT; returns the exit status.
+
+    1 without touching anything when another node holds the spool's lock.
+    """
+    os.umask(0o027)  # like the unit's UMask=: ledger, spool and work files never world-readable
     # the file's state *before* it is read: an edit made while the node starts is then seen and applied
-    seen = _mtime(config_path)
-    config = load_config(config_path)
-    problems = pipeline_problems(config, config_path)
+    seen = _stamp(config_path)
+    text = read_config_text(config_path)
+    config = parse_config(text, str(config_path), base_dir=config_path.resolve().parent)
+    # Before anything touches the spool or the ledger (partial writes, reconcile, resumed jobs).
+    try:
+        state_lock = SpoolLock(config.storage.spool)
+    except StorageError as exc:
+        print(f"triaged serve: {exc}", file=sys.stderr)
+        return 1
+    problems = pipeline_problems(config, config_path, text)
     if problems:
         raise ConfigError(str(config_path), problems)
     configure_logging(config.logging)
-    node = Node(config, config_path)
+    node = Node(config, config_path, text)
     reload_requested = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -222,14 +289,21 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     node.start()
     # Signal handlers only set flags; the work happens here, outside the handler.
+    pending: tuple[int, int, int] | None = None  # a change seen once, applied once it stays put for a poll
     while not node.stop_requested:
         if reload_requested.wait(0.5):
             reload_requested.clear()
+            seen, pending = _stamp(config_path), None  # before the read: a later edit is seen by the watcher
             node.reload()
-            seen = _mtime(config_path)
-        elif node.config.reload_on_change and _mtime(config_path) != seen:
-            seen = _mtime(config_path)
+        elif node.config.reload_on_change:
+            stamp = _stamp(config_path)
+            if stamp == seen or stamp != pending:
+                # unchanged, or still changing: an editor half-way through writing is not read
+                pending = None if stamp == seen else stamp
+                continue
+            seen, pending = stamp, None
             log.info("%s changed on disk", config_path)
-            node.reload()
+            node.reload(from_signal=False)
     node.stop()
+    state_lock.release()
     return 0

@@ -16,8 +16,9 @@ from triaged.errors import InvalidDatasetError
 #: The one disclaimer every human-visible output carries (CLI, worklist, overviews, logs).
 RESEARCH_NOTE = "Research use only - not for diagnosis."
 #: PS3.5 9.1 UID syntax: digits and dots (leading zeros tolerated, as seen in the wild). Shared with
-#: :mod:`triaged.config` (``listener.extra_storage_sop_classes``).
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: :mod:`triaged.config` (``listener.extra_storage_sop_classes``). ``\Z``, not ``$``: ``$`` also matches
+#: before a trailing newline, so ``UID_RE.match("1.2\n")`` would pass.
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -34,7 +35,7 @@ def validate_uid(value: object, keyword: str) -> str:
         raise InvalidDatasetError(f"{keyword} is missing")
     text = str(value).strip("\x00 ")
     # PS3.5 9.1: digits and dots, 64 characters at most; anything else would let a peer choose file names
-    if len(text) > 64 or not UID_RE.match(text):
+    if len(text) > 64 or not UID_RE.fullmatch(text):
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise InvalidDatasetError(f"{keyword} {shown!r} is not a valid UID (PS3.5 9.1)")
     return text

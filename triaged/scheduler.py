@@ -31,19 +31,38 @@ def _dispatch(dispatch: Callable[[], int]) -> None:
         log.exception("dispatch failed")
 
 
+class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
+    """A background scheduler that runs stop hooks before it shuts down and waits for running jobs."""
+
+    stop_hooks: list[Callable[[], None]]
+
+    def shutdown(self, wait: bool = True) -> None:
+        for hook in self.stop_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - shutting down goes on regardless
+                log.exception("stop hook failed")
+        super().shutdown(wait)
+
+
 def build_scheduler(
     sweep: Callable[[], object],
     sweep_interval_seconds: float,
     submit: Callable[[], int] | None = None,
     dispatch: Callable[[], int] | None = None,
     dispatch_interval_seconds: float | None = None,
+    stop_dispatch: Callable[[], None] | None = None,
 ) -> BackgroundScheduler:
     """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced.
 
     ``sweep``, ``submit`` and ``dispatch`` are the stages' entry points (no arguments); a failing run is
-    logged and retried at the next tick.
+    logged and retried at the next tick.  ``dispatch`` should only start the sending (one sender per
+    destination, :meth:`~triaged.stages.Dispatch.start_due`) so a slow destination never holds the tick;
+    ``stop_dispatch`` (:meth:`~triaged.stages.Dispatch.stop`) is called first when the scheduler shuts
+    down, so a stop does not wait for a peer's timeouts.
     """
-    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler = _Scheduler(timezone="UTC")
+    scheduler.stop_hooks = [stop_dispatch] if stop_dispatch is not None else []
     scheduler.add_job(
         _sweep, "interval", args=[sweep], seconds=sweep_interval_seconds, id="completion-sweep",
         max_instances=1, coalesce=True, misfire_grace_time=None,

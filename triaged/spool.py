@@ -4,8 +4,10 @@ Layout under the spool root::
 
     studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances
     quarantine/<UTC time>-<n>.dcm + .reason.txt                              refused datasets, kept for inspection
+                                                                             (capped; only the reason when disk is low)
     work/<job id>/                                                           a job's masks, findings and outputs
     tmp/                                                                     partial writes (same file system)
+    triaged.lock                                                             held by the running node (its PID inside)
 
 Instances stay in ``studies/`` for the life of the study (a late instance re-opens a study, and the
 next analysis needs every instance); the ledger, not the folder, records which job saw which instance.
@@ -14,6 +16,8 @@ Paths are built only from UIDs that passed :func:`validate_uid`, so a hostile UI
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -50,12 +54,19 @@ class Spool:
         Remove partial writes left by a crashed process (the daemon does this at start).
     min_free_mb : int
         :meth:`store_instance` refuses (``StorageError``) when fewer MiB than this are free, so a
-        full disk is reported to the sender as "out of resources" before a write half-fails.
+        full disk is reported to the sender as "out of resources" before a write half-fails;
+        :meth:`quarantine` then keeps only the reason, not the refused bytes.
+    quarantine_max_mb : int
+        The most MiB ``quarantine/`` may hold; the oldest quarantined files are deleted first to stay
+        under it (0: no cap).
     """
 
-    def __init__(self, root: Path, min_free_mb: int = 0, *, clean_partial: bool = False) -> None:
+    def __init__(
+        self, root: Path, min_free_mb: int = 0, *, clean_partial: bool = False, quarantine_max_mb: int = 0
+    ) -> None:
         self.root = root
         self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.quarantine_max_bytes = quarantine_max_mb * 1024 * 1024
         self._counter = itertools.count()
         self._lock = threading.Lock()
         for sub in ("studies", "quarantine", "tmp", "work"):
@@ -136,26 +147,81 @@ class Spool:
             os.close(dfd)
 
     def quarantine(self, data: bytes, reason: str, origin: str) -> Path | None:
-        """Keep a refused dataset and why it was refused; never raises (best effort on a sick disk)."""
-        with self._lock:
+        """Keep a refused dataset and why it was refused; never raises (best effort on a sick disk).
+
+        The bytes are kept only while the disk stays above ``min_free_mb`` and they fit under
+        ``quarantine_max_mb``; otherwise only the reason file is written (and the path returned is that
+        file).  The oldest quarantined files are deleted first to stay under the cap.  Returns ``None``
+        when nothing could be written.
+        """
+        folder = self.root / "quarantine"
+        with self._lock:  # one quarantine at a time: the cap is checked against what is on disk
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
             name = f"{stamp}-{next(self._counter)}"
-        folder = self.root / "quarantine"
+            note = f"{origin}\n{reason}\n"
+            dropped = self._why_not_keep(len(data) + len(note.encode("utf-8")))
+            if dropped:
+                note += f"bytes not kept: {dropped}\n"
+                log.warning("refused dataset (%s) not kept in quarantine: %s", reason, dropped)
+            size = len(note.encode("utf-8")) + (0 if dropped else len(data))
+            try:
+                self._prune_quarantine(size)
+                if not dropped:
+                    self._write_atomic(folder / f"{name}.dcm", data)
+                (folder / f"{name}.reason.txt").write_text(note, encoding="utf-8")
+            except OSError as exc:
+                log.error("could not quarantine a refused dataset (%s): %s", reason, exc)
+                return None
+        return folder / (f"{name}.reason.txt" if dropped else f"{name}.dcm")
+
+    def _why_not_keep(self, size: int) -> str:
+        """Why a refused dataset of ``size`` bytes must not be kept ('' when it may be)."""
+        if self.quarantine_max_bytes and size > self.quarantine_max_bytes:
+            return f"{size} bytes exceed the quarantine cap of {self.quarantine_max_bytes // 2**20} MiB"
         try:
-            self._write_atomic(folder / f"{name}.dcm", data)
-            (folder / f"{name}.reason.txt").write_text(f"{origin}\n{reason}\n", encoding="utf-8")
-        except OSError as exc:
-            log.error("could not quarantine a refused dataset (%s): %s", reason, exc)
-            return None
-        return folder / f"{name}.dcm"
+            low = bool(self.min_free_bytes) and self.free_bytes() - size < self.min_free_bytes
+        except OSError:
+            low = True
+        if low:
+            return f"less than {self.min_free_bytes // 2**20} MiB free on {self.root}"
+        return ""
+
+    def _prune_quarantine(self, incoming: int) -> None:
+        """Delete the oldest quarantined files until ``incoming`` more bytes fit under the cap."""
+        if not self.quarantine_max_bytes:
+            return
+        entries: dict[str, list[Path]] = {}
+        total = 0
+        for p in (self.root / "quarantine").iterdir():
+            stem = p.name.removesuffix(".reason.txt").removesuffix(".dcm")
+            entries.setdefault(stem, []).append(p)
+            total += p.stat().st_size
+        removed = 0
+        for stem in sorted(entries):  # names start with a UTC time: oldest first
+            if total + incoming <= self.quarantine_max_bytes:
+                break
+            for p in entries[stem]:
+                total -= p.stat().st_size
+                p.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            cap_mb = self.quarantine_max_bytes // 2**20
+            log.info("quarantine cap %d MiB: deleted the %d oldest entries", cap_mb, removed)
 
     def quarantined(self) -> list[tuple[Path, str]]:
-        """Quarantined files with their reasons, oldest first."""
+        """Quarantined datasets with their reasons, oldest first.
+
+        The path is that of the kept bytes (``.dcm``); it does not exist when only the reason was kept
+        (disk below the watermark, or the dataset larger than the cap).
+        """
+        folder = self.root / "quarantine"
+        stems = {p.name[: -len(".dcm")] for p in folder.glob("*.dcm")}
+        stems |= {p.name[: -len(".reason.txt")] for p in folder.glob("*.reason.txt")}
         out = []
-        for p in sorted((self.root / "quarantine").glob("*.dcm")):
-            reason_file = p.with_name(p.name[: -len(".dcm")] + ".reason.txt")
+        for stem in sorted(stems):
+            reason_file = folder / f"{stem}.reason.txt"
             reason = reason_file.read_text(encoding="utf-8").strip() if reason_file.exists() else ""
-            out.append((p, reason))
+            out.append((folder / f"{stem}.dcm", reason))
         return out
 
     def stored_paths(self) -> list[str]:
@@ -167,3 +233,61 @@ class Spool:
         """Delete a study's files (retention); the UID is validated first."""
         validate_uid(study_uid, "StudyInstanceUID")
         shutil.rmtree(self.root / "studies" / study_uid, ignore_errors=True)
+
+
+LOCK_NAME = "triaged.lock"
+
+
+class SpoolLock:
+    """An exclusive lock on a spool folder, held by one node for its whole life.
+
+    ``triaged serve`` takes it before anything touches the spool or the ledger (cleaning partial writes,
+    the start-up reconcile, resuming jobs), so a second ``serve`` on the same state exits instead of
+    deleting the running node's partial writes or re-queueing its running jobs.  The lock is a
+    ``flock`` on ``<spool>/triaged.lock``: the kernel drops it when the process ends, however it ends,
+    so a lock file left by a killed node never blocks a restart.  The file holds the PID of the holder.
+
+    Parameters
+    ----------
+    root : Path
+        The spool folder; created if missing.
+
+    Raises
+    ------
+    StorageError
+        Not retryable: another process holds the lock (the message names the lock file and that
+        process's PID), or the lock file cannot be opened.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)  # not inherited by worker processes
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open the lock file {self.path}: {exc.strerror or exc}", retryable=False
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StorageError(
+                    f"cannot lock {self.path}: {exc.strerror or exc}", retryable=False
+                ) from exc
+            raise StorageError(
+                f"{self.path} is locked by another triaged node (PID {holder}) using the same spool; "
+                "stop it first (nothing was changed)",
+                retryable=False,
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Drop the lock (the process ending drops it too); the file stays, harmless."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

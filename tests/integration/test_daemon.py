@@ -121,3 +121,76 @@ def test_an_edited_config_file_is_applied_without_a_signal(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert "changed on disk" in (tmp_path / "daemon.log").read_text()
+
+
+def test_a_config_edit_that_is_not_utf8_is_refused_and_the_node_keeps_running(
+    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path
+) -> None:
+    # Issue 12 item 4: the auto-reload used to die on UnicodeDecodeError, taking the node down.
+    proc, cfg, port = daemon
+    cfg.write_bytes(_config_text(tmp_path, port, ", allowed_calling_aes: [PACS]").encode() + b"# caf\xe9\n")
+    wait_for(lambda: "not valid UTF-8" in (tmp_path / "daemon.log").read_text(), what="the refusal")
+    assert proc.poll() is None
+    assert _accepts(port, "ANYONE")  # the old config still runs
+    proc.send_signal(signal.SIGHUP)  # the same file by signal: refused again, still alive
+    wait_for(lambda: (tmp_path / "daemon.log").read_text().count("not valid UTF-8") >= 2, what="2nd refusal")
+    assert proc.poll() is None and _accepts(port, "ANYONE")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert f"config reload refused, keeping the running config: {cfg}:5: not valid UTF-8" in log
+    assert "Traceback" not in log
+
+
+def test_one_edit_is_applied_once_when_the_watcher_and_sighup_both_see_it(
+    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path
+) -> None:
+    # Issue 12 item 4: edit, the watcher applies it, then `systemctl reload` applied it a second time.
+    proc, cfg, port = daemon
+    log_path = tmp_path / "daemon.log"
+    cfg.write_text(_config_text(tmp_path, port, ", allowed_calling_aes: [PACS]"))
+    wait_for(lambda: "configuration reloaded" in log_path.read_text(), what="the watcher to apply the edit")
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "unchanged since it was applied" in log_path.read_text(), what="the SIGHUP to skip it")
+    assert not _accepts(port, "ANYONE") and _accepts(port, "PACS")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert log_path.read_text().count("configuration reloaded") == 1
+
+
+def test_a_second_serve_on_the_same_state_exits_touching_nothing(
+    daemon: tuple[subprocess.Popen[str], Path, int], tmp_path: Path
+) -> None:
+    # Issue 12 item 5: a second node used to delete the running node's partial writes (and re-queue its
+    # running jobs) before failing on "port in use".
+    proc, cfg, port = daemon
+    partial = tmp_path / "spool" / "tmp" / "in-flight.part"
+    partial.write_bytes(b"half a C-STORE")
+    second = subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    lock = tmp_path / "spool" / "triaged.lock"
+    assert f"{lock} is locked by another triaged node (PID {proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert partial.read_bytes() == b"half a C-STORE"
+    assert proc.poll() is None and _accepts(port, "ANYONE")
+    # The lock dies with its holder, however it dies: a kill -9 leaves no stale lock behind.
+    proc.kill()
+    proc.wait()
+    restarted = subprocess.Popen(
+        [sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)],
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _listening(port) or restarted.poll() is not None, what="the restarted daemon")
+        assert restarted.poll() is None
+        assert lock.read_text().strip() == str(restarted.pid)
+        assert not partial.exists()  # the restarted node, holding the lock, cleans the dead one's partials
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=30)

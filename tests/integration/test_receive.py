@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -30,10 +32,13 @@ from triaged.config import Config
 from triaged.daemon import Node
 from triaged.domain import JobState
 from triaged.net.scp import (
+    STATUS_ENCODING_MISMATCH,
     STATUS_INSTANCE_MISMATCH,
     STATUS_INVALID_UID,
+    STATUS_MISSING_PIXELS,
     STATUS_OUT_OF_RESOURCES,
     STATUS_TRUNCATED_PIXELS,
+    STATUS_UID_CONFLICT,
     STATUS_UNDECODABLE,
 )
 from triaged.volume import load_volume, read_headers
@@ -266,7 +271,8 @@ def test_a_full_disk_answers_out_of_resources_and_stores_nothing(
     node = node_factory(make_config(tmp_path, storage={"min_free_mb": 10**9}))
     [rsp] = _send(node, [_ct(phantom_ct_series)])
     assert int(rsp.Status) == STATUS_OUT_OF_RESOURCES
-    assert "MiB free" in rsp.ErrorComment
+    # A short generic comment: the spool's path and free space stay in our log (issue 12 item 12).
+    assert rsp.ErrorComment == "cannot store now; retry later"
     assert node.ledger.studies() == []
 
 
@@ -334,3 +340,154 @@ def test_a_restart_keeps_every_acknowledged_instance_and_the_ledger_state(
     assert study.instances == 6
     assert len(again.ledger.study_instances(study.study_instance_uid)) == 6
     assert [j.state for j in again.ledger.jobs()] == [JobState.RECEIVING]
+
+
+def _send_files(node: Node, items: list[Dataset | Path]) -> list[int]:
+    """C-STORE each item on one association; files go raw (their file meta picks the context)."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [JPEGLosslessSV1])
+    assoc = ae.associate(*node.listener.address, ae_title="TRIAGED")
+    assert assoc.is_established
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        rsps = [assoc.send_c_store(item) for item in items]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    root = str(node.spool.root)
+    for rsp in rsps:  # what goes to a peer names none of our paths (issue 12 item 12)
+        assert root not in str(rsp.get("ErrorComment", ""))
+    return [int(rsp.Status) for rsp in rsps]
+
+
+def _file_with_body(path: Path, ds: Dataset, meta_syntax: str, *, implicit: bool) -> Path:
+    """``ds`` encoded as ``implicit`` says behind a file meta that names ``meta_syntax``: a mislabelled file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = meta_syntax
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, implicit
+    write_dataset(body, ds)
+    path.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + body.getvalue())
+    return path
+
+
+def test_a_series_or_instance_recorded_elsewhere_is_refused_for_good_and_the_node_still_restarts(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    # Issue 12 item 1: a PACS split/merge re-uses a Series or SOP Instance UID under another study or
+    # series.  It used to be spooled, answered 0xA700 (retried for ever) and stop every restart.
+    config = make_config(tmp_path, completion={"delay_seconds": 600})
+    node = node_factory(config)
+    files = sorted(phantom_ct_series.iterdir())
+    first = dcmread(files[0])
+    merged = dcmread(files[1])
+    merged.StudyInstanceUID = generate_uid()  # same series, another study
+    split = dcmread(files[0])
+    split.SeriesInstanceUID = generate_uid()  # same SOP Instance, another series
+    rsps = _send(node, [first, merged, split])
+    assert [int(r.Status) for r in rsps] == [0, STATUS_UID_CONFLICT, STATUS_UID_CONFLICT]
+    assert all(r.ErrorComment.startswith("UID conflict") for r in rsps[1:])
+    assert (
+        str(node.spool.root) not in rsps[1].ErrorComment
+        and first.StudyInstanceUID not in rsps[1].ErrorComment
+    )
+    stored = list((node.spool.root / "studies").rglob("*.dcm"))
+    assert [p.name for p in stored] == [f"{first.SOPInstanceUID}.dcm"]  # nothing written for the refused
+    reasons = [r for _, r in node.spool.quarantined()]
+    assert len(reasons) == 2 and all("0xC214" in r for r in reasons)
+    assert "already recorded under study" in reasons[0] and "already recorded in series" in reasons[1]
+    [audit] = node.ledger.associations()
+    assert (audit.instances, audit.failures) == (1, 2)
+    node.stop(drain_seconds=2)
+    again = node_factory(config)
+    [study] = again.ledger.studies()
+    assert (study.study_instance_uid, study.instances) == (first.StudyInstanceUID, 1)
+
+
+def test_broken_and_mislabelled_datasets_get_specific_statuses_and_are_quarantined(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    # Issue 12 item 12: each of these was answered Success and stored as a broken or mislabelled file.
+    node = node_factory(make_config(tmp_path))
+    source = _first_file(phantom_ct_series)
+    raw = source.read_bytes()
+
+    def fresh() -> Dataset:
+        ds = dcmread(source)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return ds
+
+    cut = fresh()
+    cut_file = tmp_path / "cut.dcm"
+    cut.save_as(cut_file)
+    data = cut_file.read_bytes()
+    cut_file.write_bytes(data[: data.rindex(b"\xe0\x7f\x10\x00")])  # the stream ends at the Pixel Data tag
+    no_pixels = fresh()
+    del no_pixels.PixelData
+    implicit_on_explicit = _file_with_body(
+        tmp_path / "implicit.dcm", fresh(), ExplicitVRLittleEndian, implicit=True
+    )
+    native_on_jpeg = _file_with_body(tmp_path / "native.dcm", fresh(), JPEGLosslessSV1, implicit=False)
+    newline = tmp_path / "newline.dcm"
+    ds = fresh()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.99.70"  # 25 characters and a pad byte on the wire ...
+    ds.save_as(newline)
+    # ... become a UID ending in a newline, which pydicom strips when it decodes the value.
+    newline.write_bytes(
+        newline.read_bytes().replace(b"1.2.826.0.1.3680043.99.70\0", b"1.2.826.0.1.3680043.99.70\n")
+    )
+    statuses = _send_files(node, [cut_file, no_pixels, implicit_on_explicit, native_on_jpeg, newline])
+    assert statuses == [
+        STATUS_MISSING_PIXELS,
+        STATUS_MISSING_PIXELS,
+        STATUS_ENCODING_MISMATCH,
+        STATUS_ENCODING_MISMATCH,
+        STATUS_INVALID_UID,
+    ]
+    reasons = [r for _, r in node.spool.quarantined()]
+    assert len(reasons) == 5
+    assert sum("0xC215" in r for r in reasons) == 2 and sum("0xC216" in r for r in reasons) == 2
+    assert any("Implicit VR dataset on a 1.2.840.10008.1.2.1" in r for r in reasons)
+    assert any(f"native Pixel Data on a {JPEGLosslessSV1}" in r for r in reasons)
+    assert not list((node.spool.root / "studies").rglob("*"))
+    # The well-formed ones of each kind still go through.
+    assert raw and _send_files(node, [source]) == [0]
+    good_implicit = _file_with_body(
+        tmp_path / "good-implicit.dcm", fresh(), ImplicitVRLittleEndian, implicit=True
+    )
+    ae = _scu()
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian])
+    assoc = ae.associate(*node.listener.address, ae_title="TRIAGED")
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assert assoc.send_c_store(good_implicit).Status == 0
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert node.ledger.studies()[0].instances == 2
+
+
+def test_a_ledger_error_answers_retry_later_without_the_database_message(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    # Issue 12 item 12: the Error Comment carried SQLite's message (and with it our paths) to the peer.
+    config = make_config(tmp_path)
+    node = node_factory(config)
+    con = sqlite3.connect(config.storage.ledger)
+    try:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+            "BEGIN SELECT RAISE(ABORT, 'disk I/O error in /var/lib/triaged/secret'); END"
+        )
+        con.commit()
+    finally:
+        con.close()
+    [rsp] = _send(node, [_ct(phantom_ct_series)])
+    assert int(rsp.Status) == STATUS_OUT_OF_RESOURCES
+    assert rsp.ErrorComment == "cannot store now; retry later"

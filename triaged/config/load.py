@@ -234,10 +234,37 @@ def sop_class_uids(names: list[str]) -> list[str]:
     return [keywords.get(n, n) for n in names]
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a config file; raise :class:`ConfigError` listing every problem."""
+def read_config_text(path: Path) -> str:
+    """The text of a config file; raise :class:`ConfigError` if it cannot be read or is not UTF-8.
+
+    The error names the file, the line and the byte offset of the first undecodable byte, so a stray
+    Latin-1 character is as easy to fix as a misspelt key (and never escapes as a ``UnicodeDecodeError``).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(str(path), [(str(path), f"cannot read: {exc.strerror}")]) from exc
-    return parse_config(text, str(path), base_dir=path.resolve().parent)
+        raise ConfigError(str(path), [(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = data[exc.start : exc.end].hex(" ")
+        raise ConfigError(
+            str(path),
+            [
+                (
+                    f"{path}:{line}",
+                    f"not valid UTF-8: byte(s) {bad} at byte offset {exc.start} (line {line}, column {column});"
+                    " save the file as UTF-8",
+                )
+            ],
+        ) from exc
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` listing every problem.
+
+    Nothing else escapes: an unreadable file or one that is not UTF-8 is a :class:`ConfigError` too.
+    """
+    return parse_config(read_config_text(path), str(path), base_dir=path.resolve().parent)

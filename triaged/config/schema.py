@@ -83,6 +83,9 @@ class StorageConfig(_Model):
     ledger: Path = Path("var/ledger.sqlite")
     #: Refuse new instances with 0xA700 (out of resources) when less than this many MiB are free.
     min_free_mb: int = Field(500, ge=0)
+    #: Most MiB kept in ``quarantine/`` (refused datasets); the oldest are deleted first (0: no cap).
+    #: Below ``min_free_mb`` refused datasets are not kept at all, only why they were refused.
+    quarantine_max_mb: int = Field(500, ge=0)
 
 
 class CompletionConfig(_Model):

@@ -1208,10 +1208,15 @@ DEVIATIONS: Final[dict[str, list[str]]] = {
         "weights stored as float16",
     ],
     "consolidation-em": [
-        "widths 16-128 (paper 32-512); a few hundred CPU steps instead of 200 + 50 epochs",
+        "real data first (issue 11): UNet-1 trained on real 2D slices only (pseudo-labelled and doctor-labelled "
+        "COVID-19 slices with estimated display windows, lesion-free slices of real no-pneumonia volumes); "
+        "the EM stage (UNet-2) on the 35 doctor-labelled training slices, whose multiclass labels give the "
+        "image-level consolidation z; no phantoms",
+        "widths 16-128 (paper 32-512); epochs x steps_per_epoch CPU steps of 8 crops (96 px) instead of "
+        "200 + 50 epochs",
         "input not multiplied by a lung mask (the real 8-bit slices have none); outputs are cut to the lungs",
         "learning rate 3e-3, x0.3 at 50 %, x0.1 at 75 % of the UNet-1 steps (paper 1e-2/1e-3/1e-4 over 200 epochs)",
-        "EM samples balanced between z = 0 and z = 1; z is per phantom study, per slice for real slices",
+        "EM samples balanced between z = 0 and z = 1; z per slice (a doctor slice's multiclass label)",
         "real doctor-labelled slices are single slices: their 2.5D input repeats the slice 7 times",
         "lungs from the classical triaged.analysis.lungs",
         "weights stored as float16",
@@ -1357,6 +1362,20 @@ def write_manifest(
 
 
 def _preprocessing_text(model_name: str, real_first: bool = False) -> str:
+    if real_first and model_name == "consolidation-em":
+        return (
+            "axial slices block-averaged to ~2 mm in-plane (WorkGrid, integer factor), z untouched; lungs by "
+            "triaged.analysis.lungs (classical), volume cropped to their bounding box + 4 px / 2 slices. "
+            "Slices thinner than 4 mm averaged into 5 mm slabs; 7 adjacent slabs as channels; intensities "
+            "(HU + 1024) / 110 with HU clipped to [-1024, 160] (seed 001). Real 8-bit slices: HU from the "
+            "estimated display window (window_estimation), resized to a 160 px long side; a doctor-labelled "
+            "slice (single slice) is repeated 7 times, pseudo-labelled slices come with their neighbours "
+            "(half of them flat); real no-pneumonia volumes: HU, ~2 mm. Augmentation: rotations by 90 deg, "
+            "flips, scale x0.8-1.25, contrast x0.85-1.15 about -500 HU, +-60 HU, random upper clip 0-300 HU, "
+            "Gaussian noise 0-40 HU, blur or unsharp masking; 96 px random crops (70 % centred near a lesion). "
+            "Not multiplied by a lung mask (the real slices have none); outputs are intersected with the "
+            "lungs, which the network's lesions may extend over dense consolidation (triaged.nets.pipelines)."
+        )
     if real_first:
         return (
             "axial slices block-averaged to ~2 mm in-plane (WorkGrid, integer factor), z untouched; lungs by "

@@ -33,6 +33,17 @@ class _ReceiveStatements:
         self.find_instance = select(ins.c.id, ins.c.series_id, ins.c.size, ins.c.sha256).where(
             ins.c.sop_instance_uid == bindparam("sop")
         )
+        # The hierarchy checks of :meth:`ReceiveMixin.hierarchy_conflict` (before the spool write).
+        self.series_study = (
+            select(st.c.study_instance_uid)
+            .select_from(se.join(st, se.c.study_id == st.c.id))
+            .where(se.c.series_instance_uid == bindparam("series_uid"))
+        )
+        self.instance_place = (
+            select(st.c.study_instance_uid, se.c.series_instance_uid)
+            .select_from(ins.join(se, ins.c.series_id == se.c.id).join(st, se.c.study_id == st.c.id))
+            .where(ins.c.sop_instance_uid == bindparam("sop"))
+        )
         self.count_duplicate = (
             update(ins).where(ins.c.id == bindparam("iid")).values(duplicate_count=ins.c.duplicate_count + 1)
         )
@@ -312,6 +323,41 @@ class ReceiveMixin(JobsMixin):
                 )
             self._ensure_receiving(conn, study_id, rec.study_instance_uid, now)
             return outcome
+
+    def hierarchy_conflict(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None:
+        """Why :meth:`record_instance` would refuse this instance's place in the hierarchy, or None.
+
+        The C-STORE handler asks before it writes anything, so a permanent conflict (a PACS split or
+        merge re-using a Series or SOP Instance UID) is refused instead of spooled and retried.
+
+        Parameters
+        ----------
+        study_uid, series_uid, sop_uid
+            The instance's validated UIDs.
+
+        Returns
+        -------
+        str or None
+            A reason naming the conflicting UIDs (for our log and the quarantine, not for the peer):
+            the series is recorded under another study, or the SOP Instance UID in another series.
+
+        Raises
+        ------
+        StorageError
+            The database could not be read.
+        """
+        q = self._q
+        with self._read("hierarchy_conflict") as conn:
+            owner = conn.execute(q.series_study, {"series_uid": series_uid}).scalar()
+            if owner is not None and owner != study_uid:
+                return f"series {series_uid} is already recorded under study {owner}, not {study_uid}"
+            place = conn.execute(q.instance_place, {"sop": sop_uid}).first()
+            if place is not None and place.series_instance_uid != series_uid:
+                return (
+                    f"SOP Instance {sop_uid} is already recorded in series {place.series_instance_uid} "
+                    f"of study {place.study_instance_uid}, not in series {series_uid}"
+                )
+        return None
 
     def _ensure_receiving(self, conn: Connection, study_id: int, study_uid: str, now: datetime) -> None:
         """Make sure the study has a RECEIVING job (inside the caller's IMMEDIATE transaction)."""

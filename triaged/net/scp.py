@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.valuerep import VR
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -73,14 +75,25 @@ STATUS_INVALID_UID = 0xC210
 STATUS_UNDECODABLE = 0xC211
 STATUS_INSTANCE_MISMATCH = 0xC212
 STATUS_TRUNCATED_PIXELS = 0xC213
+STATUS_UID_CONFLICT = 0xC214
+STATUS_MISSING_PIXELS = 0xC215
+STATUS_ENCODING_MISMATCH = 0xC216
 
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_VRS = frozenset(v.value.encode("ascii") for v in VR)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# Error Comments go to the peer: short and fixed, never a path, a UID of ours or a database message
+# (the details go to our log and the quarantine's reason file).
+_COMMENT_OUT_OF_RESOURCES = "cannot store now; retry later"
 
 
 class InstanceStore(Protocol):
     """Where received bytes go (:class:`triaged.spool.Spool`); adapters do not import each other."""
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str: ...
+    def absolute(self, rel_path: str) -> Path: ...
     def store_instance(self, rel_path: str, data: bytes) -> StoredFileLike: ...
     def quarantine(self, data: bytes, reason: str, origin: str) -> Path | None: ...
 
@@ -99,6 +112,7 @@ class InstanceRecorder(Protocol):
     ) -> int: ...
     def close_association(self, association_id: int, *, instances: int, bytes: int, failures: int,
                           aborted: bool) -> None: ...
+    def hierarchy_conflict(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None: ...
     def record_instance(self, rec: InstanceRecord, *, association_id: int | None,
                         now: datetime | None = None) -> StoreOutcome: ...
 
@@ -113,10 +127,13 @@ class _AssocStats:
 
 
 class _Refusal(Exception):
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
+    """A permanent refusal: ``comment`` goes to the peer, ``detail`` (default: the comment) to our log."""
+
+    def __init__(self, status: int, comment: str, detail: str = "") -> None:
+        super().__init__(detail or comment)
         self.status = status
         self.comment = comment
+        self.detail = detail or comment
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -236,11 +253,12 @@ class StoreService:
         try:
             raw = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises several types for a bad stream
-            return self._refuse(stats, b"", STATUS_UNDECODABLE, f"cannot encode received stream: {exc}", event)
+            return self._refuse(stats, b"", _undecodable(f"cannot encode received stream: {exc}"), event)
         try:
             record = self._validate(event, raw)
+            self._check_hierarchy(record)
         except _Refusal as ref:
-            return self._refuse(stats, raw, ref.status, ref.comment, event)
+            return self._refuse(stats, raw, ref, event)
         try:
             stored = self.spool.store_instance(record.path, raw)
             outcome = self.ledger.record_instance(
@@ -249,10 +267,15 @@ class StoreService:
             )
         except StorageError as exc:
             log.error("out of resources storing %s: %s", record.sop_instance_uid, exc)
-            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, f"storage failed: {exc}"))
-        except Exception as exc:  # noqa: BLE001 - the sender must get an answer and keep its copy
+            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, _COMMENT_OUT_OF_RESOURCES))
+        except InvalidDatasetError as exc:
+            # A conflicting instance recorded by a concurrent association since the check: the file
+            # just written belongs to no ledger row (its path holds the conflicting UIDs), so it goes.
+            self.spool.absolute(record.path).unlink(missing_ok=True)
+            return self._refuse(stats, raw, _conflict(str(exc)), event)
+        except Exception:  # noqa: BLE001 - the sender must get an answer and keep its copy
             log.exception("cannot record %s", record.sop_instance_uid)
-            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, f"ledger failed: {type(exc).__name__}"))
+            return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, _COMMENT_OUT_OF_RESOURCES))
         if outcome is not StoreOutcome.NEW:
             log.info("instance %s received again: %s", record.sop_instance_uid, outcome.value)
         if stats is not None:
@@ -264,26 +287,30 @@ class StoreService:
         try:
             ds = event.dataset
             _check_complete(ds)
-            study = ds.get("StudyInstanceUID")
-            series = ds.get("SeriesInstanceUID")
-            sop = ds.get("SOPInstanceUID")
+            keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            values = [_uid_as_sent(ds, keyword) for keyword in keywords]
             sop_class = ds.get("SOPClassUID")
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a corrupt stream
-            raise _Refusal(STATUS_UNDECODABLE, f"cannot decode dataset: {exc}") from exc
-        try:
-            study = validate_uid(study, "StudyInstanceUID")
-            series = validate_uid(series, "SeriesInstanceUID")
-            sop = validate_uid(sop, "SOPInstanceUID")
-        except InvalidDatasetError as exc:
-            raise _Refusal(STATUS_INVALID_UID, str(exc)) from exc
+            raise _undecodable(f"cannot decode dataset: {exc}") from exc
+        uids = []
+        for value, keyword in zip(values, keywords, strict=True):
+            try:
+                uids.append(validate_uid(value, keyword))
+            except InvalidDatasetError as exc:
+                raise _Refusal(STATUS_INVALID_UID, f"{keyword} missing or not a valid UID", str(exc)) from exc
+        study, series, sop = uids
         rq = cast(C_STORE, event.request)
         if sop != str(rq.AffectedSOPInstanceUID).strip("\x00 "):
             raise _Refusal(STATUS_INSTANCE_MISMATCH, "SOPInstanceUID differs from the request's")
         if sop_class is not None and str(sop_class) != str(rq.AffectedSOPClassUID):
-            raise _Refusal(STATUS_SOP_CLASS_MISMATCH, f"SOPClassUID {sop_class} differs from the context's")
+            raise _Refusal(
+                STATUS_SOP_CLASS_MISMATCH, "SOPClassUID differs from the context's",
+                f"SOPClassUID {sop_class} differs from the context's {rq.AffectedSOPClassUID}",
+            )
         ts = str(event.context.transfer_syntax)
         try:
-            self._check_pixels(ds, ts)
+            _check_encoding(raw, ts)
+            self._check_pixels(ds, ts, str(rq.AffectedSOPClassUID))
             record = instance_record(
                 ds, path=self.spool.instance_path(study, series, sop), size=len(raw),
                 sop_class_uid=str(rq.AffectedSOPClassUID), transfer_syntax_uid=ts,
@@ -291,13 +318,45 @@ class StoreService:
         except _Refusal:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise _Refusal(STATUS_UNDECODABLE, f"cannot decode dataset: {exc}") from exc
+            raise _undecodable(f"cannot decode dataset: {exc}") from exc
         return record
 
+    def _check_hierarchy(self, record: InstanceRecord) -> None:
+        """Refuse, before anything is written, an instance the ledger would refuse (PS3.3 C.12.1.1.1)."""
+        try:
+            reason = self.ledger.hierarchy_conflict(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+        except Exception:  # noqa: BLE001 - the ledger's own check in record_instance still applies
+            log.exception("cannot check the hierarchy of %s", record.sop_instance_uid)
+            return
+        if reason is not None:
+            raise _conflict(reason)
+
     @staticmethod
-    def _check_pixels(ds: Dataset, ts: str) -> None:
+    def _check_pixels(ds: Dataset, ts: str, sop_class: str) -> None:
+        present = [k for k in _PIXEL_KEYWORDS if k in ds]
+        if not present:
+            # Image Pixel module (PS3.3 C.7.6.3): Pixel Data is Type 1.  A stream cut exactly before
+            # the Pixel Data tag parses as a complete dataset without it.
+            if sop_class in CT_SOP_CLASSES or "Rows" in ds:
+                raise _Refusal(STATUS_MISSING_PIXELS, "Pixel Data missing")
+            return
+        if "PixelData" not in ds:
+            return
+        elem = ds.get_item("PixelData")
+        length = elem.length if isinstance(elem, RawDataElement) else (
+            _UNDEFINED_LENGTH if elem.is_undefined_length else len(elem.value or b""))
+        encapsulated = length == _UNDEFINED_LENGTH
+        if encapsulated == (ts in _UNCOMPRESSED):
+            # PS3.5 A.4: compressed syntaxes carry encapsulated fragments, native ones a defined length.
+            what = "encapsulated" if encapsulated else "native"
+            raise _Refusal(
+                STATUS_ENCODING_MISMATCH, "encoding does not match the transfer syntax",
+                f"{what} Pixel Data on a {ts} presentation context",
+            )
         # A truncated stream usually still parses: check native pixel data against its declared size.
-        if ts not in _UNCOMPRESSED or "PixelData" not in ds:
+        if encapsulated:
             return
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         bits = int(ds.get("BitsAllocated", 0) or 0)
@@ -306,19 +365,68 @@ class StoreService:
         expected = rows * cols * spp * frames * bits // 8
         actual = len(ds.PixelData)
         if expected and actual < expected:
-            raise _Refusal(STATUS_TRUNCATED_PIXELS, f"pixel data has {actual} bytes, {expected} expected")
+            raise _Refusal(
+                STATUS_TRUNCATED_PIXELS, "Pixel Data shorter than declared",
+                f"pixel data has {actual} bytes, {expected} expected",
+            )
 
-    def _refuse(self, stats: _AssocStats | None, raw: bytes, status: int, comment: str, event: evt.Event) -> Dataset:
+    def _refuse(self, stats: _AssocStats | None, raw: bytes, ref: _Refusal, event: evt.Event) -> Dataset:
         origin = f"from {event.assoc.requestor.ae_title.strip()}@{event.assoc.requestor.address}"
-        where = self.spool.quarantine(raw, f"0x{status:04X} {comment}", origin) if raw else None
-        log.warning("C-STORE refused with 0x%04X (%s) %s; quarantined as %s", status, comment, origin, where)
-        return self._count_failure(stats, _status(status, comment))
+        where = self.spool.quarantine(raw, f"0x{ref.status:04X} {ref.detail}", origin) if raw else None
+        log.warning(
+            "C-STORE refused with 0x%04X (%s) %s; quarantined as %s", ref.status, ref.detail, origin, where
+        )
+        return self._count_failure(stats, _status(ref.status, ref.comment))
 
     @staticmethod
     def _count_failure(stats: _AssocStats | None, status: Dataset) -> Dataset:
         if stats is not None:
             stats.failures += 1
         return status
+
+
+def _uid_as_sent(ds: Dataset, keyword: str) -> object:
+    """A UID element's value as the peer sent it: pydicom strips any whitespace (a trailing newline too)."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        return elem.value.decode("ascii", "replace") if elem.value else None
+    return elem.value
+
+
+def _undecodable(detail: str) -> _Refusal:
+    return _Refusal(STATUS_UNDECODABLE, "cannot decode dataset", detail)
+
+
+def _conflict(reason: str) -> _Refusal:
+    return _Refusal(STATUS_UID_CONFLICT, "UID conflict: Series/SOP Instance UID recorded elsewhere", reason)
+
+
+def _check_encoding(raw: bytes, ts: str) -> None:
+    """Refuse a dataset whose first element is not encoded as the presentation context says.
+
+    pydicom reads Implicit VR bytes on an Explicit VR context (and the reverse) by switching with a
+    warning; stored as received they would be a file whose meta names the wrong transfer syntax.
+    ``raw`` is the dataset with the file meta pynetdicom adds (its group length locates the body).
+    """
+    if raw[128:132] != b"DICM" or raw[132:136] != b"\x02\x00\x00\x00" or len(raw) < 144:
+        return
+    body = raw[144 + int.from_bytes(raw[140:144], "little"):]
+    if ts == DeflatedExplicitVRLittleEndian:
+        try:
+            body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, 16)
+        except zlib.error as exc:
+            raise _undecodable(f"cannot inflate dataset: {exc}") from exc
+    if len(body) < 8:
+        return
+    explicit = body[4:6] in _VRS
+    if explicit != (ts != ImplicitVRLittleEndian):
+        what = "Explicit" if explicit else "Implicit"
+        raise _Refusal(
+            STATUS_ENCODING_MISMATCH, "encoding does not match the transfer syntax",
+            f"{what} VR dataset on a {ts} presentation context",
+        )
 
 
 def _check_complete(ds: Dataset) -> None:

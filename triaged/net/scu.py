@@ -6,13 +6,16 @@ Used by ``triaged selftest`` and the bench to act as a modality, and by dispatch
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from triaged.errors import DispatchError
@@ -39,6 +42,52 @@ class SendResult:
         return self.status is not None and (self.status == 0 or (self.status & 0xF000) == 0xB000)
 
 
+class StopSignal:
+    """A stop request shared between threads that also cuts the associations it watches.
+
+    :func:`send_files` checks it between objects and registers its association with it as soon as the
+    TCP connection is open; :meth:`set` then closes that connection, so a sender waiting for a peer that
+    never answers (association negotiation or a C-STORE response) returns at once instead of after the
+    ACSE/DIMSE timeout.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[Association] = set()
+
+    def set(self) -> None:
+        """Request the stop and cut every watched association."""
+        with self._lock:
+            self._event.set()
+            cut = list(self._open)
+        for assoc in cut:
+            _cut(assoc)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def watch(self, assoc: Association) -> None:
+        """Cut ``assoc`` when the stop is requested (at once if it already was)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._open.add(assoc)
+                return
+        _cut(assoc)
+
+    def unwatch(self, assoc: Association) -> None:
+        with self._lock:
+            self._open.discard(assoc)
+
+
+def _cut(assoc: Association) -> None:
+    """Close the association's transport: pynetdicom then wakes whoever waits for the peer (A-P-ABORT)."""
+    sock = assoc.dul.socket
+    if sock is not None:
+        log.info("stop requested: closing the association with %s", assoc.acceptor.ae_title)
+        sock.close()
+
+
 def echo(host: str, port: int, called_ae: str, calling_ae: str = "TRIAGED_SCU", timeout: float = 10) -> int:
     """C-ECHO a peer; returns the status or raises :class:`DispatchError` when no association."""
     ae = AE(ae_title=calling_ae)
@@ -61,8 +110,16 @@ def send_files(
     called_ae: str,
     calling_ae: str = "TRIAGED",
     timeout: float = 30,
+    *,
+    on_result: Callable[[SendResult], None] | None = None,
+    stop: StopSignal | None = None,
 ) -> list[SendResult]:
     """Send DICOM files on one association, proposing each file's own transfer syntax.
+
+    ``on_result`` is called with each instance's :class:`SendResult` as soon as the peer answers it (or
+    the association is found lost), before the next instance is sent, so a caller can record every
+    acknowledgement durably as it comes.  ``stop``, when set, ends the association at once (see
+    :class:`StopSignal`); instances not sent by then get no call and a ``None`` status in the list.
 
     Raises :class:`DispatchError` (retryable) when no association could be established.
     """
@@ -75,21 +132,38 @@ def send_files(
         raise DispatchError("more than 128 presentation contexts needed", retryable=False)
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, [ts])
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise DispatchError(f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)")
-    set_nodelay(assoc)
-    results: list[SendResult] = []
+    handlers: list[tuple[evt.EventType, Callable[..., Any]] | tuple[evt.EventType, Callable[..., Any], list[Any]]]
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: stop.watch(event.assoc))] if stop is not None else []
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=handlers)
     try:
+        if stop is not None and stop.is_set():
+            raise DispatchError(f"stop requested while associating with {called_ae}@{host}:{port}")
+        if not assoc.is_established:
+            raise DispatchError(
+                f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)"
+            )
+        set_nodelay(assoc)
+        results: list[SendResult] = []
         for path, hdr in headers:
             sop = str(hdr.SOPInstanceUID)
-            if not assoc.is_established:
-                results.append(SendResult(str(path), sop, None, "association lost"))
+            if stop is not None and stop.is_set():
+                results.append(SendResult(str(path), sop, None, "stop requested"))
                 continue
-            rsp = assoc.send_c_store(path)
-            status = int(rsp.Status) if "Status" in rsp else None
-            results.append(SendResult(str(path), sop, status, str(rsp.get("ErrorComment", ""))))
+            if not assoc.is_established:
+                result = SendResult(str(path), sop, None, "association lost")
+            else:
+                rsp = assoc.send_c_store(path)
+                if stop is not None and stop.is_set() and "Status" not in rsp:
+                    results.append(SendResult(str(path), sop, None, "stop requested"))
+                    continue
+                status = int(rsp.Status) if "Status" in rsp else None
+                result = SendResult(str(path), sop, status, str(rsp.get("ErrorComment", "")))
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
     finally:
+        if stop is not None:
+            stop.unwatch(assoc)
         if assoc.is_established:
             assoc.release()
     return results

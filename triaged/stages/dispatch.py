@@ -1,10 +1,18 @@
-"""Dispatch: the outbox, sending with capped exponential backoff and dead letters, settling, resend."""
+"""Dispatch: the outbox, sending with capped exponential backoff and dead letters, settling, resend.
+
+Each destination has its own sender thread, so a slow or hung peer delays only its own objects; every
+acknowledgement is recorded in the ledger as the peer gives it, and :meth:`Dispatch.stop` cuts open
+associations instead of waiting for their timeouts.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -13,7 +21,7 @@ from triaged.config import Config, DestinationConfig, DispatchConfig
 from triaged.domain import JobRow, JobState, OutboxEntry, OutboxState
 from triaged.errors import DispatchError, StateError, TriagedError
 from triaged.ledger import Ledger, OutboxRequest
-from triaged.net.scu import SendResult, send_files
+from triaged.net.scu import SendResult, StopSignal, send_files
 from triaged.spool import Spool
 from triaged.stages._common import Clock, ConfigProvider, utc_now
 
@@ -21,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: One encoded object: (kind, path relative to the spool root, SOP Class UID, SOP Instance UID).
 Output = tuple[str, str, str, str]
+
+#: How long :meth:`Dispatch.stop` waits for the senders it has cut before leaving them behind.
+STOP_GRACE_SECONDS = 5.0
 
 
 def backoff_seconds(attempts: int, d: DispatchConfig) -> float:
@@ -39,19 +50,38 @@ def retryable_status(status: int) -> bool:
 class Destination(Protocol):
     """Where result objects go: one association per call, one result per path, in order."""
 
-    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str,
-             timeout: float) -> list[SendResult]:
-        """Send ``paths``; raise :class:`DispatchError` or ``OSError`` when no association was made."""
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str, timeout: float,
+             on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
+        """Send ``paths``; raise :class:`DispatchError` or ``OSError` when no association was made.
+
+        ``on_result`` is called with each path's result, in order, as soon as the peer answers it;
+        ``stop`` set means: end the association now and leave the rest unsent.
+        """
         ...
 
 
 class SCUDestination:
     """The real destination: DICOM C-STORE with :func:`triaged.net.scu.send_files`."""
 
-    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str,
-             timeout: float) -> list[SendResult]:
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str, timeout: float,
+             on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
         return send_files(paths, dest.host, dest.port, dest.ae_title,
-                          calling_ae=dest.calling_ae_title or calling_ae, timeout=timeout)
+                          calling_ae=dest.calling_ae_title or calling_ae, timeout=timeout,
+                          on_result=on_result, stop=stop)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One destination's sender: its batches (one per job, one association each) and what it delivered."""
+
+    destination: str
+    batches: list[list[OutboxEntry]]
+    sent: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def items(self) -> int:
+        return sum(len(b) for b in self.batches)
 
 
 class Dispatch:
@@ -64,6 +94,11 @@ class Dispatch:
         self._config = config
         self._destination = destination or SCUDestination()
         self._now = now
+        self._stop = StopSignal()
+        #: Guards the two below and settling, so a job is settled once, when none of its batches is out.
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._in_flight: dict[int, int] = defaultdict(int)
 
     def enqueue_outputs(self, job: JobRow, outputs: tuple[Output, ...]) -> None:
         """ENCODING → DISPATCHING with one outbox item per (destination, output of a kind it takes)."""
@@ -88,61 +123,152 @@ class Dispatch:
             self.settle(job.id)
 
     def dispatch_due(self, now: datetime | None = None) -> int:
-        """Send every due outbox item, one association per destination and job; returns items sent."""
+        """Send every due outbox item and wait for the senders; returns items sent.
+
+        Destinations are sent to concurrently; one whose sender is still busy (started by
+        :meth:`start_due`) is left for a later call.
+        """
+        runs = self._start(now)
+        for run in runs:
+            run.done.wait()
+        return sum(run.sent for run in runs)
+
+    def start_due(self, now: datetime | None = None) -> int:
+        """The scheduler's tick: start a sender for each idle destination with due items; do not wait.
+
+        Returns how many items were handed to senders.  A destination that does not answer holds only
+        its own sender: the next tick serves every other destination as usual.
+        """
+        return sum(run.items for run in self._start(now))
+
+    def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+        """Stop for good: start nothing more, cut open associations, wait up to ``grace_seconds``.
+
+        Objects not acknowledged stay PENDING (their attempt is not counted) and go at the next start.
+        """
+        self._stop.set()
+        deadline = time.monotonic() + grace_seconds
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            if not run.done.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("dispatch to %s did not end within %g s of the stop", run.destination, grace_seconds)
+
+    def _start(self, now: datetime | None) -> list[_Run]:
+        """Claim the due items of idle destinations, one batch per (destination, job), and start senders."""
         cfg = self._config()
         now = now or self._now()
-        due = self.ledger.outbox(states=[OutboxState.PENDING], due_before=now, limit=10000)
-        by_job: dict[int, list[OutboxEntry]] = defaultdict(list)
-        for item in due:
-            by_job[item.job_id].append(item)
-        sent = 0
-        for job_id, items in by_job.items():
-            job = self.ledger.job(job_id)
-            if job.state is JobState.RETRY_WAIT:
-                try:
-                    self.ledger.transition(job_id, JobState.RETRY_WAIT, JobState.DISPATCHING,
-                                           f"retrying {len(items)} object(s)")
-                except StateError:
+        with self._lock:
+            if self._stop.is_set():
+                return []
+            busy = {name for name, run in self._runs.items() if not run.done.is_set()}
+            due = self.ledger.outbox(states=[OutboxState.PENDING], due_before=now, limit=10000)
+            by_job: dict[int, list[OutboxEntry]] = defaultdict(list)
+            for item in due:
+                if item.destination not in busy:
+                    by_job[item.job_id].append(item)
+            batches: dict[str, list[list[OutboxEntry]]] = defaultdict(list)
+            for job_id, items in by_job.items():
+                job = self.ledger.job(job_id)
+                if job.state is JobState.RETRY_WAIT:
+                    try:
+                        self.ledger.transition(job_id, JobState.RETRY_WAIT, JobState.DISPATCHING,
+                                               f"retrying {len(items)} object(s)")
+                    except StateError:
+                        continue
+                elif job.state is not JobState.DISPATCHING:
                     continue
-            elif job.state is not JobState.DISPATCHING:
-                continue
-            by_dest: dict[str, list[OutboxEntry]] = defaultdict(list)
-            for item in items:
-                by_dest[item.destination].append(item)
-            for dest, dest_items in by_dest.items():
-                sent += self._send(cfg, dest, dest_items, now)
-            self.settle(job_id)
-        return sent
+                by_dest: dict[str, list[OutboxEntry]] = defaultdict(list)
+                for item in items:
+                    by_dest[item.destination].append(item)
+                for dest, dest_items in by_dest.items():
+                    batches[dest].append(dest_items)
+                    self._in_flight[job_id] += 1
+            runs = [_Run(dest, dest_batches) for dest, dest_batches in batches.items()]
+            for run in runs:
+                self._runs[run.destination] = run
+        for run in runs:
+            threading.Thread(target=self._run, args=(cfg, run, now), name=f"dispatch-{run.destination}",
+                             daemon=True).start()
+        return runs
+
+    def _run(self, cfg: Config, run: _Run, now: datetime) -> None:
+        """A destination's sender: its batches in turn, each job settled as soon as its last batch is done."""
+        try:
+            for batch in run.batches:
+                try:
+                    if not self._stop.is_set():
+                        run.sent += self._send(cfg, run.destination, batch, now)
+                except Exception:  # noqa: BLE001 - the outbox is durable: a later tick tries again
+                    log.exception("dispatch to %s failed", run.destination)
+                finally:
+                    self._batch_done(batch[0].job_id)
+        finally:
+            run.done.set()
+
+    def _batch_done(self, job_id: int) -> None:
+        with self._lock:
+            self._in_flight[job_id] -= 1
+            if self._in_flight[job_id] > 0:
+                return
+            del self._in_flight[job_id]
+            if self._stop.is_set():
+                return  # left DISPATCHING: the next start sends what is still PENDING
+            try:
+                self.settle(job_id)
+            except Exception:  # noqa: BLE001
+                log.exception("settling job %s failed", job_id)
 
     def _send(self, cfg: Config, dest_name: str, items: list[OutboxEntry], now: datetime) -> int:
+        """One association for ``items``; each answer is recorded in the ledger as it comes."""
         dest = cfg.destinations.get(dest_name)
         if dest is None:
             for item in items:
                 self.retry_or_dead(item, None, f"destination {dest_name!r} is not configured", now)
             return 0
+        handled = 0
+        ok = 0
+
+        def record(result: SendResult) -> None:
+            nonlocal handled, ok
+            item = items[handled]
+            handled += 1
+            ok += self._record(dest_name, item, result, now)
+
         try:
             results = self._destination.send(
                 [self.spool.absolute(i.path) for i in items], dest,
                 calling_ae=cfg.dispatch.calling_ae_title, timeout=cfg.dispatch.timeout_seconds,
+                on_result=record, stop=self._stop,
             )
         except (DispatchError, OSError) as exc:
-            for item in items:
+            if self._stop.is_set():
+                log.info("dispatch to %s stopped: %s", dest_name, exc)
+                return ok
+            for item in items[handled:]:
                 self.retry_or_dead(item, None, str(exc), now)
-            return 0
-        ok = 0
-        for item, result in zip(items, results, strict=True):
-            if result.ok and result.status is not None:
-                self.ledger.mark_sent(item.id, result.status)
-                ok += 1
-            elif result.status is not None and not retryable_status(result.status):
-                reason = f"{dest_name} refused {item.kind} with 0x{result.status:04X} {result.comment}".strip()
-                log.error("job %s: dead-lettered %s: %s", item.job_id, item.sop_instance_uid, reason)
-                self.ledger.mark_dead(item.id, reason)
-            else:
-                status = f"0x{result.status:04X} " if result.status is not None else ""
-                self.retry_or_dead(item, result.status, f"{dest_name}: {status}{result.comment}".strip(), now)
+            return ok
+        if self._stop.is_set():
+            log.info("dispatch to %s stopped after %d of %d object(s)", dest_name, handled, len(items))
+            return ok
+        for result in results[handled:]:
+            record(result)  # a destination that reported less than it sent: the rest from its list
         log.info("sent %d of %d object(s) to %s", ok, len(items), dest_name)
         return ok
+
+    def _record(self, dest_name: str, item: OutboxEntry, result: SendResult, now: datetime) -> bool:
+        """One instance's answer into the outbox: SENT, dead-lettered, or retried later."""
+        if result.ok and result.status is not None:
+            self.ledger.mark_sent(item.id, result.status)
+            return True
+        if result.status is not None and not retryable_status(result.status):
+            reason = f"{dest_name} refused {item.kind} with 0x{result.status:04X} {result.comment}".strip()
+            log.error("job %s: dead-lettered %s: %s", item.job_id, item.sop_instance_uid, reason)
+            self.ledger.mark_dead(item.id, reason)
+            return False
+        status = f"0x{result.status:04X} " if result.status is not None else ""
+        self.retry_or_dead(item, result.status, f"{dest_name}: {status}{result.comment}".strip(), now)
+        return False
 
     def retry_or_dead(self, item: OutboxEntry, status: int | None, error: str, now: datetime) -> None:
         """One failed attempt: schedule the next with backoff, or dead-letter past ``max_age_hours``."""

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from triaged.domain import InstanceRecord, JobState
-from triaged.errors import StateError, TriagedError
+from triaged.errors import InvalidDatasetError, StateError, TriagedError
 from triaged.ledger import Ledger
 from triaged.net.scp import instance_record
 from triaged.spool import Spool
@@ -39,7 +39,10 @@ class Recovery:
     def reconcile_spool(self) -> int:
         """Record spool files the ledger does not know (a power loss after the file was fsynced).
 
-        Returns how many were recorded.  Unreadable files are quarantined.
+        Returns how many were recorded.  File by file, so no file stops the start: one that cannot be
+        read, or that the ledger refuses (its Series or SOP Instance UID is recorded under another
+        study or series), is quarantined with the reason; one the ledger cannot take now (a database
+        error) stays in the spool for the next start.
         """
         known = self.ledger.instance_paths()
         added = 0
@@ -50,15 +53,34 @@ class Recovery:
             try:
                 record = record_from_file(path, rel)
             except (OSError, TriagedError, ValueError, AttributeError, InvalidDicomError) as exc:
-                data = path.read_bytes() if path.exists() else b""
-                self.spool.quarantine(data, f"unreadable at start-up reconcile: {exc}", rel)
-                path.unlink(missing_ok=True)
+                self._quarantine(path, rel, f"unreadable at start-up reconcile: {exc}")
                 continue
-            self.ledger.record_instance(record, association_id=None)
+            try:
+                self.ledger.record_instance(record, association_id=None)
+            except InvalidDatasetError as exc:
+                self._quarantine(path, rel, f"refused by the ledger at start-up reconcile: {exc}")
+                continue
+            except TriagedError as exc:
+                log.error("start-up: cannot record spooled %s now, left for the next start: %s", rel, exc)
+                continue
             added += 1
         if added:
             log.warning("start-up: recorded %d spooled instance(s) missing from the ledger", added)
         return added
+
+    def _quarantine(self, path: Path, rel: str, reason: str) -> None:
+        """Move a spooled file the ledger cannot take to the quarantine; keep it where it is if that fails."""
+        try:
+            data = path.read_bytes() if path.exists() else b""
+        except OSError as exc:
+            log.error("start-up: cannot read spooled %s to quarantine it (%s): %s", rel, reason, exc)
+            return
+        where = self.spool.quarantine(data, reason, rel)
+        if where is None:
+            log.error("start-up: could not quarantine spooled %s (%s); left in the spool", rel, reason)
+            return
+        path.unlink(missing_ok=True)
+        log.error("start-up: spooled %s quarantined as %s: %s", rel, where.name, reason)
 
     def resume_interrupted(self) -> None:
         """Put jobs a stop interrupted back on their way.

@@ -6,15 +6,23 @@ replaced), a crashed process is replaced, and the job is reported FAILED with th
 daemon carries on.  When a task's analysis is done and encoding begins, the process says so
 (:class:`~triaged.worker.task.EncodingStarted`), and the parent records the findings and priority then,
 not after the encoded objects exist.
+
+A worker process never outlives the node: on Linux the kernel kills it when the parent dies
+(``PR_SET_PDEATHSIG``), and everywhere a watchdog thread in the process exits it within half a second of
+its parent going away (:func:`bind_to_parent`), during a task as between tasks.  A ``kill -9`` of the node
+so leaves no analysis running unsupervised beside the restarted node's worker on the same files.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +34,59 @@ from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, run_
 log = logging.getLogger(__name__)
 
 
-def _worker_main(conn: Connection, threads: int) -> None:
-    """Entry point of a worker process: answer tasks until the pipe closes."""
+#: Exit status of a worker process whose watchdog found its parent gone (``EX_TEMPFAIL``).
+ORPHANED_EXIT_CODE = 75
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _set_parent_death_signal() -> bool:
+    """Ask the Linux kernel to SIGKILL this process when its parent dies; False where that is not possible.
+
+    The kernel sends the signal when the *thread* that started the process ends, so the parent starts its
+    workers from a thread that lives as long as they do (a :class:`WorkerPool` feeder thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl: the watchdog still runs
+        return False
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    while True:
+        if os.getppid() != parent_pid:  # re-parented: the parent is gone
+            os._exit(ORPHANED_EXIT_CODE)
+        time.sleep(interval)
+
+
+def bind_to_parent(parent_pid: int, *, death_signal: bool = True, interval: float = 0.5) -> None:
+    """Tie the calling process's life to its parent ``parent_pid``; called first thing in a worker process.
+
+    Parameters
+    ----------
+    parent_pid
+        The parent's PID as the parent saw it when it started this process (not ``os.getppid()`` now:
+        a parent that died before this call is then noticed at once).
+    death_signal
+        Also ask the Linux kernel for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``).
+    interval
+        Seconds between the watchdog thread's checks of ``os.getppid()``: the portable guard, which also
+        covers a parent that died before the kernel was asked.
+    """
+    if death_signal:
+        _set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        os._exit(ORPHANED_EXIT_CODE)
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, interval), name="triaged-parent-watchdog", daemon=True
+    ).start()
+
+
+def _worker_main(conn: Connection, threads: int, parent_pid: int) -> None:
+    """Entry point of a worker process: answer tasks until the pipe closes or the parent dies."""
+    bind_to_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         import torch
@@ -57,7 +116,11 @@ def _rss_mb(pid: int) -> float:
 
 
 class WorkerProcess:
-    """One long-lived worker process; replaced after a crash, timeout or memory kill."""
+    """One long-lived worker process; replaced after a crash, timeout or memory kill.
+
+    The process dies with its parent (:func:`bind_to_parent`); on Linux also when the thread that started
+    it (the one that called :meth:`run` first after a replacement) ends, so call it from a long-lived thread.
+    """
 
     def __init__(self, name: str, threads: int) -> None:
         self.name = name
@@ -70,7 +133,7 @@ class WorkerProcess:
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(
-            target=_worker_main, args=(child, self.threads), name=self.name, daemon=True
+            target=_worker_main, args=(child, self.threads, os.getpid()), name=self.name, daemon=True
         )
         self._proc.start()
         child.close()
