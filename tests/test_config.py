@@ -22,8 +22,20 @@ def test_the_shipped_config_is_valid_and_resolves_paths_next_to_itself() -> None
 
 def test_an_empty_file_gives_the_embedded_defaults() -> None:
     config = parse_config("", "empty.yaml")
-    assert config.listener.bind_address == "0.0.0.0"
     assert config.series_selection.min_slices == 20
+
+
+def test_the_defaults_open_no_door_to_patient_data() -> None:
+    # Issue 12 item 13: the node bound 0.0.0.0, accepted any called AE title and answered anyone's C-FIND.
+    for config in (parse_config("", "empty.yaml"), load_config(REPO / "config.yaml")):
+        assert config.listener.bind_address == "127.0.0.1"
+        assert config.listener.find_allowed_aes == []
+        assert config.listener.accept_any_called_ae is False
+    opened = parse_config("listener: {find_allowed_aes: [' READER ']}", "open.yaml")
+    assert opened.listener.find_allowed_aes == ["READER"]
+    with pytest.raises(ConfigError) as info:
+        parse_config("listener:\n  find_allowed_aes: ['BAD\\\\AE']\n", "bad.yaml")
+    assert "not a valid AE title" in dict(info.value.problems)["bad.yaml:2: listener.find_allowed_aes"]
 
 
 def test_every_error_is_reported_at_once_with_its_path_and_line() -> None:
@@ -262,9 +274,13 @@ def test_the_documented_routing_example_is_valid_and_the_documented_policies_are
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "configuration.md").read_text(), re.S)
     peers = "destinations:\n  demo: {ae_title: D, host: 127.0.0.1, port: 1}\n  pacs: {ae_title: P, host: 10.0.0.5, port: 2}\n"
-    routed = parse_config(peers + blocks[0], "docs-routing")
+    routing = next(b for b in blocks if b.startswith("routing:"))
+    priority = next(b for b in blocks if b.startswith("priority:"))
+    routed = parse_config(peers + routing, "docs-routing")
     assert [r.name for r in routed.routing.rules] == ["no-ct", "icu", "thin-chest"]
-    assert parse_config(blocks[1], "docs-priority").priority == PriorityConfig()
+    assert parse_config(priority, "docs-priority").priority == PriorityConfig()
+    for block in blocks:  # every YAML example in the reference parses (peers added for routed ones)
+        parse_config(peers + block, "docs-example")
 
 
 def test_check_config_reports_unknown_pipeline_names_with_path_and_line(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage
 
 from tests.conftest import make_config, require_tool
@@ -159,6 +161,31 @@ def test_a_source_outside_the_allowed_networks_is_rejected(
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x01)
     assert "127.0.0.1" in node.ledger.associations()[0].reject_reason
+
+
+def test_an_association_calling_another_ae_title_is_rejected_unless_any_is_accepted(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    # Issue 12 item 13: the called AE title was not checked; an association calling any title was accepted.
+    require_tool("echoscu")
+    node = node_factory(make_config(tmp_path))
+    host, port = node.listener.address
+    assoc = _scu().associate(host, port, ae_title="ANY-SCP")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)  # called AE not recognised
+    proc = subprocess.run(["echoscu", host, str(port)], capture_output=True, text=True, timeout=30)  # ANY-SCP
+    assert proc.returncode != 0 and "Called AE Title Not Recognized" in proc.stderr + proc.stdout
+    refused = node.ledger.associations()
+    assert len(refused) == 2 and all(not a.accepted and "'ANY-SCP'" in a.reject_reason for a in refused)
+    assoc = _scu().associate(host, port, ae_title="TRIAGED")
+    assert assoc.is_established
+    assoc.release()
+    # listener.accept_any_called_ae (reloadable) accepts any called AE title again, for new associations.
+    node.service.reload(node.config.listener.model_copy(update={"accept_any_called_ae": True}))
+    assoc = _scu().associate(host, port, ae_title="ANY-SCP")
+    assert assoc.is_established
+    assoc.release()
 
 
 def _first_file(series: Path) -> Path:
@@ -491,3 +518,71 @@ def test_a_ledger_error_answers_retry_later_without_the_database_message(
     [rsp] = _send(node, [_ct(phantom_ct_series)])
     assert int(rsp.Status) == STATUS_OUT_OF_RESOURCES
     assert rsp.ErrorComment == "cannot store now; retry later"
+
+
+# ------------------------------------------------------------------ issue 12 items 10 and 11
+
+
+def test_a_disk_full_while_writing_results_waits_for_a_retry_instead_of_failing_for_good(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full to make a write fail with ENOSPC")
+    node = node_factory(make_config(tmp_path))
+    work = node.spool.work_dir(1)  # the first job of a fresh ledger
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "masks.tmp.npz").symlink_to("/dev/full")  # the worker's first write: ENOSPC, as on a full disk
+    assert all(s.Status == 0 for s in _send(node, sorted(phantom_ct_series.iterdir())))
+    job = wait_for(
+        lambda: next((j for j in node.ledger.jobs() if j.state is JobState.FAILED or "transient" in j.detail), None),
+        timeout=60, what="the analysis to hit the full disk",
+    )
+    assert (job.id, job.state) == (1, JobState.QUEUED), job.detail  # was FAILED for good
+    assert "No space left on device" in job.detail and "retry 1 of" in job.detail
+    assert job.next_attempt_at is not None and job.next_attempt_at > datetime.now(UTC)
+
+
+def test_the_nodes_own_results_forwarded_back_never_reopen_the_study(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    pacs = AE(ae_title="PACS")
+    for cx in StoragePresentationContexts:
+        pacs.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        node = node_factory(make_config(
+            tmp_path,
+            listener={"extra_storage_sop_classes": [
+                "Comprehensive3DSRStorage", "SegmentationStorage", "SecondaryCaptureImageStorage"]},
+            destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": server.server_address[1]}},
+            routing={"default": {"destinations": ["pacs"]}},
+            dispatch={"interval_seconds": 0.3},
+        ))
+        assert all(s.Status == 0 for s in _send(node, sorted(phantom_ct_series.iterdir())))
+        job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), timeout=120, what="DONE")
+    finally:
+        server.shutdown()
+    outputs = [node.spool.absolute(i.path) for i in node.ledger.outbox(job_id=job.id)]
+    headers = [dcmread(p, stop_before_pixels=True) for p in outputs]
+    sr, seg, sc = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"
+    assert {str(h.SOPClassUID) for h in headers} == {sr, seg, sc}
+    instances, outbox = node.ledger.studies()[0].instances, len(node.ledger.outbox(limit=1000))
+    # The PACS forwards the study back twice, the second time with an attribute it coerced.
+    for forward in range(2):
+        back = AE(ae_title="PACS")
+        for h in headers:
+            back.add_requested_context(h.SOPClassUID, [h.file_meta.TransferSyntaxUID])
+        assoc = back.associate(*node.listener.address, ae_title="TRIAGED")
+        assert assoc.is_established
+        try:
+            for path in outputs:
+                ds = dcmread(path)
+                if forward:
+                    ds.InstitutionName = "PACS COERCED"
+                assert assoc.send_c_store(ds).Status == 0
+        finally:
+            assoc.release()
+    time.sleep(1.5)  # longer than the completion delay: a re-opened study would have moved on by now
+    assert [(j.id, j.revision, j.state) for j in node.ledger.jobs()] == [(job.id, 1, JobState.DONE)]
+    assert len(node.ledger.outbox(limit=1000)) == outbox
+    assert node.ledger.studies()[0].instances == instances + len(outputs)  # stored: they belong to the study

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
-from tests.conftest import free_port, write_config
+from tests.conftest import free_port, make_config, require_tool, write_config
 from tests.integration.conftest import storescu, wait_for
 from triaged.cli import main
 from triaged.config import Config, load_config
@@ -51,7 +53,7 @@ def node_with_three_studies(
              for acc, pipe in CASES.items()]
     cfg = write_config(
         tmp_path, routing={"rules": rules, "default": {"priority_policy": "severity"}},
-        worklist={"http_port": free_port()},
+        worklist={"http_port": free_port()}, listener={"find_allowed_aes": ["READER"]},
     )
     node = node_factory(load_config(cfg))
     studies = {}
@@ -69,7 +71,8 @@ def test_findscu_reads_the_worklist_in_priority_order_with_the_reasons(
     host, port = node.listener.address
     keys = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "AccessionNumber", "RequestedProcedurePriority",
             "0032,4000", "PatientName"]  # Study Comments is retired: DCMTK knows it by tag only
-    args = ["findscu", "-S", "-aec", "TRIAGED", *[a for k in keys for a in ("-k", k)], host, str(port)]
+    args = ["findscu", "-S", "-aet", "READER", "-aec", "TRIAGED", *[a for k in keys for a in ("-k", k)],
+            host, str(port)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env={"TCP_NODELAY": "1"})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
@@ -116,3 +119,47 @@ def test_the_http_endpoint_and_the_cli_agree_with_the_ledger(
     assert table.index("ACC-SEVERE") < table.index("ACC-MEDIUM") < table.index("ACC-MILD") < table.index("ACC-NOP")
     assert "P(COVID-19): not assessed" in table
     assert "Research use only" in table
+
+
+def test_c_find_answers_only_the_calling_ae_titles_in_find_allowed_aes(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 12 item 13: with C-FIND on by default, `findscu -aet STRANGER` got the names, IDs and birth
+    # dates of every study.  Now the Study Root FIND context is accepted only for listener.find_allowed_aes.
+    require_tool("findscu")
+    node = node_factory(make_config(tmp_path, listener={"find_allowed_aes": ["READER"]}))
+    host, port = node.listener.address
+    assert storescu(host, port, phantom_ct_series).returncode == 0
+    wait_for(lambda: node.worklist.rows(), what="the study on the worklist")
+    header = dcmread(next(phantom_ct_series.iterdir()), stop_before_pixels=True)
+    identifiers = [str(header.PatientID), str(header.PatientName), str(header.PatientBirthDate)]
+
+    def findscu(aet: str) -> tuple[int, str]:
+        keys = ["QueryRetrieveLevel=STUDY", "PatientName", "PatientID", "PatientBirthDate", "StudyDate"]
+        args = ["findscu", "-S", "-aet", aet, "-aec", "TRIAGED", *[a for k in keys for a in ("-k", k)]]
+        proc = subprocess.run([*args, host, str(port)], capture_output=True, text=True, timeout=60)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    code, out = findscu("STRANGER")
+    assert code != 0 and not any(i in out for i in identifiers), out
+    assert "STRANGER" in caplog.text and "listener.find_allowed_aes" in caplog.text
+    code, out = findscu("READER")
+    assert code == 0 and all(i in out for i in identifiers), out
+    # A stranger's association is still accepted for storage and echo; only its FIND context is rejected.
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(host, port, ae_title="TRIAGED")
+    assert assoc.is_established
+    try:
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+        [rejected] = assoc.rejected_contexts
+        find = StudyRootQueryRetrieveInformationModelFind
+        assert (rejected.abstract_syntax, rejected.result) == (find, 0x03)  # abstract syntax not supported
+    finally:
+        assoc.release()
+    # The default, an empty list, refuses everyone (a reload applies to new associations).
+    node.service.reload(node.config.listener.model_copy(update={"find_allowed_aes": []}))
+    code, out = findscu("READER")
+    assert code != 0 and not any(i in out for i in identifiers), out

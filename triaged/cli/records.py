@@ -1,5 +1,5 @@
-"""Commands that read or act on the ledger: ``studies``, ``jobs``, ``outbox``, ``worklist``, ``resend``
-and ``rules test``."""
+"""Commands that read or act on the ledger: ``studies``, ``jobs``, ``outbox``, ``worklist``, ``resend``,
+``reanalyze`` and ``rules test``."""
 
 from __future__ import annotations
 
@@ -155,6 +155,63 @@ def cmd_resend(args: argparse.Namespace) -> int:
     print(
         f"job {args.job}: {count} object(s) queued again; the running node sends them within "
         f"{config.dispatch.interval_seconds:g} s"
+    )
+    return 0
+
+
+def _requested_by() -> str:
+    """Who asked, for the job history: the login name (and the sudo caller's when run through sudo)."""
+    import getpass
+    import os
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{sudo} (via sudo as {user})" if sudo and sudo != user else user
+
+
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from triaged.domain import validate_uid
+    from triaged.errors import InvalidDatasetError
+
+    config = _load(args.config)
+    target = args.target.strip()
+    study_uid = ""
+    if not target.isdigit():
+        try:
+            study_uid = validate_uid(target, "Study Instance UID")
+        except InvalidDatasetError:
+            print(
+                f"triaged reanalyze: {target!r} is neither a job id nor a valid Study Instance UID",
+                file=sys.stderr,
+            )
+            return 2
+    if args.pipeline is not None:
+        from triaged.analysis.registry import load_registry
+
+        if args.pipeline not in load_registry(config.analysis.registry):
+            print(
+                f"triaged reanalyze: pipeline {args.pipeline!r} is not installed "
+                f"(analysis.registry {config.analysis.registry})",
+                file=sys.stderr,
+            )
+            return 2
+    ledger = _ledger(config)
+    try:
+        if not study_uid:
+            study_uid = ledger.job(int(target)).study_instance_uid
+        job = ledger.job(
+            ledger.reanalyze(
+                study_uid, requested_by=_requested_by(), reason=args.reason, pipeline=args.pipeline
+            )
+        )
+    finally:
+        ledger.close()
+    print(
+        f"study {study_uid}: job {job.id} (revision {job.revision}) created; the running node routes and "
+        f"analyses it at its next completion sweep (every {config.completion.sweep_interval_seconds:g} s)"
     )
     return 0
 
@@ -319,6 +376,21 @@ def _add_resend(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_resend)
 
 
+def _add_reanalyze(sub: Subparsers) -> None:
+    p = with_config(
+        sub.add_parser(
+            "reanalyze",
+            help="analyse a study again as a new revision (audited); the running node picks it up",
+        )
+    )
+    p.add_argument(
+        "target", metavar="STUDY_UID|JOB_ID", help="a Study Instance UID, or a job id (digits only)"
+    )
+    p.add_argument("--pipeline", help="run this pipeline instead of the route's")
+    p.add_argument("--reason", default="", help="why, for the job history")
+    p.set_defaults(func=cmd_reanalyze)
+
+
 PARSERS: dict[str, AddParser] = {
     "studies": _add_studies,
     "jobs": _add_jobs,
@@ -326,5 +398,6 @@ PARSERS: dict[str, AddParser] = {
     "rules": _add_rules,
     "outbox": _add_outbox,
     "resend": _add_resend,
+    "reanalyze": _add_reanalyze,
 }
 """Command name -> the function that adds its parser."""

@@ -41,7 +41,8 @@ class ListenerConfig(_Model):
     """The C-ECHO / C-STORE service class provider."""
 
     ae_title: AETitle = "TRIAGED"
-    bind_address: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens for the PACS by design
+    #: Loopback by default: the node is reachable from other hosts only when an admin opens it.
+    bind_address: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(16, ge=1, le=256)
     #: Maximum PDU we advertise; 0 means unlimited (PS3.8 D.3.3.1), the fastest for large CT.
@@ -50,6 +51,11 @@ class ListenerConfig(_Model):
     allowed_calling_aes: list[AETitle] = Field(default_factory=list)
     #: Source networks allowed to associate (CIDR); empty means any.
     allowed_networks: list[str] = Field(default_factory=list)
+    #: Calling AE titles whose Study Root C-FIND (the worklist, ``worklist.c_find``) is answered; empty
+    #: means nobody's: the FIND presentation context is rejected for every other calling AE title.
+    find_allowed_aes: list[AETitle] = Field(default_factory=list)
+    #: Accept associations whatever called AE title they name; false: only ``ae_title`` (else A-ASSOCIATE-RJ).
+    accept_any_called_ae: bool = False
     #: Storage SOP classes accepted besides CT and Enhanced CT (UIDs or keywords); stored, never analysed.
     extra_storage_sop_classes: list[str] = Field(default_factory=list)
     acse_timeout: float = Field(30.0, gt=0)
@@ -58,7 +64,7 @@ class ListenerConfig(_Model):
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
-    @field_validator("allowed_calling_aes")
+    @field_validator("allowed_calling_aes", "find_allowed_aes")
     @classmethod
     def _aes(cls, v: list[str]) -> list[str]:
         return [_check_ae(a) for a in v]
@@ -153,7 +159,8 @@ class DispatchConfig(_Model):
 class WorklistConfig(_Model):
     """How the radiology worklist reads the ledger: C-FIND on the listener and a JSON endpoint."""
 
-    #: Answer Study Root C-FIND on the listener with the ledger's studies in priority order.
+    #: Answer Study Root C-FIND on the listener with the ledger's studies in priority order, to the calling
+    #: AE titles in ``listener.find_allowed_aes`` only.
     c_find: bool = True
     #: A read-only HTTP endpoint serving the worklist as JSON (``GET /worklist``); 0 disables it.
     http_port: int = Field(8088, ge=0, le=65535)

@@ -123,7 +123,16 @@ class JobsMixin(LedgerBase):
         return str(state)
 
     @staticmethod
-    def _insert_job(conn: Connection, study_id: int, revision: int, detail: str, now: datetime) -> int:
+    def _insert_job(
+        conn: Connection,
+        study_id: int,
+        revision: int,
+        detail: str,
+        now: datetime,
+        *,
+        pipeline: str | None = None,
+    ) -> int:
+        """A new RECEIVING job; ``pipeline``, when given, is the one the series choice queues it with."""
         result = conn.execute(
             insert(_jobs).values(
                 study_id=study_id,
@@ -135,6 +144,7 @@ class JobsMixin(LedgerBase):
                 updated_at=now,
                 next_attempt_at=None,
                 attempts=0,
+                pipeline=pipeline,
             )
         )
         pk = result.inserted_primary_key

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from triaged.domain import InstanceRecord, JobState, StoreOutcome
-from triaged.errors import InvalidDatasetError, TriagedError
-from triaged.ledger.base import _associations, _instances, _jobs, _series, _studies, _utc, log
+from triaged.errors import InvalidDatasetError, StateError, TriagedError
+from triaged.ledger.base import _associations, _findings, _instances, _jobs, _series, _studies, _utc, log
 from triaged.ledger.jobs import JobsMixin
 from triaged.ledger.schema import UTCDateTime
 
 #: States whose results are not yet sent: a late instance cancels them (SUPERSEDED).  Later states
 #: keep going; the next revision's SR names their SR as predecessor.
 _SUPERSEDABLE = frozenset({JobState.COMPLETE, JobState.QUEUED, JobState.ANALYSING, JobState.ENCODING})
+
+#: SOP Classes of the node's own results (:mod:`triaged.encode`): any SR, Segmentation, Secondary Capture.
+_SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+_OUTPUT_CLASSES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.66.4", *(f"1.2.840.10008.5.1.4.1.1.7{s}" for s in ("", ".1", ".2", ".3", ".4"))}
+)
+
+
+def _may_be_own_output(rec: InstanceRecord) -> bool:
+    """The cheap part of :meth:`ReceiveMixin._is_own_output`: an SR, SEG or SC in a ``2.25.`` series."""
+    cls = rec.sop_class_uid
+    return rec.series_instance_uid.startswith("2.25.") and (
+        cls.startswith(_SR_CLASS_PREFIX) or cls in _OUTPUT_CLASSES
+    )
 
 
 class _ReceiveStatements:
@@ -122,6 +137,13 @@ class _ReceiveStatements:
             .order_by(j.c.revision.desc())
             .limit(1)
         )
+        # The analyses whose outputs' UIDs :meth:`ReceiveMixin._is_own_output` derives.
+        self.analyses = (
+            select(j.c.revision, _findings.c.pipeline, _findings.c.pipeline_version)
+            .select_from(j.join(_findings, _findings.c.job_id == j.c.id))
+            .where(j.c.study_id == bindparam("study_id"))
+        )
+        self.study_id = select(st.c.id).where(st.c.study_instance_uid == bindparam("study_uid"))
 
 
 class ReceiveMixin(JobsMixin):
@@ -226,7 +248,8 @@ class ReceiveMixin(JobsMixin):
         In one ``BEGIN IMMEDIATE`` transaction: upsert the study and series (counts, last-seen time,
         descriptive fields when given), insert or update the instance, and make sure the study has a
         RECEIVING job (creating revision 1, or re-opening a finished study with a new revision and
-        superseding a previous job whose results are not sent yet).
+        superseding a previous job whose results are not sent yet).  One of the node's own results coming
+        back (:meth:`_is_own_output`: a PACS forwarding the study) is recorded but never re-opens the study.
 
         Parameters
         ----------
@@ -321,8 +344,88 @@ class ReceiveMixin(JobsMixin):
                     rec.study_instance_uid,
                     rec.sop_instance_uid,
                 )
+            if self._is_own_output(conn, study_id, rec):
+                log.info(
+                    "study %s: instance %s is one of this node's results; stored, the study is not re-opened",
+                    rec.study_instance_uid,
+                    rec.sop_instance_uid,
+                )
+                return outcome
             self._ensure_receiving(conn, study_id, rec.study_instance_uid, now)
             return outcome
+
+    def _is_own_output(self, conn: Connection, study_id: int, rec: InstanceRecord) -> bool:
+        """Whether ``rec`` is an SR, SEG or SC this node made for the study (inside the caller's transaction).
+
+        Ours when its Series Instance UID is one :func:`~triaged.encode.uids.output_uids` derives from an
+        analysis recorded for the study (study, pipeline, version, revision): a UUID-derived UID no other
+        creator can produce, whatever a PACS changed in the object's other attributes.
+        """
+        if not _may_be_own_output(rec):
+            return False
+        # Imported here: only results need it, and triaged.encode loads highdicom (seconds for a CLI command).
+        from triaged.encode.uids import output_uids
+
+        for a in conn.execute(self._q.analyses, {"study_id": study_id}):
+            uids = output_uids(rec.study_instance_uid, a.pipeline, a.pipeline_version, a.revision)
+            if rec.series_instance_uid in (uids.sr_series, uids.seg_series, uids.sc_series):
+                return True
+        return False
+
+    def reanalyze(
+        self,
+        study_uid: str,
+        *,
+        requested_by: str,
+        reason: str = "",
+        pipeline: str | None = None,
+        now: datetime | None = None,
+    ) -> int:
+        """Open a new revision of a study so it is routed and analysed again (``triaged reanalyze``).
+
+        The new RECEIVING job is completed by the next completion sweep (the study is quiet) and then
+        routed, queued and analysed like any other; a previous job whose results are not sent yet is
+        SUPERSEDED, as by a late instance.  Who asked and why go into the new job's history.
+
+        Parameters
+        ----------
+        study_uid
+            The study.
+        requested_by, reason
+            Who asked (a login name) and why (may be empty), for the job history.
+        pipeline
+            The pipeline to run instead of the route's first one, or None.
+        now
+            Aware time of the request; defaults to the current UTC time.
+
+        Returns
+        -------
+        int
+            The new job's id.
+
+        Raises
+        ------
+        TriagedError
+            The study is not in the ledger.
+        StateError
+            The study is still receiving: it is analysed once complete.
+        StorageError
+            The database could not be written.
+        """
+        now = _utc(now)
+        why = f"re-analysis requested by {requested_by}" + (f": {reason}" if reason else "")
+        if pipeline:
+            why += f"; pipeline {pipeline}"
+        with self._write("reanalyze") as conn:
+            study_id = conn.execute(self._q.study_id, {"study_uid": study_uid}).scalar_one_or_none()
+            if study_id is None:
+                raise TriagedError(f"study {study_uid} is not in the ledger")
+            latest = conn.execute(self._q.latest_job, {"study_id": study_id}).first()
+            if latest is not None and latest.state == JobState.RECEIVING:
+                raise StateError(
+                    f"study {study_uid} is still receiving (job {latest.id}); it is analysed once complete"
+                )
+            return self._open_revision(conn, study_id, study_uid, latest, why, now, pipeline=pipeline)
 
     def hierarchy_conflict(self, study_uid: str, series_uid: str, sop_uid: str) -> str | None:
         """Why :meth:`record_instance` would refuse this instance's place in the hierarchy, or None.
@@ -365,27 +468,37 @@ class ReceiveMixin(JobsMixin):
         if latest is not None and latest.state == JobState.RECEIVING:
             return
         if latest is None:
-            revision, detail = 1, "first instance received"
-        else:
-            revision = latest.revision + 1
-            detail = f"re-opened by a late instance; supersedes job {latest.id} ({latest.state})"
-        job_id = self._insert_job(conn, study_id, revision, detail, now)
-        if latest is None:
+            job_id = self._insert_job(conn, study_id, 1, "first instance received", now)
             log.info("study %s: job %d created (RECEIVING)", study_uid, job_id)
             return
-        log.info(
-            "study %s: re-opened by a late instance, job %d supersedes job %d", study_uid, job_id, latest.id
-        )
+        self._open_revision(conn, study_id, study_uid, latest, "re-opened by a late instance", now)
+
+    def _open_revision(
+        self,
+        conn: Connection,
+        study_id: int,
+        study_uid: str,
+        latest: Any,
+        why: str,
+        now: datetime,
+        *,
+        pipeline: str | None = None,
+    ) -> int:
+        """Insert the study's next RECEIVING job (``latest``: its newest job row, or None), superseding
+        ``latest`` when its results are not sent yet; ``why`` goes into both histories.  Returns the job id."""
+        if latest is None:
+            job_id = self._insert_job(conn, study_id, 1, why, now, pipeline=pipeline)
+            log.info("study %s: %s, job %d created (RECEIVING)", study_uid, why, job_id)
+            return job_id
+        detail = f"{why}; supersedes job {latest.id} ({latest.state})"
+        job_id = self._insert_job(conn, study_id, latest.revision + 1, detail, now, pipeline=pipeline)
+        log.info("study %s: %s, job %d supersedes job %d", study_uid, why, job_id, latest.id)
         previous = JobState(latest.state)
         if previous in _SUPERSEDABLE:
             self._move(
-                conn,
-                latest.id,
-                previous,
-                JobState.SUPERSEDED,
-                f"re-opened by a late instance; job {job_id} supersedes it",
-                now,
+                conn, latest.id, previous, JobState.SUPERSEDED, f"{why}; job {job_id} supersedes it", now
             )
+        return job_id
 
     def instance_paths(self) -> set[str]:
         """Every recorded instance path (relative to the spool root), for the start-up reconcile.

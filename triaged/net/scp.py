@@ -153,13 +153,15 @@ class StoreService:
         Where instances are written and recorded.
     config
         The listener section; swapped by :meth:`reload` on SIGHUP (access rules take effect for new
-        associations; storage classes need a restart because presentation contexts are fixed).
+        associations; the AE title and storage classes need a restart: the AE and its presentation
+        contexts are fixed when the listener starts).
     """
 
     def __init__(self, spool: InstanceStore, ledger: InstanceRecorder, config: ListenerConfig) -> None:
         self.spool = spool
         self.ledger = ledger
         self._config = config
+        self._ae_title = config.ae_title  # the listener's AE title: the one called AE title accepted
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
 
@@ -170,8 +172,13 @@ class StoreService:
     def on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
 
-    def access_refusal(self, calling_ae: str, address: str) -> tuple[int, int, int, str] | None:
-        """(result, source, diagnostic, reason) of an A-ASSOCIATE-RJ for a stranger, else None (PS3.8 9.3.4)."""
+    def access_refusal(
+        self, calling_ae: str, address: str, called_ae: str | None = None
+    ) -> tuple[int, int, int, str] | None:
+        """(result, source, diagnostic, reason) of an A-ASSOCIATE-RJ for a stranger, else None (PS3.8 9.3.4).
+
+        ``called_ae`` is the AE title the peer called; None: not known (yet), not checked.
+        """
         cfg = self._config
         if cfg.allowed_networks:
             try:
@@ -183,7 +190,37 @@ class StoreService:
                 return (0x01, 0x01, 0x01, f"source address {address} is not in listener.allowed_networks")
         if cfg.allowed_calling_aes and calling_ae not in cfg.allowed_calling_aes:
             return (0x01, 0x01, 0x03, f"calling AE title {calling_ae!r} is not in listener.allowed_calling_aes")
+        if called_ae is not None and not cfg.accept_any_called_ae and called_ae != self._ae_title:
+            # rejected-permanent, service-user, called-AE-title-not-recognized
+            ours = self._ae_title
+            reason = f"called AE title {called_ae!r} is not {ours!r} (listener.accept_any_called_ae is off)"
+            return (0x01, 0x01, 0x07, reason)
         return None
+
+    def find_allowed(self, calling_ae: str) -> bool:
+        """Whether ``calling_ae`` may query the worklist (Study Root C-FIND): it is in find_allowed_aes."""
+        return calling_ae in self._config.find_allowed_aes
+
+    def _gate_find(self, assoc: Association, calling_ae: str) -> None:
+        """Withdraw the Study Root FIND context from this association unless ``calling_ae`` may query.
+
+        Negotiation follows EVT_REQUESTED: the peer sees the context rejected (abstract syntax not
+        supported), so no query of its reaches the worklist; Verification and Storage stay available.
+        """
+        if self.find_allowed(calling_ae):
+            return
+        supported = assoc.acceptor.supported_contexts
+        kept = [cx for cx in supported if cx.abstract_syntax != STUDY_ROOT_FIND]
+        if len(kept) == len(supported):
+            return  # the listener offers no C-FIND (worklist.c_find: false)
+        assoc.acceptor.supported_contexts = kept
+        primitive = assoc.requestor.primitive
+        proposed = primitive.presentation_context_definition_list if primitive else []
+        if any(cx.abstract_syntax == STUDY_ROOT_FIND for cx in proposed):
+            log.warning(
+                "C-FIND from %s@%s refused: calling AE title not in listener.find_allowed_aes",
+                calling_ae, assoc.requestor.address,
+            )
 
     def on_requested(self, event: evt.Event) -> None:
         assoc: Association = event.assoc
@@ -191,8 +228,9 @@ class StoreService:
         primitive = rq.primitive
         calling = (primitive.calling_ae_title if primitive else "").strip()
         called = (primitive.called_ae_title if primitive else "").strip()
-        refusal = self.access_refusal(calling, rq.address)
+        refusal = self.access_refusal(calling, rq.address, called)
         if refusal is None:
+            self._gate_find(assoc, calling)
             return
         result, source, diagnostic, reason = refusal
         log.warning("association from %s:%s (%s -> %s) rejected: %s", rq.address, rq.port, calling, called, reason)
@@ -511,7 +549,7 @@ class Listener:
         ae.acse_timeout = config.acse_timeout
         ae.dimse_timeout = config.dimse_timeout
         ae.network_timeout = config.network_timeout
-        ae.require_called_aet = False
+        ae.require_called_aet = False  # StoreService.on_requested checks it, with an audit row
         ae.add_supported_context(Verification)
         for uid in storage_sop_classes(config):
             ae.add_supported_context(uid, STORAGE_TRANSFER_SYNTAXES)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -15,7 +17,7 @@ from triaged.errors import StateError, TriagedError
 from triaged.ledger import Ledger
 from triaged.routing import RouteDecision, StudyFacts, attributes_of, route
 from triaged.spool import Spool
-from triaged.stages._common import ConfigProvider
+from triaged.stages._common import Clock, ConfigProvider, utc_now
 from triaged.stages.dispatch import Dispatch
 from triaged.volume import read_dataset, read_headers
 from triaged.worker import AnalysisTask, EncodingStarted, PriorityResult, TaskOutcome, TaskQueue
@@ -24,6 +26,33 @@ log = logging.getLogger(__name__)
 
 #: Why routing leaves out a file without the 128-byte preamble (it is read, forced, for series choice).
 _NO_PREAMBLE = "no 128-byte preamble and 'DICM' prefix (not in DICOM file format)"
+
+#: A transient failure (:func:`transient_failure`) puts the job back to QUEUED, to run again after
+#: :func:`retry_delay_seconds`, this many times (about three hours in all); the next one fails it for good.
+TRANSIENT_RETRIES = 8
+TRANSIENT_RETRY_BASE_SECONDS = 60.0
+TRANSIENT_RETRY_MAX_SECONDS = 3600.0
+#: How a retry's job detail starts; a job's retries so far are the QUEUED transitions with it in its history.
+_RETRY_DETAIL = "transient failure, retry"
+#: OS errors that may clear by themselves: disk full, quota exceeded, an I/O error, "try again".
+_TRANSIENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN)
+
+
+def transient_failure(error: str) -> bool:
+    """Whether a worker's failure (``"stage: reason"``) may not recur: retry it rather than fail the study.
+
+    Conservative: an OS error of :data:`_TRANSIENT_ERRNOS` (its ``[Errno n]`` text), or the worker process
+    dying without an answer (an OOM kill).  Failures on the data (no lungs found, an unreadable series), the
+    timeout and the memory guard would fail again the same way.
+    """
+    if error.startswith("analysis: worker process crashed"):
+        return True
+    return any(f"[Errno {n}]" in error for n in _TRANSIENT_ERRNOS)
+
+
+def retry_delay_seconds(retries: int) -> float:
+    """Delay before transient retry number ``retries + 1``: 60 s doubling, at most an hour."""
+    return float(min(TRANSIENT_RETRY_MAX_SECONDS, TRANSIENT_RETRY_BASE_SECONDS * 2**retries))
 
 
 @dataclass(frozen=True)
@@ -77,13 +106,20 @@ def read_study(ledger: Ledger, spool: Spool, study_uid: str) -> StudyRead:
 
 
 class Analysis:
-    """COMPLETE → QUEUED/IGNORED (route, series), QUEUED → ANALYSING → ENCODING (findings, priority)."""
+    """COMPLETE → QUEUED/IGNORED (route, series), QUEUED → ANALYSING → ENCODING (findings, priority).
 
-    def __init__(self, ledger: Ledger, spool: Spool, config: ConfigProvider, dispatch: Dispatch) -> None:
+    A transient failure puts the job back to QUEUED with a ``next_attempt_at`` (capped exponential
+    backoff); :meth:`submit_queued` leaves it until then.
+    """
+
+    def __init__(
+        self, ledger: Ledger, spool: Spool, config: ConfigProvider, dispatch: Dispatch, *, now: Clock = utc_now
+    ) -> None:
         self.ledger = ledger
         self.spool = spool
         self._config = config
         self._dispatch = dispatch
+        self._now = now
 
     def choose_series(
         self,
@@ -118,11 +154,13 @@ class Analysis:
                 self.ledger.transition(job_id, JobState.COMPLETE, JobState.IGNORED, reason)
                 log.info("job %s study %s ignored: %s", job_id, study_uid, reason)
                 return
+            requested = self.ledger.job(job_id).pipeline  # set by `triaged reanalyze --pipeline`
+            pipeline = requested or decision.pipelines[0]
             self.ledger.queue_job(
-                job_id, route=decision, pipeline=decision.pipelines[0],
+                job_id, route=decision, pipeline=pipeline,
                 series_instance_uid=choice.series_uid,
-                detail=f"route '{decision.rule}' ({decision.pipelines[0]}, {decision.analysis_priority}); "
-                       f"{choice.reason}",
+                detail=f"route '{decision.rule}' ({pipeline}{' as requested' if requested else ''}, "
+                       f"{decision.analysis_priority}); {choice.reason}",
             )
             log.info("job %s study %s queued: %s", job_id, study_uid, choice.reason)
         except StateError as exc:
@@ -171,11 +209,15 @@ class Analysis:
         return None
 
     def submit_queued(self, queue: TaskQueue, running: set[int]) -> int:
-        """Put QUEUED jobs that are not yet waiting or running on the worker queue."""
+        """Put QUEUED jobs that are not yet waiting or running on the worker queue.
+
+        A job waiting out a transient failure's backoff (``next_attempt_at`` still ahead) is left for later.
+        """
         waiting = queue.job_ids() | running
         added = 0
+        now = self._now()
         for job in reversed(self.ledger.jobs(states=[JobState.QUEUED], limit=100000)):  # oldest first
-            if job.id in waiting:
+            if job.id in waiting or (job.next_attempt_at is not None and job.next_attempt_at > now):
                 continue
             try:
                 queue.put(self.analysis_task(job))
@@ -213,12 +255,18 @@ class Analysis:
         """Record the outcome: the outputs go to the outbox (ENCODING → DISPATCHING), or the failure.
 
         Findings and priority were recorded when encoding started; a task that encodes nothing
-        records them here (ANALYSING → ENCODING → DISPATCHING).
+        records them here (ANALYSING → ENCODING → DISPATCHING).  A transient failure
+        (:func:`transient_failure`) goes back to QUEUED for a later retry (:meth:`_retry_later`).
         """
-        state = self._state(task.job_id)
+        job = self._job(task.job_id)
+        state = job.state if job is not None else None
         if not outcome.ok:
+            from_state = state if state is JobState.ENCODING else JobState.ANALYSING
+            if job is not None and transient_failure(outcome.error):
+                self._retry_later(job, from_state, outcome.error)
+                return
             log.error("job %s study %s: %s", task.job_id, task.study_uid, outcome.error)
-            self._fail(task.job_id, state if state is JobState.ENCODING else JobState.ANALYSING, outcome.error)
+            self._fail(task.job_id, from_state, outcome.error)
             return
         if state is not JobState.ENCODING and not self._record(
             task, outcome.findings_json, outcome.priority, outcome.seconds, outcome.peak_rss_mb
@@ -240,9 +288,27 @@ class Analysis:
         log.info("job %s study %s analysed: %s", task.job_id, task.study_uid, summary)
         return True
 
-    def _state(self, job_id: int) -> JobState | None:
+    def _retry_later(self, job: JobRow, from_state: JobState, error: str) -> None:
+        """A transient failure: back to QUEUED, not before its backoff; FAILED once the retries are spent."""
+        retries = sum(1 for _at, _from, to, detail in job.history
+                      if to == JobState.QUEUED and detail.startswith(_RETRY_DETAIL))
+        if retries >= TRANSIENT_RETRIES:
+            log.error("job %s study %s: %s; gave up after %d retries", job.id, job.study_instance_uid, error, retries)
+            self._fail(job.id, from_state, f"{error} (transient; gave up after {retries} retries)")
+            return
+        when = self._now() + timedelta(seconds=retry_delay_seconds(retries))
+        detail = (f"{_RETRY_DETAIL} {retries + 1} of {TRANSIENT_RETRIES} not before "
+                  f"{when:%Y-%m-%d %H:%M:%S} UTC: {error}")
         try:
-            return self.ledger.job(job_id).state
+            self.ledger.transition(job.id, from_state, JobState.QUEUED, detail, next_attempt_at=when)
+        except StateError as exc:
+            log.info("job %s moved on before its transient failure was recorded: %s", job.id, exc)
+            return
+        log.warning("job %s study %s: %s", job.id, job.study_instance_uid, detail)
+
+    def _job(self, job_id: int) -> JobRow | None:
+        try:
+            return self.ledger.job(job_id)
         except TriagedError:
             return None
 
