@@ -131,7 +131,10 @@ class Node:
         self.listener = Listener(config.listener, self.service, find)
         self.http: WorklistHTTP | None = None
         if config.worklist.http_port:
-            self.http = WorklistHTTP(self.worklist.rows, config.worklist.http_bind_address, config.worklist.http_port)
+            self.http = WorklistHTTP(
+                self.worklist.rows, config.worklist.http_bind_address, config.worklist.http_port,
+                timeout=config.worklist.http_timeout_seconds,
+            )
         self.queue = TaskQueue(config.analysis.aging_seconds)
         self.workers = WorkerPool(
             self.queue, self.analysis.start_analysis, self.analysis.finish_analysis,

@@ -586,3 +586,27 @@ def test_the_nodes_own_results_forwarded_back_never_reopen_the_study(
     assert [(j.id, j.revision, j.state) for j in node.ledger.jobs()] == [(job.id, 1, JobState.DONE)]
     assert len(node.ledger.outbox(limit=1000)) == outbox
     assert node.ledger.studies()[0].instances == instances + len(outputs)  # stored: they belong to the study
+
+
+def test_an_association_beyond_max_associations_is_rejected_logged_and_recorded(
+    node_factory: Callable[[Config], Node], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 12 item 14: pynetdicom's own refusal at the limit left no log line and no ledger row.
+    node = node_factory(make_config(tmp_path, listener={"max_associations": 1}))
+    host, port = node.listener.address
+    held = _scu().associate(host, port, ae_title="TRIAGED")
+    assert held.is_established
+    try:
+        extra = _scu("LATECOMER").associate(host, port, ae_title="TRIAGED")
+        assert extra.is_rejected
+        rj = extra.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
+        wait_for(lambda: any(not a.accepted for a in node.ledger.associations()), what="the refusal's row")
+        [row] = [a for a in node.ledger.associations() if not a.accepted]
+        assert (row.calling_ae, row.reject_reason) == ("LATECOMER", "association limit reached")
+        assert "association limit reached" in caplog.text and "LATECOMER" in caplog.text
+    finally:
+        held.release()
+    again = _scu().associate(host, port, ae_title="TRIAGED")  # a slot is free again
+    assert again.is_established
+    again.release()

@@ -163,3 +163,84 @@ def test_c_find_answers_only_the_calling_ae_titles_in_find_allowed_aes(
     node.service.reload(node.config.listener.model_copy(update={"find_allowed_aes": []}))
     code, out = findscu("READER")
     assert code != 0 and not any(i in out for i in identifiers), out
+
+
+def test_the_http_worklist_drops_half_sent_requests_and_serves_others_meanwhile(
+    node_factory: Callable[[Config], Node], tmp_path: Path
+) -> None:
+    # Issue 12 item 14: a client that sent half a request held a thread for ever (no timeout at all).
+    import socket
+    import time
+
+    node = node_factory(make_config(tmp_path, worklist={"http_port": free_port(), "http_timeout_seconds": 1}))
+    assert node.http is not None
+    host, port = node.http.address
+    started = time.monotonic()
+    slowloris = [socket.create_connection((host, port), timeout=5) for _ in range(20)]
+    for sock in slowloris:
+        sock.sendall(b"GET /worklist HTTP/1.1\r\n")  # and nothing more
+    try:
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"http://{host}:{port}/worklist", timeout=5) as rsp:
+            assert rsp.status == 200 and json.loads(rsp.read()) == []
+        assert time.monotonic() - t0 < 2, "a normal GET waited behind the half-sent requests"
+        for sock in slowloris:
+            assert sock.recv(100) == b""  # dropped by the node, before this side's 5 s timeout
+        assert time.monotonic() - started < 4
+    finally:
+        for sock in slowloris:
+            sock.close()
+
+
+def test_the_http_worklist_answers_503_beyond_its_request_threads_and_431_to_oversize_headers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 12 item 14: requests got a thread each without bound, and headers up to 100 lines of 64 KiB.
+    import socket
+    import threading
+    import time
+    import urllib.error
+
+    from triaged.domain import WorklistRow
+    from triaged.net.worklist import WorklistHTTP
+
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def slow_rows() -> list[WorklistRow]:
+        entered.release()
+        release.wait(10)
+        return []
+
+    http = WorklistHTTP(slow_rows, "127.0.0.1", 0, timeout=5, max_requests=2, max_request_bytes=4096)
+    http.start()
+    url = "http://{}:{}/worklist".format(*http.address)
+    codes: list[int] = []
+
+    def get() -> None:
+        with urllib.request.urlopen(url, timeout=10) as rsp:
+            codes.append(rsp.status)
+
+    busy = [threading.Thread(target=get) for _ in range(2)]
+    try:
+        for t in busy:
+            t.start()
+        for _ in busy:
+            assert entered.acquire(timeout=5)  # both request threads are inside the handler
+        t0 = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 503 and time.monotonic() - t0 < 1
+        assert "HTTP worklist busy" in caplog.text
+        release.set()
+        for t in busy:
+            t.join(10)
+        assert codes == [200, 200]
+        with socket.create_connection(http.address, timeout=5) as sock:
+            sock.sendall(b"GET /worklist HTTP/1.1\r\nX-Filler: " + b"x" * 5000 + b"\r\n\r\n")
+            answer = sock.recv(200)
+        assert answer.startswith(b"HTTP/1.0 431 ")
+        with urllib.request.urlopen(url, timeout=5) as rsp:  # the node still serves
+            assert rsp.status == 200
+    finally:
+        release.set()
+        http.stop()

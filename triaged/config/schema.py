@@ -61,6 +61,10 @@ class ListenerConfig(_Model):
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
+    #: Largest dataset accepted, in MiB: a Deflated dataset that inflates beyond it is refused (0xC217)
+    #: and, with ``max_pdu: 0``, it bounds a single P-DATA PDU.  An Enhanced CT of 1000 512×512 frames is
+    #: ~500 MiB; the whole dataset is held in memory while it is received.
+    max_dataset_mb: int = Field(1024, ge=1)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -165,6 +169,9 @@ class WorklistConfig(_Model):
     #: A read-only HTTP endpoint serving the worklist as JSON (``GET /worklist``); 0 disables it.
     http_port: int = Field(8088, ge=0, le=65535)
     http_bind_address: str = "127.0.0.1"
+    #: Seconds a client of the HTTP endpoint has to send its whole request (request line and headers) and
+    #: the limit on each later socket read or write; a slower client is disconnected.
+    http_timeout_seconds: float = Field(10.0, gt=0, le=300)
 
     _bind = field_validator("http_bind_address")(classmethod(lambda cls, v: check_ip_address(v)))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -40,13 +42,13 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from triaged.config import ListenerConfig, sop_class_uids
 from triaged.domain import CT_SOP_CLASSES, InstanceRecord, StoreOutcome, validate_uid
 from triaged.errors import InvalidDatasetError, StorageError
 from triaged.net.tcp import set_nodelay
-from triaged.net.worklist import STUDY_ROOT_FIND, WorklistFind
+from triaged.net.worklist import STUDY_ROOT_FIND, ThrottledWarning, WorklistFind
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,17 @@ STATUS_TRUNCATED_PIXELS = 0xC213
 STATUS_UID_CONFLICT = 0xC214
 STATUS_MISSING_PIXELS = 0xC215
 STATUS_ENCODING_MISMATCH = 0xC216
+STATUS_DATASET_TOO_LARGE = 0xC217
+
+#: Largest A-ASSOCIATE-RQ (or any PDU other than P-DATA-TF) read: presentation contexts and user
+#: information only (128 contexts with a dozen transfer syntaxes each plus a user identity token stay
+#: well under it); a peer declaring more is cut off before its bytes are read (PS3.8 9.3).
+MAX_ASSOCIATE_PDU = 256 * 1024
+_P_DATA_TF = 0x04
+_PDU_HEADER = 6
+#: How much of a refused oversize dataset the quarantine keeps (enough to see who sent what).
+_QUARANTINE_HEAD = 64 * 1024
+_INFLATE_CHUNK = 1 << 20
 
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -164,6 +177,7 @@ class StoreService:
         self._ae_title = config.ae_title  # the listener's AE title: the one called AE title accepted
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        self._limit_refusals = ThrottledWarning(log)  # a flood at the association limit: a line a second
 
     def reload(self, config: ListenerConfig) -> None:
         self._config = config
@@ -171,6 +185,7 @@ class StoreService:
     # -- association level -------------------------------------------------------------------
     def on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
+        limit_pdu_reads(event.assoc, self._config.max_dataset_mb * 1024 * 1024)
 
     def access_refusal(
         self, calling_ae: str, address: str, called_ae: str | None = None
@@ -244,6 +259,38 @@ class StoreService:
         assoc.acse.send_reject(result, source, diagnostic)
         assoc.kill()  # lets the DUL flush the A-ASSOCIATE-RJ before the socket closes
 
+    def on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom rejected an association itself, after EVT_REQUESTED: audit it like our own refusals.
+
+        The case this listener meets is ``listener.max_associations`` reached: A-ASSOCIATE-RJ
+        rejected-transient, service-provider (presentation related), local-limit-exceeded (PS3.8 9.3.4).
+        It is logged at most once a second with a count (a flood must not flood the log) and recorded
+        in the ledger each time.
+        """
+        assoc: Association = event.assoc
+        rq = assoc.requestor
+        primitive = rq.primitive
+        calling = (primitive.calling_ae_title if primitive else "").strip()
+        called = (primitive.called_ae_title if primitive else "").strip()
+        rj = assoc.acceptor.primitive
+        code = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else (None, None, None)
+        if code == (0x02, 0x03, 0x02):
+            reason = "association limit reached"
+            self._limit_refusals.note(
+                "association from %s:%s (%s -> %s) rejected: %s (listener.max_associations: %d)",
+                rq.address, rq.port, calling, called, reason, self._config.max_associations,
+            )
+        else:
+            reason = "rejected by the DICOM stack (result {}, source {}, diagnostic {})".format(*code)
+            log.warning("association from %s:%s (%s -> %s) %s", rq.address, rq.port, calling, called, reason)
+        try:
+            self.ledger.open_association(
+                calling_ae=calling, called_ae=called, peer_address=rq.address, peer_port=rq.port,
+                accepted=False, reject_reason=reason,
+            )
+        except Exception:  # noqa: BLE001 - the audit row must not keep the refused peer waiting
+            log.exception("could not record a rejected association")
+
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor
@@ -292,6 +339,17 @@ class StoreService:
             raw = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises several types for a bad stream
             return self._refuse(stats, b"", _undecodable(f"cannot encode received stream: {exc}"), event)
+        if str(event.context.transfer_syntax) == DeflatedExplicitVRLittleEndian:
+            limit = self._config.max_dataset_mb * 1024 * 1024
+            if _inflates_beyond(raw, limit):
+                # Before anything decodes it: pydicom would inflate the whole stream into memory.
+                ref = _Refusal(
+                    STATUS_DATASET_TOO_LARGE,
+                    "dataset too large",
+                    f"Deflated dataset of {len(raw)} bytes inflates beyond listener.max_dataset_mb "
+                    f"({self._config.max_dataset_mb} MiB); first {_QUARANTINE_HEAD} bytes kept",
+                )
+                return self._refuse(stats, raw[:_QUARANTINE_HEAD], ref, event)
         try:
             record = self._validate(event, raw)
             self._check_hierarchy(record)
@@ -467,6 +525,103 @@ def _check_encoding(raw: bytes, ts: str) -> None:
         )
 
 
+def _inflates_beyond(raw: bytes, limit: int) -> bool:
+    """Whether the Deflated body of ``raw`` (dataset with file meta) inflates to more than ``limit`` bytes.
+
+    Inflates in bounded steps (``max_length``) and keeps none of the output, so a deflate bomb costs
+    one step's memory.  A stream zlib cannot inflate is left to the decoder (it refuses it as undecodable).
+    """
+    if raw[128:132] != b"DICM" or raw[132:136] != b"\x02\x00\x00\x00" or len(raw) < 144:
+        return False
+    data = raw[144 + int.from_bytes(raw[140:144], "little") :]
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while not inflater.eof:
+            chunk = inflater.decompress(data, _INFLATE_CHUNK)
+            total += len(chunk)
+            if total > limit:
+                return True
+            data = inflater.unconsumed_tail
+            if not chunk and not data:
+                break  # all input consumed, no more output: a truncated stream
+    except zlib.error:
+        return False
+    return False
+
+
+class _PduReadLimit:
+    """A bound ``recv`` for one :class:`~pynetdicom.transport.AssociationSocket`: refuses oversize PDUs.
+
+    pynetdicom's DUL (``DULServiceProvider._read_pdu_data``, pynetdicom 3.0) reads a PDU as two
+    ``recv`` calls on the association socket: the 6-byte header (type, reserved, 4-byte length), then
+    ``length`` bytes into memory, whatever the length says.  This wrapper sees each header first; when
+    the declared length exceeds the limit for its type it sends an A-ABORT (source service provider,
+    invalid PDU parameter value, PS3.8 9.3.8), shuts the connection and answers every read with no
+    bytes, which the DUL takes for a peer that closed (Evt17): nothing of the body is read.
+    """
+
+    def __init__(self, sock: AssociationSocket, p_data_limit: int) -> None:
+        self._sock = sock
+        self._recv = sock.recv
+        self._p_data_limit = p_data_limit
+        self._body: int | None = None  # the length of the body the next read is for
+        self._refused = False
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        if self._refused:
+            return bytearray()
+        if self._body is not None and nr_bytes == self._body:
+            self._body = None
+            return self._recv(nr_bytes)
+        self._body = None
+        data = self._recv(nr_bytes)
+        if nr_bytes == _PDU_HEADER and len(data) == _PDU_HEADER:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            limit = self._p_data_limit if pdu_type == _P_DATA_TF else MAX_ASSOCIATE_PDU
+            if length > limit:
+                self._refuse(pdu_type, length, limit)
+                return bytearray()
+            self._body = length
+        return data
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        self._refused = True
+        assoc = self._sock.assoc
+        log.warning(
+            "connection from %s:%s cut off: PDU type 0x%02X declares %d bytes, more than the %d read",
+            assoc.requestor.address,
+            assoc.requestor.port,
+            pdu_type,
+            length,
+            limit,
+        )
+        raw = self._sock.socket
+        if raw is None:
+            return
+        try:
+            raw.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06")  # A-ABORT: provider, invalid value
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer is gone already
+
+
+def limit_pdu_reads(assoc: Association, max_dataset_bytes: int) -> None:
+    """Refuse, before reading them, PDUs of ``assoc`` longer than we accept (see :class:`_PduReadLimit`).
+
+    Called on EVT_CONN_OPEN, which pynetdicom triggers after the socket is set and before the DUL
+    reactor starts reading.  The P-DATA-TF limit is the maximum PDU length we advertise
+    (``listener.max_pdu``) plus the header; with 0 (unlimited) a peer may send a whole dataset in one
+    PDU, so the limit is ``max_dataset_bytes`` plus 64 KiB for the command and item headers.
+    """
+    sock = assoc.dul.socket
+    if sock is None:
+        return
+    advertised = assoc.acceptor.maximum_length or 0
+    p_data_limit = advertised + _PDU_HEADER if advertised else max_dataset_bytes + 64 * 1024
+    sock.recv = _PduReadLimit(sock, p_data_limit)  # type: ignore[method-assign]
+
+
 def _check_complete(ds: Dataset) -> None:
     """Raise if a top-level element holds fewer bytes than its declared length (a cut-off stream).
 
@@ -571,6 +726,7 @@ class Listener:
             (evt.EVT_CONN_OPEN, self.service.on_conn_open),
             (evt.EVT_REQUESTED, self.service.on_requested),
             (evt.EVT_ESTABLISHED, self.service.on_established),
+            (evt.EVT_REJECTED, self.service.on_rejected),
             (evt.EVT_RELEASED, self.service.on_ended),
             (evt.EVT_ABORTED, self.service.on_ended),
             (evt.EVT_C_ECHO, self.service.on_echo),
