@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from triaged.errors import StorageError, TriagedError
+from triaged.ledger.audit import AuditMixin
 from triaged.ledger.base import log
 from triaged.ledger.outbox import OutboxMixin
 from triaged.ledger.receive import ReceiveMixin, _ReceiveStatements
@@ -51,13 +52,14 @@ def _on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -
         cursor.close()
 
 
-class Ledger(ReceiveMixin, OutboxMixin, ViewsMixin):
+class Ledger(ReceiveMixin, OutboxMixin, ViewsMixin, AuditMixin):
     """The node's SQLite ledger (studies, instances, associations, jobs and their history).
 
     One facade over its parts: receiving (:class:`~triaged.ledger.receive.ReceiveMixin`), the job
     state machine (:class:`~triaged.ledger.jobs.JobsMixin`), the outbox
-    (:class:`~triaged.ledger.outbox.OutboxMixin`) and the read-only views
-    (:class:`~triaged.ledger.views.ViewsMixin`), all running in the transactions of
+    (:class:`~triaged.ledger.outbox.OutboxMixin`), the read-only views
+    (:class:`~triaged.ledger.views.ViewsMixin`) and the audit events
+    (:class:`~triaged.ledger.audit.AuditMixin`), all running in the transactions of
     :class:`~triaged.ledger.base.LedgerBase`.  This class opens the engine and migrates the schema.
 
     Parameters

@@ -62,3 +62,15 @@ class OutboxRequest(NamedTuple):
     path: str  # relative to the spool root
     sop_class_uid: str
     sop_instance_uid: str
+
+
+class AuditEventRow(NamedTuple):
+    """One row of ``audit_events`` (:meth:`~triaged.ledger.Ledger.audit_events`); ``detail`` parsed."""
+
+    id: int
+    at: datetime
+    kind: str
+    actor: str
+    peer: str
+    study_uid: str | None
+    detail: dict[str, object]

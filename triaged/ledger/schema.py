@@ -261,3 +261,26 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str] = mapped_column(Text)
+
+
+class AuditEvent(Base):
+    """One audit event that has no other row of its own (0004): a query, a refusal, a reload, a deletion.
+
+    Associations (accepted or refused), stored instances and sent result objects are already rows of
+    ``associations``, ``instances`` and ``outbox``; ``triaged audit`` lists the four together.
+    ``detail`` is a JSON object of the event's fields (no patient names or birth dates).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"), Index("ix_audit_events_kind", "kind"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Dotted event name, e.g. ``find``, ``find.refused``, ``config.reloaded``, ``retention.deleted``.
+    kind: Mapped[str] = mapped_column(String(32))
+    #: Who: a calling AE title, ``admin`` (a CLI command) or ``node`` (the node itself, e.g. retention).
+    actor: Mapped[str] = mapped_column(String(64))
+    #: From where: ``address:port`` of a DICOM or HTTP peer, else empty.
+    peer: Mapped[str] = mapped_column(String(80))
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
