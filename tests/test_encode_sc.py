@@ -144,8 +144,10 @@ def _heat(rgb: np.ndarray) -> np.ndarray:
     return (r > g + 40) & (r > b + 80)
 
 
-@pytest.mark.parametrize(("p_covid", "line"), [(None, "P(COVID-19): not assessed   Priority STAT"),
-                                               (0.87, "P(COVID-19) 0.87   Priority STAT")])
+@pytest.mark.parametrize(
+    ("p_covid", "line"),
+    [(None, "P(COVID-19): not assessed   Priority STAT"), (0.87, "P(COVID-19) 0.87   Priority STAT")],
+)
 def test_the_burned_in_text_states_p_covid_on_a_line_no_image_cuts(
     case: Case, p_covid: float | None, line: str
 ) -> None:
@@ -167,3 +169,54 @@ def test_the_burned_in_text_states_p_covid_on_a_line_no_image_cuts(
     size = max(13, width // 40)
     draw = ImageDraw.Draw(Image.new("RGB", (width, 40)))
     assert sc._fit(draw, line, sc._font(size), width - 2 * (size // 2)) == line
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        ((1, 0, 0), (0, 1, 0), (0, 0, -1)),  # an axial series stored head first
+        ((1, 0, 0), (0, 1, 0), (0, 0, 1)),  # feet first
+        ((0, 1, 0), (0, 0, -1), (1, 0, 0)),  # a sagittal-like storage order: every axis moves
+        ((-1, 0, 0), (0, -1, 0), (0, 0, -1)),  # rows and columns flipped
+    ],
+)
+def test_the_overview_projection_by_slabs_equals_the_whole_volume_pass(
+    columns: tuple[tuple[int, int, int], ...],
+) -> None:
+    """Projecting slab by slab (bounded memory) gives bit-identical sums to one float32 pass over the volume."""
+    from triaged.domain import Masks, Volume
+    from triaged.encode import sc
+
+    rng = np.random.default_rng(3)
+    shape = (37, 29, 41)  # not a multiple of the slab height
+    hu = rng.integers(-1024, 1500, size=shape).astype(np.int16)
+    lungs = rng.integers(0, 3, size=shape).astype(np.uint8)
+    lesions = rng.random(shape) < 0.2
+    affine = np.eye(4)
+    for i, (col, spacing) in enumerate(zip(columns, (0.7, 0.8, 2.5), strict=True)):
+        affine[:3, i] = np.asarray(col, float) * spacing
+    volume = Volume(
+        hu=hu,
+        spacing=(2.5, 0.8, 0.7),
+        affine=affine,
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        sop_instance_uids=tuple(f"1.2.3.{k}" for k in range(shape[0])),
+    )
+    masks = Masks(lungs=lungs, lesions=lesions, consolidation=np.zeros(shape, bool))
+    got = sc._project(volume, masks)
+
+    whole, spacing = sc._reorient(volume.hu.astype(np.float32), volume)
+    mu = sc.MU_WATER_PER_MM * (
+        1.0 + np.minimum(whole, 0.0) / 1000.0 + sc.BONE_WEIGHT * np.maximum(whole, 0.0) / 1000.0
+    )
+    np.maximum(mu, 0.0, out=mu)
+    lab, _ = sc._reorient(lungs, volume)
+    les, _ = sc._reorient(lesions, volume)
+    assert got.spacing == spacing and got.shape == whole.shape
+    np.testing.assert_array_equal(got.mu_sum, mu.sum(axis=1))
+    np.testing.assert_array_equal(got.lungs_any, (lab > 0).any(axis=1))
+    np.testing.assert_array_equal(got.right_any, (lab == 1).any(axis=1))
+    np.testing.assert_array_equal(got.left_any, (lab == 2).any(axis=1))
+    np.testing.assert_array_equal(got.lung_sum, (lab > 0).sum(axis=1, dtype=np.float32))
+    np.testing.assert_array_equal(got.lesion_sum, les.sum(axis=1, dtype=np.float32))

@@ -22,7 +22,7 @@ with "R" and "L" markers burned in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -152,18 +152,14 @@ def render_overview(
     (ndarray, float)
         RGB uint8 image (rows, columns, 3) and the pixel spacing in mm.
     """
-    hu, spacing = _reorient(volume.hu.astype(np.float32), volume)
-    # Axes now (superior->inferior, anterior->posterior, right->left); spacing in mm along each.
-    mu = MU_WATER_PER_MM * (1.0 + np.minimum(hu, 0.0) / 1000.0 + BONE_WEIGHT * np.maximum(hu, 0.0) / 1000.0)
-    np.maximum(mu, 0.0, out=mu)
-    line_integral = mu.sum(axis=1) * spacing[1]  # -log(I/I0) along anterior-posterior
-    lungs2d = _project_any(masks.lungs > 0, volume)
-    right2d = _project_any(masks.lungs == 1, volume)
-    left2d = _project_any(masks.lungs == 2, volume)
-    lesion_mm = _project_sum(masks.lesions, volume) * spacing[1]
-    lung_mm = _project_sum(masks.lungs > 0, volume) * spacing[1]
+    p = _project(volume, masks)
+    spacing, hu_shape = p.spacing, p.shape
+    line_integral = p.mu_sum * spacing[1]  # -log(I/I0) along anterior-posterior
+    lungs2d, right2d, left2d = p.lungs_any, p.right_any, p.left_any
+    lesion_mm = p.lesion_sum * spacing[1]
+    lung_mm = p.lung_sum * spacing[1]
 
-    pixel_mm = max(spacing[2] * hu.shape[2] / OVERVIEW_WIDTH, 0.25)
+    pixel_mm = max(spacing[2] * hu_shape[2] / OVERVIEW_WIDTH, 0.25)
     zoom = (spacing[0] / pixel_mm, spacing[2] / pixel_mm)
     film = _film(
         ndimage.zoom(line_integral, zoom, order=1),
@@ -236,14 +232,54 @@ def _reorient(array: npt.NDArray[_T], volume: Volume) -> tuple[npt.NDArray[_T], 
     return arr, (spacing[0], spacing[1], spacing[2])
 
 
-def _project_any(mask: npt.NDArray[np.bool_], volume: Volume) -> npt.NDArray[np.bool_]:
-    arr, _ = _reorient(mask, volume)
-    return np.asarray(arr.any(axis=1))
+#: Rows (superior->inferior) of the reoriented volume projected at a time: the temporaries of one slab
+#: are a few MiB whatever the study's length (a whole 600-slice float32 copy was +2.4 GB).
+_SLAB_ROWS = 16
 
 
-def _project_sum(mask: npt.NDArray[np.bool_], volume: Volume) -> _F32:
-    arr, _ = _reorient(mask, volume)
-    return np.asarray(arr.sum(axis=1, dtype=np.float32))
+class _Projections(NamedTuple):
+    """The anterior-posterior projections the overview is drawn from, (superior->inferior, right->left)."""
+
+    shape: tuple[int, int, int]  # of the reoriented volume
+    spacing: tuple[float, float, float]
+    mu_sum: _F32  # sum of attenuation per mm along anterior-posterior (times spacing: the line integral)
+    lungs_any: npt.NDArray[np.bool_]
+    right_any: npt.NDArray[np.bool_]
+    left_any: npt.NDArray[np.bool_]
+    lesion_sum: _F32  # lesion voxels along each ray
+    lung_sum: _F32  # lung voxels along each ray
+
+
+def _project(volume: Volume, masks: Masks) -> _Projections:
+    """Project the volume and masks slab by slab; each ray is summed in the same order as one whole pass.
+
+    Axis 1 (anterior-posterior) is reduced within each slab of rows, so every output pixel is the same
+    sum of the same values as a projection of the whole volume at once: the pixels are identical.
+    """
+    hu, spacing = _reorient(volume.hu, volume)
+    lungs, _ = _reorient(masks.lungs, volume)
+    lesions, _ = _reorient(masks.lesions, volume)
+    rows, _, cols = hu.shape
+    mu_sum = np.empty((rows, cols), np.float32)
+    lesion_sum = np.empty((rows, cols), np.float32)
+    lung_sum = np.empty((rows, cols), np.float32)
+    lungs_any = np.empty((rows, cols), bool)
+    right_any = np.empty((rows, cols), bool)
+    left_any = np.empty((rows, cols), bool)
+    for a in range(0, rows, _SLAB_ROWS):
+        b = min(a + _SLAB_ROWS, rows)
+        h = hu[a:b].astype(np.float32)
+        mu = MU_WATER_PER_MM * (1.0 + np.minimum(h, 0.0) / 1000.0 + BONE_WEIGHT * np.maximum(h, 0.0) / 1000.0)
+        np.maximum(mu, 0.0, out=mu)
+        mu_sum[a:b] = mu.sum(axis=1)
+        lab = lungs[a:b]
+        in_lung = lab > 0
+        lungs_any[a:b] = in_lung.any(axis=1)
+        right_any[a:b] = (lab == 1).any(axis=1)
+        left_any[a:b] = (lab == 2).any(axis=1)
+        lung_sum[a:b] = in_lung.sum(axis=1, dtype=np.float32)
+        lesion_sum[a:b] = lesions[a:b].sum(axis=1, dtype=np.float32)
+    return _Projections(hu.shape, spacing, mu_sum, lungs_any, right_any, left_any, lesion_sum, lung_sum)
 
 
 def _film(line_integral: _F32, lungs: npt.NDArray[np.bool_]) -> _F32:
