@@ -2,7 +2,13 @@
 
 Each run is a fresh process limited to 2 threads (as on the target machine), generating a phantom of
 100, 300 and 600 slices and timing only the pipeline.  Targets for the non-learned pipeline:
-<= 10 s and <= 2 GB at 300 slices, time growing no faster than linearly.  Not a test.
+<= 10 s and <= 2 GB at 300 slices, time growing no faster than linearly.
+
+Then the whole worker task (``triaged.worker.task.run_task``: load the DICOM files, analyse with the
+default ``classical`` pipeline, write masks and findings, encode SR + SEG + SC) on phantom studies of
+300, 600 and 1,200 slices written as DICOM files, each in a fresh process: peak RSS per phase against
+issue 13's targets (<= 1.5 / 2 / 3 GiB; the default memory guard is 6 GiB).  ``BENCH_TASK_SLICES``
+chooses the sizes (empty: skip); a 1,200-slice phantom takes minutes to generate.  Not a test.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ import subprocess
 import sys
 import tempfile
 
-SIZES = [int(n) for n in os.environ.get("BENCH_SLICES", "100,300,600").split(",")]
+SIZES = [int(n) for n in os.environ.get("BENCH_SLICES", "100,300,600").split(",") if n]
 PIPELINES = os.environ.get("BENCH_PIPELINES", "threshold,classical").split(",")
+TASK_SIZES = [int(n) for n in os.environ.get("BENCH_TASK_SLICES", "300,600,1200").split(",") if n]
+TASK_PIPELINE = os.environ.get("BENCH_TASK_PIPELINE", "classical")
+#: Issue 13: peak worker RSS, MiB, by slice count.
+TASK_TARGET_MB = {300: 1536, 600: 2048, 1200: 3072}
 
 MAKE = r"""
 import pickle, sys, time
@@ -64,6 +74,108 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "before_mb": base 
 """
 
 
+# A phantom study written as DICOM files under OUT/spool, as the receiver would have stored it.
+WRITE_STUDY = r"""
+import sys
+from pathlib import Path
+from triaged.lab.phantom import PhantomSpec, generate, to_datasets, to_volume
+n, out = int(sys.argv[1]), Path(sys.argv[2])
+ph = generate(PhantomSpec(kind="covid", severity=30, seed=11, matrix=512, slice_thickness=1.0, slices=n), workers=1)
+vol = to_volume(ph)
+paths = []
+for i, d in enumerate(d for d in to_datasets(ph) if d.SeriesInstanceUID == vol.series_instance_uid):
+    rel = f"studies/s/{i:05d}.dcm"
+    (out / "spool" / rel).parent.mkdir(parents=True, exist_ok=True)
+    d.save_as(out / "spool" / rel, enforce_file_format=True)
+    paths.append(rel)
+(out / "meta.txt").write_text(f"{vol.study_instance_uid}\n{vol.series_instance_uid}\n" + "\n".join(paths))
+"""
+
+# The worker task in a fresh process; RSS sampled every 5 ms and attributed to the phase running.
+TASK = r"""
+import json, sys, threading, time
+from pathlib import Path
+out, pipeline = Path(sys.argv[1]), sys.argv[2]
+study, series, *paths = (out / "meta.txt").read_text().split("\n")
+def rss():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+phase, peaks = ["start"], {}
+def sample():
+    while True:
+        peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+import numpy as np
+import triaged.volume
+from triaged.worker.task import AnalysisTask, run_task
+load = triaged.volume.load_volume
+def load_volume(*a, **k):
+    phase[0] = "load"
+    v = load(*a, **k)
+    phase[0] = "analysis"
+    return v
+triaged.volume.load_volume = load_volume
+savez = np.savez_compressed
+def save(*a, **k):
+    phase[0] = "write"
+    return savez(*a, **k)
+np.savez_compressed = save
+def encoding(_):
+    phase[0] = "encode"
+base = rss()
+t0 = time.perf_counter()
+task = AnalysisTask(job_id=1, study_uid=study, series_uid=series, pipeline=pipeline,
+                    spool_root=str(out / "spool"), instance_paths=tuple(paths), work_dir=str(out / "spool/work/1"),
+                    encode=True, registry="triaged.nets.pipelines:node_registry", threads=2)
+res = run_task(task, encoding)
+phase[0] = "done"
+time.sleep(0.05)
+print(json.dumps({"ok": res.ok, "error": res.error, "seconds": time.perf_counter() - t0, "base_mb": base,
+                  "peaks": {k: v for k, v in peaks.items() if k != "done"}}))
+"""
+
+
+def task_memory(env: dict[str, str]) -> None:
+    """Peak RSS of the whole worker task per phase, a fresh process per study size."""
+    print(
+        f"# worker task ({TASK_PIPELINE}, load + analysis + write + encode): 512x512 covid phantom studies "
+        "as DICOM files, 1 mm slices; peak RSS per phase, MiB"
+    )
+    print("| slices | load | analysis | write | encode | peak | target | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for slices in TASK_SIZES:
+        folder = tempfile.mkdtemp(prefix=f"triaged-bench-task-{slices}-")
+        try:
+            subprocess.run(
+                [sys.executable, "-c", WRITE_STUDY, str(slices), folder],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", TASK, folder, TASK_PIPELINE],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        peaks = r["peaks"]
+        peak = max(peaks.values())
+        target = TASK_TARGET_MB.get(slices)
+        verdict = f"<= {target} ({'met' if peak <= target else 'NOT met'})" if target else ""
+        if not r["ok"]:
+            verdict = f"FAILED: {r['error']}"
+        cells = " | ".join(f"{peaks.get(k, 0.0):.0f}" for k in ("load", "analysis", "write", "encode"))
+        print(f"| {slices} | {cells} | {peak:.0f} | {verdict} | {r['seconds']:.0f} |", flush=True)
+
+
 def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     tmp = tempfile.mkdtemp(prefix="triaged-bench-")
@@ -75,10 +187,11 @@ def main() -> int:
         seconds = float(made.stdout.split()[-1])
         note = f" (target <= 10 s: {'met' if seconds <= 10 else 'NOT met'})" if slices == 300 else ""
         print(f"phantom generation 512x512x{slices}: {seconds:.1f} s{note}")
-    print("# analysis: 512x512 covid phantom, 1 mm slices, 2 threads; peak = process max RSS (volume included)")
-    print("| pipeline | slices | seconds | s per 100 slices | peak MB | target (300 slices) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in PIPELINES:
+    if SIZES:
+        print("# analysis: 512x512 covid phantom, 1 mm slices, 2 threads; peak = process max RSS (volume included)")
+        print("| pipeline | slices | seconds | s per 100 slices | peak MB | target (300 slices) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    for name in PIPELINES if SIZES else []:
         per100 = []
         for slices in SIZES:
             out = subprocess.run([sys.executable, "-c", CHILD, str(slices), name, volumes[slices]], env=env,
@@ -98,6 +211,8 @@ def main() -> int:
         out = subprocess.run([sys.executable, "-c", ENCODE], env=env, capture_output=True, text=True, check=True)
         seconds, frames = out.stdout.split()[-2:]
         print(f"SEG of the 300-slice result ({frames} frames, warm): {float(seconds):.2f} s")
+    if TASK_SIZES:
+        task_memory(env)
     return 0
 
 

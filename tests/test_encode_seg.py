@@ -173,3 +173,42 @@ def _venv_tool(name: str) -> str | None:
 
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else None
+
+
+def test_the_frame_by_frame_stack_gives_the_seg_of_the_whole_stack_byte_for_byte(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 13 item 3: the frames are cut from the masks when highdicom asks for them; the object must be
+    # the one a materialised (frames, rows, columns, segments) stack gives, pixels and every attribute
+    from pydicom.filebase import DicomBytesIO
+
+    import triaged.encode.seg as seg_module
+
+    lobes = np.zeros_like(case.masks.lungs)
+    lobes[case.masks.lungs == 1] = 1
+    lobes[case.masks.lungs == 2] = 4
+    cases = [case.masks, replace(case.masks, lobes=lobes)]
+    lazy_stack = seg_module._frame_stack
+
+    def materialised(images, shape, cuts):  # type: ignore[no-untyped-def]
+        lazy = lazy_stack(images, shape, cuts)
+        frames = np.stack([lazy[i] for i in range(len(lazy))])
+        assert frames.shape == lazy.shape
+        assert [bool(f.any()) for f in lazy] == [bool(f.any()) for f in frames]
+        n = frames.shape[-1]
+        whole = any(
+            np.logical_and(frames[..., i], frames[..., j]).any() for i in range(n) for j in range(i + 1, n)
+        )
+        assert lazy.overlap() == whole
+        return frames
+
+    def encoded(masks: Masks) -> tuple[bytes, bytes]:
+        built = build_seg(case.findings, masks, case.volume, case.source, CTX)
+        assert built is not None
+        buffer = DicomBytesIO()
+        built.save_as(buffer, enforce_file_format=True)
+        return bytes(built.PixelData), buffer.getvalue()
+
+    lazy = [encoded(m) for m in cases]
+    monkeypatch.setattr(seg_module, "_frame_stack", materialised)
+    assert [encoded(m) for m in cases] == lazy

@@ -120,31 +120,54 @@ class WorkGrid:
         _, ny, nx = self.shape
         return _linear_axis(_linear_axis(block, f, 1, ny), f, 2, nx)
 
-    def upsample_above(self, coarse: F32 | npt.NDArray[np.bool_], level: float = 0.5) -> npt.NDArray[np.bool_]:
+    def upsample_above(
+        self,
+        coarse: F32 | npt.NDArray[np.bool_],
+        level: float = 0.5,
+        *,
+        within: npt.NDArray[np.bool_] | npt.NDArray[np.integer] | None = None,
+    ) -> npt.NDArray[np.bool_]:
         """Full-grid mask ``upsample(coarse) > level`` (linear interpolation, chunked).
 
         Only the in-plane bounding box of the coarse pixels above ``level`` (plus one pixel) is
         interpolated: outside it every interpolated value is a blend of values at or below ``level``.
+        ``within`` (a full-grid mask or label array) is applied chunk by chunk: the result is
+        ``upsample_above(coarse, level) & (within > 0)`` without a second full-grid temporary.
+        """
+        out = np.zeros(self.shape, dtype=bool)
+        for index, above in self.iter_above(coarse, level):
+            out[index] = above
+        if within is not None:
+            for zs in self.chunks():
+                out[zs] &= np.asarray(within[zs]) > 0
+        return out
+
+    def iter_above(
+        self, coarse: F32 | npt.NDArray[np.bool_], level: float = 0.5
+    ) -> Iterator[tuple[tuple[slice, slice, slice], npt.NDArray[np.bool_]]]:
+        """``upsample(coarse) > level`` chunk by chunk: ``((z chunk, rows, cols), mask of that box)``.
+
+        Chunks without a coarse pixel above ``level`` are skipped; outside the box the mask is False
+        (see :meth:`upsample_above`).
         """
         f = self.factor
         _, ny, nx = self.shape
-        out = np.zeros(self.shape, dtype=bool)
-        src = np.asarray(coarse, dtype=np.float32) if coarse.dtype == np.bool_ else coarse
         for zs in self.chunks():
-            above = src[zs] > level
+            src = coarse[zs]
+            src = np.asarray(src, dtype=np.float32) if src.dtype == np.bool_ else src
+            above = src > level
             if not above.any():
                 continue
             rows = np.nonzero(above.any(axis=(0, 2)))[0]
             cols = np.nonzero(above.any(axis=(0, 1)))[0]
             r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, src.shape[1])
             c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, src.shape[2])
-            block = np.asarray(src[zs, r0:r1, c0:c1], dtype=np.float32)
+            block = np.asarray(src[:, r0:r1, c0:c1], dtype=np.float32)
             fr0, fr1 = r0 * f, min(r1 * f, ny)
             fc0, fc1 = c0 * f, min(c1 * f, nx)
             if f > 1:
                 block = _linear_axis(_linear_axis(block, f, 1, fr1 - fr0), f, 2, fc1 - fc0)
-            out[zs, fr0:fr1, fc0:fc1] = block > level
-        return out
+            yield (zs, slice(fr0, fr1), slice(fc0, fc1)), block > level
 
 
 def _linear_axis(a: F32, f: int, axis: int, n_out: int) -> F32:

@@ -81,6 +81,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from triaged.analysis.arrays import Labels, component_sizes, label_compact
 from triaged.analysis.grid import WorkGrid
 
 B = npt.NDArray[np.bool_]
@@ -304,9 +305,7 @@ def classical_lesions(
 
 def lesions_to_full(coarse: CoarseLesions, lungs_full: U8, grid: WorkGrid) -> B:
     """Bring a working-grid lesion result to the full grid: upsample, threshold, keep lung voxels."""
-    out = grid.upsample_above(coarse.field, coarse.level)
-    out &= lungs_full > 0
-    return out
+    return grid.upsample_above(coarse.field, coarse.level, within=lungs_full)
 
 
 def threshold_consolidation(hu: I16, lesions: B, params: ThresholdParams = ThresholdParams()) -> B:
@@ -374,8 +373,8 @@ def _drop_small(mask: B, min_voxels: float) -> B:
     """Remove 3D connected components (26-connectivity) with fewer than ``min_voxels`` voxels."""
     if min_voxels <= 1 or not mask.any():
         return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel())
+    labels, n = label_compact(mask, np.ones((3, 3, 3), bool))
+    sizes = component_sizes(labels, n)
     small = sizes < min_voxels
     small[0] = False
     if not small.any():
@@ -413,7 +412,7 @@ def _drop_hilar_vessels(candidate: B, lungs: U8, grid: WorkGrid, params: Classic
         medial |= m & band
     margin = max(1, int(round(params.hilar_margin_mm / min(dy, dx))))
     near_mediastinum = ndimage.binary_dilation(edge & medial, structure=_cross2d(), iterations=margin)
-    labels, n = ndimage.label(candidate, structure=np.ones((3, 3, 3), bool))
+    labels, n = label_compact(candidate, np.ones((3, 3, 3), bool))
     touching = np.unique(labels[near_mediastinum & candidate])
     touching = touching[touching > 0]
     if len(touching) == 0:
@@ -442,7 +441,7 @@ def posterior_sign_of(affine: npt.NDArray[np.float64]) -> int:
 
 
 def non_pneumonia_reasons(
-    labels: npt.NDArray[np.int32],
+    labels: Labels,
     density: F32,
     lungs: U8,
     grid: WorkGrid,
@@ -453,7 +452,7 @@ def non_pneumonia_reasons(
 
     Parameters
     ----------
-    labels : ndarray of int32
+    labels : ndarray of uint16 or int32
         Candidate components (26-connected) on the working grid, 0 background.
     density : ndarray of float32
         Vessel-suppressed density.
@@ -532,7 +531,7 @@ def _drop_non_pneumonia(
     """Drop the components that are not pneumonia (module docstring, step 5b)."""
     if not candidate.any():
         return candidate
-    labels, _ = ndimage.label(candidate, structure=np.ones((3, 3, 3), bool))
+    labels, _ = label_compact(candidate, np.ones((3, 3, 3), bool))
     drop = list(non_pneumonia_reasons(labels, density, lungs, grid, params, posterior_sign))
     if not drop:
         return candidate

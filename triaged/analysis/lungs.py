@@ -83,6 +83,7 @@ import numpy.typing as npt
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from triaged.analysis.arrays import component_sizes, label_compact
 from triaged.analysis.grid import WorkGrid
 from triaged.domain import Volume
 from triaged.errors import TriagedError
@@ -223,10 +224,10 @@ def body_mask(hu: F32, params: LungParams = LungParams()) -> B:
     dense = hu > params.body_hu
     # a one-pixel in-plane opening cuts thin bridges to the table, mattress and blankets
     dense = ndimage.binary_opening(dense, structure=_cross2d())
-    labels, n = ndimage.label(dense)
+    labels, n = label_compact(dense)
     if n == 0:
         raise NoLungsError(f"no body found: no voxel above {params.body_hu:g} HU")
-    sizes = np.bincount(labels.ravel())
+    sizes = component_sizes(labels, n)
     sizes[0] = 0
     body = labels == int(np.argmax(sizes))
     del labels
@@ -405,11 +406,11 @@ def segment_lungs_coarse(
     if airway.any():
         cut = ndimage.binary_dilation(airway, _cross2d())
         air &= ~cut
-    labels, n = ndimage.label(air)
+    labels, n = label_compact(air)
     del air
     if n == 0:
         raise NoLungsError(f"no air below {params.air_hu:g} HU inside the body")
-    sizes = np.bincount(labels.ravel())
+    sizes = component_sizes(labels, n)
     sizes[0] = 0
     order = np.argsort(sizes)[::-1]
     order = order[sizes[order] * voxel_ml >= params.min_lung_ml]
@@ -494,10 +495,10 @@ def _remove_abdominal_gas(
     """
     lung = two > 0
     gas = (hu < (params.gas_hu if gas_hu is None else gas_hu)) & lung
-    labels, n = ndimage.label(gas)
+    labels, n = label_compact(gas)
     if n == 0:
         return two
-    sizes = np.bincount(labels.ravel())
+    sizes = component_sizes(labels, n)
     sizes[0] = 0
     big = np.nonzero(sizes * grid.coarse_voxel_ml >= params.gas_min_ml)[0]
     if len(big) == 0:
@@ -532,7 +533,7 @@ def holes_2d(mask: B) -> B:
     """
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
-    labels, n = ndimage.label(~mask, structure=structure)
+    labels, n = label_compact(~mask, structure)
     if n == 0:
         return np.zeros_like(mask)
     edge = np.zeros(n + 1, bool)
@@ -560,8 +561,8 @@ def _fill_holes_bottom_up(lung: B, hu: F32, affine: F64, max_vessel_px: float) -
         return out
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
-    labels, n = ndimage.label(holes, structure=structure)
-    sizes = np.bincount(labels.ravel())
+    labels, n = label_compact(holes, structure)
+    sizes = component_sizes(labels, n)
     big = np.nonzero(sizes > max_vessel_px)[0]
     big = big[big > 0]
     if len(big) == 0:
@@ -672,10 +673,14 @@ def segment_lungs(volume: Volume, params: LungParams = LungParams()) -> U8:
 
 
 def upsample_labels(labels: U8, grid: WorkGrid) -> U8:
-    """Working-grid lung labels → full grid: each lung's indicator linearly interpolated, > 0.5."""
+    """Working-grid lung labels → full grid: each lung's indicator linearly interpolated, > 0.5.
+
+    Written chunk by chunk (:meth:`WorkGrid.iter_above`): no full-grid boolean temporary.
+    """
     out = np.zeros(grid.shape, np.uint8)
-    out[grid.upsample_above(labels == RIGHT, 0.5)] = RIGHT
-    out[grid.upsample_above(labels == LEFT, 0.5)] = LEFT
+    for lab_id in (RIGHT, LEFT):  # left after right, as whole-volume assignments in this order would
+        for index, above in grid.iter_above(labels == lab_id, 0.5):
+            out[index][above] = lab_id
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from triaged.analysis.arrays import component_sizes, label_compact, slab_slices
 from triaged.domain import CTGrade, Findings, LesionBox, LungMeasures, Masks, Volume
 
 B = npt.NDArray[np.bool_]
@@ -56,10 +57,12 @@ def lung_measures(
     tuple of LungMeasures
     """
     ml = voxel_ml(spacing)
-    # one pass over the volume, in slabs: code = lung label + 3·lesion + 6·consolidation
+    # one pass over the volume, in slabs: code = lung label + 3·lesion + 6·consolidation (a slab of
+    # about a million voxels: np.bincount counts through an intp copy, 8 bytes per voxel)
     counts = np.zeros(12, np.int64)
-    for z0 in range(0, lungs.shape[0], 32):
-        zs = slice(z0, z0 + 32)
+    step = slab_slices(lungs.shape).step
+    for z0 in range(0, lungs.shape[0], step):
+        zs = slice(z0, z0 + step)
         code = lungs[zs].astype(np.uint8, copy=True)
         code += 3 * lesions[zs].view(np.uint8)
         code += 6 * consolidation[zs].view(np.uint8)
@@ -117,9 +120,11 @@ def lesion_boxes(volume: Volume, lungs: U8, lesions: B, limit: int = MAX_LESION_
     xx = np.nonzero(lesions[zz[0] : zz[-1] + 1].any(axis=(0, 1)))[0]
     origin = (int(zz[0]), int(yy[0]), int(xx[0]))
     box = lesions[zz[0] : zz[-1] + 1, yy[0] : yy[-1] + 1, xx[0] : xx[-1] + 1]
-    labels, n = ndimage.label(box, structure=np.ones((3, 3, 3), bool))
+    # uint16 labels and slab-wise counts: int32 labels and np.bincount's intp copy of them would be
+    # 12 bytes per voxel of the box (triaged.analysis.arrays)
+    labels, n = label_compact(box, np.ones((3, 3, 3), bool))
     lungs = lungs[zz[0] : zz[-1] + 1, yy[0] : yy[-1] + 1, xx[0] : xx[-1] + 1]
-    sizes = np.bincount(labels.ravel())
+    sizes = component_sizes(labels, n)
     sizes[0] = 0
     order = np.argsort(sizes)[::-1][: min(limit, n)]
     objects = ndimage.find_objects(labels)

@@ -16,7 +16,8 @@ frames without any pixel of their segment are omitted (highdicom's ``omit_empty_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,15 +77,15 @@ class SegmentationReference:
         return ds
 
 
-# Segments in SEG order, and how each is cut from Masks.
-_LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks], npt.NDArray[np.bool_]]], ...] = (
+# Segments in SEG order, and how each is cut from Masks (the slices ``zs`` of it).
+_LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks, slice], npt.NDArray[np.bool_]]], ...] = (
     (
         SegmentSpec("right_lung", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG, (80, 160, 255)),
-        lambda m: m.lungs == 1,
+        lambda m, zs: m.lungs[zs] == 1,
     ),
     (
         SegmentSpec("left_lung", "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG, (80, 220, 120)),
-        lambda m: m.lungs == 2,
+        lambda m, zs: m.lungs[zs] == 2,
     ),
     (
         SegmentSpec(
@@ -94,7 +95,7 @@ _LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks], npt.NDArray[np.bool_]
             codes.LESION,
             (255, 170, 0),
         ),
-        lambda m: m.lesions.astype(bool, copy=False),
+        lambda m, zs: m.lesions[zs].astype(bool, copy=False),
     ),
     (
         SegmentSpec(
@@ -104,7 +105,7 @@ _LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks], npt.NDArray[np.bool_]
             codes.LUNG_CONSOLIDATION,
             (230, 40, 40),
         ),
-        lambda m: m.consolidation.astype(bool, copy=False),
+        lambda m, zs: m.consolidation[zs].astype(bool, copy=False),
     ),
 )
 _LOBE_COLOURS = ((128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79))
@@ -114,21 +115,95 @@ SEGMENT_KEYS: tuple[str, ...] = tuple(s.key for s, _ in _LUNG_SEGMENTS) + tuple(
 )
 
 
-def planned_segments(masks: Masks) -> list[tuple[SegmentSpec, npt.NDArray[np.bool_]]]:
-    """The non-empty segments of ``masks`` in SEG order, each with its (z, y, x) boolean mask."""
-    planned: list[tuple[SegmentSpec, npt.NDArray[np.bool_]]] = []
-    for spec, cut in _LUNG_SEGMENTS:
-        mask = cut(masks)
-        if mask.any():
-            planned.append((spec, mask))
+#: Slices cut at once when a segment is checked for emptiness (bounds the temporaries).
+_SLAB = 16
+
+#: A segment's mask on the slices ``zs`` (a (z, y, x) boolean array).
+SegmentCut = Callable[[slice], npt.NDArray[np.bool_]]
+
+
+def _lobe_cut(masks: Masks, label: int) -> SegmentCut:
+    lobes = masks.lobes
+    assert lobes is not None
+    return lambda zs: lobes[zs] == label
+
+
+def planned_cuts(masks: Masks) -> list[tuple[SegmentSpec, SegmentCut]]:
+    """The non-empty segments of ``masks`` in SEG order, each with a function cutting its mask slab-wise.
+
+    Nothing of the size of the volume is allocated: emptiness is checked :data:`_SLAB` slices at a time.
+    """
+    nz = masks.lungs.shape[0]
+
+    def non_empty(cut: SegmentCut) -> bool:
+        return any(cut(slice(z0, z0 + _SLAB)).any() for z0 in range(0, nz, _SLAB))
+
+    planned: list[tuple[SegmentSpec, SegmentCut]] = []
+    for spec, cut_of in _LUNG_SEGMENTS:
+        cut: SegmentCut = functools.partial(cut_of, masks)
+        if non_empty(cut):
+            planned.append((spec, cut))
     if masks.lobes is not None:
         for (label, code), rgb in zip(codes.LOBES, _LOBE_COLOURS, strict=True):
-            mask = masks.lobes == label
-            if mask.any():
+            lobe = _lobe_cut(masks, label)
+            if non_empty(lobe):
                 planned.append(
-                    (SegmentSpec(f"lobe_{label}", code.meaning, codes.ANATOMICAL_STRUCTURE, code, rgb), mask)
+                    (SegmentSpec(f"lobe_{label}", code.meaning, codes.ANATOMICAL_STRUCTURE, code, rgb), lobe)
                 )
     return planned
+
+
+def planned_segments(masks: Masks) -> list[tuple[SegmentSpec, npt.NDArray[np.bool_]]]:
+    """The non-empty segments of ``masks`` in SEG order, each with its (z, y, x) boolean mask."""
+    return [(spec, cut(slice(None))) for spec, cut in planned_cuts(masks)]
+
+
+class _FrameStack:
+    """The (frames, rows, columns, segments) boolean array highdicom encodes, built one frame at a time.
+
+    highdicom (0.28) only takes ``shape``/``ndim``, iterates the frames and indexes one frame at a time,
+    so the frames are cut from the masks when asked for: a materialised stack would be one byte per
+    pixel and segment (315 MB for 300 slices of 512 x 512 with four segments), plus the per-segment
+    masks it was built from.  Frame ``i`` is volume slice ``z_of_frame[i]`` (None: an empty frame, a
+    frame of an enhanced source that the volume dropped).
+    """
+
+    ndim = 4
+    dtype = np.dtype(bool)
+
+    def __init__(
+        self, z_of_frame: Sequence[int | None], rows: int, columns: int, cuts: Sequence[SegmentCut]
+    ) -> None:
+        self._z = list(z_of_frame)
+        self._cuts = list(cuts)
+        self.shape = (len(self._z), rows, columns, len(self._cuts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> npt.NDArray[np.bool_]:
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"frames are indexed one at a time, not by {index!r}")
+        frame = np.zeros(self.shape[1:], dtype=bool)
+        z = self._z[int(index)]
+        if z is not None:
+            for s, cut in enumerate(self._cuts):
+                frame[..., s] = cut(slice(z, z + 1))[0]
+        return frame
+
+    def __iter__(self) -> Iterator[npt.NDArray[np.bool_]]:
+        return (self[i] for i in range(len(self)))
+
+    def overlap(self) -> bool:
+        """Whether two segments share a pixel (PS3.3 C.8.20.2 Segments Overlap), slab by slab."""
+        n = len(self._cuts)
+        zs = sorted({z for z in self._z if z is not None})
+        for k in range(0, len(zs), _SLAB):
+            part = zs[k : k + _SLAB]
+            slabs = [cut(slice(part[0], part[-1] + 1)) for cut in self._cuts]
+            if any(np.logical_and(slabs[i], slabs[j]).any() for i in range(n) for j in range(i + 1, n)):
+                return True
+        return False
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -137,13 +212,20 @@ class _Segmentation(hd.seg.Segmentation):
     highdicom decides Segments Overlap (PS3.3 C.8.20.2) by summing the 4D array over segments, which
     allocates an int64 copy of the whole stack (about 0.6 GB and 2 s for 300 slices of 512 x 512 with
     four segments).  For a boolean stack, pairwise ``logical_and(...).any()`` answers the same question
-    without the copy.  Anything else goes to highdicom's own check.
+    without the copy; a :class:`_FrameStack` answers it slab by slab.  Anything else goes to
+    highdicom's own check.
     """
 
     @classmethod
     def _check_and_cast_pixel_array(  # type: ignore[override]
         cls, pixel_array: Any, *args: Any, **kwargs: Any
     ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        if isinstance(pixel_array, _FrameStack):
+            overlap = pixel_array.overlap()
+            return (
+                pixel_array,
+                hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO,
+            )
         if not (
             isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4 and pixel_array.dtype == np.bool_
         ):
@@ -208,7 +290,7 @@ def build_seg(
     PS3.3 A.51 (Segmentation IOD), C.8.20.2 (Segmentation Image module), C.7.6.16 (functional groups:
     plane positions and Derivation Image Sequence are taken from the source images).
     """
-    planned = planned_segments(masks)
+    planned = planned_cuts(masks)
     if not planned:
         return None
     images = map_source_images(volume, source)
@@ -232,10 +314,10 @@ def build_seg(
         )
         for number, (spec, _) in enumerate(planned, start=1)
     ]
-    pixels = _frame_stack(images, [mask for _, mask in planned])
+    pixels = _frame_stack(images, masks.lungs.shape, [cut for _, cut in planned])
     seg = _Segmentation(
         source_images=list(images.datasets),
-        pixel_array=pixels,
+        pixel_array=pixels,  # type: ignore[arg-type]  # array-like: see _FrameStack
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=uids.seg_series,
@@ -295,25 +377,20 @@ def segmentation_reference(seg: Dataset) -> SegmentationReference:
     )
 
 
-def _frame_stack(images: SourceImages, masks: list[npt.NDArray[np.bool_]]) -> npt.NDArray[np.bool_]:
-    """(frames, rows, columns, segments) array in the order highdicom pairs frames with source images.
+def _frame_stack(images: SourceImages, shape: tuple[int, ...], cuts: Sequence[SegmentCut]) -> _FrameStack:
+    """(frames, rows, columns, segments) frames in the order highdicom pairs frames with source images.
 
     Single-frame sources: frame i is source dataset i, i.e. volume slice i.  Enhanced CT: frames follow
     the source's frame order, so slice z goes to frame ``refs[z].frame_number``; frames the volume
     dropped (duplicates) stay empty.
     """
-    nz, rows, cols = masks[0].shape
+    nz, rows, cols = (int(v) for v in shape)
     if not images.multi_frame:
-        stack = np.empty((nz, rows, cols, len(masks)), dtype=bool)
-        for s, mask in enumerate(masks):
-            stack[..., s] = mask
-        return stack
+        return _FrameStack(list(range(nz)), rows, cols, cuts)
     if len(images.datasets) != 1:
         raise ValueError("a volume from several multi-frame instances cannot be encoded as one SEG")
-    frames = int(images.first.NumberOfFrames)
-    stack = np.zeros((frames, rows, cols, len(masks)), dtype=bool)
+    z_of_frame: list[int | None] = [None] * int(images.first.NumberOfFrames)
     for z, ref in enumerate(images.refs):
         assert ref.frame_number is not None
-        for s, mask in enumerate(masks):
-            stack[ref.frame_number - 1, :, :, s] = mask[z]
-    return stack
+        z_of_frame[ref.frame_number - 1] = z
+    return _FrameStack(z_of_frame, rows, cols, cuts)
