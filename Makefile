@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 APT_PACKAGES := dcmtk dicom3tools orthanc
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench lint typecheck contracts pytest sysdeps venv clean
+.PHONY: run test bench soak lint typecheck contracts pytest sysdeps venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-# Test peers: DCMTK (storescu, echoscu, storescp, findscu), dicom3tools (dciodvfy) and Orthanc.
+# Test peers: DCMTK (storescu, echoscu, storescp, findscu), dicom3tools (dciodvfy) and Orthanc;
+# openssl makes the throwaway CA and certificates of the DICOM TLS tests.
 # Debian's orthanc package starts a system service on 4242/8042; the tests run their own, so stop it.
 sysdeps:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	command -v openssl  >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing with apt"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -41,7 +43,7 @@ run: $(STAMP)
 	exec $(BIN)/triaged serve --config config.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check triaged tests bench
+	$(BIN)/ruff check triaged tests bench soak
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -58,6 +60,12 @@ test: lint typecheck contracts pytest
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/analysis.py
+
+# The fault-injection suite, long form (~7 min on 2 cores): kill -9 during receive/analysis/dispatch, full
+# file systems (a tmpfs: needs root), >= 200 malformed inputs and connection attacks, a hung destination.
+# Exits non-zero if any promise failed; its final block is quoted in README.md and docs/security.md.
+soak: $(STAMP) sysdeps
+	$(BIN)/python -m soak
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,134 @@ def test_a_file_that_is_not_utf8_or_not_readable_is_a_config_error_naming_the_by
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{bad}:3: not valid UTF-8" in proc.stderr
+
+
+# --- Issue 12 "DICOM TLS": listener.tls and destinations.<name>.tls, their files checked at load ---
+
+
+def _openssl(folder: Path, *args: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (make sysdeps installs it with apt)")
+    result = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with two self-signed certificates and their keys (``a.pem``/``a.key``, ``b.pem``/``b.key``)
+    and a key encrypted with a password (``enc.key``)."""
+    folder = tmp_path_factory.mktemp("tls")
+    for name in ("a", "b"):
+        _openssl(
+            folder,
+            *f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name}".split(),
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+        )
+    _openssl(
+        folder,
+        *"genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -aes256 -pass pass:x".split(),
+        "-out",
+        "enc.key",
+    )
+    return folder
+
+
+def test_tls_settings_resolve_their_paths_next_to_the_config_and_default_to_tls12_without_hostnames(
+    tmp_path: Path, tls_files: Path
+) -> None:
+    conf = tmp_path / "site"
+    conf.mkdir()
+    shutil.copytree(tls_files, conf / "certs")
+    path = conf / "config.yaml"
+    path.write_text(
+        "listener:\n  tls: {certificate: certs/a.pem, private_key: certs/a.key, ca_certificates: certs/b.pem,\n"
+        "        require_client_certificate: true}\n"
+        "destinations:\n  pacs:\n    ae_title: PACS\n    host: 10.0.0.5\n    port: 104\n"
+        "    tls: {ca_certificates: certs/b.pem, certificate: certs/a.pem, private_key: certs/a.key}\n"
+    )
+    config = load_config(path)
+    tls = config.listener.tls
+    assert tls is not None and tls.enabled and tls.require_client_certificate
+    assert (tls.certificate, tls.private_key) == (conf / "certs" / "a.pem", conf / "certs" / "a.key")
+    assert tls.minimum_version == "TLSv1.2"
+    dest = config.destinations["pacs"].tls
+    assert dest is not None and dest.ca_certificates == conf / "certs" / "b.pem"
+    assert dest.verify is True and dest.verify_hostname is False and dest.minimum_version == "TLSv1.2"
+    assert parse_config("", "empty.yaml").listener.tls is None  # no TLS unless asked for
+
+
+def test_tls_files_are_checked_at_load_and_each_problem_names_its_setting_and_file(
+    tmp_path: Path, tls_files: Path
+) -> None:
+    a, b = tls_files / "a", tls_files / "b"
+    text = f"""\
+listener:
+  tls:
+    certificate: {a}.pem
+    private_key: {b}.key
+    ca_certificates: {a}.key
+destinations:
+  pacs:
+    ae_title: PACS
+    host: pacs
+    port: 104
+    tls:
+      ca_certificates: {tmp_path}/missing.pem
+      certificate: {a}.pem
+      private_key: {tls_files}/enc.key
+  spare:
+    ae_title: SPARE
+    host: spare
+    port: 104
+    tls: {{enabled: false, ca_certificates: {tmp_path}/missing.pem}}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "site.yaml")
+    problems = dict(info.value.problems)
+    assert (
+        problems["site.yaml:4: listener.tls.private_key"] == f"{b}.key does not match the certificate {a}.pem"
+    )
+    assert problems["site.yaml:5: listener.tls.ca_certificates"].startswith(
+        f"{a}.key holds no PEM certificate"
+    )
+    assert problems["site.yaml:12: destinations.pacs.tls.ca_certificates"] == (
+        f"cannot read {tmp_path}/missing.pem: No such file or directory"
+    )
+    assert "is encrypted" in problems["site.yaml:14: destinations.pacs.tls.private_key"]
+    assert len(problems) == 4  # a disabled block's files are not checked
+    # check-config says the same, without a traceback, and the running node's reload refuses it likewise.
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "check-config", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        f"{path}:4: listener.tls.private_key: {b}.key does not match the certificate {a}.pem" in proc.stderr
+    )
+
+
+def test_tls_settings_that_cannot_work_together_are_refused() -> None:
+    text = """\
+listener:
+  tls: {certificate: a.pem, private_key: a.key, require_client_certificate: true, minimum_version: TLSv1.1}
+destinations:
+  pacs:
+    ae_title: PACS
+    host: pacs
+    port: 104
+    tls: {certificate: client.pem}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "site.yaml")
+    problems = dict(info.value.problems)
+    assert "TLSv1.2" in problems["site.yaml:2: listener.tls.minimum_version"]
+    assert "certificate and private_key go together" in problems["site.yaml:8: destinations.pacs.tls"]
+    assert len(problems) == 2
+    with pytest.raises(ConfigError, match="require_client_certificate needs ca_certificates"):
+        parse_config(
+            "listener:\n  tls: {certificate: a.pem, private_key: a.key, require_client_certificate: true}\n"
+        )

@@ -64,3 +64,10 @@ def audit(
         recorder.record_event(kind, actor=actor, peer=peer, study_uid=study_uid, detail=detail)
     except Exception:  # noqa: BLE001 - see above
         log.exception("could not record the audit event %s", kind)
+
+
+def peer_text(address: str, port: int | None) -> str:
+    """``address:port`` as the trail writes a peer (``[address]:port`` for IPv6); no port: ``address``."""
+    if port is None:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -19,7 +19,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from triaged import __version__
 from triaged.analysis.registry import load_registry
+from triaged.audit import audit
 from triaged.config import Config, LoggingConfig, parse_config
 from triaged.config.load import read_config_text
 from triaged.domain import RESEARCH_NOTE
@@ -29,7 +31,7 @@ from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool, SpoolLock
-from triaged.stages import Analysis, Completion, Dispatch, Recovery, Worklist
+from triaged.stages import Analysis, Completion, Dispatch, Recovery, Retention, Worklist
 from triaged.worker import TaskQueue, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -129,14 +131,18 @@ class Node:
         self.completion = Completion(self.ledger, self.spool, current, self.analysis)
         self.recovery = Recovery(self.ledger, self.spool, current, self.analysis)
         self.worklist = Worklist(self.ledger, self.spool, current)
+        self.retention = Retention(self.ledger, self.spool, current)
         self.service = StoreService(self.spool, self.ledger, config.listener)
-        find = WorklistFind(self.worklist.rows, self.worklist.study_header) if config.worklist.c_find else None
+        find = (
+            WorklistFind(self.worklist.rows, self.worklist.study_header, recorder=self.ledger)
+            if config.worklist.c_find else None
+        )
         self.listener = Listener(config.listener, self.service, find)
         self.http: WorklistHTTP | None = None
         if config.worklist.http_port:
             self.http = WorklistHTTP(
                 self.worklist.rows, config.worklist.http_bind_address, config.worklist.http_port,
-                timeout=config.worklist.http_timeout_seconds,
+                timeout=config.worklist.http_timeout_seconds, recorder=self.ledger,
             )
         self.queue = TaskQueue(config.analysis.aging_seconds)
         self.workers = WorkerPool(
@@ -150,6 +156,8 @@ class Node:
             submit=lambda: self.analysis.submit_queued(self.queue, self.workers.running()),
             dispatch=self.dispatch.start_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
             stop_dispatch=self.dispatch.stop,
+            retention=self.retention.run_scheduled,
+            retention_interval_seconds=config.retention.interval_minutes * 60,
         )
 
     def _current_config(self) -> Config:
@@ -169,6 +177,14 @@ class Node:
             self.http.start()
         self.workers.start()
         self.scheduler.start()
+        host, port = self.listener.address
+        audit(
+            "node.started",
+            f"node started: triaged {__version__} as {self._config.listener.ae_title} on {host}:{port}",
+            actor="node", recorder=self.ledger, version=__version__, config_sha256=self._applied_digest,
+            config_file=str(self.config_path) if self.config_path else None, pid=os.getpid(),
+            ae_title=self._config.listener.ae_title, listening=f"{host}:{port}",
+        )
 
     def reload(self, *, from_signal: bool = True) -> bool:
         """Re-read the config file; swap only a valid config.  Returns whether a new config was applied.
@@ -181,6 +197,7 @@ class Node:
         if self.config_path is None:
             return False
         path = self.config_path
+        digest: str | None = None
         try:
             text = read_config_text(path)
             digest = _digest(text)
@@ -202,12 +219,14 @@ class Node:
         if problems:
             for where, msg in problems:
                 log.error("config reload refused, keeping the running config: %s: %s", where, msg)
+            self._audit_refused(path, digest, [f"{where}: {msg}" for where, msg in problems], from_signal)
             return False
         restart_needed = [
             name for name, old, cur in (
                 ("listener.ae_title", self._config.listener.ae_title, new.listener.ae_title),
                 ("listener.port", self._config.listener.port, new.listener.port),
                 ("listener.bind_address", self._config.listener.bind_address, new.listener.bind_address),
+                ("listener.tls", self._config.listener.tls, new.listener.tls),
                 ("listener.extra_storage_sop_classes", self._config.listener.extra_storage_sop_classes,
                  new.listener.extra_storage_sop_classes),
                 ("storage", self._config.storage, new.storage),
@@ -219,13 +238,31 @@ class Node:
             configure_logging(new.logging)  # first: if the new log file cannot be opened nothing has changed
         except Exception as exc:  # noqa: BLE001 - a reload must never take the running node down
             log.error("config reload refused, keeping the running config: %s: logging: %s", path, exc)
+            self._audit_refused(path, digest, [f"{path}: logging: {exc}"], from_signal)
             return False
+        old_minutes = self._config.retention.interval_minutes
         self._config = new
         self._applied_digest = digest
         self.service.reload(new.listener)
-        reschedule(self.scheduler, new.completion.sweep_interval_seconds, new.dispatch.interval_seconds)
-        log.info("configuration reloaded from %s", path)
+        reschedule(
+            self.scheduler, new.completion.sweep_interval_seconds, new.dispatch.interval_seconds,
+            new.retention.interval_minutes * 60 if new.retention.interval_minutes != old_minutes else None,
+        )
+        audit(  # the one log line of a reload (on triaged.audit), and its row
+            "config.reloaded",
+            f"configuration reloaded from {path} (sha256 {(digest or '')[:12]})",
+            actor="node", recorder=self.ledger, config_file=str(path), config_sha256=digest,
+            trigger="SIGHUP" if from_signal else "file watcher", restart_needed=restart_needed,
+        )
         return True
+
+    def _audit_refused(self, path: Path, digest: str | None, errors: list[str], from_signal: bool) -> None:
+        audit(
+            "config.refused",
+            f"config reload from {path} refused, the running config stays: {len(errors)} error(s)",
+            actor="node", recorder=self.ledger, level=logging.ERROR, config_file=str(path),
+            config_sha256=digest, trigger="SIGHUP" if from_signal else "file watcher", errors=errors,
+        )
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting, drain in-flight associations, stop the scheduler, close the ledger."""
@@ -236,6 +273,12 @@ class Node:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.workers.stop()
+        audit(
+            "node.stopped",
+            f"node stopped: triaged {__version__}",
+            actor="node", recorder=self.ledger, version=__version__, config_sha256=self._applied_digest,
+            pid=os.getpid(),
+        )
         self.ledger.close()
         log.info("stopped")
 

@@ -1,9 +1,10 @@
-"""Periodic work on APScheduler 3: the completion sweep, the analysis feeder and the dispatcher."""
+"""Periodic work on APScheduler 3: the completion sweep, the analysis feeder, the dispatcher and retention."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -31,6 +32,13 @@ def _dispatch(dispatch: Callable[[], int]) -> None:
         log.exception("dispatch failed")
 
 
+def _retention(retention: Callable[[], object]) -> None:
+    try:
+        retention()
+    except Exception:  # noqa: BLE001 - nothing is lost: what is due is due again at the next run
+        log.exception("retention failed")
+
+
 class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
     """A background scheduler that runs stop hooks before it shuts down and waits for running jobs."""
 
@@ -52,6 +60,8 @@ def build_scheduler(
     dispatch: Callable[[], int] | None = None,
     dispatch_interval_seconds: float | None = None,
     stop_dispatch: Callable[[], None] | None = None,
+    retention: Callable[[], object] | None = None,
+    retention_interval_seconds: float | None = None,
 ) -> BackgroundScheduler:
     """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced.
 
@@ -59,7 +69,9 @@ def build_scheduler(
     logged and retried at the next tick.  ``dispatch`` should only start the sending (one sender per
     destination, :meth:`~triaged.stages.Dispatch.start_due`) so a slow destination never holds the tick;
     ``stop_dispatch`` (:meth:`~triaged.stages.Dispatch.stop`) is called first when the scheduler shuts
-    down, so a stop does not wait for a peer's timeouts.
+    down, so a stop does not wait for a peer's timeouts.  ``retention``
+    (:meth:`~triaged.stages.Retention.run_scheduled`) runs every ``retention_interval_seconds``, the first
+    time one minute after the start (or one interval, when shorter).
     """
     scheduler = _Scheduler(timezone="UTC")
     scheduler.stop_hooks = [stop_dispatch] if stop_dispatch is not None else []
@@ -77,12 +89,26 @@ def build_scheduler(
             _dispatch, "interval", args=[dispatch], seconds=dispatch_interval_seconds, id="dispatch",
             max_instances=1, coalesce=True, misfire_grace_time=None,
         )
+    if retention is not None and retention_interval_seconds is not None:
+        first = datetime.now(UTC) + timedelta(seconds=min(60.0, retention_interval_seconds))
+        scheduler.add_job(
+            _retention, "interval", args=[retention], seconds=retention_interval_seconds, id="retention",
+            max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=first,
+        )
     return scheduler
 
 
-def reschedule(scheduler: BackgroundScheduler, sweep_interval_seconds: float, dispatch_interval_seconds: float) -> None:
-    """Apply reloaded intervals to the running jobs."""
-    for job_id, seconds in (("completion-sweep", sweep_interval_seconds), ("submit-queued", sweep_interval_seconds),
-                            ("dispatch", dispatch_interval_seconds)):
+def reschedule(
+    scheduler: BackgroundScheduler,
+    sweep_interval_seconds: float,
+    dispatch_interval_seconds: float,
+    retention_interval_seconds: float | None = None,
+) -> None:
+    """Apply reloaded intervals to the running jobs (retention's only when given)."""
+    intervals = [("completion-sweep", sweep_interval_seconds), ("submit-queued", sweep_interval_seconds),
+                 ("dispatch", dispatch_interval_seconds)]
+    if retention_interval_seconds is not None:
+        intervals.append(("retention", retention_interval_seconds))
+    for job_id, seconds in intervals:
         if scheduler.get_job(job_id) is not None:
             scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)

@@ -10,7 +10,8 @@ Layout under the spool root::
     triaged.lock                                                             held by the running node (its PID inside)
 
 Instances stay in ``studies/`` for the life of the study (a late instance re-opens a study, and the
-next analysis needs every instance); the ledger, not the folder, records which job saw which instance.
+next analysis needs every instance) until retention deletes a finished study's files and work folders
+(:mod:`triaged.stages.retention`); the ledger, not the folder, records which job saw which instance.
 Paths are built only from UIDs that passed :func:`validate_uid`, so a hostile UID cannot escape the root.
 """
 
@@ -24,6 +25,8 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +72,8 @@ class Spool:
         self.quarantine_max_bytes = quarantine_max_mb * 1024 * 1024
         self._counter = itertools.count()
         self._lock = threading.Lock()
+        self._purging: set[str] = set()  # studies retention is deleting now: new writes wait (0xA700)
+        self._purging_lock = threading.Lock()
         for sub in ("studies", "quarantine", "tmp", "work"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         if clean_partial:  # only the daemon at start: other processes may be writing right now
@@ -107,6 +112,9 @@ class Spool:
         Returns once the bytes are on stable storage; raises :class:`StorageError` otherwise.  If a
         file with identical bytes is already there nothing is written (an idempotent re-send).
         """
+        parts = rel_path.split("/")
+        if len(parts) > 1 and parts[0] == "studies" and parts[1] in self._purging:
+            raise StorageError(f"study {parts[1]} is being deleted by retention; try again later")
         digest = hashlib.sha256(data).hexdigest()
         final = self.root / rel_path
         try:
@@ -229,10 +237,94 @@ class Spool:
         base = self.root / "studies"
         return [p.relative_to(self.root).as_posix() for p in base.glob("*/*/*.dcm")]
 
-    def remove_study(self, study_uid: str) -> None:
-        """Delete a study's files (retention); the UID is validated first."""
+    @contextmanager
+    def purging(self, study_uid: str) -> Iterator[None]:
+        """While retention deletes a study: :meth:`store_instance` refuses its instances (retryable).
+
+        A sender storing into the study just then gets 0xA700 and sends again later, when the study is
+        gone from the ledger's point of view and the instance opens it again, instead of having a file
+        deleted that it was told is stored.
+        """
         validate_uid(study_uid, "StudyInstanceUID")
-        shutil.rmtree(self.root / "studies" / study_uid, ignore_errors=True)
+        with self._purging_lock:
+            self._purging.add(study_uid)
+        try:
+            yield
+        finally:
+            with self._purging_lock:
+                self._purging.discard(study_uid)
+
+    def study_files(self, study_uid: str) -> list[tuple[str, int, float]]:
+        """``(relative path, size, modification time)`` of every instance file of a study on disk."""
+        validate_uid(study_uid, "StudyInstanceUID")
+        out = []
+        for p in (self.root / "studies" / study_uid).glob("*/*.dcm"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p.relative_to(self.root).as_posix(), st.st_size, st.st_mtime))
+        return out
+
+    def study_names(self) -> set[str]:
+        """Names of the folders under ``studies/`` (one per study with files)."""
+        return {p.name for p in (self.root / "studies").iterdir() if p.is_dir()}
+
+    def work_names(self) -> set[str]:
+        """Names of the folders under ``work/`` (one per job with work files)."""
+        return {p.name for p in (self.root / "work").iterdir() if p.is_dir()}
+
+    def work_bytes(self, job_id: int) -> tuple[int, int]:
+        """``(files, bytes)`` in a job's work folder (0, 0 when it has none)."""
+        files = size = 0
+        for dirpath, _, names in os.walk(self.work_dir(job_id)):
+            for name in names:
+                try:
+                    size += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+                files += 1
+        return files, size
+
+    def remove_files(self, rel_paths: Iterable[str]) -> tuple[int, int]:
+        """Delete instance files (retention) and the study and series folders left empty.
+
+        Returns ``(files, bytes)`` deleted; a file already gone is skipped.  Raises
+        :class:`StorageError` when a file cannot be deleted (what was deleted before it stays deleted).
+        """
+        files = size = 0
+        folders: set[Path] = set()
+        for rel in rel_paths:
+            path = self.absolute(rel)
+            try:
+                length = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot delete {rel}: {exc.strerror or exc}") from exc
+            files += 1
+            size += length
+            folders.add(path.parent)
+        studies = (self.root / "studies").resolve()
+        for folder in sorted(folders | {f.parent for f in folders}, key=lambda f: len(f.parts), reverse=True):
+            if folder.is_relative_to(studies) and folder != studies:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass  # not empty (an instance arrived since) or already gone
+        return files, size
+
+    def remove_work(self, job_id: int) -> tuple[int, int]:
+        """Delete a job's work folder (masks, findings, encoded results); returns ``(files, bytes)``."""
+        files, size = self.work_bytes(job_id)
+        folder = self.work_dir(job_id)
+        if folder.exists():
+            try:
+                shutil.rmtree(folder)
+            except OSError as exc:
+                raise StorageError(f"cannot delete {folder}: {exc.strerror or exc}") from exc
+        return files, size
 
 
 LOCK_NAME = "triaged.lock"

@@ -25,7 +25,9 @@ Facts about the Debian package (Orthanc 1.10.1) that this helper relies on or wo
   add instances.
 
 The throwaway config loads no plugins (``Plugins: []``), stores uncompressed without fsync, and
-keeps no jobs across restarts. ``extra_config`` overrides or adds any key.
+keeps no jobs across restarts. ``extra_config`` overrides or adds any key. ``tls`` (an :class:`OrthancTLS`)
+turns on DICOM TLS: the DICOM server then accepts TLS only, and Orthanc uses TLS towards a modality whose
+entry says ``"UseDicomTls": true``.
 
 Usage::
 
@@ -51,6 +53,7 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -83,6 +86,26 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class OrthancTLS:
+    """Orthanc's DICOM TLS settings: its certificate and key (server and client alike), the certificates it
+    trusts (a CA bundle works), and whether a peer connecting to it must present a client certificate."""
+
+    certificate: Path
+    private_key: Path
+    trusted_certificates: Path
+    remote_certificate_required: bool = True
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.certificate),
+            "DicomTlsPrivateKey": str(self.private_key),
+            "DicomTlsTrustedCertificates": str(self.trusted_certificates),
+            "DicomTlsRemoteCertificateRequired": self.remote_certificate_required,
+        }
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, did not stop, or answered a REST call with an error."""
 
@@ -106,6 +129,7 @@ class OrthancPeer:
         extra_config: Mapping[str, Any] | None = None,
         startup_timeout: float = 30.0,
         binary: str = "Orthanc",
+        tls: OrthancTLS | None = None,
     ) -> None:
         if dicom_port is None or http_port is None:
             picked = iter(free_ports(2))
@@ -125,6 +149,7 @@ class OrthancPeer:
         self.extra_config = dict(extra_config or {})
         self.startup_timeout = startup_timeout
         self.binary = binary
+        self.tls = tls
         self.config_path = self.folder / "orthanc.json"
         self.log_path = self.folder / "orthanc.log"
         self.url = f"http://127.0.0.1:{http_port}"
@@ -180,6 +205,8 @@ class OrthancPeer:
             "LimitFindResults": 0,
             "LimitFindInstances": 0,
         }
+        if self.tls is not None:
+            data.update(self.tls.config())
         data.update(self.extra_config)
         return data
 

@@ -1,8 +1,8 @@
 """The ``triaged`` command line.  Every output that shows results says they are for research use only.
 
 One module per command group adds its subparsers: :mod:`triaged.cli.node` (serve, check-config, status),
-:mod:`triaged.cli.records` (studies, jobs, outbox, worklist, resend, reanalyze, rules test) and
-:mod:`triaged.cli.offline` (analyze, eval, demo, selftest, train).
+:mod:`triaged.cli.records` (studies, jobs, outbox, worklist, resend, reanalyze, audit, retention,
+rules test) and :mod:`triaged.cli.offline` (analyze, eval, demo, selftest, train).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["RESEARCH_NOTE", "build_parser", "findings_table", "main"]
 
 COMMAND_ORDER = (
     "serve", "check-config", "studies", "jobs", "status", "worklist", "rules", "outbox", "resend",
-    "reanalyze", "eval", "train", "demo", "selftest", "analyze",
+    "reanalyze", "audit", "retention", "eval", "train", "demo", "selftest", "analyze",
 )  # fmt: skip
 """The order ``triaged --help`` lists the commands in (every group's command must be named here)."""
 

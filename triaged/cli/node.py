@@ -43,12 +43,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from triaged.net.scu import echo
+    from triaged.net.tls import self_check_tls
 
     config = _load(args.config)
     lst = config.listener
     host = "127.0.0.1" if lst.bind_address in ("0.0.0.0", "::") else lst.bind_address  # noqa: S104
     try:
-        status = echo(host, lst.port, lst.ae_title, timeout=5)
+        status = echo(host, lst.port, lst.ae_title, timeout=5, tls=self_check_tls(lst.tls))
         listening = f"up (C-ECHO status 0x{status:04X})"
     except TriagedError:
         listening = "not answering"

@@ -1,13 +1,16 @@
 """Commands that read or act on the ledger: ``studies``, ``jobs``, ``outbox``, ``worklist``, ``resend``,
-``reanalyze`` and ``rules test``."""
+``reanalyze``, ``audit``, ``retention`` and ``rules test``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from triaged.audit import audit
 from triaged.cli._common import AddParser, Subparsers, _ledger, _load, _table, with_config
 from triaged.domain import RESEARCH_NOTE, OutboxState
 
@@ -17,6 +20,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     ledger = _ledger(config)
     try:
         rows = ledger.studies(limit=args.limit)
+        purged = ledger.purged_studies()  # retention deleted their files: shown as PURGED
     finally:
         ledger.close()
     if args.json:
@@ -30,7 +34,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
                         "instances": s.instances,
                         "bytes": s.bytes,
                         "series": s.series,
-                        "state": s.state,
+                        "state": "PURGED" if s.study_instance_uid in purged else s.state,
                         "accession_number": s.accession_number,
                     }
                     for s in rows
@@ -50,7 +54,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
                     s.instances,
                     f"{s.bytes / 1e6:.1f}",
                     s.last_seen.strftime("%Y-%m-%d %H:%M:%S"),
-                    s.state,
+                    "PURGED" if s.study_instance_uid in purged else s.state,
                 ]
                 for s in rows
             ],
@@ -150,6 +154,15 @@ def cmd_resend(args: argparse.Namespace) -> int:
     ledger = _ledger(config)
     try:
         count = Dispatch(ledger, Spool(config.storage.spool), lambda: config).resend(args.job)
+        audit(
+            "resend",
+            f"job {args.job}: {count} result object(s) queued again by {_requested_by()}",
+            actor="admin",
+            recorder=ledger,
+            job=args.job,
+            objects=count,
+            requested_by=_requested_by(),
+        )
     finally:
         ledger.close()
     print(
@@ -202,10 +215,31 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
     try:
         if not study_uid:
             study_uid = ledger.job(int(target)).study_instance_uid
+        purged = ledger.purged_at(study_uid)
+        if purged is not None:
+            print(
+                f"triaged reanalyze: study {study_uid} cannot be analysed again: retention deleted its files "
+                f"on {purged:%Y-%m-%d %H:%M} UTC; send it to the node again to have it analysed",
+                file=sys.stderr,
+            )
+            return 1
         job = ledger.job(
             ledger.reanalyze(
                 study_uid, requested_by=_requested_by(), reason=args.reason, pipeline=args.pipeline
             )
+        )
+        audit(
+            "reanalyze",
+            f"study {study_uid}: re-analysis as job {job.id} (revision {job.revision}) "
+            f"requested by {_requested_by()}",
+            actor="admin",
+            study_uid=study_uid,
+            recorder=ledger,
+            requested_by=_requested_by(),
+            job=job.id,
+            revision=job.revision,
+            reason=args.reason,
+            pipeline=args.pipeline,
         )
     finally:
         ledger.close()
@@ -213,6 +247,88 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
         f"study {study_uid}: job {job.id} (revision {job.revision}) created; the running node routes and "
         f"analyses it at its next completion sweep (every {config.completion.sweep_interval_seconds:g} s)"
     )
+    return 0
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def when(text: str) -> datetime:
+    """``--since``/``--until``: a duration back from now (``90m``, ``24h``, ``7d``, ``2w``) or an ISO time.
+
+    An ISO time without a zone is UTC (every time the ledger shows is UTC).
+    """
+    value = text.strip()
+    match = _DURATION.fullmatch(value.lower())
+    if match:
+        return datetime.now(UTC) - timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 24h, 7d, 2w) nor an ISO date/time (2026-11-30T08:00)"
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _detail_text(detail: dict[str, object], width: int = 160) -> str:
+    parts = []
+    for key, value in detail.items():
+        if value is None or value == "" or value == []:
+            continue
+        if isinstance(value, list):
+            value = "; ".join(str(v) for v in value)
+        parts.append(f"{key}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from triaged.errors import StorageError
+    from triaged.ledger.audit import AuditTrailReader
+
+    config = _load(args.config)
+    path = config.storage.ledger
+    try:
+        reader = AuditTrailReader(path)
+    except StorageError:
+        print(f"no ledger at {path} (has the node run yet?)", file=sys.stderr)
+        return 1
+    with reader:
+        entries = reader.audit_trail(
+            since=args.since, until=args.until, kinds=args.kind or (), stores=args.stores
+        )
+    if args.json:
+        for e in entries:
+            line: dict[str, object] = {
+                "at": e.at.isoformat(),
+                "event": e.kind,
+                "actor": e.actor,
+                "peer": e.peer,
+                "study_uid": e.study_uid,
+                "source": e.source,
+            }
+            line.update({k: v for k, v in e.detail.items() if k not in line})
+            print(json.dumps(line, default=str, ensure_ascii=False))
+        return 0
+    print(
+        _table(
+            ["at (UTC)", "event", "who", "from", "study", "detail"],
+            [
+                [
+                    e.at.strftime("%Y-%m-%d %H:%M:%S"),
+                    e.kind,
+                    e.actor,
+                    e.peer,
+                    e.study_uid or "",
+                    _detail_text(e.detail),
+                ]
+                for e in entries
+            ],
+        )
+    )
+    print(f"{len(entries)} event(s). {RESEARCH_NOTE}")
     return 0
 
 
@@ -391,6 +507,112 @@ def _add_reanalyze(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_reanalyze)
 
 
+def _add_audit(sub: Subparsers) -> None:
+    p = with_config(
+        sub.add_parser(
+            "audit",
+            help="the audit trail: associations, queries, refusals, reloads, re-runs (read-only)",
+            description="One chronological trail merged from the ledger's associations and audit events "
+            "(and, with --stores, every stored instance and every result object sent).  Opens the ledger "
+            "read-only: safe while the node runs.",
+        )
+    )
+    p.add_argument("--since", type=when, help="from this time: 24h, 30m, 7d or an ISO time (UTC if no zone)")
+    p.add_argument("--until", type=when, help="before this time (same forms as --since)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        metavar="EVENT",
+        help="only this event and its sub-events, e.g. find, association.refused, config (repeatable)",
+    )
+    p.add_argument(
+        "--stores", action="store_true", help="also every stored instance and every result object sent (many)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from triaged.errors import StorageError
+    from triaged.spool import Spool, SpoolLock
+    from triaged.stages import Retention
+
+    config = _load(args.config)
+    lock = None
+    if not args.dry_run:
+        # The running node deletes on its own schedule, and only it can hold back a C-STORE into a
+        # study while that study is being deleted: deleting from a second process is refused.
+        try:
+            lock = SpoolLock(config.storage.spool)
+        except StorageError as exc:
+            print(
+                f"triaged retention: {exc}.\nThe running node applies retention itself every "
+                f"{config.retention.interval_minutes:g} min (retention.enabled: "
+                f"{str(config.retention.enabled).lower()}); `triaged retention --dry-run` shows what is due "
+                "without touching anything.",
+                file=sys.stderr,
+            )
+            return 1
+    try:
+        ledger = _ledger(config)
+        try:
+            report = Retention(ledger, Spool(config.storage.spool), lambda: config, actor="admin").run(
+                dry_run=args.dry_run
+            )
+        finally:
+            ledger.close()
+    finally:
+        if lock is not None:
+            lock.release()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 1 if any(d.outcome == "error" for d in report.deletions) else 0
+    verb = "would be deleted" if args.dry_run else "deleted"
+    if report.deletions:
+        print(
+            _table(
+                ["study", "kind", "finished (UTC)", "files", "MB", "outcome", "why"],
+                [
+                    [
+                        d.study_instance_uid,
+                        d.category,
+                        d.finished_at.strftime("%Y-%m-%d %H:%M") if d.finished_at else "",
+                        d.files,
+                        f"{d.bytes / 1e6:.1f}",
+                        d.outcome,
+                        d.reason,
+                    ]
+                    for d in report.deletions
+                ],
+            )
+        )
+    counted = [d for d in report.deletions if d.outcome in ("deleted", "would delete")]
+    print(
+        f"{'dry run: ' if args.dry_run else ''}{len(counted)} studies, {report.files} files, "
+        f"{report.bytes / 1e6:.1f} MB {verb}; ledger rows {verb}: {report.ledger.studies} purged studies, "
+        f"{report.ledger.associations} associations, {report.ledger.audit_events} audit events"
+    )
+    if report.limit_bytes:
+        print(
+            f"spool: {report.spool_bytes / 2**30:.2f} GiB before, max_spool_gb {config.retention.max_spool_gb:g} GiB"
+            + ("; still over the limit with only unfinished studies left" if report.over_limit else "")
+        )
+    print("never deleted: studies receiving, waiting to complete, queued, analysing or with results to send")
+    return 1 if any(d.outcome == "error" for d in report.deletions) else 0
+
+
+def _add_retention(sub: Subparsers) -> None:
+    p = with_config(
+        sub.add_parser(
+            "retention",
+            help="delete finished studies' files and old ledger rows as the retention policy says (audited)",
+        )
+    )
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted and why")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_retention)
+
+
 PARSERS: dict[str, AddParser] = {
     "studies": _add_studies,
     "jobs": _add_jobs,
@@ -399,5 +621,7 @@ PARSERS: dict[str, AddParser] = {
     "outbox": _add_outbox,
     "resend": _add_resend,
     "reanalyze": _add_reanalyze,
+    "audit": _add_audit,
+    "retention": _add_retention,
 }
 """Command name -> the function that adds its parser."""

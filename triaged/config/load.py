@@ -7,6 +7,7 @@ Relative paths are resolved against the folder of the config file.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from triaged.config.rules import DEFAULT_PRIORITY_POLICY, RouteAction
-from triaged.config.schema import Config
+from triaged.config.schema import Config, DestinationTLSConfig, ListenerTLSConfig
 from triaged.domain import UID_RE
 from triaged.errors import ConfigError
 
@@ -91,6 +92,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(source, problems)
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
+    problems.extend(_tls_checks(config, source, lines))
+    if problems:
+        raise ConfigError(source, problems)
     return config
 
 
@@ -223,7 +227,109 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     log = config.logging
     if log.file is not None:
         log = log.model_copy(update={"file": res(log.file)})
-    return config.model_copy(update={"storage": storage, "logging": log})
+
+    def res_tls(tls: _TLS) -> _TLS:
+        keys = ("certificate", "private_key", "ca_certificates")
+        return tls.model_copy(update={k: res(getattr(tls, k)) for k in keys if getattr(tls, k) is not None})
+
+    listener = config.listener
+    if listener.tls is not None:
+        listener = listener.model_copy(update={"tls": res_tls(listener.tls)})
+    destinations = {
+        name: d.model_copy(update={"tls": res_tls(d.tls)}) if d.tls is not None else d
+        for name, d in config.destinations.items()
+    }
+    return config.model_copy(
+        update={"storage": storage, "logging": log, "listener": listener, "destinations": destinations}
+    )
+
+
+_TLS = ListenerTLSConfig | DestinationTLSConfig
+
+
+class _EncryptedKeyError(Exception):
+    """Raised by the password callback: a key that needs a password is refused, never prompted for."""
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKeyError
+
+
+def _tls_checks(
+    config: Config, source: str, lines: dict[tuple[str | int, ...], int]
+) -> list[tuple[str, str]]:
+    """Every enabled TLS block's files: readable, PEM, and a private key that matches its certificate.
+
+    Checked at load (``check-config``, start, every reload), so a node never starts, and a reload is never
+    applied, with TLS it cannot set up; each problem names its YAML path and the file.
+    """
+    blocks: list[tuple[tuple[str | int, ...], _TLS]] = []
+    if config.listener.tls is not None:
+        blocks.append((("listener", "tls"), config.listener.tls))
+    for name, dest in config.destinations.items():
+        if dest.tls is not None:
+            blocks.append((("destinations", name, "tls"), dest.tls))
+    problems: list[tuple[str, str]] = []
+    for path, tls in blocks:
+        if tls.enabled:
+            for key, message in tls_file_problems(tls.certificate, tls.private_key, tls.ca_certificates):
+                loc = (*path, key)
+                problems.append((_where(source, lines, loc) + _format_path(loc), message))
+    return problems
+
+
+def tls_file_problems(
+    certificate: Path | None, private_key: Path | None, ca_certificates: Path | None
+) -> list[tuple[str, str]]:
+    """``(key, message)`` for each TLS file that cannot be used; ``key`` is the setting's name."""
+    problems: list[tuple[str, str]] = []
+    unreadable = set()
+    for key, file in (
+        ("certificate", certificate),
+        ("private_key", private_key),
+        ("ca_certificates", ca_certificates),
+    ):
+        if file is None:
+            continue
+        try:
+            with file.open("rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            problems.append((key, f"cannot read {file}: {exc.strerror or exc}"))
+            unreadable.add(key)
+    for key, file in (("certificate", certificate), ("ca_certificates", ca_certificates)):
+        if file is not None and key not in unreadable:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=file)
+            except ssl.SSLError as exc:
+                problems.append((key, f"{file} holds no PEM certificate ({exc.reason or exc})"))
+                unreadable.add(key)
+    if (
+        certificate is not None
+        and private_key is not None
+        and not {"certificate", "private_key"} & unreadable
+    ):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                certificate, private_key, password=_no_password
+            )
+        except _EncryptedKeyError:
+            problems.append(
+                (
+                    "private_key",
+                    f"{private_key} is encrypted: give an unencrypted key, readable only by the node's user",
+                )
+            )
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                problems.append(
+                    ("private_key", f"{private_key} does not match the certificate {certificate}")
+                )
+            else:
+                problems.append(
+                    ("private_key", f"{private_key} is not a PEM private key ({exc.reason or exc})")
+                )
+    return problems
 
 
 def sop_class_uids(names: list[str]) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from triaged.config._model import _Model
 from triaged.config.rules import PriorityPolicyConfig, RoutingConfig, _builtin_policies
@@ -35,6 +35,67 @@ def check_ip_address(value: str) -> str:
 
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+#: Oldest TLS version accepted (BCP 195 forbids TLS 1.0 and 1.1; PS3.15 B.9).
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+class ListenerTLSConfig(_Model):
+    """DICOM TLS on the listener (``listener.tls``): with it enabled the listener accepts TLS only.
+
+    Paths are PEM files, relative to the config file's folder; they are read and checked (a private key
+    that does not match its certificate too) when the config is loaded, and again at every start.
+    """
+
+    #: ``false`` keeps the block but listens without TLS (the files are then not checked).
+    enabled: bool = True
+    #: The node's certificate (with any intermediate certificates after it).
+    certificate: Path
+    #: Its private key, unencrypted (readable only by the node's user).
+    private_key: Path
+    #: CA certificates that signed the peers' client certificates; without it peers are not asked for one.
+    ca_certificates: Path | None = None
+    #: Refuse a peer that presents no client certificate signed by ``ca_certificates`` (mutual TLS).
+    require_client_certificate: bool = False
+    minimum_version: TLSVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> Self:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate needs ca_certificates (the CA certificates that signed the "
+                "peers' client certificates)"
+            )
+        return self
+
+
+class DestinationTLSConfig(_Model):
+    """DICOM TLS to a destination (``destinations.<name>.tls``), optionally with a client certificate."""
+
+    #: ``false`` keeps the block but connects without TLS (the files are then not checked).
+    enabled: bool = True
+    #: ``false``: accept any server certificate (encryption without authentication; tests only).
+    verify: bool = True
+    #: CA certificates that signed the destination's certificate; none: the system's trusted CAs.
+    ca_certificates: Path | None = None
+    #: Also check that the certificate names the host (``server_hostname``, else ``host``). Off by default:
+    #: PACS certificates rarely name the IP address they are reached at.
+    verify_hostname: bool = False
+    #: The name the certificate must carry when ``verify_hostname`` is on (default: ``host``).
+    server_hostname: str | None = None
+    #: Client certificate and private key for a destination that requires one (mutual TLS).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    minimum_version: TLSVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (a client certificate needs its key)")
+        if self.verify_hostname and not self.verify:
+            raise ValueError("verify_hostname needs verify: true")
+        return self
 
 
 class ListenerConfig(_Model):
@@ -65,6 +126,16 @@ class ListenerConfig(_Model):
     #: and, with ``max_pdu: 0``, it bounds a single P-DATA PDU.  An Enhanced CT of 1000 512×512 frames is
     #: ~500 MiB; the whole dataset is held in memory while it is received.
     max_dataset_mb: int = Field(1024, ge=1)
+    #: Seconds a new connection has to complete its TLS handshake (with ``tls``) and send its whole
+    #: A-ASSOCIATE-RQ; a connection that has not is closed.  Until then it holds no association slot.
+    handshake_timeout_seconds: float = Field(10.0, gt=0)
+    #: Connections still in that handshake, at most; beyond it the oldest of them is closed for the newcomer.
+    max_pending_connections: int = Field(8, ge=1, le=256)
+    #: Connections (handshaking or associated) from one source address, at most; beyond it a connection is
+    #: closed at accept (first the oldest still handshaking from that address, if any, makes room).
+    max_associations_per_address: int = Field(8, ge=1, le=256)
+    #: DICOM TLS; when set (and enabled) the listener is TLS-only.  Changes need a restart.
+    tls: ListenerTLSConfig | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -98,6 +169,30 @@ class StorageConfig(_Model):
     quarantine_max_mb: int = Field(500, ge=0)
 
 
+class RetentionConfig(_Model):
+    """What the node deletes, and when (:mod:`triaged.stages.retention`); never anything unfinished.
+
+    A study is finished when its latest job is DONE, IGNORED or FAILED and none of its result objects
+    is still PENDING; a study still receiving, inside its completion window, queued, analysing, encoding,
+    dispatching or waiting to retry is never deleted.  Days are counted from when the study finished (or
+    last received an instance, whichever is later).  ``null`` keeps for ever.
+    """
+
+    #: Run retention on schedule (``triaged retention`` works either way).
+    enabled: bool = True
+    interval_minutes: float = Field(60.0, gt=0)
+    #: Spool files and work folders of studies analysed (or ignored) with every result delivered.
+    keep_done_days: float | None = Field(7.0, gt=0)
+    #: The same for studies whose latest job FAILED or whose results were dead-lettered.
+    keep_failed_days: float | None = Field(30.0, gt=0)
+    #: Most GiB the received instances (``studies/``) and work folders (``work/``) may hold; over it the
+    #: finished studies are deleted oldest first, whatever their age, until it fits (0: no limit).
+    max_spool_gb: float = Field(0.0, ge=0)
+    #: Ledger rows of studies whose files were deleted this long ago, and associations and audit events
+    #: older than this; nothing younger is ever deleted.
+    keep_ledger_days: float | None = Field(365.0, gt=0)
+
+
 class CompletionConfig(_Model):
     """When a study counts as completely received."""
 
@@ -124,6 +219,8 @@ class DestinationConfig(_Model):
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AETitle | None = None
+    #: DICOM TLS to this destination; applies from the next association (reloadable).
+    tls: DestinationTLSConfig | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -196,6 +293,7 @@ class Config(_Model):
 
     listener: ListenerConfig = Field(default_factory=lambda: ListenerConfig())
     storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    retention: RetentionConfig = Field(default_factory=lambda: RetentionConfig())
     completion: CompletionConfig = Field(default_factory=lambda: CompletionConfig())
     series_selection: SeriesSelectionConfig = Field(default_factory=lambda: SeriesSelectionConfig())
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)

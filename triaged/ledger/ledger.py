@@ -31,6 +31,7 @@ from triaged.ledger.audit import AuditMixin
 from triaged.ledger.base import log
 from triaged.ledger.outbox import OutboxMixin
 from triaged.ledger.receive import ReceiveMixin, _ReceiveStatements
+from triaged.ledger.retention import RetentionMixin
 from triaged.ledger.rows import AssociationRow
 from triaged.ledger.views import ViewsMixin
 
@@ -52,14 +53,15 @@ def _on_connect(dbapi_connection: Any, connection_record: ConnectionPoolEntry) -
         cursor.close()
 
 
-class Ledger(ReceiveMixin, OutboxMixin, ViewsMixin, AuditMixin):
+class Ledger(ReceiveMixin, OutboxMixin, ViewsMixin, AuditMixin, RetentionMixin):
     """The node's SQLite ledger (studies, instances, associations, jobs and their history).
 
     One facade over its parts: receiving (:class:`~triaged.ledger.receive.ReceiveMixin`), the job
     state machine (:class:`~triaged.ledger.jobs.JobsMixin`), the outbox
     (:class:`~triaged.ledger.outbox.OutboxMixin`), the read-only views
-    (:class:`~triaged.ledger.views.ViewsMixin`) and the audit events
-    (:class:`~triaged.ledger.audit.AuditMixin`), all running in the transactions of
+    (:class:`~triaged.ledger.views.ViewsMixin`), the audit events
+    (:class:`~triaged.ledger.audit.AuditMixin`) and retention
+    (:class:`~triaged.ledger.retention.RetentionMixin`), all running in the transactions of
     :class:`~triaged.ledger.base.LedgerBase`.  This class opens the engine and migrates the schema.
 
     Parameters

@@ -93,6 +93,10 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(16))
     study_date: Mapped[str] = mapped_column(String(8))
     study_description: Mapped[str] = mapped_column(String(64))
+    # Added in 0005: when retention deleted the study's files (its series and instance rows go with them;
+    # the study, its jobs and their history stay until ``retention.keep_ledger_days``).  A study re-opened
+    # by a later instance counts as purged only while none of its jobs was created after this time.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Series(Base):

@@ -319,6 +319,8 @@ class ViewsMixin(LedgerBase):
             .join(latest, latest.c.study_id == st.c.id)
             .join(j, (j.c.study_id == st.c.id) & (j.c.revision == latest.c.revision))
             .outerjoin(f, f.c.job_id == j.c.id)
+            # Not the studies retention purged (files deleted, nothing received since): see ledger/retention.py.
+            .where(st.c.purged_at.is_(None) | (st.c.instance_count > 0))
         )
         with self._read("worklist") as conn:
             return [

@@ -18,8 +18,10 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from triaged.config.schema import DestinationTLSConfig
 from triaged.errors import DispatchError
 from triaged.net.tcp import set_nodelay
+from triaged.net.tls import ClientContext, client_context, describe
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +90,49 @@ def _cut(assoc: Association) -> None:
         sock.close()
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str = "TRIAGED_SCU", timeout: float = 10) -> int:
-    """C-ECHO a peer; returns the status or raises :class:`DispatchError` when no association."""
+def _tls_args(
+    tls: DestinationTLSConfig | None, host: str, port: int, called_ae: str
+) -> tuple[ClientContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``tls`` (None: plain TCP); unusable files: a retryable DispatchError."""
+    if tls is None or not tls.enabled:
+        return None
+    try:
+        context = client_context(tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; an encrypted key a ValueError
+        raise DispatchError(f"TLS setup for {called_ae}@{host}:{port} failed: {exc}") from exc
+    return context, tls.server_hostname or host
+
+
+def _not_established(
+    tls: tuple[ClientContext, str] | None, host: str, port: int, called_ae: str
+) -> DispatchError:
+    """Why no association: the TLS handshake's own error when that is what failed."""
+    if tls is not None and tls[0].handshake_error is not None:
+        return DispatchError(
+            f"TLS handshake with {called_ae}@{host}:{port} failed: {describe(tls[0].handshake_error)}"
+        )
+    return DispatchError(f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)")
+
+
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = "TRIAGED_SCU",
+    timeout: float = 10,
+    *,
+    tls: DestinationTLSConfig | None = None,
+) -> int:
+    """C-ECHO a peer (over TLS with ``tls``); returns the status or raises :class:`DispatchError`."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = _tls_args(tls, host, port, called_ae)
+    if tls_args is not None:
+        ae.connection_timeout = timeout  # the TLS handshake runs inside connect()
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
-        raise DispatchError(f"no association with {called_ae}@{host}:{port}")
+        raise _not_established(tls_args, host, port, called_ae)
     try:
         rsp = assoc.send_c_echo()
         return int(rsp.Status) if "Status" in rsp else -1
@@ -113,6 +150,7 @@ def send_files(
     *,
     on_result: Callable[[SendResult], None] | None = None,
     stop: StopSignal | None = None,
+    tls: DestinationTLSConfig | None = None,
 ) -> list[SendResult]:
     """Send DICOM files on one association, proposing each file's own transfer syntax.
 
@@ -120,8 +158,11 @@ def send_files(
     the association is found lost), before the next instance is sent, so a caller can record every
     acknowledgement durably as it comes.  ``stop``, when set, ends the association at once (see
     :class:`StopSignal`); instances not sent by then get no call and a ``None`` status in the list.
+    ``tls`` (a destination's ``tls`` block) connects with DICOM TLS; ``timeout`` then bounds the handshake.
 
-    Raises :class:`DispatchError` (retryable) when no association could be established.
+    Raises :class:`DispatchError` (retryable) when no association could be established; a failed TLS
+    handshake says so, with OpenSSL's reason (``TLS handshake with PACS@host:port failed: certificate
+    verify failed: ...``).
     """
     headers: list[tuple[Path, Dataset]] = [(p, dcmread(p, stop_before_pixels=True)) for p in paths]
     ae = AE(ae_title=calling_ae)
@@ -134,14 +175,15 @@ def send_files(
         ae.add_requested_context(sop_class, [ts])
     handlers: list[tuple[evt.EventType, Callable[..., Any]] | tuple[evt.EventType, Callable[..., Any], list[Any]]]
     handlers = [(evt.EVT_CONN_OPEN, lambda event: stop.watch(event.assoc))] if stop is not None else []
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=handlers)
+    tls_args = _tls_args(tls, host, port, called_ae)
+    if tls_args is not None:
+        ae.connection_timeout = timeout  # the TLS handshake runs inside connect(): bound it too
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=handlers, tls_args=tls_args)
     try:
         if stop is not None and stop.is_set():
             raise DispatchError(f"stop requested while associating with {called_ae}@{host}:{port}")
         if not assoc.is_established:
-            raise DispatchError(
-                f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)"
-            )
+            raise _not_established(tls_args, host, port, called_ae)
         set_nodelay(assoc)
         results: list[SendResult] = []
         for path, hdr in headers:

@@ -25,6 +25,7 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from triaged.audit import EventRecorder, audit, peer_text
 from triaged.domain import RESEARCH_NOTE, PriorityLevel, WorklistRow, p_covid_text
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,58 @@ def row_attributes(row: WorklistRow, header: Dataset | None) -> dict[str, str]:
 
 
 class WorklistFind:
-    """C-FIND handler; dependencies come in: the ordered rows and a header lookup."""
+    """C-FIND handler; dependencies come in: the ordered rows, a header lookup and the audit recorder.
 
-    def __init__(self, rows: Callable[[], list[WorklistRow]], headers: HeaderLookup) -> None:
+    Every query answered or refused is an audit event ``find`` (a line on ``triaged.audit`` and, with
+    ``recorder``, an ``audit_events`` row): calling AE title, peer, level, the keys queried (never their
+    values: a query may name a patient), matches returned and the final status.
+    """
+
+    def __init__(
+        self,
+        rows: Callable[[], list[WorklistRow]],
+        headers: HeaderLookup,
+        *,
+        recorder: EventRecorder | None = None,
+    ) -> None:
         self._rows = rows
         self._headers = headers
+        self._recorder = recorder
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """Answer one C-FIND (pending matches, then the final status) and audit it once answered."""
+        state: dict[str, Any] = {"level": "", "keys": [], "matches": 0, "status": 0xFF00}
+        audited = False
+        try:
+            for status, answer in self._answer(event, state):
+                if status in (0xFF00, 0xFF01):
+                    state["matches"] += 1
+                else:  # the final status: audited before it goes out
+                    state["status"], audited = status, True
+                    self._audit(event, state)
+                yield status, answer
+        finally:
+            if not audited:  # the association ended mid-answer: audited with the last status (pending)
+                self._audit(event, state)
+
+    def _audit(self, event: evt.Event, state: dict[str, Any]) -> None:
+        rq = event.assoc.requestor
+        calling = str(rq.ae_title).strip()
+        status = int(state["status"])
+        outcome = {0x0000: "answered", 0xFE00: "cancelled", 0xFF00: "interrupted", 0xFF01: "interrupted"}.get(
+            status, "refused"
+        )
+        audit(
+            "find",
+            f"C-FIND from {calling}@{rq.address} at level {state['level'] or '?'} {outcome} "
+            f"with 0x{status:04X}: {state['matches']} match(es); keys {', '.join(state['keys']) or '-'}",
+            actor=calling, peer=peer_text(rq.address, rq.port), recorder=self._recorder,
+            level=logging.INFO if outcome != "refused" else logging.WARNING,
+            query_level=state["level"], keys=state["keys"], matches=state["matches"],
+            status=f"0x{status:04X}",
+        )
+
+    def _answer(self, event: evt.Event, state: dict[str, Any]) -> Iterator[tuple[int, Dataset | None]]:
         try:
             query: Dataset = event.identifier
             level = str(query.get("QueryRetrieveLevel", "")).upper()
@@ -103,6 +149,9 @@ class WorklistFind:
             log.warning("C-FIND with an undecodable identifier: %s", exc)
             yield 0xC300, None
             return
+        state["level"] = level[:16]
+        # Which keys were queried, never their values (a PatientName key may name a patient).
+        state["keys"] = sorted({e.keyword or str(e.tag) for e in query if e.keyword != "QueryRetrieveLevel"})
         if level != "STUDY":
             log.info("C-FIND at level %r refused: only STUDY is supported", level)
             yield 0xA900, None  # Identifier does not match SOP Class
@@ -411,17 +460,22 @@ class WorklistHTTP:
     client that sends half a request holds no thread.  A complete request gets a thread of its own,
     ``max_requests`` of them at most; beyond that it is answered 503 (Service Unavailable) at once and a
     WARNING is logged (at most once a second, with a count).  ``timeout`` also bounds each write.
+
+    Every answered request but a successful ``/health`` is an audit event ``worklist.http`` (a line on
+    ``triaged.audit`` and, with ``recorder``, an ``audit_events`` row): method, path, client address,
+    status and the number of worklist rows returned.
     """
 
     def __init__(
         self, rows: Callable[[], list[WorklistRow]], host: str, port: int, *, timeout: float = 10.0,
         max_requests: int = HTTP_MAX_REQUESTS, max_request_bytes: int = HTTP_MAX_REQUEST_BYTES,
-        max_pending: int = HTTP_MAX_PENDING,
+        max_pending: int = HTTP_MAX_PENDING, recorder: EventRecorder | None = None,
     ) -> None:
         provider = rows
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "triaged"
+            rows_returned: int | None = None  # worklist rows in this request's answer, for the audit
 
             def setup(self) -> None:
                 super().setup()
@@ -435,7 +489,9 @@ class WorklistHTTP:
                     self._send(200, {"status": "ok"})
                 elif path in ("/worklist", "/worklist.json"):
                     try:
-                        self._send(200, [r.as_dict() for r in provider()])
+                        data = [r.as_dict() for r in provider()]
+                        self.rows_returned = len(data)
+                        self._send(200, data)
                     except Exception as exc:  # noqa: BLE001
                         log.exception("HTTP worklist failed")
                         self._send(503, {"error": f"ledger unavailable: {type(exc).__name__}"})
@@ -456,6 +512,22 @@ class WorklistHTTP:
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("http %s - %s", self.address_string(), format % args)
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                """Every response (send_response and send_error call this): the audit event."""
+                path = str(getattr(self, "path", "") or "").split("?", 1)[0][:200]
+                status = int(code) if isinstance(code, int) else str(code)
+                if path == "/health" and status == 200:
+                    return  # a monitor's probe every few seconds: no trail
+                client = peer_text(str(self.client_address[0]), int(self.client_address[1]))
+                method = str(getattr(self, "command", "") or "")[:16]
+                rows = self.rows_returned
+                audit(
+                    "worklist.http",
+                    f"HTTP {method or '?'} {path or '?'} from {client}: {status}"
+                    + (f", {rows} row(s)" if rows is not None else ""),
+                    peer=client, recorder=recorder, method=method, path=path, status=status, rows=rows,
+                )
 
         self._server = _BoundedHTTPServer(
             (host, port), Handler, timeout=timeout, max_requests=max_requests, max_request_bytes=max_request_bytes,

@@ -1,4 +1,4 @@
-"""The node's stages between the adapters: complete, analyse, dispatch, recover, plus the worklist view.
+"""The node's stages between the adapters: complete, analyse, dispatch, recover, retention, plus the worklist.
 
 Each stage is a small class taking the ledger, the spool and a config provider (a callable returning
 the current :class:`~triaged.config.Config`, so reloads apply) and, where time matters, ``now``.  The
@@ -10,6 +10,7 @@ from triaged.stages.analyse import Analysis, StudyRead, read_study, study_facts
 from triaged.stages.complete import Completion
 from triaged.stages.dispatch import Destination, Dispatch, SCUDestination, backoff_seconds, retryable_status
 from triaged.stages.recovery import Recovery
+from triaged.stages.retention import Retention, RetentionReport
 from triaged.stages.worklist import Worklist
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Destination",
     "Dispatch",
     "Recovery",
+    "Retention",
+    "RetentionReport",
     "SCUDestination",
     "Worklist",
     "backoff_seconds",

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+from triaged.audit import audit, peer_text
 from triaged.config import Config, DestinationConfig, DispatchConfig
 from triaged.domain import JobRow, JobState, OutboxEntry, OutboxState
 from triaged.errors import DispatchError, StateError, TriagedError
@@ -67,7 +68,7 @@ class SCUDestination:
              on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
         return send_files(paths, dest.host, dest.port, dest.ae_title,
                           calling_ae=dest.calling_ae_title or calling_ae, timeout=timeout,
-                          on_result=on_result, stop=stop)
+                          on_result=on_result, stop=stop, tls=dest.tls)
 
 
 @dataclass(eq=False)
@@ -260,11 +261,17 @@ class Dispatch:
         """One instance's answer into the outbox: SENT, dead-lettered, or retried later."""
         if result.ok and result.status is not None:
             self.ledger.mark_sent(item.id, result.status)
+            audit(
+                "result.sent",
+                f"job {item.job_id}: {item.kind} {item.sop_instance_uid} acknowledged by {dest_name} "
+                f"with 0x{result.status:04X}",
+                actor="node", peer=self._peer_of(dest_name), job=item.job_id, destination=dest_name,
+                output=item.kind, sop_instance_uid=item.sop_instance_uid, status=f"0x{result.status:04X}",
+            )  # the row is the outbox item, now SENT
             return True
         if result.status is not None and not retryable_status(result.status):
             reason = f"{dest_name} refused {item.kind} with 0x{result.status:04X} {result.comment}".strip()
-            log.error("job %s: dead-lettered %s: %s", item.job_id, item.sop_instance_uid, reason)
-            self.ledger.mark_dead(item.id, reason)
+            self._dead(item, reason, f"0x{result.status:04X}")
             return False
         status = f"0x{result.status:04X} " if result.status is not None else ""
         self.retry_or_dead(item, result.status, f"{dest_name}: {status}{result.comment}".strip(), now)
@@ -275,11 +282,27 @@ class Dispatch:
         d = self._config().dispatch
         if now - item.created_at > timedelta(hours=d.max_age_hours):
             reason = f"no success for {d.max_age_hours:g} h ({item.attempts + 1} attempts); last error: {error}"
-            log.error("job %s: dead-lettered %s for %s: %s", item.job_id, item.kind, item.destination, reason)
-            self.ledger.mark_dead(item.id, reason)
+            self._dead(item, reason, f"0x{status:04X}" if status is not None else None)
             return
         self.ledger.mark_attempt_failed(item.id, status=status, error=error,
                                         next_attempt_at=now + timedelta(seconds=backoff_seconds(item.attempts, d)))
+
+    def _dead(self, item: OutboxEntry, reason: str, status: str | None) -> None:
+        """Dead-letter ``item``: the outbox row says DEAD, the audit trail says to whom, what and why."""
+        self.ledger.mark_dead(item.id, reason)
+        audit(
+            "result.dead",
+            f"job {item.job_id}: dead-lettered {item.kind} {item.sop_instance_uid} for {item.destination}: "
+            f"{reason}",
+            actor="node", peer=self._peer_of(item.destination), recorder=self.ledger, level=logging.ERROR,
+            job=item.job_id, destination=item.destination, output=item.kind,
+            sop_instance_uid=item.sop_instance_uid, status=status, reason=reason,
+        )
+
+    def _peer_of(self, dest_name: str) -> str:
+        """``host:port`` of a configured destination, for the audit trail ("" when no longer configured)."""
+        dest = self._config().destinations.get(dest_name)
+        return peer_text(dest.host, dest.port) if dest is not None else ""
 
     def settle(self, job_id: int) -> None:
         """DISPATCHING → DONE, RETRY_WAIT (next attempt) or FAILED (dead letters), from the outbox."""

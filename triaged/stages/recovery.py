@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
@@ -39,17 +40,23 @@ class Recovery:
     def reconcile_spool(self) -> int:
         """Record spool files the ledger does not know (a power loss after the file was fsynced).
 
-        Returns how many were recorded.  File by file, so no file stops the start: one that cannot be
-        read, or that the ledger refuses (its Series or SOP Instance UID is recorded under another
+        Returns how many were recorded.  A file of a study retention marked purged that is older than
+        the mark is a leftover of that deletion, not a new instance: it is not recorded (retention
+        deletes it), so a half-deleted study is never resurrected.  File by file, so no file stops the
+        start: one that cannot be read, or that the ledger refuses (its Series or SOP Instance UID is recorded under another
         study or series), is quarantined with the reason; one the ledger cannot take now (a database
         error) stays in the spool for the next start.
         """
         known = self.ledger.instance_paths()
-        added = 0
+        marks = self.ledger.purge_marks()
+        added = leftovers = 0
         for rel in self.spool.stored_paths():
             if rel in known:
                 continue
             path = self.spool.root / rel
+            if self._purge_leftover(path, rel, marks):
+                leftovers += 1
+                continue
             try:
                 record = record_from_file(path, rel)
             except (OSError, TriagedError, ValueError, AttributeError, InvalidDicomError) as exc:
@@ -66,7 +73,25 @@ class Recovery:
             added += 1
         if added:
             log.warning("start-up: recorded %d spooled instance(s) missing from the ledger", added)
+        if leftovers:
+            log.warning(
+                "start-up: %d spooled file(s) of studies retention was deleting when the node stopped were "
+                "not recorded; retention deletes them at its next run",
+                leftovers,
+            )
         return added
+
+    @staticmethod
+    def _purge_leftover(path: Path, rel: str, marks: dict[str, tuple[datetime, tuple[int, ...]]]) -> bool:
+        """Whether an unrecorded file is what an interrupted retention deletion left: written before its
+        study was marked purged (a file written after the mark is an instance that arrived later)."""
+        mark = marks.get(rel.split("/")[1])
+        if mark is None:
+            return False
+        try:
+            return path.stat().st_mtime < mark[0].timestamp()
+        except OSError:
+            return False
 
     def _quarantine(self, path: Path, rel: str, reason: str) -> None:
         """Move a spooled file the ledger cannot take to the quarantine; keep it where it is if that fails."""
