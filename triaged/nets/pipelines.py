@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from triaged.analysis import Pipeline, PipelineRegistry, default_registry
 from triaged.analysis.grid import WorkGrid
+from triaged.analysis.lesions import ThresholdParams, threshold_consolidation
 from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
 from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Findings, Masks, Volume
@@ -57,6 +58,7 @@ U8 = npt.NDArray[np.uint8]
 CHUNK_SLICES = 32
 #: Seed 001's consolidation baseline inside lesions (Chaganti et al.), used by the multitask pipeline.
 CONSOLIDATION_HU = -200.0
+_CONSOLIDATION_CUT = ThresholdParams(consolidation_hu=CONSOLIDATION_HU)
 #: Network lesions outside the air-threshold lungs join a lung within this distance of it, mm (in-plane).
 EXTEND_MM = 30.0
 #: The note of a pipeline whose classifier has not been validated on real data (no P(COVID-19) reported).
@@ -305,7 +307,7 @@ def _extend_lungs(front: _Front, crop_prob: F32, threshold: float, params: LungP
 def _to_full(front: _Front, crop_prob: F32, threshold: float) -> B:
     coarse = np.zeros(front.grid.coarse_shape, np.float32)
     coarse[front.box] = crop_prob
-    return front.grid.upsample_above(coarse, threshold) & (front.lungs_full > 0)
+    return front.grid.upsample_above(coarse, threshold, within=front.lungs_full)  # chunked: no full temporary
 
 
 class LearnedPipeline:
@@ -383,7 +385,7 @@ class LearnedPipeline:
         front = _extend_lungs(front, out.lesion_prob, out.threshold, self.lung_params)
         lesions = _to_full(front, out.lesion_prob, out.threshold)
         if out.consolidation_prob is None:
-            consolidation = lesions & (volume.hu > CONSOLIDATION_HU)
+            consolidation = threshold_consolidation(volume.hu, lesions, _CONSOLIDATION_CUT)  # slab by slab
         else:
             inside = np.where(out.lesion_prob > out.threshold, out.consolidation_prob, 0.0).astype(np.float32)
             consolidation = _to_full(front, inside, out.consolidation_threshold) & lesions
