@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -361,9 +362,21 @@ def test_ledger_rows_go_after_keep_ledger_days_and_nothing_younger(node: Node) -
 # ------------------------------------------------------------------ command line
 
 
+#: keep_done_days of the command-line tests: 86 ms, so a study finished :data:`CLI_WAIT` seconds ago is due.
+CLI_KEEP_DAYS = 1e-6
+CLI_WAIT = 0.1
+
+
+def due_done_study(node: Node, n: int) -> tuple[str, int]:
+    """A delivered study already past the command-line tests' keep_done_days (whatever the machine's speed)."""
+    out = done_study(node, n)
+    time.sleep(CLI_WAIT)
+    return out
+
+
 @pytest.fixture
 def cli_node(tmp_path: Path) -> Iterator[tuple[Path, Node]]:
-    path = write_config(tmp_path, retention={"keep_done_days": 1e-6})  # ~0.1 s: done studies are due at once
+    path = write_config(tmp_path, retention={"keep_done_days": CLI_KEEP_DAYS})
     n = Node(load_config(path))
     yield path, n
     n.ledger.close()
@@ -373,7 +386,7 @@ def test_dry_run_lists_what_is_due_and_touches_nothing_then_a_real_run_deletes_i
     cli_node: tuple[Path, Node], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, node = cli_node
-    uid, job = done_study(node, 50)
+    uid, job = due_done_study(node, 50)
     unfinished = study_uid(51)
     node.receive(unfinished)
     capsys.readouterr()
@@ -413,7 +426,7 @@ def test_reanalyze_of_a_purged_study_fails_with_a_clear_message(
     cli_node: tuple[Path, Node], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, node = cli_node
-    uid, job = done_study(node, 53)
+    uid, job = due_done_study(node, 53)
     assert main(["retention", "--config", str(path)]) == 0
     capsys.readouterr()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -238,3 +240,54 @@ def test_acknowledgements_before_a_lost_connection_stay_sent_and_only_the_rest_i
     assert (second.state, second.attempts, second.last_error) == ("PENDING", 1, "connection reset by peer")
     job = ledger.job(job_id)
     assert job.state is JobState.RETRY_WAIT and job.detail.startswith("1 of 2 delivered")
+
+
+
+class HeldPeer(Peer):
+    """A peer that holds its first association until released (a busy destination)."""
+
+    def __init__(self) -> None:
+        super().__init__(*([0x0000] * 4))
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def send(self, paths: Sequence[Path], dest: DestinationConfig, *, calling_ae: str, timeout: float,
+             on_result: Callable[[SendResult], None], stop: StopSignal) -> list[SendResult]:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(10)
+        return super().send(paths, dest, calling_ae=calling_ae, timeout=timeout, on_result=on_result, stop=stop)
+
+
+def _encoding_study(ledger: Ledger, n: int) -> int:
+    """Like :func:`encoding_job`, for study ``1.2.3.<n>`` (several jobs in one ledger)."""
+    study = f"1.2.3.{n}"
+    ledger.record_instance(InstanceRecord(study, f"{study}.4", f"{study}.4.1", CT, "1.2.840.10008.1.2.1",
+                                          f"studies/{study}/{study}.4/{study}.4.1.dcm", 10, "0" * 64),
+                           association_id=None)
+    (job,) = ledger.jobs(study_uid=study)
+    ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
+    route = RouteDecision.from_json(json.dumps({"pipelines": ["ok"], "destinations": [{"name": "pacs", "outputs": ["sr", "sc"]}]}))
+    ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.4", detail="")
+    ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
+    ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
+    return job.id
+
+
+def test_with_send_at_once_encoded_outputs_go_without_a_tick_and_a_busy_destination_takes_them_after(
+    config: Config, ledger: Ledger
+) -> None:
+    peer = HeldPeer()
+    dispatch = Dispatch(ledger, Spool(config.storage.spool), lambda: config, destination=peer, send_at_once=True)
+    first = _encoding_study(ledger, 1)
+    dispatch.enqueue_outputs(ledger.job(first), OUTPUTS)  # started at once: the peer holds the association
+    assert peer.entered.wait(10)
+    second = _encoding_study(ledger, 2)
+    dispatch.enqueue_outputs(ledger.job(second), OUTPUTS)  # the destination is busy: it waits for the sender
+    assert ledger.job(second).state is JobState.DISPATCHING and not peer.calls
+    peer.release.set()
+    deadline = time.monotonic() + 10
+    while {ledger.job(first).state, ledger.job(second).state} != {JobState.DONE} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (ledger.job(first).state, ledger.job(second).state) == (JobState.DONE, JobState.DONE)
+    assert len(peer.calls) == 2  # one association per job, and no tick (dispatch_due, start_due) was called

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,9 +24,9 @@ from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LungMeas
 from triaged.ledger import Ledger
 from triaged.net.scp import instance_record
 from triaged.spool import Spool
-from triaged.stages import Analysis, Completion, Dispatch, Recovery
+from triaged.stages import Analysis, Completion, CompletionTimers, Dispatch, Recovery
 from triaged.stages.recovery import record_from_file
-from triaged.worker import AnalysisTask, EncodingStarted, TaskOutcome
+from triaged.worker import AnalysisTask, EncodingStarted, TaskOutcome, TaskQueue
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -321,3 +322,84 @@ def test_reconcile_quarantines_a_spooled_file_that_conflicts_and_records_the_res
     [row] = node.ledger.studies()
     assert (row.study_instance_uid, row.instances) == (study, 2)
     assert node.recovery.reconcile_spool() == 0
+
+
+# ------------------------------------------------------------------ event-driven completion
+
+
+class Monotonic:
+    """The timers' injected monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_study_has_its_own_deadline_rearmed_by_every_instance() -> None:
+    clock = Monotonic()
+    fired: list[str] = []
+    timers = CompletionTimers(lambda study: fired.append(study) or None, lambda: 1.0, clock=clock)
+    timers.note("a")
+    clock.now = 0.5
+    timers.note("b")
+    timers.note("a")  # a late instance of a: its deadline moves to 1.5
+    clock.now = 1.2
+    assert timers.run_due() == [] and fired == []
+    clock.now = 1.5
+    assert timers.run_due() == ["a", "b"]
+    assert timers.pending() == {}
+    assert timers.run_due() == []  # fired once
+
+
+def test_a_deadline_whose_route_wants_longer_is_armed_again_for_the_rest() -> None:
+    clock = Monotonic()
+    answers = [29.0, None]
+    timers = CompletionTimers(lambda study: answers.pop(0), lambda: 1.0, clock=clock)
+    timers.note("a")
+    clock.now = 1.0
+    assert timers.run_due() == ["a"] and timers.pending() == {"a": 30.0}
+    clock.now = 30.0
+    assert timers.run_due() == ["a"] and timers.pending() == {}
+
+
+def test_a_studys_deadline_completes_and_queues_it_at_once_and_the_sweep_after_it_does_nothing(
+    tmp_path: Path, ct_series: Path
+) -> None:
+    for node in make_node(tmp_path):
+        queued: list[int] = []
+        node.analysis._on_queued = queued.append  # type: ignore[attr-defined]  # as the daemon wires it
+        study = node.receive(series(ct_series))
+        (job,) = node.ledger.jobs()
+        assert node.completion.complete_study(study, T0 + timedelta(seconds=0.5)) is None  # not quiet: nothing
+        assert node.ledger.job(job.id).state is JobState.RECEIVING
+        assert node.completion.complete_study(study, T0 + timedelta(seconds=2)) is None
+        assert node.ledger.job(job.id).state is JobState.QUEUED and queued == [job.id]
+        # The safety net running beside it (or late) finds nothing left to do.
+        assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=3)) == []
+        assert node.completion.complete_study(study, T0 + timedelta(seconds=3)) is None
+        assert queued == [job.id]
+        assert [h[2] for h in node.ledger.job(job.id).history].count("COMPLETE") == 1
+
+
+def test_complete_study_says_how_much_longer_a_slow_route_waits(tmp_path: Path, ct_series: Path) -> None:
+    rule = {"name": "slow", "match": {"series": {"Modality": "CT"}}, "action": {"completion_delay_seconds": 300}}
+    for node in make_node(tmp_path, routing={"rules": [rule]}):
+        study = node.receive(series(ct_series))
+        assert node.completion.complete_study(study, T0 + timedelta(seconds=2)) == 299.0
+        assert node.completion.complete_study(study, T0 + timedelta(seconds=301)) is None
+        assert node.ledger.jobs()[0].state is JobState.QUEUED
+
+
+def test_submitting_from_several_threads_puts_each_queued_job_once(node: Node, ct_series: Path) -> None:
+    node.receive(series(ct_series))
+    assert node.completion.complete_quiet_studies(T0 + timedelta(seconds=2))
+    queue = TaskQueue()
+    threads = [threading.Thread(target=node.analysis.submit_queued, args=(queue, set())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(queue.job_ids()) == 1
+    assert queue.get(timeout=0) is not None and queue.get(timeout=0) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from triaged.worker import AnalysisTask, EncodingStarted, TaskQueue, WorkerProcess
+from triaged.worker import AnalysisTask, EncodingStarted, TaskOutcome, TaskQueue, WorkerProcess
 
 REGISTRY = "tests.worker_pipelines:registry"
 
@@ -286,3 +286,68 @@ def test_the_watchdog_alone_ends_a_process_whose_parent_died() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+# ------------------------------------------------------------------ the warm worker
+
+_COUNT_ENV = "TRIAGED_TEST_REGISTRY_COUNT"
+
+
+def counting_registry() -> object:
+    """The stand-in registry, and a line with this process's PID in ``$TRIAGED_TEST_REGISTRY_COUNT``."""
+    from tests.worker_pipelines import registry
+
+    with open(os.environ[_COUNT_ENV], "a", encoding="ascii") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return registry()
+
+
+def _builds(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def _niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_worker_starts_warm_with_the_pool_keeps_its_registry_and_is_niced(
+    phantom_ct_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from triaged.worker import WorkerPool, WorkerSettings
+
+    count = tmp_path / "registry-builds"
+    monkeypatch.setenv(_COUNT_ENV, str(count))
+    spec = "tests.test_worker:counting_registry"
+    root, paths = _series(phantom_ct_series)
+    from pydicom import dcmread
+
+    series_uid = dcmread(root / paths[0], stop_before_pixels=True).SeriesInstanceUID
+    queue = TaskQueue()
+    done: list[TaskOutcome] = []
+    pool = WorkerPool(queue, lambda task: True, lambda task, outcome: done.append(outcome), timeout=120,
+                      memory_limit_mb=0, settings=WorkerSettings(threads=1, registry=spec, device="cpu", nice=5))
+    pool.start()
+    try:
+        assert pool.wait_ready(120), "the worker did not warm up"
+        (pid,) = pool.pids()  # there before any job
+        assert _builds(count) == [pid]  # the registry was built at start
+        assert _niceness(pid) == min(19, _niceness(0) + 5)
+        for job_id in (1, 2):
+            queue.put(AnalysisTask(job_id=job_id, study_uid="1.2", series_uid=series_uid, pipeline="ok",
+                                   spool_root=str(root), instance_paths=paths, registry=spec,
+                                   work_dir=str(tmp_path / f"work-{job_id}")))
+        deadline = time.monotonic() + 120
+        while len(done) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [o.ok for o in done] == [True, True], [o.error for o in done]
+        assert pool.pids() == [pid] and _builds(count) == [pid]  # the second job re-built nothing
+        # New settings (a config reload): a new process, warm again, between jobs.
+        pool.reconfigure(WorkerSettings(threads=1, registry=spec, device="cpu", nice=3))
+        while (pool.pids() in ([], [pid]) or not pool.wait_ready(0.1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (new_pid,) = pool.pids()
+        assert new_pid != pid and _niceness(new_pid) == min(19, _niceness(0) + 3)
+        assert _builds(count) == [pid, new_pid]
+    finally:
+        pool.stop()

@@ -24,18 +24,21 @@ from triaged.analysis.registry import load_registry
 from triaged.audit import audit
 from triaged.config import Config, LoggingConfig, parse_config
 from triaged.config.load import read_config_text
-from triaged.domain import RESEARCH_NOTE
+from triaged.domain import RESEARCH_NOTE, JobState
 from triaged.errors import ConfigError, StorageError
 from triaged.ledger import Ledger
 from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool, SpoolLock
-from triaged.stages import Analysis, Completion, Dispatch, Recovery, Retention, Worklist
-from triaged.worker import TaskQueue, WorkerPool
+from triaged.stages import Analysis, Completion, CompletionTimers, Dispatch, Recovery, Retention, Worklist
+from triaged.stages.complete import shortest_delay
+from triaged.worker import TaskQueue, WorkerPool, WorkerSettings
 
 log = logging.getLogger(__name__)
 
+#: Added to a study's completion delay for its timer (:meth:`Node._completion_delay`).
+_TIMER_SLACK_SECONDS = 0.05
 
 
 class _JsonFormatter(logging.Formatter):
@@ -126,13 +129,17 @@ class Node:
             quarantine_max_mb=config.storage.quarantine_max_mb,
         )
         current = self._current_config
-        self.dispatch = Dispatch(self.ledger, self.spool, current)
-        self.analysis = Analysis(self.ledger, self.spool, current, self.dispatch)
+        # Event-driven hand-offs: encoded results are sent at once, a queued job is offered to the workers
+        # at once, each study completes at its own deadline; the scheduler's ticks are the safety net.
+        self.dispatch = Dispatch(self.ledger, self.spool, current, send_at_once=True)
+        self.analysis = Analysis(self.ledger, self.spool, current, self.dispatch,
+                                 on_queued=lambda _job_id: self.offer_queued())
         self.completion = Completion(self.ledger, self.spool, current, self.analysis)
+        self.timers = CompletionTimers(self.completion.complete_study, self._completion_delay)
         self.recovery = Recovery(self.ledger, self.spool, current, self.analysis)
         self.worklist = Worklist(self.ledger, self.spool, current)
         self.retention = Retention(self.ledger, self.spool, current)
-        self.service = StoreService(self.spool, self.ledger, config.listener)
+        self.service = StoreService(self.spool, self.ledger, config.listener, on_stored=self.timers.note)
         find = (
             WorklistFind(self.worklist.rows, self.worklist.study_header, recorder=self.ledger)
             if config.worklist.c_find else None
@@ -148,12 +155,12 @@ class Node:
         self.workers = WorkerPool(
             self.queue, self.analysis.start_analysis, self.analysis.finish_analysis,
             still_wanted=self.analysis.analysis_wanted, on_encoding=self.analysis.start_encoding,
-            workers=config.analysis.workers, threads=config.analysis.threads,
+            workers=config.analysis.workers, settings=worker_settings(config),
             timeout=config.analysis.timeout_seconds, memory_limit_mb=config.analysis.memory_limit_mb,
         )
         self.scheduler = build_scheduler(
             self.completion.complete_quiet_studies, config.completion.sweep_interval_seconds,
-            submit=lambda: self.analysis.submit_queued(self.queue, self.workers.running()),
+            submit=self.offer_queued,
             dispatch=self.dispatch.start_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
             stop_dispatch=self.dispatch.stop,
             retention=self.retention.run_scheduled,
@@ -162,6 +169,18 @@ class Node:
 
     def _current_config(self) -> Config:
         return self._config
+
+    def _completion_delay(self) -> float:
+        """Seconds from a stored instance to its study's completion timer: the shortest route delay, plus
+        a little, so the ledger's clock (the instance's arrival) agrees that the study is quiet."""
+        return shortest_delay(self._config) + _TIMER_SLACK_SECONDS
+
+    def offer_queued(self) -> int:
+        """Put the QUEUED jobs not yet waiting or running on the worker queue (at once, and every tick)."""
+        workers = getattr(self, "workers", None)  # a job queued during construction waits for the start
+        if workers is None:
+            return 0
+        return self.analysis.submit_queued(self.queue, workers.running)
 
     @property
     def config(self) -> Config:
@@ -172,10 +191,13 @@ class Node:
         log.info("triaged: %s", RESEARCH_NOTE)
         self.recovery.reconcile_spool()
         self.recovery.resume_interrupted()
+        self.workers.start()  # warm before the first study: the processes import and load now
+        self.timers.start()
+        for job in self.ledger.jobs(states=[JobState.RECEIVING], limit=100000):
+            self.timers.note(job.study_instance_uid)  # received before the stop: a deadline from now
         self.listener.start()
         if self.http is not None:
             self.http.start()
-        self.workers.start()
         self.scheduler.start()
         host, port = self.listener.address
         audit(
@@ -244,6 +266,9 @@ class Node:
         self._config = new
         self._applied_digest = digest
         self.service.reload(new.listener)
+        if worker_settings(new) != self.workers.settings:
+            log.info("config reload: analysis settings changed; the worker restarts between jobs")
+            self.workers.reconfigure(worker_settings(new))
         reschedule(
             self.scheduler, new.completion.sweep_interval_seconds, new.dispatch.interval_seconds,
             new.retention.interval_minutes * 60 if new.retention.interval_minutes != old_minutes else None,
@@ -270,6 +295,7 @@ class Node:
         self.listener.stop(drain_seconds)
         if self.http is not None:
             self.http.stop()
+        self.timers.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.workers.stop()
@@ -288,6 +314,12 @@ class Node:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+
+def worker_settings(config: Config) -> WorkerSettings:
+    """What the analysis worker processes are started with (a change restarts them between jobs)."""
+    a = config.analysis
+    return WorkerSettings(threads=a.threads, registry=a.registry, device=a.device, nice=a.worker_nice)
 
 
 def _digest(text: str) -> str:

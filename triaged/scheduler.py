@@ -1,4 +1,9 @@
-"""Periodic work on APScheduler 3: the completion sweep, the analysis feeder, the dispatcher and retention."""
+"""Periodic work on APScheduler 3: the completion sweep, the analysis feeder, the dispatcher and retention.
+
+The hand-offs between stages are events (a study's own completion deadline, a queued job offered to the
+workers at once, encoded results sent at once); these periodic jobs are their safety net: studies and
+jobs left by a restart, a timer that fired too early, retries after a backoff.  Each runs once at the start.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +44,16 @@ def _retention(retention: Callable[[], object]) -> None:
         log.exception("retention failed")
 
 
+#: The feeder's longest period: jobs queued outside the node's own events (``triaged reanalyze`` from the
+#: CLI, a transient failure's retry time coming due) wait at most this long for a worker.
+FEEDER_MAX_SECONDS = 5.0
+
+
+def feeder_seconds(sweep_interval_seconds: float) -> float:
+    """Period of the analysis feeder: the sweep's, but never longer than :data:`FEEDER_MAX_SECONDS`."""
+    return min(sweep_interval_seconds, FEEDER_MAX_SECONDS)
+
+
 class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
     """A background scheduler that runs stop hooks before it shuts down and waits for running jobs."""
 
@@ -65,6 +80,8 @@ def build_scheduler(
 ) -> BackgroundScheduler:
     """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced.
 
+    The sweep, the feeder and the dispatcher run first when the scheduler starts, then every interval.
+
     ``sweep``, ``submit`` and ``dispatch`` are the stages' entry points (no arguments); a failing run is
     logged and retried at the next tick.  ``dispatch`` should only start the sending (one sender per
     destination, :meth:`~triaged.stages.Dispatch.start_due`) so a slow destination never holds the tick;
@@ -75,19 +92,20 @@ def build_scheduler(
     """
     scheduler = _Scheduler(timezone="UTC")
     scheduler.stop_hooks = [stop_dispatch] if stop_dispatch is not None else []
+    at_start = datetime.now(UTC)
     scheduler.add_job(
         _sweep, "interval", args=[sweep], seconds=sweep_interval_seconds, id="completion-sweep",
-        max_instances=1, coalesce=True, misfire_grace_time=None,
+        max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=at_start,
     )
     if submit is not None:
         scheduler.add_job(
-            _submit, "interval", args=[submit], seconds=sweep_interval_seconds, id="submit-queued",
-            max_instances=1, coalesce=True, misfire_grace_time=None,
+            _submit, "interval", args=[submit], seconds=feeder_seconds(sweep_interval_seconds), id="submit-queued",
+            max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=at_start,
         )
     if dispatch is not None and dispatch_interval_seconds is not None:
         scheduler.add_job(
             _dispatch, "interval", args=[dispatch], seconds=dispatch_interval_seconds, id="dispatch",
-            max_instances=1, coalesce=True, misfire_grace_time=None,
+            max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=at_start,
         )
     if retention is not None and retention_interval_seconds is not None:
         first = datetime.now(UTC) + timedelta(seconds=min(60.0, retention_interval_seconds))
@@ -105,7 +123,7 @@ def reschedule(
     retention_interval_seconds: float | None = None,
 ) -> None:
     """Apply reloaded intervals to the running jobs (retention's only when given)."""
-    intervals = [("completion-sweep", sweep_interval_seconds), ("submit-queued", sweep_interval_seconds),
+    intervals = [("completion-sweep", sweep_interval_seconds), ("submit-queued", feeder_seconds(sweep_interval_seconds)),
                  ("dispatch", dispatch_interval_seconds)]
     if retention_interval_seconds is not None:
         intervals.append(("retention", retention_interval_seconds))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,11 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.conftest import free_port
-from tests.integration.conftest import wait_for
+from tests.conftest import free_port, make_config
+from tests.integration.conftest import storescu, wait_for
+from triaged.config import CompletionConfig, Config
+from triaged.daemon import Node
+from triaged.domain import JobState
 from triaged.ledger import Ledger
 
 pytestmark = pytest.mark.integration
@@ -194,3 +199,44 @@ def test_a_second_serve_on_the_same_state_exits_touching_nothing(
     finally:
         restarted.terminate()
         restarted.wait(timeout=30)
+
+
+def test_a_study_reaches_its_destination_within_delay_plus_work_not_timer_ticks(
+    node_factory: Callable[[Config], Node], tmp_path: Path, phantom_ct_series: Path
+) -> None:
+    # Issue 13 item 1: default timers (sweep, feeder, dispatch tick) except a small completion delay.  With
+    # tick-driven hand-offs COMPLETE -> QUEUED alone waited a whole sweep period (5 s) on top of the delay.
+    delay = 1.0
+    dest_port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    storescp = subprocess.Popen(["storescp", "-od", str(received), "+xa", str(dest_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(dest_port), what="storescp to listen")
+        node = node_factory(make_config(
+            tmp_path,
+            completion={"delay_seconds": delay, "sweep_interval_seconds": CompletionConfig().sweep_interval_seconds},
+            destinations={"dest": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}},
+            routing={"default": {"destinations": ["dest"]}},
+        ))
+        assert node.workers.wait_ready(120), "the worker did not start with the node"
+        assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
+        last_store = datetime.now(UTC)
+        job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), timeout=120,
+                       what="the results to be delivered")
+    finally:
+        storescp.terminate()
+        storescp.wait()
+    job = node.ledger.job(job.id)
+    acked = max(i.sent_at for i in node.ledger.outbox(job_id=job.id) if i.sent_at is not None)
+    at = {to: when for when, _frm, to, _detail in job.history}
+    work = (at["DISPATCHING"] - at["ANALYSING"]).total_seconds()  # analysis and encoding
+    elapsed = (acked - last_store).total_seconds()
+    logging.getLogger(__name__).warning(
+        "last C-STORE -> last result acknowledged: %.2f s (delay %.1f s, analysis + encoding %.2f s, "
+        "COMPLETE +%.2f s, ANALYSING +%.2f s)", elapsed, delay, work,
+        (at["COMPLETE"] - last_store).total_seconds(), (at["ANALYSING"] - last_store).total_seconds(),
+    )
+    assert len(list(received.iterdir())) == len(node.ledger.outbox(job_id=job.id)) == 3
+    assert elapsed <= delay + work + 2.5, f"{elapsed:.2f} s > delay {delay} s + work {work:.2f} s + 2.5 s"

@@ -196,8 +196,10 @@ class RetentionConfig(_Model):
 class CompletionConfig(_Model):
     """When a study counts as completely received."""
 
+    #: A study is complete this long after its last instance (each study has its own timer).
     delay_seconds: float = Field(30.0, gt=0)
-    sweep_interval_seconds: float = Field(5.0, gt=0)
+    #: The safety net behind the per-study timers (a restart, a missed timer) and the analysis feeder's.
+    sweep_interval_seconds: float = Field(30.0, gt=0)
 
 
 class SeriesSelectionConfig(_Model):
@@ -234,6 +236,8 @@ class AnalysisConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=16)
     threads: int = Field(2, ge=1, le=64)
+    #: Added to a worker process's niceness: analysis yields the CPU to the receiver (0: same priority).
+    worker_nice: int = Field(10, ge=0, le=19)
     timeout_seconds: float = Field(600.0, gt=0)
     #: A worker whose resident memory passes this is killed and the job FAILED (0: no guard).
     memory_limit_mb: int = Field(6144, ge=0)
@@ -246,6 +250,7 @@ class AnalysisConfig(_Model):
 class DispatchConfig(_Model):
     """Sending result objects to destinations: retries with capped exponential backoff."""
 
+    #: The retry and recovery tick: new results are sent as soon as they are encoded.
     interval_seconds: float = Field(5.0, gt=0)
     #: Delay after the first failure; each further failure multiplies it, up to ``max_delay_seconds``.
     base_delay_seconds: float = Field(10.0, gt=0)

@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -191,12 +191,17 @@ class StoreService:
         The listener section; swapped by :meth:`reload` on SIGHUP (access rules take effect for new
         associations; the AE title and storage classes need a restart: the AE and its presentation
         contexts are fixed when the listener starts).
+    on_stored
+        Called with the Study Instance UID after each instance is stored and recorded (the study's
+        completion timer); it must be cheap and not raise.
     """
 
-    def __init__(self, spool: InstanceStore, ledger: InstanceRecorder, config: ListenerConfig) -> None:
+    def __init__(self, spool: InstanceStore, ledger: InstanceRecorder, config: ListenerConfig, *,
+                 on_stored: Callable[[str], None] | None = None) -> None:
         self.spool = spool
         self.ledger = ledger
         self._config = config
+        self._on_stored = on_stored
         self._ae_title = config.ae_title  # the listener's AE title: the one called AE title accepted
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -428,6 +433,8 @@ class StoreService:
             return self._count_failure(stats, _status(STATUS_OUT_OF_RESOURCES, _COMMENT_OUT_OF_RESOURCES))
         if outcome is not StoreOutcome.NEW:
             log.info("instance %s received again: %s", record.sop_instance_uid, outcome.value)
+        if self._on_stored is not None:
+            self._on_stored(record.study_instance_uid)
         if stats is not None:
             stats.instances += 1
             stats.bytes += len(raw)

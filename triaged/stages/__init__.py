@@ -7,7 +7,7 @@ ledger's compare-and-set methods, so what a stage does is visible in ``triaged j
 """
 
 from triaged.stages.analyse import Analysis, StudyRead, read_study, study_facts
-from triaged.stages.complete import Completion
+from triaged.stages.complete import Completion, CompletionTimers
 from triaged.stages.dispatch import Destination, Dispatch, SCUDestination, backoff_seconds, retryable_status
 from triaged.stages.recovery import Recovery
 from triaged.stages.retention import Retention, RetentionReport
@@ -16,6 +16,7 @@ from triaged.stages.worklist import Worklist
 __all__ = [
     "Analysis",
     "Completion",
+    "CompletionTimers",
     "Destination",
     "Dispatch",
     "Recovery",

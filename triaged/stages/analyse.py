@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -109,17 +111,22 @@ class Analysis:
     """COMPLETE → QUEUED/IGNORED (route, series), QUEUED → ANALYSING → ENCODING (findings, priority).
 
     A transient failure puts the job back to QUEUED with a ``next_attempt_at`` (capped exponential
-    backoff); :meth:`submit_queued` leaves it until then.
+    backoff); :meth:`submit_queued` leaves it until then.  ``on_queued`` (the daemon's: offer QUEUED
+    jobs to the worker queue) is called as soon as a job is queued, so it need not wait for a tick.
     """
 
     def __init__(
-        self, ledger: Ledger, spool: Spool, config: ConfigProvider, dispatch: Dispatch, *, now: Clock = utc_now
+        self, ledger: Ledger, spool: Spool, config: ConfigProvider, dispatch: Dispatch, *, now: Clock = utc_now,
+        on_queued: Callable[[int], object] | None = None,
     ) -> None:
         self.ledger = ledger
         self.spool = spool
         self._config = config
         self._dispatch = dispatch
         self._now = now
+        self._on_queued = on_queued
+        #: One submission at a time (the timers, the sweep's feeder and the start may all submit).
+        self._submit_lock = threading.Lock()
 
     def choose_series(
         self,
@@ -163,6 +170,7 @@ class Analysis:
                        f"{decision.analysis_priority}); {choice.reason}",
             )
             log.info("job %s study %s queued: %s", job_id, study_uid, choice.reason)
+            self._queued(job_id)
         except StateError as exc:
             log.info("job %s moved on while its series was chosen (nothing recorded): %s", job_id, exc)
         except Exception as exc:  # noqa: BLE001 - stage boundary: record and carry on
@@ -171,6 +179,15 @@ class Analysis:
                 self.ledger.transition(job_id, JobState.COMPLETE, JobState.FAILED, f"series choice: {exc}")
             except StateError:
                 pass
+
+    def _queued(self, job_id: int) -> None:
+        """Tell ``on_queued`` (a failure there is logged: the feeder's tick submits the job instead)."""
+        if self._on_queued is None:
+            return
+        try:
+            self._on_queued(job_id)
+        except Exception:  # noqa: BLE001 - the periodic feeder is the safety net
+            log.exception("job %s: could not offer it to the workers at once", job_id)
 
     def analysis_task(self, job: JobRow) -> AnalysisTask:
         """The worker's task for a QUEUED job (instances of the chosen series, route, revision)."""
@@ -208,24 +225,29 @@ class Analysis:
             return (job.study_instance_uid, uids.sr_series, uids.sr_instance)
         return None
 
-    def submit_queued(self, queue: TaskQueue, running: set[int]) -> int:
+    def submit_queued(self, queue: TaskQueue, running: set[int] | Callable[[], set[int]]) -> int:
         """Put QUEUED jobs that are not yet waiting or running on the worker queue.
 
         A job waiting out a transient failure's backoff (``next_attempt_at`` still ahead) is left for later.
+        Safe to call from several threads at once (one runs at a time), so a job is put once.
+        ``running`` is read after the queue (a callable: read when the lock is held), so a task that the
+        workers take meanwhile is seen in one or the other.
         """
-        waiting = queue.job_ids() | running
-        added = 0
-        now = self._now()
-        for job in reversed(self.ledger.jobs(states=[JobState.QUEUED], limit=100000)):  # oldest first
-            if job.id in waiting or (job.next_attempt_at is not None and job.next_attempt_at > now):
-                continue
-            try:
-                queue.put(self.analysis_task(job))
-            except TriagedError as exc:
-                self._fail(job.id, JobState.QUEUED, f"analysis: {exc}")
-                continue
-            added += 1
-        return added
+        with self._submit_lock:
+            waiting = queue.job_ids()
+            waiting |= running() if callable(running) else running
+            added = 0
+            now = self._now()
+            for job in reversed(self.ledger.jobs(states=[JobState.QUEUED], limit=100000)):  # oldest first
+                if job.id in waiting or (job.next_attempt_at is not None and job.next_attempt_at > now):
+                    continue
+                try:
+                    queue.put(self.analysis_task(job))
+                except TriagedError as exc:
+                    self._fail(job.id, JobState.QUEUED, f"analysis: {exc}")
+                    continue
+                added += 1
+            return added
 
     def start_analysis(self, task: AnalysisTask) -> bool:
         """QUEUED → ANALYSING just before a worker takes the task; False if the job moved on."""

@@ -2,7 +2,10 @@
 
 Each destination has its own sender thread, so a slow or hung peer delays only its own objects; every
 acknowledgement is recorded in the ledger as the peer gives it, and :meth:`Dispatch.stop` cuts open
-associations instead of waiting for their timeouts.
+associations instead of waiting for their timeouts.  With ``send_at_once`` (the daemon's) a job's
+outputs are started for sending as soon as they are in the outbox (:meth:`Dispatch.start_job`); a
+destination still busy sends them as soon as its sender is done.  The scheduler's tick
+(:meth:`Dispatch.start_due`) stays for retries and recovery.
 """
 
 from __future__ import annotations
@@ -89,17 +92,20 @@ class Dispatch:
     """ENCODING → DISPATCHING → DONE / RETRY_WAIT / FAILED, from a durable outbox."""
 
     def __init__(self, ledger: Ledger, spool: Spool, config: ConfigProvider, *,
-                 destination: Destination | None = None, now: Clock = utc_now) -> None:
+                 destination: Destination | None = None, now: Clock = utc_now, send_at_once: bool = False) -> None:
         self.ledger = ledger
         self.spool = spool
         self._config = config
         self._destination = destination or SCUDestination()
         self._now = now
+        self._send_at_once = send_at_once
         self._stop = StopSignal()
-        #: Guards the two below and settling, so a job is settled once, when none of its batches is out.
+        #: Guards the three below and settling, so a job is settled once, when none of its batches is out.
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
         self._in_flight: dict[int, int] = defaultdict(int)
+        #: Destinations that had new items while their sender was busy: started again when it is done.
+        self._waiting: set[str] = set()
 
     def enqueue_outputs(self, job: JobRow, outputs: tuple[Output, ...]) -> None:
         """ENCODING → DISPATCHING with one outbox item per (destination, output of a kind it takes)."""
@@ -122,6 +128,16 @@ class Dispatch:
             return
         if not items:
             self.settle(job.id)
+        elif self._send_at_once:
+            self.start_job(job.id)
+
+    def start_job(self, job_id: int) -> int:
+        """Start sending a job's due items now, to each idle destination; do not wait.
+
+        A destination whose sender is busy takes them as soon as it is done.  Returns how many items
+        were handed to senders.  Safe beside the tick: items are claimed under one lock.
+        """
+        return sum(run.items for run in self._start(None, job_id=job_id))
 
     def dispatch_due(self, now: datetime | None = None) -> int:
         """Send every due outbox item and wait for the senders; returns items sent.
@@ -155,19 +171,27 @@ class Dispatch:
             if not run.done.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("dispatch to %s did not end within %g s of the stop", run.destination, grace_seconds)
 
-    def _start(self, now: datetime | None) -> list[_Run]:
-        """Claim the due items of idle destinations, one batch per (destination, job), and start senders."""
+    def _start(self, now: datetime | None, *, job_id: int | None = None,
+               only: str | None = None) -> list[_Run]:
+        """Claim the due items of idle destinations, one batch per (destination, job), and start senders.
+
+        ``job_id``: only that job's items; ``only``: only that destination's.
+        """
         cfg = self._config()
         now = now or self._now()
         with self._lock:
             if self._stop.is_set():
                 return []
             busy = {name for name, run in self._runs.items() if not run.done.is_set()}
-            due = self.ledger.outbox(states=[OutboxState.PENDING], due_before=now, limit=10000)
+            due = self.ledger.outbox(states=[OutboxState.PENDING], due_before=now, job_id=job_id, limit=10000)
             by_job: dict[int, list[OutboxEntry]] = defaultdict(list)
             for item in due:
+                if only is not None and item.destination != only:
+                    continue
                 if item.destination not in busy:
                     by_job[item.job_id].append(item)
+                elif job_id is not None:
+                    self._waiting.add(item.destination)  # sent when that destination's sender is done
             batches: dict[str, list[list[OutboxEntry]]] = defaultdict(list)
             for job_id, items in by_job.items():
                 job = self.ledger.job(job_id)
@@ -206,6 +230,14 @@ class Dispatch:
                     self._batch_done(batch[0].job_id)
         finally:
             run.done.set()
+        with self._lock:
+            again = run.destination in self._waiting and not self._stop.is_set()
+            self._waiting.discard(run.destination)
+        if again:
+            try:
+                self._start(None, only=run.destination)
+            except Exception:  # noqa: BLE001 - the tick sends them instead
+                log.exception("dispatch to %s: could not start the items that came meanwhile", run.destination)
 
     def _batch_done(self, job_id: int) -> None:
         with self._lock:

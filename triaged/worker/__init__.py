@@ -13,7 +13,7 @@ The pipeline registry a task names is loaded by :func:`triaged.analysis.registry
 """
 
 from triaged.analysis.registry import load_registry
-from triaged.worker.pool import WorkerPool, WorkerProcess
+from triaged.worker.pool import WorkerPool, WorkerProcess, WorkerSettings
 from triaged.worker.queue import RANKS, TaskQueue
 from triaged.worker.task import (
     AnalysisTask,
@@ -22,6 +22,7 @@ from triaged.worker.task import (
     PriorityResult,
     TaskOutcome,
     output_kind,
+    registry_for,
 )
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "TaskQueue",
     "WorkerPool",
     "WorkerProcess",
+    "WorkerSettings",
     "load_registry",
     "output_kind",
+    "registry_for",
 ]

@@ -11,6 +11,13 @@ A worker process never outlives the node: on Linux the kernel kills it when the 
 (``PR_SET_PDEATHSIG``), and everywhere a watchdog thread in the process exits it within half a second of
 its parent going away (:func:`bind_to_parent`), during a task as between tasks.  A ``kill -9`` of the node
 so leaves no analysis running unsupervised beside the restarted node's worker on the same files.
+
+A worker is warm: :class:`WorkerPool` starts its processes with the node, not at the first job.  Each
+process lowers its priority (``analysis.worker_nice``), sets ``OMP_NUM_THREADS`` and
+``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets them) before it imports torch, sets torch's
+threads, and builds the configured pipeline registry once (:func:`~triaged.worker.task.registry_for`);
+it then keeps all of it for every job.  New :class:`WorkerSettings` (a config reload that changes the
+registry, device, threads or niceness) replace the process between jobs.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from triaged.worker.queue import TaskQueue
-from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, run_task
+from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, registry_for, run_task
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +92,58 @@ def bind_to_parent(parent_pid: int, *, death_signal: bool = True, interval: floa
     ).start()
 
 
-def _worker_main(conn: Connection, threads: int, parent_pid: int) -> None:
-    """Entry point of a worker process: answer tasks until the pipe closes or the parent dies."""
-    bind_to_parent(parent_pid)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker process is started with and keeps for its life (picklable).
+
+    Different settings need a new process: :class:`WorkerPool` replaces its processes between jobs.
+    """
+
+    #: torch's intra-op threads and the default ``OMP_NUM_THREADS`` (``analysis.threads``).
+    threads: int = 2
+    #: ``module:function`` of the pipeline registry built when the process starts (None: none in advance;
+    #: each task's registry is then built at its first task and kept).
+    registry: str | None = None
+    #: Passed to the registry factory (``analysis.device``).
+    device: str | None = None
+    #: Added to the process's niceness when it starts (``analysis.worker_nice``): below the receiver.
+    nice: int = 0
+    #: ``OMP_WAIT_POLICY`` unless the environment sets it: PASSIVE threads sleep instead of spinning.
+    omp_wait_policy: str = "PASSIVE"
+
+
+def _warm_up(settings: WorkerSettings) -> None:
+    """Prepare a new worker process: niceness, OpenMP environment, torch threads, the pipeline registry."""
+    if settings.nice:
+        try:
+            os.nice(settings.nice)
+        except OSError as exc:  # pragma: no cover - lowering one's own priority is always allowed
+            log.warning("worker: cannot set niceness +%d: %s", settings.nice, exc)
+    if "torch" in sys.modules:  # pragma: no cover - the environment below would then come too late
+        log.warning("worker: torch was imported before its OpenMP settings were applied")
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy)
     try:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(settings.threads)
     except ImportError:  # pragma: no cover - torch is a dependency; analysis without it still runs
         pass
+    if settings.registry is not None:
+        try:
+            registry_for(settings.registry, settings.device)
+        except Exception:  # noqa: BLE001 - the first task that needs it tries again and reports the error
+            log.exception("worker: cannot build the pipeline registry %s", settings.registry)
+
+
+def _worker_main(
+    conn: Connection, settings: WorkerSettings, parent_pid: int, ready: Any | None = None
+) -> None:
+    """Entry point of a worker process: warm up, then answer tasks until the pipe closes or the parent dies."""
+    bind_to_parent(parent_pid)
+    _warm_up(settings)
+    if ready is not None:
+        ready.set()
     while True:
         try:
             task = conn.recv()
@@ -119,21 +169,62 @@ class WorkerProcess:
     """One long-lived worker process; replaced after a crash, timeout or memory kill.
 
     The process dies with its parent (:func:`bind_to_parent`); on Linux also when the thread that started
-    it (the one that called :meth:`run` first after a replacement) ends, so call it from a long-lived thread.
+    it (the one that called :meth:`start` or :meth:`run` first after a replacement) ends, so call those
+    from a long-lived thread.
+
+    Parameters
+    ----------
+    name
+        The process name.
+    threads
+        torch threads (ignored when ``settings`` is given).
+    settings
+        Everything the process is started with (:class:`WorkerSettings`).
     """
 
-    def __init__(self, name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int = 2, *, settings: WorkerSettings | None = None) -> None:
         self.name = name
-        self.threads = threads
+        self.settings = settings or WorkerSettings(threads=threads)
         self._ctx = mp.get_context("spawn")  # never fork a process that runs threads
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._ready: Any | None = None
         self._lock = threading.Lock()
+
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's PID, None when there is none."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.is_alive() else None
+
+    def start(self, settings: WorkerSettings | None = None) -> None:
+        """Start the process now (warm: imports, torch threads, registry) unless it runs with these settings.
+
+        A running process with other ``settings`` is stopped (after its task) and replaced.
+        """
+        if settings is not None and settings != self.settings:
+            self.stop()
+            self.settings = settings
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+
+    def ready(self, timeout: float | None = None) -> bool:
+        """Wait until the process has warmed up (True), or ``timeout`` passed or there is none (False)."""
+        event = self._ready
+        return bool(event is not None and event.wait(timeout))
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
+        self._ready = self._ctx.Event()
         self._proc = self._ctx.Process(
-            target=_worker_main, args=(child, self.threads, os.getpid()), name=self.name, daemon=True
+            target=_worker_main,
+            args=(child, self.settings, os.getpid(), self._ready),
+            name=self.name,
+            daemon=True,
         )
         self._proc.start()
         child.close()
@@ -238,7 +329,9 @@ class WorkerPool:
 
     ``on_start(task) -> bool`` is called before a task runs (False: skip it, e.g. the job was
     superseded); ``on_encoding(task, started) -> bool`` when its worker starts encoding (False: the
-    job moved on, stop it); ``on_done(task, outcome)`` after.
+    job moved on, stop it); ``on_done(task, outcome)`` after.  :meth:`start` starts the worker processes
+    at once (each from its feeder thread, which outlives it); ``settings`` (else ``threads``) is what they
+    are started with, and :meth:`reconfigure` replaces them between jobs.
     """
 
     def __init__(
@@ -253,6 +346,7 @@ class WorkerPool:
         threads: int = 2,
         timeout: float = 600.0,
         memory_limit_mb: float = 4096.0,
+        settings: WorkerSettings | None = None,
     ) -> None:
         self.queue = queue
         self._on_start = on_start
@@ -261,35 +355,74 @@ class WorkerPool:
         self._on_encoding = on_encoding
         self.timeout = timeout
         self.memory_limit_mb = memory_limit_mb
-        self._procs = [WorkerProcess(f"triaged-worker-{i}", threads) for i in range(workers)]
+        self._settings = settings or WorkerSettings(threads=threads)
+        self._procs = [WorkerProcess(f"triaged-worker-{i}", settings=self._settings) for i in range(workers)]
         self._threads: list[threading.Thread] = []
         self._running: dict[int, AnalysisTask] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
+    @property
+    def settings(self) -> WorkerSettings:
+        return self._settings
+
     def start(self) -> None:
+        """Start the feeder threads; each starts its worker process at once (warm before the first job)."""
         for proc in self._procs:
             t = threading.Thread(target=self._loop, args=(proc,), name=f"{proc.name}-feeder", daemon=True)
             t.start()
             self._threads.append(t)
 
+    def reconfigure(self, settings: WorkerSettings) -> None:
+        """New settings: each worker process is replaced when it is between jobs (at once when idle)."""
+        self._settings = settings
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker process is started and warm (imports, registry); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for proc in self._procs:
+            while not proc.ready(0.05):
+                if time.monotonic() > deadline or self._stop.is_set():
+                    return False
+        return True
+
+    def pids(self) -> list[int]:
+        """PIDs of the running worker processes."""
+        return [pid for pid in (p.pid for p in self._procs) if pid is not None]
+
     def running(self) -> set[int]:
         with self._lock:
             return set(self._running)
 
+    def _claim(self, task: AnalysisTask) -> None:
+        """Mark ``task`` running as it leaves the queue (under the queue's lock): never in neither."""
+        with self._lock:
+            self._running[task.job_id] = task
+
+    def _release(self, task: AnalysisTask) -> None:
+        with self._lock:
+            self._running.pop(task.job_id, None)
+
+    def _keep_warm(self, proc: WorkerProcess) -> None:
+        try:
+            proc.start(self._settings)
+        except Exception:  # noqa: BLE001 - the next task starts it again (and reports a crash)
+            log.exception("%s: could not start the worker process", proc.name)
+
     def _loop(self, proc: WorkerProcess) -> None:
         while not self._stop.is_set():
-            task = self.queue.get(timeout=0.5)
+            self._keep_warm(proc)  # between jobs: (re)started with the current settings
+            task = self.queue.get(timeout=0.5, claim=self._claim)
             if task is None:
                 continue
             try:
                 if not self._on_start(task):
+                    self._release(task)
                     continue
             except Exception:  # noqa: BLE001 - a ledger hiccup must not kill the feeder
                 log.exception("job %s: could not start analysis", task.job_id)
+                self._release(task)
                 continue
-            with self._lock:
-                self._running[task.job_id] = task
             try:
                 wanted = (
                     functools.partial(self._still_wanted, task.job_id)
@@ -299,8 +432,7 @@ class WorkerPool:
                 encoding = functools.partial(self._encoding, task) if self._on_encoding is not None else None
                 outcome = proc.run(task, self.timeout, self.memory_limit_mb, wanted, encoding)
             finally:
-                with self._lock:
-                    self._running.pop(task.job_id, None)
+                self._release(task)
             if self._stop.is_set() and not outcome.ok:
                 continue  # killed by stop(): the job stays ANALYSING or ENCODING and resumes at the next start
             try:

@@ -54,8 +54,14 @@ class TaskQueue:
             e.standing = rank - (now - e.enqueued) / self.aging_seconds
         return min(self._items)
 
-    def get(self, timeout: float | None = None) -> AnalysisTask | None:
-        """The task to run next, or None on timeout or once closed."""
+    def get(
+        self, timeout: float | None = None, claim: Callable[[AnalysisTask], None] | None = None
+    ) -> AnalysisTask | None:
+        """The task to run next, or None on timeout or once closed.
+
+        ``claim`` is called with the task while the queue's lock is still held, so a caller that marks it
+        running there is never seen with the task in neither place (:meth:`job_ids` takes the same lock).
+        """
         with self._cond:
             if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
                 return None
@@ -63,6 +69,8 @@ class TaskQueue:
                 return None
             best = self._best()
             self._items.remove(best)
+            if claim is not None:
+                claim(best.task)
             return best.task
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from triaged.analysis.registry import load_registry
+from triaged.analysis.registry import PipelineRegistry, load_registry
 from triaged.config import PriorityPolicyConfig
 from triaged.domain import AnalysisResult, InstanceHeader, Volume
 from triaged.encode.uids import OutputKind
@@ -28,6 +28,22 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
+
+#: The pipeline registries this process has built, by (``module:function``, device): built once and kept,
+#: so a learned pipeline verifies and loads its weights once per worker process, not once per job.
+_REGISTRIES: dict[tuple[str, str | None], PipelineRegistry] = {}
+
+
+def registry_for(spec: str, device: str | None) -> PipelineRegistry:
+    """The registry ``spec`` makes for ``device``, built on the first call in this process and kept.
+
+    A factory that fails is not remembered: the next call tries again (and its task reports the error).
+    """
+    key = (spec, device)
+    registry = _REGISTRIES.get(key)
+    if registry is None:
+        registry = _REGISTRIES[key] = load_registry(spec, device)
+    return registry
 
 
 class PriorityResult(NamedTuple):
@@ -129,7 +145,7 @@ def run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | Non
             raise RuntimeError(f"no readable instance of series {task.series_uid}; {problems[:3]}")
         volume = load_volume(root, SeriesChoice(task.series_uid, "queued", series), task.study_uid, datasets)
         stage = "analysis"
-        registry = load_registry(task.registry, task.device)
+        registry = registry_for(task.registry, task.device)
         names = (task.pipeline, *task.fallbacks)
         name = next((n for n in names if n in registry), None)
         if name is None:
