@@ -115,24 +115,31 @@ class Spool:
         parts = rel_path.split("/")
         if len(parts) > 1 and parts[0] == "studies" and parts[1] in self._purging:
             raise StorageError(f"study {parts[1]} is being deleted by retention; try again later")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()  # the one hash of these bytes (the ledger keeps it)
         final = self.root / rel_path
         try:
-            if final.exists() and final.stat().st_size == len(data):
-                if hashlib.sha256(final.read_bytes()).hexdigest() == digest:
-                    return StoredFile(rel_path, len(data), digest, already_present=True)
+            try:  # one stat: a new instance's usual answer is ENOENT
+                present = os.stat(final).st_size == len(data)
+            except FileNotFoundError:
+                present = False
+            if present and hashlib.sha256(final.read_bytes()).hexdigest() == digest:
+                return StoredFile(rel_path, len(data), digest, already_present=True)
             if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
                 raise StorageError(
                     f"less than {self.min_free_bytes // 2**20} MiB free on {self.root}; refusing new instances"
                 )
-            final.parent.mkdir(parents=True, exist_ok=True)
             self._write_atomic(final, data)
         except OSError as exc:
             raise StorageError(f"cannot write {rel_path}: {exc.strerror or exc}") from exc
         return StoredFile(rel_path, len(data), digest, already_present=False)
 
     def _write_atomic(self, final: Path, data: bytes) -> None:
-        tmp = self.root / "tmp" / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.part"
+        """Temp file in ``tmp/``, written and fsynced, renamed over ``final``, then ``final``'s folder fsynced.
+
+        The folders are created only when the rename finds them missing (a study's first instance, or
+        one arriving after retention removed them), not stat'ed or created for every instance.
+        """
+        tmp = os.path.join(self.root, "tmp", f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -143,9 +150,13 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise
         # The rename is durable only once the directory entry is on disk.
         dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
