@@ -434,6 +434,9 @@ def test_reanalyze_of_a_purged_study_fails_with_a_clear_message(
     err = capsys.readouterr().err
     assert "retention deleted its files" in err and uid in err
     assert main(["reanalyze", str(job), "--config", str(path)]) == 1
+    capsys.readouterr()
+    assert main(["resend", str(job), "--config", str(path)]) != 0  # its result objects went with the files
+    assert "retention deleted the files" in capsys.readouterr().err
     assert [j.id for j in node.ledger.jobs(study_uid=uid)] == [job]
     assert main(["studies", "--json", "--config", str(path)]) == 0
     assert '"state": "PURGED"' in capsys.readouterr().out

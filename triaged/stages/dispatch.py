@@ -364,6 +364,12 @@ class Dispatch:
     def resend(self, job_id: int) -> int:
         """Send a job's outputs again (``triaged resend``); returns how many objects were re-queued."""
         job = self.ledger.job(job_id)
+        purged = self.ledger.purged_at(job.study_instance_uid)
+        if purged is not None:
+            raise TriagedError(
+                f"job {job_id} cannot be re-sent: retention deleted the files of study {job.study_instance_uid} "
+                f"on {purged:%Y-%m-%d %H:%M} UTC, its result objects with them"
+            )
         if job.state not in (JobState.DONE, JobState.FAILED, JobState.RETRY_WAIT, JobState.DISPATCHING):
             raise TriagedError(f"job {job_id} is {job.state.value}; only a job past encoding can be re-sent")
         count = self.ledger.requeue_outbox(job_id)
