@@ -351,3 +351,20 @@ def test_the_worker_starts_warm_with_the_pool_keeps_its_registry_and_is_niced(
         assert _builds(count) == [pid, new_pid]
     finally:
         pool.stop()
+
+
+def test_saved_masks_load_back_identical_and_small(tmp_path: Path) -> None:
+    """save_masks writes an .npz numpy reads (deflated): equal arrays, far smaller than the raw masks."""
+    from triaged.worker.task import save_masks
+
+    shape = (40, 64, 64)
+    lungs = np.zeros(shape, np.uint8)
+    lungs[:, 10:50, 5:30], lungs[:, 10:50, 34:60] = 1, 2
+    lesions = np.zeros(shape, bool)
+    lesions[10:20, 20:30, 10:20] = True
+    save_masks(tmp_path / "m.npz", {"lungs": lungs, "lesions": lesions})
+    loaded = np.load(tmp_path / "m.npz")
+    assert sorted(loaded.files) == ["lesions", "lungs"]
+    assert loaded["lungs"].dtype == np.uint8 and np.array_equal(loaded["lungs"], lungs)
+    assert loaded["lesions"].dtype == bool and np.array_equal(loaded["lesions"], lesions)
+    assert (tmp_path / "m.npz").stat().st_size < (lungs.nbytes + lesions.nbytes) / 20

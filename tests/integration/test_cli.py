@@ -28,7 +28,7 @@ def test_studies_jobs_and_status_show_what_the_node_recorded(
     cfg = write_config(tmp_path)
     node = node_factory(load_config(cfg))
     assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
-    job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), what="DONE")
+    job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), timeout=120, what="DONE")
     files = sorted(phantom_ct_series.iterdir())
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
 
