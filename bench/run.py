@@ -299,11 +299,16 @@ PARTS = os.environ.get("BENCH_PARTS", "receive,latency,batch").split(",")
 
 
 def phantom_study(folder: Path, slices: int, seed: int) -> Path:
-    """A 512x512 COVID-like phantom study of ``slices`` 1 mm slices (its own UIDs) under ``folder``."""
+    """A 512x512 COVID-like phantom study of ``slices`` slices (its own UIDs) under ``folder``.
+
+    Slices are 1 mm thick, or thicker when that is needed for the 150 mm of coverage the default series
+    choice asks for (100 slices: 1.6 mm), so every study is analysed, not IGNORED.
+    """
     from triaged.lab.datasets import write_dicom_study
     from triaged.lab.phantom import PhantomSpec, generate, to_datasets
 
-    spec = PhantomSpec(kind="covid", severity=30, seed=seed, matrix=512, slice_thickness=1.0, slices=slices)
+    thickness = max(1.0, 160.0 / slices)
+    spec = PhantomSpec(kind="covid", severity=30, seed=seed, matrix=512, slice_thickness=thickness, slices=slices)
     write_dicom_study(to_datasets(generate(spec)), folder)
     return folder
 
