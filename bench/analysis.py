@@ -108,8 +108,8 @@ def sample():
         peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss())
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
-import numpy as np
 import triaged.volume
+import triaged.worker.task
 from triaged.worker.task import AnalysisTask, run_task
 load = triaged.volume.load_volume
 def load_volume(*a, **k):
@@ -118,11 +118,11 @@ def load_volume(*a, **k):
     phase[0] = "analysis"
     return v
 triaged.volume.load_volume = load_volume
-savez = np.savez_compressed
+save_masks = triaged.worker.task.save_masks
 def save(*a, **k):
     phase[0] = "write"
-    return savez(*a, **k)
-np.savez_compressed = save
+    return save_masks(*a, **k)
+triaged.worker.task.save_masks = save
 def encoding(_):
     phase[0] = "encode"
 base = rss()
