@@ -87,6 +87,30 @@ def test_a_task_loads_the_series_runs_the_pipeline_and_writes_masks_and_findings
     assert (tmp_path / "work" / "findings.json").read_text() == outcome.findings_json
 
 
+def test_ctrl_c_at_the_terminal_does_not_kill_the_worker(
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
+) -> None:
+    """SIGINT reaches a terminal's whole process group: the worker ignores it and still answers tasks."""
+    import os
+    import signal
+    import time
+
+    from pydicom import dcmread
+
+    root, paths = _series(phantom_ct_series)
+    first = dcmread(root / paths[0], stop_before_pixels=True)
+    task = AnalysisTask(job_id=8, study_uid="1.2", series_uid=first.SeriesInstanceUID, pipeline="ok",
+                        spool_root=str(root), instance_paths=paths, work_dir=str(tmp_path / "work"),
+                        registry=REGISTRY)
+    assert worker.run(task, timeout=120, memory_limit_mb=0).ok  # started and warm
+    pid = worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert worker.pid == pid  # the same process, alive
+    assert worker.run(task, timeout=120, memory_limit_mb=0).ok
+
+
 def test_an_exception_in_the_pipeline_is_reported_with_its_stage(
     worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
 ) -> None:

@@ -139,7 +139,12 @@ def _warm_up(settings: WorkerSettings) -> None:
 def _worker_main(
     conn: Connection, settings: WorkerSettings, parent_pid: int, ready: Any | None = None
 ) -> None:
-    """Entry point of a worker process: warm up, then answer tasks until the pipe closes or the parent dies."""
+    """Entry point of a worker process: warm up, then answer tasks until the pipe closes or the parent dies.
+
+    SIGINT is ignored: Ctrl-C at a terminal reaches the whole process group, and the node, not the
+    worker, decides when its worker stops (it stops or kills it on the way out; PDEATHSIG covers the rest).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     bind_to_parent(parent_pid)
     _warm_up(settings)
     if ready is not None:
