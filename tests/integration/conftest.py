@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage
 
 from triaged.config import Config
 from triaged.daemon import Node
-from triaged.domain import JobState
+from triaged.domain import InstanceRecord, JobState
+from triaged.ledger import Ledger
+from triaged.routing import RouteDecision
 
 # Debian's DCMTK leaves Nagle on unless told otherwise (~60x slower transfers).
 os.environ.setdefault("TCP_NODELAY", "1")
@@ -71,3 +77,27 @@ def storescu(
         timeout=120,
         env={**os.environ, "TCP_NODELAY": "1"},
     )
+
+
+def dispatching_job(ledger: Ledger, spool: Path, study: str, files: list[Path],
+                     destinations: list[str]) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
+    """A job driven to ENCODING through the ledger's own API, routed to ``destinations``, whose outputs
+    are copies of ``files`` in the spool (kind ``sc``)."""
+    ledger.record_instance(InstanceRecord(study, f"{study}.1", f"{study}.1.1", CTImageStorage, "1.2.840.10008.1.2.1",
+                                          f"studies/{study}/{study}.1/{study}.1.1.dcm", 10, "0" * 64),
+                           association_id=None)
+    job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
+    ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
+    route = RouteDecision.from_json(json.dumps(
+        {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}))
+    ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
+    ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
+    ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
+    outputs = []
+    for f in files:
+        hdr = dcmread(f, stop_before_pixels=True)
+        rel = f"work/{job.id}/outputs/{f.name}"
+        (spool / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, spool / rel)
+        outputs.append(("sc", rel, str(hdr.SOPClassUID), str(hdr.SOPInstanceUID)))
+    return job.id, tuple(outputs)

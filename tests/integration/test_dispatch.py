@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +19,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, e
 
 from tests.conftest import make_config, write_config
 from tests.integration import orthanc as orthanc_helpers
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import dispatching_job, storescu, wait_for
 from tests.integration.orthanc import OrthancPeer
 from triaged.config import Config
 from triaged.daemon import Node
-from triaged.domain import InstanceRecord, JobState
+from triaged.domain import JobState
 from triaged.ledger import Ledger
-from triaged.routing import RouteDecision
 from triaged.spool import Spool
 from triaged.stages import Dispatch
 
@@ -151,8 +148,6 @@ def test_a_killed_daemon_delivers_after_restart(
 
 # --- Issue 12 items 7 and 9: a sender per destination, a prompt stop, each acknowledgement recorded ---
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-
 
 class HungPeer:
     """A plain TCP server that accepts connections and never answers (a hung PACS)."""
@@ -222,30 +217,6 @@ def _dest(port: int, aet: str) -> dict[str, object]:
     return {"ae_title": aet, "host": "127.0.0.1", "port": port}
 
 
-def _dispatching_job(ledger: Ledger, spool: Path, study: str, files: list[Path],
-                     destinations: list[str]) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
-    """A job driven to ENCODING through the ledger's own API, routed to ``destinations``, whose outputs
-    are copies of ``files`` in the spool (kind ``sc``)."""
-    ledger.record_instance(InstanceRecord(study, f"{study}.1", f"{study}.1.1", CT, "1.2.840.10008.1.2.1",
-                                          f"studies/{study}/{study}.1/{study}.1.1.dcm", 10, "0" * 64),
-                           association_id=None)
-    job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
-    ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    route = RouteDecision.from_json(json.dumps(
-        {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}))
-    ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
-    ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
-    ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
-    outputs = []
-    for f in files:
-        hdr = dcmread(f, stop_before_pixels=True)
-        rel = f"work/{job.id}/outputs/{f.name}"
-        (spool / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, spool / rel)
-        outputs.append(("sc", rel, str(hdr.SOPClassUID), str(hdr.SOPInstanceUID)))
-    return job.id, tuple(outputs)
-
-
 def _uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
@@ -264,13 +235,13 @@ def test_a_hung_destination_delays_no_other_destination_and_times_out_on_its_own
         dispatch = Dispatch(ledger, spool, lambda: config)
         try:
             # The hung destination comes first in the route: a single dispatcher would wait for it first.
-            both, outputs = _dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.1", files[:2], ["hung", "pacs"])
+            both, outputs = dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.1", files[:2], ["hung", "pacs"])
             dispatch.enqueue_outputs(ledger.job(both), outputs)
             started = time.monotonic()
             assert dispatch.start_due() == 4
             wait_for(lambda: len(pacs.received) == 2, timeout=2, what="the healthy destination's objects")
             # A later job for the healthy destination goes at the next tick while the hung one still holds.
-            later, outputs = _dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.2", files[2:3], ["pacs"])
+            later, outputs = dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.2", files[2:3], ["pacs"])
             dispatch.enqueue_outputs(ledger.job(later), outputs)
             assert dispatch.start_due() == 1
             wait_for(lambda: ledger.job(later).state is JobState.DONE, timeout=2, what="the later job delivered")
@@ -294,7 +265,7 @@ def test_stop_cuts_a_hung_association_at_once_and_counts_no_attempt(
                          dispatch={"timeout_seconds": 60})
     with Ledger(config.storage.ledger) as ledger:
         dispatch = Dispatch(ledger, Spool(config.storage.spool), lambda: config)
-        job_id, outputs = _dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.3",
+        job_id, outputs = dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.3",
                                            sorted(phantom_ct_series.iterdir())[:2], ["hung"])
         dispatch.enqueue_outputs(ledger.job(job_id), outputs)
         assert dispatch.start_due() == 2
@@ -327,7 +298,7 @@ def test_each_acknowledgement_is_recorded_as_it_comes_so_a_kill_resends_only_the
     files = sorted(phantom_ct_series.iterdir())[:6]
     try:
         with Ledger(config.storage.ledger) as ledger:
-            job_id, outputs = _dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.4", files, ["pacs"])
+            job_id, outputs = dispatching_job(ledger, config.storage.spool, "1.2.826.0.9.4", files, ["pacs"])
             Dispatch(ledger, Spool(config.storage.spool), lambda: config).enqueue_outputs(ledger.job(job_id), outputs)
         proc = subprocess.Popen([sys.executable, "-c", _DISPATCH_ONCE, str(cfg_path)], cwd=Path(__file__).parents[2])
         try:

@@ -19,19 +19,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydicom import dcmread
 
 from tests.conftest import free_port, make_config, write_config
 from tests.integration import orthanc as orthanc_helpers
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import dispatching_job, storescu, wait_for
 from tests.integration.orthanc import OrthancPeer, OrthancTLS
 from triaged.config import Config, load_config
 from triaged.daemon import Node, configure_logging
-from triaged.domain import InstanceRecord, JobState, OutboxEntry
+from triaged.domain import OutboxEntry
 from triaged.ledger import Ledger
 from triaged.net.scu import echo
 from triaged.net.tls import self_check_tls
-from triaged.routing import RouteDecision
 from triaged.spool import Spool
 from triaged.stages import Dispatch
 
@@ -263,39 +261,11 @@ def _dispatch(
     study = "1.2.826.0.9.12." + str(int(time.time() * 1000) % 10**9)
     with Ledger(config.storage.ledger) as ledger:
         spool = config.storage.spool
-        ledger.record_instance(
-            InstanceRecord(
-                study,
-                f"{study}.1",
-                f"{study}.1.1",
-                CT,
-                "1.2.840.10008.1.2.1",
-                f"studies/{study}/{study}.1/{study}.1.1.dcm",
-                10,
-                "0" * 64,
-            ),
-            association_id=None,
-        )
-        job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
-        ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-        route = RouteDecision.from_json(
-            json.dumps(
-                {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}
-            )
-        )
-        ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
-        ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
-        ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
-        outputs = []
-        for f in files:
-            hdr = dcmread(f, stop_before_pixels=True)
-            rel = f"work/{job.id}/outputs/{f.name}"
-            (spool / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, spool / rel)
-            outputs.append(("sc", rel, str(hdr.SOPClassUID), str(hdr.SOPInstanceUID)))
+        job_id, outputs = dispatching_job(ledger, spool, study, files, list(destinations))
+        job = ledger.job(job_id)
         dispatch = Dispatch(ledger, Spool(spool), lambda: config)
         try:
-            dispatch.enqueue_outputs(ledger.job(job.id), tuple(outputs))
+            dispatch.enqueue_outputs(job, outputs)
             dispatch.dispatch_due()
         finally:
             dispatch.stop()
