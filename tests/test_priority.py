@@ -214,3 +214,28 @@ def test_a_study_is_overdue_only_after_the_waiting_threshold() -> None:
     assert is_overdue(arrived, arrived + timedelta(minutes=61), 60)
     assert not is_overdue(arrived, arrived + timedelta(days=3), None)
     assert PriorityConfig().waiting_alert_minutes == 60
+
+
+# ---- the CT severity score as a measure (issue 14) -------------------------------------------------------
+def test_ctss_escalates_when_lobes_score_high_and_never_without_lobes() -> None:
+    from dataclasses import replace
+
+    from triaged.domain import LobeMeasures
+
+    rule = policy("severity", escalate=[{"measure": "ctss", "at_least": 15, "level": "STAT"}])
+    scores = (4, 3, 4, 2, 3)  # 16 of 25
+    lobes = tuple(LobeMeasures(label, 500.0, 250.0, s) for label, s in enumerate(scores, start=1))
+    severe = replace(findings(30.0, 20.0), lobes=lobes)
+    result = prioritise(severe, rule)
+    assert result.level == PriorityLevel.STAT
+    assert "STAT: CT severity score 16/25 >= 15" in result.reasons
+    milder = replace(severe, lobes=tuple(replace(lobe, score=2) for lobe in lobes))  # 10 of 25
+    assert prioritise(milder, rule).level == PriorityLevel.ROUTINE
+    # a study without lobes has no CT-SS: the escalation does not apply
+    assert prioritise(findings(30.0, 20.0), rule).level == PriorityLevel.ROUTINE
+
+
+def test_ctss_thresholds_are_checked_against_the_0_to_25_range() -> None:
+    assert policy("severity", escalate=[{"measure": "ctss", "at_least": 25, "level": "URGENT"}])
+    with pytest.raises(ValueError, match="ctss threshold must be between 0 and 25"):
+        policy("severity", escalate=[{"measure": "ctss", "at_least": 26, "level": "URGENT"}])

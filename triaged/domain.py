@@ -295,6 +295,28 @@ class LungMeasures:
         return 100.0 * self.consolidation_ml / self.lung_ml if self.lung_ml > 0 else 0.0
 
 
+#: CT severity score bands (Chung et al. 2020; Pan et al. 2020): a lobe scores 0 when nothing of it is
+#: affected, 1 below 5 %, 2 for 5–25 %, 3 for 25–50 %, 4 for 50–75 %, 5 above 75 % (upper bounds inclusive).
+CTSS_BANDS: tuple[float, ...] = (5.0, 25.0, 50.0, 75.0)
+
+
+@dataclass(frozen=True)
+class LobeMeasures:
+    """One lobe's volume, lesion volume (mL) and CT severity score (0–5).
+
+    ``label`` as :class:`Masks` ``lobes``: 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL.
+    """
+
+    label: int
+    lobe_ml: float
+    lesion_ml: float
+    score: int
+
+    @property
+    def affected_pct(self) -> float:
+        return 100.0 * self.lesion_ml / self.lobe_ml if self.lobe_ml > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class LesionBox:
     """A lesion's bounding box on one slice (the slice where the lesion is largest).
@@ -350,6 +372,12 @@ class Findings:
     model_sha256: str | None = None  # of the weights used, for the model card link
     provenance: tuple[tuple[str, str], ...] = ()  # (key, value): thresholds, device, timings
     warnings: tuple[str, ...] = ()
+    lobes: tuple[LobeMeasures, ...] = ()  # per lobe, when the pipeline segmented lobes
+
+    @property
+    def ct_severity_score(self) -> int | None:
+        """CT severity score 0–25 (sum of the lobes' 0–5 scores); None when there are no lobes."""
+        return sum(lobe.score for lobe in self.lobes) if self.lobes else None
 
     @property
     def both(self) -> LungMeasures:
@@ -387,6 +415,8 @@ def findings_to_json(findings: Findings) -> str:
 
     data = asdict(findings)
     data["ct_grade"] = int(findings.ct_grade)
+    if not data["lobes"]:
+        del data["lobes"]  # findings without lobes are stored exactly as before lobes existed
     return json.dumps(data, sort_keys=True)
 
 
@@ -408,6 +438,7 @@ def findings_from_json(text: str) -> Findings:
         model_sha256=d.get("model_sha256"),
         provenance=tuple((str(k), str(v)) for k, v in d.get("provenance", ())),
         warnings=tuple(d.get("warnings", ())),
+        lobes=tuple(LobeMeasures(**lobe) for lobe in d.get("lobes", ())),
     )
 
 
@@ -429,6 +460,50 @@ class OutboxEntry:
     sent_at: datetime | None = None
     last_status: int | None = None
     last_error: str = ""
+    #: The destination's type (``dicom``, ``stow-rs``, ``webhook``, ``hl7``) as configured when the item is
+    #: shown; "" when unknown (the ledger does not store it): :func:`outbox_status_text` then reads the row.
+    destination_type: str = ""
+
+
+#: A status as dispatch writes it into an outbox item's ``last_error`` ("pacs: 0xA700 ...", "ris refused
+#: notify with ACK AE ...", "pager: HTTP 503 ..."): the row's own record of what the peer answered.
+_STATUS_IN_ERROR = re.compile(
+    r"(?:(?:^|last error: )[^:\s]+: | with )(HTTP [0-9]{3}|ACK [A-Z]{2}|0x[0-9A-F]{4})\b"
+)
+
+
+#: The outbox kind of a notification (webhook, HL7) as opposed to a result object (``sr``, ``seg``, ``sc``).
+NOTIFY_KIND = "notify"
+
+
+def outbox_status_text(entry: OutboxEntry) -> str:
+    """An outbox item's last status in its destination's own terms; "" when there is none.
+
+    ``0x0000`` (a DIMSE status, PS3.7 Annex C) for ``dicom``, ``HTTP 200`` for ``stow-rs`` and ``webhook``,
+    ``ACK AA`` / ``ACK AE`` (HL7 v2 MSA-1) for ``hl7``.  ``last_status`` holds only an integer (an HL7
+    acceptance is stored as 0), so the type comes from ``entry.destination_type``; a status named in
+    ``last_error`` (dispatch writes it there for every refusal) is taken as it is.  For a destination no
+    longer configured the row decides: a notification item (kind ``notify``) is HL7 when its status is 0,
+    else HTTP; a DICOM object with a status from 200 to 260 is STOW-RS (HTTP 2xx: PS3.7 defines no DIMSE
+    status from 0x0002 to 0x0104), anything else a DIMSE status.
+    """
+    named = _STATUS_IN_ERROR.search(entry.last_error)
+    if named:
+        return named[1]
+    status = entry.last_status
+    if status is None:
+        return ""
+    kind = entry.destination_type
+    if not kind:
+        if entry.kind == NOTIFY_KIND:
+            kind = "hl7" if status == 0 else "webhook"
+        else:
+            kind = "stow-rs" if 200 <= status <= 0x0104 else "dicom"
+    if kind in ("stow-rs", "webhook"):
+        return f"HTTP {status}"
+    if kind == "hl7":
+        return "ACK AA" if status == 0 else str(status)
+    return f"0x{status:04X}"
 
 
 #: What every human-visible output says when a study has no P(COVID-19) that means something (the

@@ -177,6 +177,10 @@ def _measure(esc: Escalation, findings: Findings, p: float | None, score: float)
         return findings.severity_pct
     if esc.measure == "whole_lung_pct":
         return findings.whole_lung_pct
+    if esc.measure == "ctss":
+        # None without lobes (a stack that does not cover the lungs): the escalation does not apply
+        ctss = findings.ct_severity_score
+        return None if ctss is None else float(ctss)
     return findings.consolidation_pct
 
 
@@ -187,6 +191,8 @@ def _escalation_text(esc: Escalation, value: float) -> str:
         return f"P(COVID-19) {value:.2f} >= {esc.at_least:g}"
     if esc.measure == "score":
         return f"score {value:.2f} >= {esc.at_least:g}"
+    if esc.measure == "ctss":
+        return f"CT severity score {value:.0f}/25 >= {esc.at_least:g}"
     label = {
         "severity_pct": "worse lung affected",
         "whole_lung_pct": "both lungs affected",

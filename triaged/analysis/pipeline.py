@@ -16,7 +16,9 @@ Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
     its consolidation. Version 1.1: components that are not pneumonia on a real scan (faint haze,
     subpleural bands, partial volume at the domes and apices, round nodules) are dropped.
 
-Both grade with the explicit CT0 of :meth:`triaged.domain.CTGrade.from_affected_pct` (version 1.1).
+Both grade with the explicit CT0 of :meth:`triaged.domain.CTGrade.from_affected_pct` (version 1.1), split
+the lungs into lobes with the fissure-aware, non-learned :mod:`triaged.analysis.lobes` (none when the
+stack does not cover the lungs from base to apex) and report the CT severity score (0–25) from them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from triaged.analysis.lesions import (
     threshold_consolidation,
     threshold_lesions,
 )
+from triaged.analysis.lobes import lobes_for
 from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
 from triaged.analysis.registry import (
     PipelineRegistry,
@@ -140,7 +143,7 @@ class _Steps(Protocol):
 
 
 def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisResult:
-    """The shared body of the non-learned pipelines: grid → lungs → lesions → consolidation → findings."""
+    """The shared body of the non-learned pipelines: grid → lungs → lobes → lesions → consolidation → findings."""
     watch = _Stopwatch()
     lung_params = steps.lung_params
     shape = volume.hu.shape
@@ -152,6 +155,9 @@ def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisRes
     seg = segment_lungs_coarse(hu_c, grid, volume.affine, lung_params)
     lungs = upsample_labels(seg.labels, grid)
     watch.lap("lungs")
+    progress(0.4, "segmenting lobes")
+    lobes, lobe_prov, lobe_warnings = lobes_for(hu_c, seg.labels, lungs, grid, volume.affine)
+    watch.lap("lobes")
     progress(0.5, "segmenting lesions")
     coarse = steps.lesion_step(hu_c, seg.labels, grid, posterior_sign_of(volume.affine))
     del hu_c
@@ -160,7 +166,7 @@ def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisRes
     progress(0.75, "segmenting consolidation")
     consolidation = steps.consolidation_step(volume, coarse, lesions, grid)
     watch.lap("consolidation")
-    masks = Masks(lungs=lungs, lesions=lesions, consolidation=consolidation)
+    masks = Masks(lungs=lungs, lesions=lesions, consolidation=consolidation, lobes=lobes)
     progress(0.85, "measuring")
     prov = [
         ("grid.inplane_block", str(grid.factor)),
@@ -168,10 +174,16 @@ def _run_steps(steps: _Steps, volume: Volume, progress: Progress) -> AnalysisRes
         ("lungs.method", "classical (threshold, airway tracking, pleural pockets)"),
         ("lungs.split", seg.split),
         ("lungs.air_hu", f"{lung_params.air_hu:g}"),
+        *lobe_prov,
         *steps.method_provenance(),
     ]
     findings = findings_from_masks(
-        volume, masks, pipeline=steps.name, version=steps.version, provenance=prov, warnings=seg.warnings
+        volume,
+        masks,
+        pipeline=steps.name,
+        version=steps.version,
+        provenance=prov,
+        warnings=(*seg.warnings, *lobe_warnings),
     )
     watch.lap("measure")
     findings = replace(findings, provenance=findings.provenance + tuple(watch.provenance()))

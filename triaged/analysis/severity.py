@@ -9,6 +9,12 @@ lesions total at least :data:`~triaged.domain.CT1_MIN_ML` mL; the provenance rec
 ratio and a consolidation score (consolidation / lung volume), both available from the
 :class:`~triaged.domain.Findings` properties. Volumes are voxel counts times the voxel volume
 (``Volume.spacing``).
+
+The CT severity score (CT-SS; Chung et al., Radiology 2020; Pan et al., Radiology 2020) scores each of
+the five lobes 0–5 by its affected percentage (:func:`ctss_lobe_score`, bands
+:data:`~triaged.domain.CTSS_BANDS`) and sums them (0–25) when the masks carry lobes. A study graded
+CT0 ("no findings") scores 0 in every lobe, so the two scales never disagree about whether there is
+pneumonia.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from triaged.analysis.arrays import component_sizes, label_compact, slab_slices
-from triaged.domain import CTGrade, Findings, LesionBox, LungMeasures, Masks, Volume
+from triaged.domain import CTSS_BANDS, CTGrade, Findings, LesionBox, LobeMeasures, LungMeasures, Masks, Volume
 
 B = npt.NDArray[np.bool_]
 U8 = npt.NDArray[np.uint8]
@@ -82,6 +88,62 @@ def lung_measures(
     return right, left
 
 
+def ctss_lobe_score(affected_pct: float) -> int:
+    """CT severity score of one lobe from its affected percentage.
+
+    0 when nothing is affected, 1 below 5 %, 2 for 5–25 %, 3 for more than 25 up to 50 %, 4 for more
+    than 50 up to 75 %, 5 above 75 % (:data:`~triaged.domain.CTSS_BANDS`; a value on a boundary takes
+    the lower score, except 5 % which is the first value of score 2).
+    """
+    if not affected_pct > 0:  # also NaN
+        return 0
+    if affected_pct < CTSS_BANDS[0]:
+        return 1
+    for score, upper in enumerate(CTSS_BANDS[1:], start=2):
+        if affected_pct <= upper:
+            return score
+    return 5
+
+
+def lobe_measures(
+    lobes: U8, lesions: B, spacing: Sequence[float], *, no_findings: bool = False
+) -> tuple[LobeMeasures, ...]:
+    """Volume, lesion volume and CT-SS score of each lobe present (labels 1–5), counted slab by slab.
+
+    Parameters
+    ----------
+    lobes : ndarray of uint8
+        0 background, 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL.
+    lesions : ndarray of bool
+    spacing : sequence of float
+        (z, y, x) mm.
+    no_findings : bool
+        The study is CT0: every lobe scores 0 whatever its lesion voxels.
+
+    Returns
+    -------
+    tuple of LobeMeasures
+        Lobes without voxels are left out.
+    """
+    ml = voxel_ml(spacing)
+    counts = np.zeros(12, np.int64)
+    step = slab_slices(lobes.shape).step
+    for z0 in range(0, lobes.shape[0], step):
+        zs = slice(z0, z0 + step)
+        code = np.minimum(lobes[zs], 5).astype(np.uint8, copy=True)
+        code += 6 * lesions[zs].view(np.uint8)
+        counts += np.bincount(code.ravel(), minlength=12)[:12]
+    out = []
+    for label in range(1, 6):
+        total = int(counts[label] + counts[label + 6])
+        if total == 0:
+            continue
+        lesion = int(counts[label + 6])
+        pct = 100.0 * lesion / total
+        out.append(LobeMeasures(label, total * ml, lesion * ml, 0 if no_findings else ctss_lobe_score(pct)))
+    return tuple(out)
+
+
 def key_slices(lesions: B, count: int = KEY_SLICES) -> tuple[int, ...]:
     """The z indices with the largest lesion area, largest first (ties: lower z first).
 
@@ -92,7 +154,9 @@ def key_slices(lesions: B, count: int = KEY_SLICES) -> tuple[int, ...]:
     return tuple(int(z) for z in order[:count] if area[z] > 0)
 
 
-def lesion_boxes(volume: Volume, lungs: U8, lesions: B, limit: int = MAX_LESION_BOXES) -> tuple[LesionBox, ...]:
+def lesion_boxes(
+    volume: Volume, lungs: U8, lesions: B, limit: int = MAX_LESION_BOXES
+) -> tuple[LesionBox, ...]:
     """Bounding boxes of the largest 3D lesion components, each on the slice where it is largest.
 
     Components are 26-connected. For each of the ``limit`` largest: the slice of largest area, the
@@ -197,15 +261,22 @@ def findings_from_masks(
     all_warnings = list(volume.warnings) + list(warnings)
     if right.lung_ml == 0 or left.lung_ml == 0:
         all_warnings.append("one lung has no volume: its affected fraction is reported as 0 %")
+    grade = CTGrade.from_affected_pct(worse, lesion_ml)
+    lobes = (
+        lobe_measures(masks.lobes, masks.lesions, volume.spacing, no_findings=grade == CTGrade.CT0)
+        if masks.lobes is not None
+        else ()
+    )
     return Findings(
         pipeline=pipeline,
         pipeline_version=version,
         right=right,
         left=left,
-        ct_grade=CTGrade.from_affected_pct(worse, lesion_ml),
+        ct_grade=grade,
         key_slices=key_slices(masks.lesions),
         lesion_boxes=lesion_boxes(volume, masks.lungs, masks.lesions),
         p_covid=p_covid,
         provenance=(*provenance, ("grade.reason", CTGrade.reason(worse, lesion_ml))),
         warnings=tuple(all_warnings),
+        lobes=lobes,
     )

@@ -247,7 +247,7 @@ class RoutingConfig(_Model):
 
 
 PriorityMeasure = Literal[
-    "p_covid", "severity_pct", "whole_lung_pct", "consolidation_pct", "ct_grade", "score"
+    "p_covid", "severity_pct", "whole_lung_pct", "consolidation_pct", "ct_grade", "score", "ctss"
 ]
 
 
@@ -286,6 +286,7 @@ class Escalation(_Model):
     @model_validator(mode="after")
     def _bounds(self) -> Escalation:
         hi = 100.0 if self.measure.endswith("_pct") else 4.0 if self.measure == "ct_grade" else 1.0
+        hi = 25.0 if self.measure == "ctss" else hi
         if not 0 <= self.at_least <= hi:
             raise ValueError(f"{self.measure} threshold must be between 0 and {hi:g}, not {self.at_least:g}")
         return self

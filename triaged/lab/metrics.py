@@ -145,6 +145,12 @@ class CaseResult:
     lesion_dice, lung_dice, consolidation_dice : float or None
         Per-case Dice against reference masks; None where there is no reference (or, for
         consolidation, no reference consolidation: see :func:`case_result`).
+    lobe_dice : float or None
+        Mean Dice of the reference's lobes (seed 000's lobe Dice); None without reference lobes or when
+        the pipeline made none.
+    lobe_dices : tuple of float
+        Dice of each lobe 1 RUL … 5 LLL (NaN for a lobe the reference lacks); empty when ``lobe_dice``
+        is None.
     """
 
     case_id: str
@@ -155,6 +161,14 @@ class CaseResult:
     lesion_dice: float | None = None
     lung_dice: float | None = None
     consolidation_dice: float | None = None
+    lobe_dice: float | None = None
+    lobe_dices: tuple[float, ...] = ()
+
+
+def lobe_dices(lobes: npt.ArrayLike, true_lobes: npt.ArrayLike) -> tuple[float, ...]:
+    """Dice of each lobe label 1–5 between two lobe label arrays (NaN where the reference lacks it)."""
+    pred, truth = np.asarray(lobes), np.asarray(true_lobes)
+    return tuple(dice(pred == k, truth == k) if np.any(truth == k) else math.nan for k in range(1, 6))
 
 
 def case_result(
@@ -169,6 +183,8 @@ def case_result(
     true_lesions: npt.ArrayLike | None = None,
     consolidation: npt.ArrayLike | None = None,
     true_consolidation: npt.ArrayLike | None = None,
+    lobes: npt.ArrayLike | None = None,
+    true_lobes: npt.ArrayLike | None = None,
 ) -> CaseResult:
     """A :class:`CaseResult` from a pipeline's findings and (optionally) masks and references.
 
@@ -176,7 +192,8 @@ def case_result(
     Section 5.1). The lung Dice compares both lungs together (labels > 0; whether the sides are right
     is a separate check). The lesion Dice is reported for COVID-19 cases only (as in seed 004), the
     consolidation Dice only when the reference has consolidation (seed 001 evaluates it on
-    consolidated cases).
+    consolidated cases). The lobe Dice is the mean over the reference's lobes (seed 000), reported when
+    both the pipeline and the reference have lobes.
     """
     score = findings.p_covid if findings.p_covid is not None else findings.severity_pct
     lung_d = None
@@ -188,6 +205,11 @@ def case_result(
     cons_d = None
     if consolidation is not None and true_consolidation is not None and np.any(true_consolidation):
         cons_d = dice(consolidation, true_consolidation)
+    each: tuple[float, ...] = ()
+    lobe_d = None
+    if lobes is not None and true_lobes is not None and np.any(np.asarray(true_lobes) > 0):
+        each = lobe_dices(lobes, true_lobes)
+        lobe_d = float(np.nanmean(each))
     return CaseResult(
         case_id=case_id,
         label=label,
@@ -197,6 +219,8 @@ def case_result(
         lesion_dice=lesion_d,
         lung_dice=lung_d,
         consolidation_dice=cons_d,
+        lobe_dice=lobe_d,
+        lobe_dices=each,
     )
 
 
@@ -218,6 +242,8 @@ class Table2Row:
     n_covid: int = 0
     n_healthy: int = 0
     n_other: int = 0
+    lobe_dice: float | None = None
+    lobe_dices: tuple[float | None, ...] = ()
 
 
 def table2_row(method: str, cases: Sequence[CaseResult]) -> Table2Row:
@@ -227,7 +253,7 @@ def table2_row(method: str, cases: Sequence[CaseResult]) -> Table2Row:
     * ROC AUC COVID vs all others: negatives = every non-COVID case.
     * Spearman ρ of predicted vs reference affected % on COVID cases with a reference.
     * Lesion Dice: mean over COVID cases with a lesion Dice.
-    * Lung Dice, consolidation Dice: mean over cases that have one.
+    * Lung Dice, consolidation Dice, lobe Dice (each lobe, and their mean): mean over cases that have one.
     * ``severity_mae``: mean absolute error of the affected % on COVID cases with a reference.
     """
     pos = [c for c in cases if c.label == POSITIVE_LABEL]
@@ -254,6 +280,11 @@ def table2_row(method: str, cases: Sequence[CaseResult]) -> Table2Row:
         vals = [v for v in values if v is not None]
         return float(np.mean(vals)) if vals else None
 
+    per_lobe = [c.lobe_dices for c in cases if c.lobe_dices]
+    each: tuple[float | None, ...] = ()
+    if per_lobe:
+        arr = np.asarray(per_lobe, dtype=np.float64)
+        each = tuple(None if np.all(np.isnan(col)) else float(np.nanmean(col)) for col in arr.T)
     return Table2Row(
         method=method,
         auc_vs_healthy=auc(healthy),
@@ -266,6 +297,8 @@ def table2_row(method: str, cases: Sequence[CaseResult]) -> Table2Row:
         n_covid=len(pos),
         n_healthy=len(healthy),
         n_other=len(others) - len(healthy),
+        lobe_dice=mean([c.lobe_dice for c in cases]),
+        lobe_dices=each,
     )
 
 
@@ -277,21 +310,34 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def markdown_table(rows: Sequence[Table2Row]) -> str:
     """One Markdown table of :class:`Table2Row` s, seed 004's Table 2 columns first.
 
-    Missing values print as an em dash; the last column gives the case counts (COVID / healthy /
-    other) so a reader sees what each AUC rests on.
+    Missing values print as an em dash; the case counts (COVID / healthy / other) show what each AUC
+    rests on; the last column is seed 000's lobe Dice (mean over the five lobes, phantoms only).
     """
     header = (
         "| method | ROC AUC vs healthy | ROC AUC vs all others | Spearman ρ | lesion Dice | lung Dice "
-        "| consolidation Dice | severity MAE (pp) | cases (covid/healthy/other) |"
+        "| consolidation Dice | severity MAE (pp) | cases (covid/healthy/other) | lobe Dice |"
     )
-    sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    sep = "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     lines = [header, sep]
     for r in rows:
         lines.append(
             f"| {r.method} | {_fmt(r.auc_vs_healthy)} | {_fmt(r.auc_vs_all)} | {_fmt(r.spearman_rho, 2)} | "
             f"{_fmt(r.lesion_dice, 2)} | {_fmt(r.lung_dice, 3)} | {_fmt(r.consolidation_dice, 2)} | "
-            f"{_fmt(r.severity_mae, 1)} | {r.n_covid}/{r.n_healthy}/{r.n_other} |"
+            f"{_fmt(r.severity_mae, 1)} | {r.n_covid}/{r.n_healthy}/{r.n_other} | {_fmt(r.lobe_dice)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def lobe_dice_table(rows: Sequence[Table2Row]) -> str:
+    """Markdown table of the per-lobe Dice of each method (rows without lobe Dice left out; "" if none)."""
+    with_lobes = [r for r in rows if r.lobe_dices]
+    if not with_lobes:
+        return ""
+    lines = ["| method | RUL | RML | RLL | LUL | LLL | mean |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in with_lobes:
+        cells = " | ".join(_fmt(d) for d in r.lobe_dices)
+        # "<method> (lobes)": each method's row name appears once in the Table 2 table only
+        lines.append(f"| {r.method} (lobes) | {cells} | {_fmt(r.lobe_dice)} |")
     return "\n".join(lines) + "\n"
 
 
