@@ -140,8 +140,9 @@ def test_the_overview_without_findings_still_renders(case: Case) -> None:
 
 
 def _heat(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of the lesion colour map (yellow to red to purple over grey: red well above blue)."""
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
-    return (r > g + 40) & (r > b + 80)
+    return (r > b + 60) & (r >= g)
 
 
 @pytest.mark.parametrize(
@@ -220,3 +221,83 @@ def test_the_overview_projection_by_slabs_equals_the_whole_volume_pass(
     np.testing.assert_array_equal(got.left_any, (lab == 2).any(axis=1))
     np.testing.assert_array_equal(got.lung_sum, (lab > 0).sum(axis=1, dtype=np.float32))
     np.testing.assert_array_equal(got.lesion_sum, les.sum(axis=1, dtype=np.float32))
+
+
+def test_the_colour_shows_the_lesion_fraction_along_each_ray_not_its_presence() -> None:
+    """A lesion filling 20 % of the lung depth along every ray is drawn in the colour of 20 % on the
+    colour bar everywhere, and the area-weighted mean fraction is the voxel fraction; the old heat map
+    painted every ray that touched a lesion at least 28 % opaque."""
+    from triaged.domain import CTGrade, Findings, LungMeasures, Masks, Volume
+    from triaged.encode import sc
+
+    shape = (60, 50, 80)  # (z, y = anterior-posterior, x = right-left), 2 mm voxels
+    hu = np.full(shape, -800, np.int16)
+    lungs = np.zeros(shape, np.uint8)
+    lungs[10:50, 10:40, 10:38] = 1
+    lungs[10:50, 10:40, 42:70] = 2
+    lesions = np.zeros(shape, bool)
+    lesions[10:50, 10:16, 10:38] = True  # 6 of the 30 voxels of lung depth: 20 %, right lung only
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[2, 2] = -2.0  # slices run head to feet
+    volume = Volume(
+        hu=hu,
+        spacing=(2.0, 2.0, 2.0),
+        affine=affine,
+        sop_instance_uids=tuple("1.2.3." + str(k) for k in range(shape[0])),
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+    )
+    masks = Masks(lungs=lungs, lesions=lesions, consolidation=np.zeros(shape, bool))
+    p = sc._project(volume, masks)
+    fraction = sc.lesion_fraction(p.lesion_sum, p.lung_sum)
+    in_lung = p.lung_sum > 0
+    voxel_fraction = lesions.sum() / (lungs > 0).sum()
+    weighted = (fraction * p.lung_sum)[in_lung].sum() / p.lung_sum[in_lung].sum()
+    assert weighted == pytest.approx(voxel_fraction)
+    assert np.allclose(fraction[p.right_any], 0.2) and not fraction[p.left_any].any()
+
+    measures = LungMeasures(lung_ml=100.0, lesion_ml=20.0, consolidation_ml=0.0)
+    clear = LungMeasures(lung_ml=100.0, lesion_ml=0.0, consolidation_ml=0.0)
+    findings = Findings("t", "1", measures, clear, CTGrade.CT1)
+    rgb, _ = sc.render_overview(findings, masks, volume, OutputContext(software_version="0.1.0"))
+    height = p.shape[0] * 2 * rgb.shape[1] // (p.shape[2] * 2)
+    image = rgb[:height].astype(np.int32)
+    film = np.full(3, image[height // 2, rgb.shape[1] * 3 // 4])  # left lung: no lesion, plain film
+    lo, hi = sc.FRACTION_ALPHA
+    alpha = lo + (hi - lo) * 0.2
+    expected = (1 - alpha) * film[0] + alpha * sc.fraction_colour(np.array([0.2], np.float32))[0]
+    centre = image[height // 2, rgb.shape[1] // 4]  # middle of the right lung
+    assert np.abs(centre - expected).max() <= 6
+    # Nothing is drawn where the fraction is below FRACTION_MIN.
+    flat = np.zeros((4, 4, 3), np.uint8)
+    assert (sc._blend_fraction(flat, np.full((4, 4), sc.FRACTION_MIN / 2, np.float32)) == 0).all()
+
+
+def test_key_slices_name_the_ct_instance_number_and_mark_the_patient_sides(case: Case) -> None:
+    """The key slice says which CT image it is by its Instance Number (not the volume index) and has
+    side markers that follow the slice's column direction."""
+    from dataclasses import replace
+
+    from triaged.encode import sc
+
+    z = case.findings.key_slices[0]
+    source = [ds.copy() for ds in case.source]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source}
+    target = by_uid[case.volume.sop_instance_uids[z]]
+    target.InstanceNumber = 4321
+    images = build_sc(case.findings, case.masks, case.volume, source, replace(CTX, key_slice_images=1))
+    key = round_trip(images[1])
+    assert "CT image 4321" in key.ImageComments and "index" not in key.ImageComments
+    labelled = sc.render_key_slice(
+        case.findings, case.masks, case.volume, CTX, z, image_label="CT image 4321"
+    )
+    other = sc.render_key_slice(case.findings, case.masks, case.volume, CTX, z, image_label="CT image 1")
+    assert labelled.shape == other.shape and (labelled != other).any()
+    assert sc._row_side_letters(case.volume) == ("R", "L")  # columns run towards the patient's left
+    flipped = replace(case.volume, affine=case.volume.affine * np.array([[-1.0], [1.0], [1.0], [1.0]]))
+    assert sc._row_side_letters(flipped) == ("L", "R")
+    # White marker glyphs half-way down the left and right edges of the slice.
+    rows = case.volume.hu.shape[1]
+    band = labelled[rows // 2 - 30 : rows // 2 + 30]
+    white = np.all(band >= 230, axis=-1)
+    assert white[:, :40].sum() > 20 and white[:, -40:].sum() > 20

@@ -17,6 +17,7 @@ from tests.encode_fixtures import Case, dciodvfy, errors, load_real_case, round_
 from triaged.domain import Masks
 from triaged.encode import OutputContext, build_seg, codes, segmentation_reference
 from triaged.encode.context import SEG_SERIES_DESCRIPTION
+from triaged.encode.seg import COVID_OPACITY_LABEL, OPACITY_LABEL
 
 CTX = OutputContext(software_version="0.1.0", content_datetime=datetime(2026, 1, 2, 3, 4, 5))
 
@@ -46,7 +47,7 @@ def _expected(case: Case) -> dict[str, np.ndarray]:
     return {
         "Right lung": m.lungs == 1,
         "Left lung": m.lungs == 2,
-        "COVID-19 lesions (GGO + consolidation)": m.lesions.astype(bool),
+        COVID_OPACITY_LABEL: m.lesions.astype(bool),
         "Consolidation": m.consolidation.astype(bool),
     }
 
@@ -67,7 +68,7 @@ def test_segments_have_codes_algorithm_and_the_source_series(seg: hd.seg.Segment
     expected = [
         ("Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG),
         ("Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG),
-        ("COVID-19 lesions (GGO + consolidation)", codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.LESION),
+        (COVID_OPACITY_LABEL, codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.OPACITY),
         ("Consolidation", codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.LUNG_CONSOLIDATION),
     ]
     for number, (label, category, prop) in enumerate(expected, start=1):
@@ -212,3 +213,54 @@ def test_the_frame_by_frame_stack_gives_the_seg_of_the_whole_stack_byte_for_byte
     lazy = [encoded(m) for m in cases]
     monkeypatch.setattr(seg_module, "_frame_stack", materialised)
     assert [encoded(m) for m in cases] == lazy
+
+
+def _family(seg_ds: object, number: int) -> tuple[str, str]:
+    read = hd.seg.Segmentation.from_dataset(round_trip(seg_ds))  # type: ignore[arg-type]
+    item = read.get_segment_description(number).algorithm_identification[0].AlgorithmFamilyCodeSequence[0]
+    return str(item.CodeValue), str(item.CodingSchemeDesignator)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "sha", "family"),
+    [
+        ("threshold", None, codes.HISTOGRAM_ANALYSIS),
+        ("classical", None, codes.MORPHOLOGICAL_OPERATIONS),
+        ("multitask", "cd" * 32, codes.ARTIFICIAL_INTELLIGENCE),
+    ],
+)
+def test_the_algorithm_family_follows_the_pipeline(
+    phantom_ct_series: Path, pipeline: str, sha: str | None, family: object
+) -> None:
+    """Non-learned pipelines get their PS3.16 CID 7162 family, learned ones Artificial Intelligence."""
+    case = load_real_case(phantom_ct_series)
+    findings = replace(case.findings, pipeline=pipeline, model_sha256=sha, p_covid=None)
+    built = build_seg(findings, case.masks, case.volume, case.source, CTX)
+    assert built is not None
+    code = family  # a pydicom Code
+    assert _family(built, 1) == (code.value, code.scheme_designator)  # type: ignore[attr-defined]
+
+
+def test_the_opacity_segment_is_neutral_and_every_segment_is_described(phantom_ct_series: Path) -> None:
+    """Without a validated classifier the lesion segment names no cause; every segment has a Segment
+    Description, the anatomic region Lung with its laterality, and Tracking ID = Segment Label."""
+    case = load_real_case(phantom_ct_series)
+    findings = replace(case.findings, p_covid=None, class_probabilities=())
+    built = build_seg(findings, case.masks, case.volume, case.source, CTX)
+    assert built is not None
+    ds = round_trip(built)
+    sides = {"Right lung": "24028007", "Left lung": "7771000", OPACITY_LABEL: "24028007"}
+    labels = []
+    for item in ds.SegmentSequence:
+        labels.append(item.SegmentLabel)
+        assert "research use only" in item.SegmentDescription.lower()
+        assert item.TrackingID == item.SegmentLabel
+        region = item.AnatomicRegionSequence[0]
+        assert (region.CodeValue, region.CodingSchemeDesignator) == ("39607008", "SCT")
+        if item.SegmentLabel in sides:
+            assert region.AnatomicRegionModifierSequence[0].CodeValue == sides[item.SegmentLabel]
+    assert OPACITY_LABEL in labels and not any("COVID" in label for label in labels)
+    lesion = next(i for i in ds.SegmentSequence if i.SegmentLabel == OPACITY_LABEL)
+    prop = lesion.SegmentedPropertyTypeCodeSequence[0]
+    assert (prop.CodeValue, prop.CodingSchemeDesignator) == (codes.OPACITY.value, "DCM")
+    assert segmentation_reference(ds).number("lesions") == 3

@@ -14,10 +14,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
+from scipy import ndimage
 
 from tests.encode_fixtures import Case, dciodvfy, errors, load_real_case, round_trip
 from triaged.encode import OutputContext, build_outputs, build_seg, build_sr, codes, segmentation_reference
 from triaged.encode.context import RESEARCH_USE_TEXT, SR_SERIES_DESCRIPTION
+from triaged.encode.seg import COVID_OPACITY_LABEL
 
 WHEN = datetime(2026, 1, 2, 3, 4, 5)
 PREDECESSOR = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3")
@@ -109,7 +111,11 @@ def test_the_lung_groups_carry_the_measurements_and_reference_the_seg_segments(
     seg = outputs[1]
     numbers = {item.SegmentLabel: int(item.SegmentNumber) for item in seg.SegmentSequence}
     groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
-    assert set(groups) == {"Right lung", "Left lung", "Lesion", "Lung consolidation"}
+    assert set(groups) == {"Right lung", "Left lung", COVID_OPACITY_LABEL, "Consolidation"}
+    # Every volumetric group is tracked under the label of the SEG segment with the same Tracking UID.
+    for item in seg.SegmentSequence:
+        group = groups[item.SegmentLabel]
+        assert (group.tracking_uid, group.tracking_identifier) == (item.TrackingUID, item.TrackingID)
 
     for label, measures, site in (
         ("Right lung", case.findings.right, codes.RIGHT_LUNG),
@@ -138,11 +144,16 @@ def test_the_lung_groups_carry_the_measurements_and_reference_the_seg_segments(
             measures.consolidation_pct, abs=1e-3
         )
 
-    lesion_segment = groups["Lesion"].referenced_segment
-    assert lesion_segment.referenced_segment_numbers == [numbers["COVID-19 lesions (GGO + consolidation)"]]
-    assert _measurements(groups["Lesion"])[_key(codes.VOLUME)][0] == pytest.approx(
-        case.findings.both.lesion_ml, abs=1e-3
+    lesion_segment = groups[COVID_OPACITY_LABEL].referenced_segment
+    assert lesion_segment.referenced_segment_numbers == [numbers[COVID_OPACITY_LABEL]]
+    opacity = _measurements(groups[COVID_OPACITY_LABEL])
+    assert opacity[_key(codes.VOLUME)][0] == pytest.approx(case.findings.both.lesion_ml, abs=1e-3)
+    assert opacity[_key(codes.AFFECTED_PERCENT)] == (
+        pytest.approx(case.findings.both.affected_pct, abs=1e-3),
+        "%",
     )
+    mean_hu = float(case.volume.hu[case.masks.lesions].mean())
+    assert opacity[_key(codes.MEAN_ATTENUATION)] == (pytest.approx(mean_hu, abs=0.06), "[hnsf'U]")
 
 
 def test_the_study_groups_hold_severity_grade_probabilities_and_key_slices(
@@ -176,9 +187,11 @@ def test_the_study_groups_hold_severity_grade_probabilities_and_key_slices(
     assert referenced == [case.volume.sop_instance_uids[z] for z in f.key_slices]
 
 
-def test_lesion_boxes_are_closed_rectangles_on_their_source_image(
+def test_lesions_are_rectangles_with_2d_measurements_and_a_volume_group(
     outputs: list[Dataset], case: Case, tmp_path: Path
 ) -> None:
+    """The planar group carries area, axes and mean HU on the slice (no 3-D volume); the lesion's volume
+    and its share of its lung are in a TID 1501 group with the same Tracking UID and identifier."""
     sr_path = tmp_path / "sr.dcm"
     outputs[0].save_as(sr_path, enforce_file_format=True)
     report = hd.sr.srread(sr_path).content
@@ -191,8 +204,52 @@ def test_lesion_boxes_are_closed_rectangles_on_their_source_image(
     assert points.min(axis=0).tolist() == [box.col_min, box.row_min]
     assert points.max(axis=0).tolist() == [box.col_max + 1, box.row_max + 1]
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == box.sop_instance_uid
-    assert _measurements(group)[_key(codes.VOLUME)][0] == pytest.approx(box.volume_ml, abs=1e-3)
+    planar = _measurements(group)
+    assert _key(codes.VOLUME) not in planar
+    dy, dx = case.volume.spacing[1], case.volume.spacing[2]
+    labels, _ = ndimage.label(case.masks.lesions[box.z], np.ones((3, 3), bool))
+    pixels = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1  # the largest piece on the slice
+    assert planar[_key(codes.AREA)] == (pytest.approx(pixels.sum() * dy * dx, abs=0.06), "mm2")
+    # The painted lesion is a 25 mm sphere cut by the lung: its largest section is at most 50 mm across.
+    long_axis, short_axis = planar[_key(codes.LONG_AXIS)][0], planar[_key(codes.SHORT_AXIS)][0]
+    assert 0 < short_axis <= long_axis <= 50.0 + 2 * max(dy, dx)
+    assert planar[_key(codes.LONG_AXIS)][1] == "mm"
+    rows, cols = np.nonzero(pixels)
+    extent = max((rows.max() - rows.min() + 1) * dy, (cols.max() - cols.min() + 1) * dx)
+    assert long_axis >= extent - 1e-6
+    assert planar[_key(codes.MEAN_ATTENUATION)][0] == pytest.approx(
+        float(case.volume.hu[box.z][pixels].mean()), abs=0.06
+    )
     assert [fs.value for fs in group.finding_sites] == [hd.sr.CodedConcept.from_code(codes.RIGHT_LUNG)]
+    volumetric = {g.tracking_uid: g for g in report.get_image_measurement_groups()}[group.tracking_uid]
+    assert volumetric.tracking_identifier == group.tracking_identifier == "Lesion 1 (right lung)"
+    values = _measurements(volumetric)
+    assert values[_key(codes.VOLUME)] == (pytest.approx(box.volume_ml, abs=1e-3), "ml")
+    share = 100.0 * box.volume_ml / case.findings.right.lung_ml
+    assert values[_key(codes.AFFECTED_PERCENT)] == (pytest.approx(share, abs=1e-3), "%")
+
+
+def test_sub_threshold_lesions_and_ct0_studies_report_no_lesion_findings(
+    case: Case, ctx: OutputContext
+) -> None:
+    """Lesions below the CT0 rule's volume floor are not findings, nor is any lesion of a CT0 study."""
+    from triaged.domain import CT1_MIN_ML, CTGrade
+
+    big = case.findings.lesion_boxes[0]
+    speck = replace(big, volume_ml=0.07)
+    findings = replace(case.findings, lesion_boxes=(big, speck))
+    sr = round_trip(build_sr(findings, case.masks, case.volume, case.source, ctx))
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert len(report.get_planar_roi_measurement_groups()) == 1
+    labels = {g.tracking_identifier for g in report.get_image_measurement_groups()}
+    assert "Lesion 1 (right lung)" in labels and "Lesion 2 (right lung)" not in labels
+    assert big.volume_ml >= CT1_MIN_ML
+
+    ct0 = replace(findings, ct_grade=CTGrade.CT0)
+    sr = round_trip(build_sr(ct0, case.masks, case.volume, case.source, ctx))
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert report.get_planar_roi_measurement_groups() == []
+    assert not any(g.tracking_identifier.startswith("Lesion") for g in report.get_image_measurement_groups())
 
 
 def test_the_observer_algorithm_research_text_and_priority_are_in_the_tree(outputs: list[Dataset]) -> None:
@@ -331,8 +388,53 @@ def test_the_not_assessed_sr_is_dciodvfy_clean(unassessed: list[Dataset], tmp_pa
 def test_a_p_covid_that_is_not_a_number_is_not_assessed_either(case: Case, ctx: OutputContext) -> None:
     findings = replace(case.findings, p_covid=float("nan"), class_probabilities=())
     sr = round_trip(build_sr(findings, case.masks, case.volume, case.source, ctx, segmentation=None))
-    groups = {g.tracking_identifier: g for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content
-              .get_image_measurement_groups()}
+    groups = {
+        g.tracking_identifier: g
+        for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    }
     (evaluation,) = groups["Classification"].get_qualitative_evaluations()
     assert evaluation.value.value == codes.NOT_ASSESSED.value
     assert groups["Classification"].get_measurements() == []
+
+
+def test_ct_severity_score_in_the_both_lungs_group_and_per_lobe_scores_in_the_lobe_groups(
+    case: Case, ctx: OutputContext, tmp_path: Path
+) -> None:
+    from triaged.analysis.severity import findings_from_masks
+
+    lungs = case.masks.lungs
+    z_mid = lungs.shape[0] // 2
+    upper = (np.arange(lungs.shape[0]) >= z_mid)[:, None, None]
+    lobes = np.where(
+        lungs == 1, np.where(upper, 1, 3), np.where(lungs == 2, np.where(upper, 4, 5), 0)
+    ).astype(np.uint8)
+    masks = replace(case.masks, lobes=lobes)
+    findings = findings_from_masks(case.volume, masks, pipeline="classical", version="1.1")
+    assert findings.ct_severity_score is not None
+    seg = build_seg(findings, masks, case.volume, case.source, ctx)
+    assert seg is not None
+    sr = round_trip(
+        build_sr(findings, masks, case.volume, case.source, ctx, segmentation=segmentation_reference(seg))
+    )
+    assert errors(dciodvfy(sr, tmp_path / "sr.dcm")) == []
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    both = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}["Both lungs"]
+    ctss = float(findings.ct_severity_score)
+    assert _measurements(both)[_key(codes.CT_SEVERITY_SCORE)] == (ctss, "{score}")
+    groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    names = dict(codes.LOBES)
+    for lobe in findings.lobes:
+        group = groups[names[lobe.label].meaning]
+        assert _measurements(group)[_key(codes.CT_SEVERITY_LOBE_SCORE)] == (float(lobe.score), "{score}")
+    assert sum(lobe.score for lobe in findings.lobes) == findings.ct_severity_score
+    # without lobes there is no CT-SS item at all
+    plain_sr = hd.sr.Comprehensive3DSR.from_dataset(
+        round_trip(build_sr(case.findings, case.masks, case.volume, case.source, ctx))
+    )
+    names_used = {
+        (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+        for item in _walk(list(plain_sr.ContentSequence))
+        if "ConceptNameCodeSequence" in item
+    }
+    assert _key(codes.CT_SEVERITY_SCORE) not in names_used
+    assert _key(codes.CT_SEVERITY_LOBE_SCORE) not in names_used

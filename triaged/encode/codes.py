@@ -49,6 +49,7 @@ LEFT_LOWER_LOBE: Final = Code("41224006", "SCT", "Lower lobe of left lung")
 CHEST: Final = Code("51185008", "SCT", "Thorax")
 RIGHT: Final = Code("24028007", "SCT", "Right")
 LEFT: Final = Code("7771000", "SCT", "Left")
+BILATERAL: Final = Code("51440002", "SCT", "Bilateral")  # CID 244 Laterality
 
 #: Lobe label of :class:`triaged.domain.Masks` ``lobes`` (1..5) -> concept.
 LOBES: Final[tuple[tuple[int, Code], ...]] = (
@@ -63,6 +64,9 @@ LOBES: Final[tuple[tuple[int, Code], ...]] = (
 LESION: Final = Code("52988006", "SCT", "Lesion")
 LUNG_CONSOLIDATION: Final = Code("95436008", "SCT", "Lung consolidation")
 GROUND_GLASS_OPACITY: Final = Code("112120", "DCM", "Ground glass opacity")  # CID 6104
+#: The neutral lesion concept (CID 6102/6104 "Opacity"): what a density-based segmentation finds, whether
+#: ground glass or consolidation, without naming a cause.
+OPACITY: Final = Code("112001", "DCM", "Opacity")
 COVID_19: Final = Code("840539006", "SCT", "COVID-19")
 PNEUMONIA: Final = Code("233604007", "SCT", "Pneumonia")
 
@@ -76,12 +80,36 @@ KEY_IMAGES: Final = Code("121180", "DCM", "Key Images")
 COMMENT: Final = Code("121106", "DCM", "Comment")
 QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
 CT_CHEST: Final = Code("24627-2", "LN", "CT Chest")
-ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+
+# --- algorithm families (PS3.16 CID 7162 "Surface Processing Algorithm Family", the context group of
+# PS3.3 C.8.20.2.1 Algorithm Family Code Sequence and of PS3.16 TID 4019) ---------------------------
+ARTIFICIAL_INTELLIGENCE: Final = Code("123110", "DCM", "Artificial Intelligence")
+HISTOGRAM_ANALYSIS: Final = Code("123105", "DCM", "Histogram Analysis")
+MORPHOLOGICAL_OPERATIONS: Final = Code("123104", "DCM", "Morphological Operations")
+#: Family of each built-in non-learned pipeline (triaged.analysis.pipeline): ``threshold`` is an HU
+#: window, a blur and a cut (a histogram/intensity method); ``classical`` is built on grey-level opening
+#: (vessel suppression) and component filtering (morphological operations).  A pipeline with a model
+#: (``Findings.model_sha256``) is Artificial Intelligence; any other pipeline without one falls back to
+#: :data:`HISTOGRAM_ANALYSIS`, the family of a plain HU threshold.
+NON_LEARNED_FAMILIES: Final[tuple[tuple[str, Code], ...]] = (
+    ("threshold", HISTOGRAM_ANALYSIS),
+    ("classical", MORPHOLOGICAL_OPERATIONS),
+)
+
+# --- planar and per-lesion measurements -------------------------------------------------------------
+AREA: Final = Code("42798000", "SCT", "Area")
+LONG_AXIS: Final = Code("103339001", "SCT", "Long axis")
+SHORT_AXIS: Final = Code("103340004", "SCT", "Short axis")
+MEAN_ATTENUATION: Final = Code("112181", "DCM", "Mean Attenuation Coefficient")  # CID 6141
 
 # --- units (UCUM) -----------------------------------------------------------------------------------
 UNIT_ML: Final = Code("ml", "UCUM", "milliliter")
 UNIT_PERCENT: Final = Code("%", "UCUM", "percent")
 UNIT_PROBABILITY: Final = Code("{probability}", "UCUM", "probability")
+UNIT_MM: Final = Code("mm", "UCUM", "millimeter")
+UNIT_MM2: Final = Code("mm2", "UCUM", "square millimeter")
+UNIT_HU: Final = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+UNIT_SCORE: Final = Code("{score}", "UCUM", "score")
 
 # --- private codes (99TRIAGED); docs/codes.md explains each ------------------------------------------
 LESION_VOLUME: Final = Code("LESVOL", PRIVATE_SCHEME, "Lesion volume (GGO + consolidation)")
@@ -90,6 +118,9 @@ AFFECTED_PERCENT: Final = Code("AFFPCT", PRIVATE_SCHEME, "Affected lung percenta
 CONSOLIDATION_PERCENT: Final = Code("CONSPCT", PRIVATE_SCHEME, "Consolidation percentage")
 SEVERITY_PERCENT: Final = Code("SEVPCT", PRIVATE_SCHEME, "Study severity, affected percentage of worse lung")
 CT_SEVERITY_GRADE: Final = Code("CTGRADE", PRIVATE_SCHEME, "CT severity grade (CT0-CT4)")
+#: CT severity score (Chung et al. 2020, Pan et al. 2020): no LOINC or SNOMED CT code exists for it.
+CT_SEVERITY_SCORE: Final = Code("CTSS", PRIVATE_SCHEME, "CT severity score (0-25, sum of 5 lobes)")
+CT_SEVERITY_LOBE_SCORE: Final = Code("CTSSLOBE", PRIVATE_SCHEME, "CT severity score of a lobe (0-5)")
 TRIAGE_PRIORITY: Final = Code("PRIORITY", PRIVATE_SCHEME, "Triage priority")
 PROBABILITY_COVID_19: Final = Code("PCOVID", PRIVATE_SCHEME, "Probability of COVID-19 pneumonia")
 #: Value of a ``PCOVID`` qualitative evaluation when the pipeline has no classifier validated on real
@@ -154,3 +185,10 @@ def private_scheme_identification() -> Dataset:
     item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
     item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
     return item
+
+
+def algorithm_family(pipeline: str, learned: bool) -> Code:
+    """PS3.16 CID 7162 family of a pipeline: AI when it runs a model, else :data:`NON_LEARNED_FAMILIES`."""
+    if learned:
+        return ARTIFICIAL_INTELLIGENCE
+    return dict(NON_LEARNED_FAMILIES).get(pipeline, HISTOGRAM_ANALYSIS)

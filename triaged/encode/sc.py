@@ -1,10 +1,20 @@
 """Human-readable overview images as RGB Secondary Capture (PS3.3 A.8.1 SC Image IOD).
 
 The first image is an X-ray-like coronal projection computed from the CT (a digitally reconstructed
-radiograph), with the lung outlines, a heat overlay of lesion thickness and the key figures burned in.
+radiograph), with the lung outlines, a colour map of the lesion fraction and the key figures burned in.
 Further images (``OutputContext.key_slice_images``) are axial key slices in a lung window with the
-lesion overlay and the lesion boxes.  Every image carries "NOT FOR DIAGNOSTIC USE" in its pixels and
-Burned In Annotation = YES.
+lesion overlay, the lesion boxes, R/L markers and the CT image's Instance Number.  Every image has a
+legend band (lung outline and lesion colours; the overview's colour bar with its printed 0-100 % scale),
+carries "NOT FOR DIAGNOSTIC USE" in its pixels and Burned In Annotation = YES.  ``triaged analyze``
+writes the same overview (:func:`render_overview`) as ``overview.png``.
+
+Lesion fraction (what the colour means): for each projected pixel, the share of the lung path along
+the anterior-posterior ray that is lesion, ``lesion voxels / lung voxels`` on that ray, 0-100 %.  It is
+shown with a sequential colour map (:data:`FRACTION_STOPS`) whose opacity grows with the fraction, and
+not at all below :data:`FRACTION_MIN` (a few voxels of partial volume).  The area-weighted mean of this
+fraction over the projected lung is the affected lung volume fraction, so a study with 3 % of its lung
+voxels affected looks faint and one with 40 % looks dense; colouring every ray that crosses any lesion
+(the earlier heat map) painted 84 % of the projected lung for 26 % of the voxels.
 
 Projection (why it looks like a chest radiograph): HU are turned into linear attenuation
 ``mu = mu_water * (1 + HU / 1000)`` (clipped at 0), with the positive part of HU weighted by
@@ -49,10 +59,18 @@ MU_WATER_PER_MM = 0.0206
 BONE_WEIGHT = 1.6
 #: Width in pixels of the overview image (without the text band).
 OVERVIEW_WIDTH = 768
-#: Share of the lung depth along a ray that is lesion at which the heat colour is fully red.
-HEAT_FULL_FRACTION = 0.6
-#: Lesion thickness (mm) along a ray below which no heat is drawn (partial-volume specks).
-HEAT_MIN_MM = 1.0
+#: Lesion fraction of a ray (lesion / lung voxels along it) below which nothing is drawn.
+FRACTION_MIN = 0.05
+#: Colour map of the lesion fraction: (fraction, RGB) stops, linear between them.
+FRACTION_STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
+    (0.0, (255, 245, 110)),
+    (0.25, (255, 190, 40)),
+    (0.5, (255, 120, 0)),
+    (0.75, (235, 40, 20)),
+    (1.0, (190, 0, 90)),
+)
+#: Opacity of the colour at fraction 0 and 1 (linear between): the anatomy stays readable.
+FRACTION_ALPHA = (0.2, 0.9)
 #: Lung window for the axial key slices (centre, width) in HU.
 LUNG_WINDOW = (-600.0, 1500.0)
 
@@ -63,6 +81,7 @@ _RGB = npt.NDArray[np.uint8]
 _OUTLINE_RGB = (40, 200, 255)
 _BOX_RGB = (255, 235, 0)
 _LESION_RGB = (255, 150, 0)
+_CONSOLIDATION_RGB = (255, 30, 30)
 _WARNING_RGB = (255, 70, 70)
 _TEXT_RGB = (235, 235, 235)
 
@@ -116,12 +135,23 @@ def build_sc(
             index=0,
             pixel_spacing=(pixel_mm, pixel_mm),
             orientation=("L", "F"),
-            description="Coronal attenuation projection of the CT (X-ray-like), lung outlines, lesion heat map",
+            description=(
+                "Coronal attenuation projection of the CT (X-ray-like), lung outlines, lesion fraction "
+                "along each ray (0-100 % colour bar)"
+            ),
         )
     ]
     row_dir, col_dir = _in_plane_directions(volume)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in images.datasets}
     for k, z in enumerate(findings.key_slices[: ctx.key_slice_images], start=1):
-        rgb = render_key_slice(findings, masks, volume, ctx, z)
+        image_ref = images.refs[z]
+        number = (
+            by_uid[image_ref.sop_instance_uid].get("InstanceNumber")
+            if image_ref.sop_instance_uid in by_uid
+            else None
+        )
+        label = _image_label(number, image_ref.frame_number)
+        rgb = render_key_slice(findings, masks, volume, ctx, z, image_label=label)
         outputs.append(
             _sc_image(
                 ref,
@@ -132,7 +162,7 @@ def build_sc(
                 index=k,
                 pixel_spacing=(float(volume.spacing[1]), float(volume.spacing[2])),
                 orientation=(_orientation_letters(row_dir), _orientation_letters(col_dir)),
-                description=f"Axial key slice {k} (volume index {z}) in lung window with lesion overlay",
+                description=f"Axial key slice {k} ({label}) in lung window with lesion overlay",
                 source_sop=(images.refs[z].sop_class_uid, images.refs[z].sop_instance_uid),
             )
         )
@@ -165,25 +195,126 @@ def render_overview(
         ndimage.zoom(line_integral, zoom, order=1),
         ndimage.zoom(lungs2d.astype(np.float32), zoom, order=1) > 0.5,
     )
-    heat_mm = ndimage.zoom(lesion_mm, zoom, order=1)
+    lesion_zoom = ndimage.zoom(lesion_mm, zoom, order=1)
     depth_mm = ndimage.zoom(lung_mm, zoom, order=1)
     right = ndimage.zoom(right2d.astype(np.uint8), zoom, order=0).astype(bool)
     left = ndimage.zoom(left2d.astype(np.uint8), zoom, order=0).astype(bool)
 
     rgb = np.repeat((film * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-    rgb = _blend_heat(rgb, heat_mm, depth_mm)
+    rgb = _blend_fraction(rgb, lesion_fraction(lesion_zoom, depth_mm))
     for mask in (right, left):
         rgb[_outline(mask, width=2)] = _OUTLINE_RGB
-    # A thin contour keeps faint (thin) lesions findable on a dark lung.
-    rgb[_outline(heat_mm > HEAT_MIN_MM, width=1)] = _LESION_RGB
     image = Image.fromarray(rgb, "RGB")
-    _side_markers(image)
+    _side_markers(image, ("R", "L"))
+    image = _with_legend(image, colour_bar=True)
     lines = _summary_lines(findings, ctx)
     return np.asarray(_with_text_band(image, lines)), float(pixel_mm)
 
 
-def render_key_slice(findings: Findings, masks: Masks, volume: Volume, ctx: OutputContext, z: int) -> _RGB:
-    """Axial slice ``z`` in a lung window with lung outline, lesion overlay, lesion boxes and text."""
+def lesion_fraction(lesion: _F32, lung: _F32) -> _F32:
+    """Per projected pixel, the share of the lung path along the ray that is lesion, in [0, 1].
+
+    ``lesion`` and ``lung`` are voxel counts (or path lengths in the same unit) along each ray; a ray
+    through no lung has fraction 0.
+    """
+    fraction = np.divide(lesion, lung, out=np.zeros_like(lesion, dtype=np.float32), where=lung > 0.5)
+    return np.clip(fraction, 0.0, 1.0).astype(np.float32)
+
+
+def fraction_colour(fraction: _F32) -> _F32:
+    """RGB (float, 0-255) of the colour map :data:`FRACTION_STOPS` at each fraction in [0, 1]."""
+    xs = [x for x, _ in FRACTION_STOPS]
+    return np.stack(
+        [np.interp(fraction, xs, [float(c[i]) for _, c in FRACTION_STOPS]) for i in range(3)], axis=-1
+    ).astype(np.float32)
+
+
+def _blend_fraction(rgb: _RGB, fraction: _F32) -> _RGB:
+    """Blend the colour map over the film where the fraction reaches :data:`FRACTION_MIN`."""
+    shown = fraction >= FRACTION_MIN
+    if not shown.any():
+        return rgb
+    lo, hi = FRACTION_ALPHA
+    alpha = ((lo + (hi - lo) * fraction) * shown)[..., None]
+    out = rgb.astype(np.float32) * (1.0 - alpha) + fraction_colour(fraction) * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _with_legend(image: Image.Image, *, colour_bar: bool) -> Image.Image:
+    """Append a black legend band: lung outline and lesion swatches, and (overview) the colour bar.
+
+    The colour bar shows the colour map from 0 to 100 % with printed ticks every 25 % and says what is
+    not drawn (below :data:`FRACTION_MIN`).
+    """
+    size = max(12, image.width // 45)
+    font = _font(size)
+    pad = size // 2
+    row = int(size * 1.5)
+    height = pad + row * (3 if colour_bar else 1) + pad
+    band = Image.new("RGB", (image.width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    x = pad
+    swatches: list[tuple[str, tuple[int, int, int], bool]] = [("Lung outline", _OUTLINE_RGB, True)]
+    if colour_bar:
+        swatches.append((f"Lesion fraction >= {100 * FRACTION_MIN:g} % (scale below)", _LESION_RGB, False))
+    else:
+        swatches += [
+            ("Lesion (GGO + consolidation)", _LESION_RGB, False),
+            ("Consolidation", _CONSOLIDATION_RGB, False),
+            ("Lesion box", _BOX_RGB, True),
+        ]
+    for text, colour, outline in swatches:
+        box = (x, pad + 2, x + size, pad + 2 + size - 4)
+        if outline:
+            draw.rectangle(box, outline=colour, width=2)
+        else:
+            draw.rectangle(box, fill=colour)
+        x += size + pad // 2
+        draw.text((x, pad), text, fill=_TEXT_RGB, font=font)
+        x += int(draw.textlength(text, font=font)) + 2 * size
+    if colour_bar:
+        title = "Lesion share of the lung depth along each ray (AP projection):"
+        draw.text((pad, pad + row), title, fill=_TEXT_RGB, font=font)
+        bar_x0 = pad + int(draw.textlength("0 %", font=font)) // 2
+        bar_x1 = image.width - pad - int(draw.textlength("100 %", font=font)) // 2
+        y0 = pad + 2 * row
+        ramp = np.linspace(0.0, 1.0, max(2, bar_x1 - bar_x0), dtype=np.float32)
+        colours = fraction_colour(ramp).astype(np.uint8)
+        bar = np.repeat(colours[None], max(4, size // 2), axis=0)
+        band.paste(Image.fromarray(bar, "RGB"), (bar_x0, y0))
+        draw.rectangle(
+            (bar_x0, y0, bar_x0 + int(FRACTION_MIN * (bar_x1 - bar_x0)), y0 + bar.shape[0]), fill=(60, 60, 60)
+        )
+        tick_y = y0 + bar.shape[0] + 1
+        for pct in (0, 25, 50, 75, 100):
+            tx = bar_x0 + round(pct / 100 * (bar_x1 - bar_x0 - 1))
+            draw.line((tx, y0, tx, tick_y + 2), fill=_TEXT_RGB)
+            label = f"{pct} %"
+            w = draw.textlength(label, font=font)
+            draw.text((tx - w / 2, tick_y + 2), label, fill=_TEXT_RGB, font=font)
+        height = tick_y + 2 + size + pad
+        band = band.crop((0, 0, image.width, max(height, band.height)))
+    out = Image.new("RGB", (image.width, image.height + band.height))
+    out.paste(image, (0, 0))
+    out.paste(band, (0, image.height))
+    return out
+
+
+def render_key_slice(
+    findings: Findings,
+    masks: Masks,
+    volume: Volume,
+    ctx: OutputContext,
+    z: int,
+    *,
+    image_label: str | None = None,
+) -> _RGB:
+    """Axial slice ``z`` in a lung window with lung outline, lesion overlay, lesion boxes and text.
+
+    ``image_label`` names the CT image it is (e.g. "CT image 57", from its Instance Number) and is
+    burned in; without it the slice is named by its position in the analysed stack.  The patient's
+    side markers follow the slice's column direction (:func:`_row_side_letters`).
+    """
     centre, width = LUNG_WINDOW
     grey = np.clip((volume.hu[z].astype(np.float32) - (centre - width / 2)) / width, 0.0, 1.0)
     rgb = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
@@ -191,7 +322,7 @@ def render_key_slice(findings: Findings, masks: Masks, volume: Volume, ctx: Outp
     overlay = np.array(_LESION_RGB, dtype=np.float32)
     rgb[lesion] = (0.55 * rgb[lesion] + 0.45 * overlay).astype(np.uint8)
     consolidation = masks.consolidation[z].astype(bool)
-    rgb[consolidation] = (0.5 * rgb[consolidation] + 0.5 * np.array((255, 30, 30))).astype(np.uint8)
+    rgb[consolidation] = (0.5 * rgb[consolidation] + 0.5 * np.array(_CONSOLIDATION_RGB)).astype(np.uint8)
     rgb[_outline(masks.lungs[z] > 0, width=1)] = _OUTLINE_RGB
     image = Image.fromarray(rgb, "RGB")
     draw = ImageDraw.Draw(image)
@@ -202,9 +333,44 @@ def render_key_slice(findings: Findings, masks: Masks, volume: Volume, ctx: Outp
                 outline=_BOX_RGB,
                 width=2,
             )
+    _side_markers(image, _row_side_letters(volume))
+    name = image_label or f"slice {z + 1} of {volume.hu.shape[0]} of the analysed stack"
+    font = _font(max(14, image.width // 36))
+    draw.text(
+        (image.width // 2, max(6, image.width // 80)),
+        name,
+        fill=_TEXT_RGB,
+        font=font,
+        anchor="ma",
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
+    image = _with_legend(image, colour_bar=False)
     lines = _summary_lines(findings, ctx)
-    lines.insert(1, (f"Axial key slice, index {z} of {volume.hu.shape[0]}; lung window", _TEXT_RGB))
+    lines.insert(1, (f"Axial key slice: {name}; lung window", _TEXT_RGB))
     return np.asarray(_with_text_band(image, lines))
+
+
+def _image_label(instance_number: object, frame_number: int | None) -> str:
+    """The burned-in name of a key slice's CT image: its Instance Number (and frame), as a viewer shows."""
+    text = (
+        f"CT image {instance_number}"
+        if instance_number not in (None, "")
+        else "CT image (no Instance Number)"
+    )
+    if frame_number is not None:
+        text += f", frame {frame_number}"
+    return text
+
+
+def _row_side_letters(volume: Volume) -> tuple[str, str]:
+    """Markers for the left and right edge of an axial slice: the patient directions of decreasing and
+    increasing column (e.g. ("R", "L") for a standard axial slice, viewed from the feet)."""
+    direction = volume.affine[:3, 0]
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive LPS direction
+    axis = int(np.argmax(np.abs(direction)))
+    lo, hi = letters[axis]
+    return (lo, hi) if direction[axis] > 0 else (hi, lo)
 
 
 def _reorient(array: npt.NDArray[_T], volume: Volume) -> tuple[npt.NDArray[_T], tuple[float, float, float]]:
@@ -306,23 +472,6 @@ def _film(line_integral: _F32, lungs: npt.NDArray[np.bool_]) -> _F32:
     return film.astype(np.float32)
 
 
-def _blend_heat(rgb: _RGB, lesion_mm: _F32, lung_mm: _F32) -> _RGB:
-    """Blend a yellow -> red heat colour by the share of the lung depth along each ray that is lesion.
-
-    Normalising by the lung depth keeps a thin peripheral opacity as visible as a thick central one and
-    keeps a 40 % study from turning the whole chest red; the opacity stays below 0.6 so the anatomy
-    underneath remains readable.
-    """
-    present = lesion_mm > HEAT_MIN_MM
-    if not present.any():
-        return rgb
-    t = np.clip(lesion_mm / np.maximum(lung_mm, 1.0) / HEAT_FULL_FRACTION, 0.0, 1.0)
-    colour = np.stack([np.full_like(t, 255.0), 220.0 * (1.0 - t) + 30.0 * t, 30.0 * (1.0 - t)], axis=-1)
-    alpha = (0.28 + 0.3 * t)[..., None] * present[..., None]
-    out = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
 def _outline(mask: npt.NDArray[np.bool_], width: int) -> npt.NDArray[np.bool_]:
     return np.asarray(mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0))
 
@@ -334,22 +483,21 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
-def _side_markers(image: Image.Image) -> None:
-    """Burn the radiographer's side markers: R on the patient's right (viewer's left)."""
+def _side_markers(image: Image.Image, letters: tuple[str, str]) -> None:
+    """Burn side markers: ``letters[0]`` at the viewer's left edge, ``letters[1]`` at the right edge.
+
+    On the overview these are the radiographer's markers ("R", "L": the patient's right on the viewer's
+    left); they sit half-way down each edge, clear of the text at the top of a key slice.
+    """
     draw = ImageDraw.Draw(image)
     font = _font(max(18, image.width // 28))
     margin = max(6, image.width // 80)
-    draw.text((margin, margin), "R", fill=_TEXT_RGB, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
-    right_edge = image.width - margin
-    bbox = draw.textbbox((0, 0), "L", font=font)
-    draw.text(
-        (right_edge - (bbox[2] - bbox[0]), margin),
-        "L",
-        fill=_TEXT_RGB,
-        font=font,
-        stroke_width=2,
-        stroke_fill=(0, 0, 0),
-    )
+    for k, letter in enumerate(letters):
+        bbox = draw.textbbox((0, 0), letter, font=font)
+        w, h = bbox[2] - bbox[0], bbox[3] - bbox[1]
+        x = margin if k == 0 else image.width - margin - w
+        y = (image.height - h) // 2
+        draw.text((x, y), letter, fill=_TEXT_RGB, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
 def _summary_lines(findings: Findings, ctx: OutputContext) -> list[tuple[str, tuple[int, int, int]]]:

@@ -4,21 +4,31 @@ One BINARY Segmentation instance in the analysed study, in its own series, deriv
 series.  Segments (numbered in this order, empty ones left out):
 
 1. right lung, 2. left lung (SCT anatomical structure),
-3. COVID-19 lesions, ground-glass opacity and consolidation together (SCT Lesion, morphologically
-   abnormal structure), 4. consolidation (SCT Lung consolidation),
+3. lung opacity, ground glass and consolidation together (DCM 112001 Opacity, morphologically abnormal
+   structure), labelled "Lung opacity (ground glass / consolidation)"; only a pipeline whose COVID-19
+   classifier was validated on real data and calls the study COVID-19 (P >= 0.5) labels it as COVID-19
+   pneumonia opacity, 4. consolidation (SCT Lung consolidation),
 5–9. lobes RUL, RML, RLL, LUL, LLL when the pipeline produced ``masks.lobes``.
+
+Every segment has a Segment Description (0062,0006) saying what it is and how it was found, and an
+Anatomic Region Sequence (SCT Lung) with a laterality modifier (Right, Left or Bilateral, PS3.16 CID
+244) for the side(s) it lies in.  The segment label is also the segment's Tracking ID, and the SR uses
+the same text as the Tracking Identifier of the group with the same Tracking UID.
 
 Lesions overlap the lungs and consolidation overlaps lesions, so the segments are encoded as separate
 binary frames (a label map cannot hold them).  Every segment carries the pipeline's Segment Algorithm
-Identification (PS3.3 C.8.20.2.1, algorithm type AUTOMATIC) with the model's SHA-256 as a parameter;
-frames without any pixel of their segment are omitted (highdicom's ``omit_empty_frames``).
+Identification (PS3.3 C.8.20.2.1, algorithm type AUTOMATIC) with the model's SHA-256 as a parameter; its
+family (PS3.16 CID 7162) is Artificial Intelligence for a learned pipeline and the non-learned
+pipeline's own family otherwise (:func:`triaged.encode.codes.algorithm_family`); frames without any
+pixel of their segment are omitted (highdicom's ``omit_empty_frames``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import highdicom as hd
@@ -43,13 +53,52 @@ from triaged.encode.uids import OutputUIDs, derive_uid, output_uids, tracking_ui
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """What one segment is: a stable key, its label and its PS3.16 CID 7150/7151 codes."""
+    """What one segment is: a stable key, its label and its PS3.16 CID 7150/7151 codes.
+
+    ``label`` is the Segment Label and Tracking ID (and the SR's Tracking Identifier); ``description``
+    the Segment Description; ``side`` the lung side(s) it lies in ("right", "left", "both" or "" when
+    not known), the laterality modifier of its anatomic region (SCT Lung).
+    """
 
     key: str  # "right_lung", "left_lung", "lesions", "consolidation", "lobe_1" ... "lobe_5"
     label: str
     category: Code
     property_type: Code
     rgb: tuple[int, int, int]  # recommended display colour
+    description: str = ""
+    side: str = ""
+
+
+#: Segment label of the lesion segment (and SR Tracking Identifier): neutral, names no cause.
+OPACITY_LABEL = "Lung opacity (ground glass / consolidation)"
+#: The label when a classifier validated on real data calls the study COVID-19 (P(COVID-19) >= 0.5).
+COVID_OPACITY_LABEL = "COVID-19 pneumonia opacity (ground glass / consolidation)"
+
+
+def lesion_label(findings: Findings | None) -> str:
+    """Label of the lesion segment: COVID-19 only on the word of a classifier validated on real data.
+
+    A pipeline reports ``p_covid`` only when its classifier was validated on real data (the SR's
+    "P(COVID-19): not assessed" otherwise); the segment is called COVID-19 pneumonia opacity when that
+    probability is at least 0.5, else the neutral :data:`OPACITY_LABEL`.
+    """
+    p = findings.p_covid if findings is not None else None
+    if p is not None and math.isfinite(p) and p >= 0.5:
+        return COVID_OPACITY_LABEL
+    return OPACITY_LABEL
+
+
+def segment_label(key: str, findings: Findings | None = None) -> str:
+    """The Segment Label (= Tracking ID, = SR Tracking Identifier) of the segment with ``key``."""
+    if key == "lesions":
+        return lesion_label(findings)
+    for spec, _ in _LUNG_SEGMENTS:
+        if spec.key == key:
+            return spec.label
+    for label, code in codes.LOBES:
+        if key == f"lobe_{label}":
+            return code.meaning
+    raise KeyError(f"no segment with key {key!r}")
 
 
 @dataclass(frozen=True)
@@ -80,20 +129,38 @@ class SegmentationReference:
 # Segments in SEG order, and how each is cut from Masks (the slices ``zs`` of it).
 _LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks, slice], npt.NDArray[np.bool_]]], ...] = (
     (
-        SegmentSpec("right_lung", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG, (80, 160, 255)),
+        SegmentSpec(
+            "right_lung",
+            "Right lung",
+            codes.ANATOMICAL_STRUCTURE,
+            codes.RIGHT_LUNG,
+            (80, 160, 255),
+            "Right lung, aerated and opacified parts, automatic segmentation",
+            "right",
+        ),
         lambda m, zs: m.lungs[zs] == 1,
     ),
     (
-        SegmentSpec("left_lung", "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG, (80, 220, 120)),
+        SegmentSpec(
+            "left_lung",
+            "Left lung",
+            codes.ANATOMICAL_STRUCTURE,
+            codes.LEFT_LUNG,
+            (80, 220, 120),
+            "Left lung, aerated and opacified parts, automatic segmentation",
+            "left",
+        ),
         lambda m, zs: m.lungs[zs] == 2,
     ),
     (
         SegmentSpec(
             "lesions",
-            "COVID-19 lesions (GGO + consolidation)",
+            OPACITY_LABEL,
             codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
-            codes.LESION,
+            codes.OPACITY,
             (255, 170, 0),
+            "Lung opacity: ground-glass opacity and consolidation together, automatic segmentation; "
+            "not a diagnosis of its cause",
         ),
         lambda m, zs: m.lesions[zs].astype(bool, copy=False),
     ),
@@ -104,6 +171,7 @@ _LUNG_SEGMENTS: tuple[tuple[SegmentSpec, Callable[[Masks, slice], npt.NDArray[np
             codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
             codes.LUNG_CONSOLIDATION,
             (230, 40, 40),
+            "Consolidation: the dense part of the lung opacity, automatic segmentation",
         ),
         lambda m, zs: m.consolidation[zs].astype(bool, copy=False),
     ),
@@ -128,10 +196,27 @@ def _lobe_cut(masks: Masks, label: int) -> SegmentCut:
     return lambda zs: lobes[zs] == label
 
 
-def planned_cuts(masks: Masks) -> list[tuple[SegmentSpec, SegmentCut]]:
+def _sides(masks: Masks, cut: SegmentCut) -> str:
+    """ "right", "left", "both" or "": the lung(s) a segment's voxels lie in, slab by slab."""
+    right = left = False
+    for z0 in range(0, masks.lungs.shape[0], _SLAB):
+        zs = slice(z0, z0 + _SLAB)
+        part = cut(zs)
+        if not part.any():
+            continue
+        lungs = masks.lungs[zs][part]
+        right = right or bool((lungs == 1).any())
+        left = left or bool((lungs == 2).any())
+        if right and left:
+            return "both"
+    return "right" if right else "left" if left else ""
+
+
+def planned_cuts(masks: Masks, findings: Findings | None = None) -> list[tuple[SegmentSpec, SegmentCut]]:
     """The non-empty segments of ``masks`` in SEG order, each with a function cutting its mask slab-wise.
 
     Nothing of the size of the volume is allocated: emptiness is checked :data:`_SLAB` slices at a time.
+    ``findings`` decide the lesion segment's label (:func:`lesion_label`).
     """
     nz = masks.lungs.shape[0]
 
@@ -142,20 +227,50 @@ def planned_cuts(masks: Masks) -> list[tuple[SegmentSpec, SegmentCut]]:
     for spec, cut_of in _LUNG_SEGMENTS:
         cut: SegmentCut = functools.partial(cut_of, masks)
         if non_empty(cut):
+            if spec.key in ("lesions", "consolidation"):
+                text = lesion_label(findings) if spec.key == "lesions" else spec.label
+                spec = replace(spec, label=text, side=_sides(masks, cut))
             planned.append((spec, cut))
     if masks.lobes is not None:
         for (label, code), rgb in zip(codes.LOBES, _LOBE_COLOURS, strict=True):
             lobe = _lobe_cut(masks, label)
             if non_empty(lobe):
-                planned.append(
-                    (SegmentSpec(f"lobe_{label}", code.meaning, codes.ANATOMICAL_STRUCTURE, code, rgb), lobe)
+                side = "right" if code.meaning.endswith("right lung") else "left"
+                spec = SegmentSpec(
+                    f"lobe_{label}",
+                    code.meaning,
+                    codes.ANATOMICAL_STRUCTURE,
+                    code,
+                    rgb,
+                    f"{code.meaning}, automatic segmentation",
+                    side,
                 )
+                planned.append((spec, lobe))
     return planned
 
 
-def planned_segments(masks: Masks) -> list[tuple[SegmentSpec, npt.NDArray[np.bool_]]]:
+def planned_segments(
+    masks: Masks, findings: Findings | None = None
+) -> list[tuple[SegmentSpec, npt.NDArray[np.bool_]]]:
     """The non-empty segments of ``masks`` in SEG order, each with its (z, y, x) boolean mask."""
-    return [(spec, cut(slice(None))) for spec, cut in planned_cuts(masks)]
+    return [(spec, cut(slice(None))) for spec, cut in planned_cuts(masks, findings)]
+
+
+_LATERALITY = {"right": codes.RIGHT, "left": codes.LEFT, "both": codes.BILATERAL}
+
+
+def _anatomy(description: hd.seg.SegmentDescription, spec: SegmentSpec) -> None:
+    """Segment Description and a laterality modifier on the anatomic region (Lung) of one segment."""
+    description.SegmentDescription = (
+        f"{spec.description or spec.label}. Research use only, not for diagnosis."
+    )[:1024]
+    modifier = _LATERALITY.get(spec.side)
+    if modifier is not None and "AnatomicRegionSequence" in description:
+        item = Dataset()
+        item.CodeValue = modifier.value
+        item.CodingSchemeDesignator = modifier.scheme_designator
+        item.CodeMeaning = modifier.meaning
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [item]
 
 
 class _FrameStack:
@@ -240,11 +355,15 @@ class _Segmentation(hd.seg.Segmentation):
 
 
 def algorithm_identification(findings: Findings) -> hd.AlgorithmIdentificationSequence:
-    """PS3.3 C.8.20.2.1 Segment Algorithm Identification of the pipeline (family: AI, DCM 123110)."""
+    """PS3.3 C.8.20.2.1 Segment Algorithm Identification of the pipeline.
+
+    The family (PS3.16 CID 7162) is Artificial Intelligence (DCM 123110) for a pipeline that ran a
+    model (``model_sha256`` set), else the non-learned pipeline's family (:func:`codes.algorithm_family`).
+    """
     parameters = {"model_sha256": findings.model_sha256} if findings.model_sha256 else None
     return hd.AlgorithmIdentificationSequence(
         name=findings.pipeline,
-        family=codes.ARTIFICIAL_INTELLIGENCE,
+        family=codes.algorithm_family(findings.pipeline, learned=bool(findings.model_sha256)),
         version=findings.pipeline_version,
         source="triaged",
         parameters=parameters,
@@ -290,7 +409,7 @@ def build_seg(
     PS3.3 A.51 (Segmentation IOD), C.8.20.2 (Segmentation Image module), C.7.6.16 (functional groups:
     plane positions and Derivation Image Sequence are taken from the source images).
     """
-    planned = planned_cuts(masks)
+    planned = planned_cuts(masks, findings)
     if not planned:
         return None
     images = map_source_images(volume, source)
@@ -300,8 +419,9 @@ def build_seg(
         volume.study_instance_uid, findings.pipeline, findings.pipeline_version, ctx.revision
     )
     algorithm = algorithm_identification(findings)
-    descriptions = [
-        hd.seg.SegmentDescription(
+    descriptions = []
+    for number, (spec, _) in enumerate(planned, start=1):
+        description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=spec.label,
             segmented_property_category=spec.category,
@@ -309,11 +429,12 @@ def build_seg(
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=tracking_uid(uids, spec.key),
-            tracking_id=spec.key,
+            tracking_id=spec.label,
+            anatomic_regions=[codes.LUNG],
             display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
         )
-        for number, (spec, _) in enumerate(planned, start=1)
-    ]
+        _anatomy(description, spec)
+        descriptions.append(description)
     pixels = _frame_stack(images, masks.lungs.shape, [cut for _, cut in planned])
     seg = _Segmentation(
         source_images=list(images.datasets),
@@ -328,7 +449,7 @@ def build_seg(
         manufacturer_model_name=ctx.model_name(findings.pipeline),
         software_versions=ctx.software_version,
         device_serial_number=ctx.device_serial_number,
-        content_description="Lungs and COVID-19 lesions, research use only"[:64],
+        content_description="Lungs and lung opacity, research use only"[:64],
         content_label="TRIAGED",
         content_creator_name=None,
         omit_empty_frames=True,
@@ -358,6 +479,8 @@ def segmentation_reference(seg: Dataset) -> SegmentationReference:
     """Read the UIDs and segment numbers of a SEG built by :func:`build_seg` (or any SEG whose segment
     property types are those of :func:`planned_segments`)."""
     by_code = {(s.property_type.value, s.property_type.scheme_designator): s.key for s, _ in _LUNG_SEGMENTS}
+    # SEGs of earlier versions coded the lesion segment as SCT Lesion.
+    by_code[(codes.LESION.value, codes.LESION.scheme_designator)] = "lesions"
     for label, code in codes.LOBES:
         by_code[(code.value, code.scheme_designator)] = f"lobe_{label}"
     numbers: list[tuple[str, int]] = []

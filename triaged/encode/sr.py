@@ -13,14 +13,23 @@ with the model's SHA-256 as a parameter, and the Tracking UID of the SEG segment
     consolidation percentage (%, lesion or consolidation volume / lung volume x 100);
   - both lungs (TID 1501, finding site Lung): the same five, plus the study severity (affected
     percentage of the worse lung, %) and the CT0–CT4 grade as a qualitative evaluation;
-  - COVID-19 lesions and consolidation (TID 1411 referencing their SEG segments): total volume (ml);
-  - lobes when present (TID 1411): lobe volume, lesion volume, affected percentage;
+  - lung opacity and consolidation (TID 1411 referencing their SEG segments): total volume (ml), its
+    share of both lungs (%) and its mean attenuation (HU);
+  - lobes when present (TID 1411): lobe volume, lesion volume, affected percentage and the lobe's CT
+    severity score (0–5, ``CTSSLOBE``); the both-lungs group then also holds the CT severity score
+    (0–25, ``CTSS``, Chung et al. 2020);
   - classification (TID 1501): P(COVID-19) and the other class probabilities ({probability}) when the
     pipeline's classifier was validated on real data, else the qualitative evaluation P(COVID-19) =
     "Not assessed" (no number);
   - key slices (TID 1501, finding type DCM Key Images): the source images, highest lesion burden first;
-  - one TID 1410 group per lesion box: a closed 5-point POLYLINE SCOORD on its source image and the
-    lesion volume (ml).
+  - per lesion (a 3-D connected opacity of at least :data:`LESION_FINDING_MIN_ML` ml, none when the
+    study is CT0; the same floor as the CT0 rule, so sub-threshold specks are not findings): a TID 1501
+    group with its volume (ml) and its share of its lung (%), and a TID 1410 group with the same Tracking
+    Identifier and UID holding a closed 5-point POLYLINE SCOORD (its bounding box on its largest slice)
+    and 2-D measurements on that slice: area (mm2), long and short axis (mm) and mean attenuation (HU).
+
+Tracking Identifiers of groups that describe a SEG segment are the segment's label (and Tracking ID)
+for the same Tracking UID (:func:`triaged.encode.seg.segment_label`).
 
 * Qualitative Evaluations (TID 1500 row 12): the research-use statement (TEXT, DCM Comment), "P(COVID-19):
   not assessed ..." (Comment) when there is no P(COVID-19), the triage priority (TEXT) and each analysis
@@ -33,14 +42,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
-from triaged.domain import P_COVID_NOT_ASSESSED, Findings, LungMeasures, Masks, Volume
+from triaged.domain import (
+    CT1_MIN_ML,
+    P_COVID_NOT_ASSESSED,
+    CTGrade,
+    Findings,
+    LesionBox,
+    LungMeasures,
+    Masks,
+    Volume,
+)
 from triaged.encode import codes
 from triaged.encode.context import (
     RESEARCH_USE_TEXT,
@@ -52,13 +73,18 @@ from triaged.encode.context import (
     set_content_datetime,
     with_patient_study_defaults,
 )
-from triaged.encode.seg import SegmentationReference
+from triaged.encode.seg import SegmentationReference, segment_label
 from triaged.encode.uids import OutputUIDs, output_uids, tracking_uid
 
 # DS values hold at most 16 characters (PS3.5 6.2): volumes and percentages to 1/1000, probabilities to
 # 1/10000 are far finer than the measurements' accuracy.
 _VALUE_DECIMALS = 3
 _PROBABILITY_DECIMALS = 4
+#: The smallest lesion reported as a finding of its own: the lesion volume below which the severity
+#: grading calls a study CT0 ("no findings", :data:`triaged.domain.CT1_MIN_ML`).
+LESION_FINDING_MIN_ML = CT1_MIN_ML
+#: Slices read at a time for the mean attenuation of a segment (bounds the temporaries).
+_SLAB = 32
 
 MeasurementGroup = (
     hd.sr.MeasurementsAndQualitativeEvaluations
@@ -117,7 +143,7 @@ def build_sr(
         groups.append(
             _region_group(
                 key,
-                site.meaning,
+                segment_label(key, findings),
                 site,
                 _lung_measurements(measures),
                 segmentation,
@@ -126,28 +152,42 @@ def build_sr(
             )
         )
     groups.append(_both_lungs_group(findings, uids, algorithm))
-    for key, finding, volume_ml in (
-        ("lesions", codes.LESION, findings.both.lesion_ml),
-        ("consolidation", codes.LUNG_CONSOLIDATION, findings.both.consolidation_ml),
+    both = findings.both
+    for key, finding, volume_ml, pct, mask in (
+        ("lesions", codes.OPACITY, both.lesion_ml, both.affected_pct, masks.lesions),
+        (
+            "consolidation",
+            codes.LUNG_CONSOLIDATION,
+            both.consolidation_ml,
+            both.consolidation_pct,
+            masks.consolidation,
+        ),
     ):
         if segmentation is not None and segmentation.number(key) is not None:
+            measurements = [
+                _measurement(codes.VOLUME, volume_ml, codes.UNIT_ML),
+                _measurement(codes.AFFECTED_PERCENT, pct, codes.UNIT_PERCENT),
+            ]
+            mean_hu = _mean_hu(volume, mask)
+            if mean_hu is not None:
+                measurements.append(_measurement(codes.MEAN_ATTENUATION, mean_hu, codes.UNIT_HU, 1))
             groups.append(
                 _region_group(
                     key,
-                    finding.meaning,
+                    segment_label(key, findings),
                     codes.LUNG,
-                    [_measurement(codes.VOLUME, volume_ml, codes.UNIT_ML)],
+                    measurements,
                     segmentation,
                     uids,
                     algorithm,
                     finding_type=finding,
                 )
             )
-    groups.extend(_lobe_groups(masks, volume, segmentation, uids, algorithm))
+    groups.extend(_lobe_groups(masks, volume, segmentation, uids, algorithm, findings))
     groups.append(_classification_group(findings, uids, algorithm))
     if findings.key_slices:
         groups.append(_key_slices_group(findings, images, uids, algorithm))
-    groups.extend(_lesion_box_groups(findings, images, uids, algorithm))
+    groups.extend(_lesion_groups(findings, masks, volume, images, uids, algorithm))
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(Code("121007", "DCM", "Device")),
@@ -263,6 +303,9 @@ def _both_lungs_group(
     """Whole-lung figures (seed 001) and the study severity with its CT grade (seed 004)."""
     measurements = _lung_measurements(findings.both)
     measurements.append(_measurement(codes.SEVERITY_PERCENT, findings.severity_pct, codes.UNIT_PERCENT))
+    ctss = findings.ct_severity_score
+    if ctss is not None:
+        measurements.append(_measurement(codes.CT_SEVERITY_SCORE, ctss, codes.UNIT_SCORE, 0))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(uids, "lungs"), identifier="Both lungs"
@@ -282,10 +325,13 @@ def _lobe_groups(
     segmentation: SegmentationReference | None,
     uids: OutputUIDs,
     algorithm: hd.sr.AlgorithmIdentification,
+    findings: Findings,
 ) -> list[MeasurementGroup]:
-    """Per-lobe volume, lesion volume and affected percentage, measured on the masks."""
+    """Per-lobe volume, lesion volume and affected percentage, measured on the masks, and the lobe's CT
+    severity score when the findings carry one (``Findings.lobes``)."""
     if masks.lobes is None:
         return []
+    scores = {lobe.label: lobe.score for lobe in findings.lobes}
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     groups: list[MeasurementGroup] = []
     for label, code in codes.LOBES:
@@ -294,16 +340,21 @@ def _lobe_groups(
         if count == 0:
             continue
         lesion = int(np.count_nonzero(masks.lesions & lobe))
+        measurements = [
+            _measurement(codes.VOLUME, count * voxel_ml, codes.UNIT_ML),
+            _measurement(codes.LESION_VOLUME, lesion * voxel_ml, codes.UNIT_ML),
+            _measurement(codes.AFFECTED_PERCENT, 100.0 * lesion / count, codes.UNIT_PERCENT),
+        ]
+        if label in scores:
+            measurements.append(
+                _measurement(codes.CT_SEVERITY_LOBE_SCORE, scores[label], codes.UNIT_SCORE, 0)
+            )
         groups.append(
             _region_group(
                 f"lobe_{label}",
-                code.meaning,
+                segment_label(f"lobe_{label}", findings),
                 code,
-                [
-                    _measurement(codes.VOLUME, count * voxel_ml, codes.UNIT_ML),
-                    _measurement(codes.LESION_VOLUME, lesion * voxel_ml, codes.UNIT_ML),
-                    _measurement(codes.AFFECTED_PERCENT, 100.0 * lesion / count, codes.UNIT_PERCENT),
-                ],
+                measurements,
                 segmentation,
                 uids,
                 algorithm,
@@ -378,19 +429,112 @@ def _key_slices_group(
     )
 
 
-def _lesion_box_groups(
-    findings: Findings, images: SourceImages, uids: OutputUIDs, algorithm: hd.sr.AlgorithmIdentification
-) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 per lesion box: a closed rectangle (5-point POLYLINE) on the lesion's largest slice.
+def reported_lesions(findings: Findings) -> tuple[LesionBox, ...]:
+    """The lesion boxes reported as findings: none for a CT0 study, else those of at least
+    :data:`LESION_FINDING_MIN_ML` ml (the CT0 rule's floor), largest first as the pipeline gave them."""
+    if findings.ct_grade == CTGrade.CT0:
+        return ()
+    return tuple(box for box in findings.lesion_boxes if box.volume_ml >= LESION_FINDING_MIN_ML)
+
+
+def _mean_hu(volume: Volume, mask: np.ndarray) -> float | None:
+    """Mean HU of the voxels of ``mask``, read :data:`_SLAB` slices at a time; None when it is empty."""
+    total = 0.0
+    count = 0
+    for z0 in range(0, mask.shape[0], _SLAB):
+        part = np.asarray(mask[z0 : z0 + _SLAB], dtype=bool)
+        n = int(np.count_nonzero(part))
+        if n:
+            total += float(volume.hu[z0 : z0 + _SLAB][part].sum(dtype=np.float64))
+            count += n
+    return total / count if count else None
+
+
+class PlanarMeasures(NamedTuple):
+    """2-D measurements of a lesion on its slice (the pixels of the lesion mask inside its box)."""
+
+    area_mm2: float
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_hu: float
+
+
+def planar_measures(box: LesionBox, masks: Masks, volume: Volume) -> PlanarMeasures | None:
+    """Area, long and short axis and mean HU of the lesion of ``box`` on its slice.
+
+    The lesion is the largest 8-connected piece of the lesion mask inside the box on slice ``box.z``.
+    The axes are measured on the pixels' outline (their corners): the long axis is the largest distance
+    across it, the short axis its largest extent perpendicular to the long axis (RECIST style), in mm
+    with the slice's pixel spacing.  None when the box holds no lesion pixel.
+    """
+    rows = slice(box.row_min, box.row_max + 1)
+    cols = slice(box.col_min, box.col_max + 1)
+    pixels = np.asarray(masks.lesions[box.z, rows, cols], dtype=bool)
+    labels, n = ndimage.label(pixels, np.ones((3, 3), bool))
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    piece = labels == int(np.argmax(sizes))
+    dy, dx = float(volume.spacing[1]), float(volume.spacing[2])
+    r, c = np.nonzero(piece & ~ndimage.binary_erosion(piece, border_value=0))
+    corners = np.concatenate(
+        [np.stack([(r + a) * dy, (c + b) * dx], axis=1) for a in (0, 1) for b in (0, 1)], axis=0
+    )
+    hull = corners[ConvexHull(corners).vertices]
+    diff = hull[:, None, :] - hull[None, :, :]
+    dist = np.sqrt((diff**2).sum(axis=-1))
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    long_axis = float(dist[i, j])
+    direction = (hull[j] - hull[i]) / long_axis
+    across = hull @ np.array([-direction[1], direction[0]])
+    short_axis = float(across.max() - across.min())
+    hu = volume.hu[box.z, rows, cols][piece]
+    return PlanarMeasures(
+        area_mm2=float(piece.sum()) * dy * dx,
+        long_axis_mm=long_axis,
+        short_axis_mm=short_axis,
+        mean_hu=float(hu.mean(dtype=np.float64)),
+    )
+
+
+def _lesion_groups(
+    findings: Findings,
+    masks: Masks,
+    volume: Volume,
+    images: SourceImages,
+    uids: OutputUIDs,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[MeasurementGroup]:
+    """Per reported lesion (:func:`reported_lesions`): TID 1501 with its volume and share of its lung,
+    TID 1410 with its box on its largest slice and 2-D measurements there (same Tracking UID).
 
     SCOORD pixel coordinates are (column, row) with (0, 0) at the top left corner of the top left
     pixel (PS3.3 C.18.6.1.2), so a box over pixel rows r0..r1 and columns c0..c1 (inclusive) runs
     from (c0, r0) to (c1 + 1, r1 + 1).
     """
-    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    for i, box in enumerate(findings.lesion_boxes):
+    groups: list[MeasurementGroup] = []
+    for i, box in enumerate(reported_lesions(findings)):
         ref = _ref(images, box.z)
         frame = box.frame_number if box.frame_number is not None else ref.frame_number
+        site = codes.RIGHT_LUNG if box.side == "right" else codes.LEFT_LUNG
+        lung = findings.right if box.side == "right" else findings.left
+        tracking = hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, f"box_{i}"), identifier=f"Lesion {i + 1} ({box.side} lung)"
+        )
+        share = 100.0 * box.volume_ml / lung.lung_ml if lung.lung_ml > 0 else 0.0
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=codes.OPACITY,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(site)],
+                measurements=[
+                    _measurement(codes.VOLUME, box.volume_ml, codes.UNIT_ML),
+                    _measurement(codes.AFFECTED_PERCENT, share, codes.UNIT_PERCENT),
+                ],
+            )
+        )
         c0, r0, c1, r1 = (
             float(box.col_min),
             float(box.row_min),
@@ -406,17 +550,25 @@ def _lesion_box_groups(
                 referenced_frame_numbers=[frame] if frame is not None else None,
             ),
         )
-        site = codes.RIGHT_LUNG if box.side == "right" else codes.LEFT_LUNG
+        planar = planar_measures(box, masks, volume)
+        measurements = (
+            [
+                _measurement(codes.AREA, planar.area_mm2, codes.UNIT_MM2, 1),
+                _measurement(codes.LONG_AXIS, planar.long_axis_mm, codes.UNIT_MM, 1),
+                _measurement(codes.SHORT_AXIS, planar.short_axis_mm, codes.UNIT_MM, 1),
+                _measurement(codes.MEAN_ATTENUATION, planar.mean_hu, codes.UNIT_HU, 1),
+            ]
+            if planar is not None
+            else None
+        )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking_uid(uids, f"box_{i}"), identifier=f"Lesion {i + 1} ({box.side} lung)"
-                ),
+                tracking_identifier=tracking,
                 referenced_region=region,
-                finding_type=codes.LESION,
+                finding_type=codes.OPACITY,
                 algorithm_id=algorithm,
                 finding_sites=[hd.sr.FindingSite(site)],
-                measurements=[_measurement(codes.VOLUME, box.volume_ml, codes.UNIT_ML)],
+                measurements=measurements,
             )
         )
     return groups

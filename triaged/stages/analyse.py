@@ -113,13 +113,18 @@ class Analysis:
     A transient failure puts the job back to QUEUED with a ``next_attempt_at`` (capped exponential
     backoff); :meth:`submit_queued` leaves it until then.  ``on_queued`` (the daemon's: offer QUEUED
     jobs to the worker queue) is called as soon as a job is queued, so it need not wait for a tick.
+
+    With ``node`` (the daemon's ``node.name``) the workers claim their jobs from the ledger shared by every
+    node (:meth:`claim_task`, QUEUED → ANALYSING with a lease), and every later move of an analysing job is
+    made only while this node still holds it.
     """
 
     def __init__(
         self, ledger: Ledger, spool: Spool, config: ConfigProvider, dispatch: Dispatch, *, now: Clock = utc_now,
-        on_queued: Callable[[int], object] | None = None,
+        on_queued: Callable[[int], object] | None = None, node: str | None = None,
     ) -> None:
         self.ledger = ledger
+        self._node = node
         self.spool = spool
         self._config = config
         self._dispatch = dispatch
@@ -150,6 +155,7 @@ class Analysis:
                 reason = f"routing rule '{decision.rule}': {decision.ignore_reason}"
                 self.ledger.transition(job_id, JobState.COMPLETE, JobState.IGNORED, reason)
                 log.info("job %s study %s ignored: %s", job_id, study_uid, reason)
+                self._dispatch.enqueue_ignored_report(job_id, reason, decision)
                 return
             rows = self.ledger.study_instances(study_uid)
             headers, problems = read_headers(self.spool.root, [r.path for r in rows], datasets=datasets)
@@ -160,6 +166,7 @@ class Analysis:
                     reason += f"; {len(problems)} unreadable file(s): {problems[0]}"
                 self.ledger.transition(job_id, JobState.COMPLETE, JobState.IGNORED, reason)
                 log.info("job %s study %s ignored: %s", job_id, study_uid, reason)
+                self._dispatch.enqueue_ignored_report(job_id, reason, decision)
                 return
             requested = self.ledger.job(job_id).pipeline  # set by `triaged reanalyze --pipeline`
             pipeline = requested or decision.pipelines[0]
@@ -249,6 +256,39 @@ class Analysis:
                 added += 1
             return added
 
+    def claim_task(self) -> AnalysisTask | None:
+        """Claim the most urgent due QUEUED job for this node (QUEUED → ANALYSING with a lease); its task.
+
+        None when no job is due.  A job whose task cannot be built (its series is gone) is failed and the
+        next one is claimed.  Needs ``node``.
+        """
+        if self._node is None:
+            raise TriagedError("claiming jobs needs the node's name")
+        cfg = self._config()
+        while True:
+            job_id = self.ledger.claim_job(
+                self._node, cfg.node.lease_seconds, aging_seconds=cfg.analysis.aging_seconds,
+                detail=f"claimed by node {self._node} for {cfg.analysis.device}",
+            )
+            if job_id is None:
+                return None
+            try:
+                return self.analysis_task(self.ledger.job(job_id))
+            except TriagedError as exc:
+                self._fail(job_id, JobState.ANALYSING, f"analysis: {exc}")
+
+    def owns(self, task: AnalysisTask) -> bool:
+        """Whether this node still holds a claimed task's job (ANALYSING, claimed by it): start it then."""
+        try:
+            state, owner = self.ledger.job_owner(task.job_id)
+        except TriagedError as exc:
+            log.info("job %s not analysed: %s", task.job_id, exc)
+            return False
+        if state is not JobState.ANALYSING or owner != self._node:
+            log.info("job %s not analysed: it is %s, held by %s", task.job_id, state, owner or "no node")
+            return False
+        return True
+
     def start_analysis(self, task: AnalysisTask) -> bool:
         """QUEUED → ANALYSING just before a worker takes the task; False if the job moved on."""
         try:
@@ -262,9 +302,11 @@ class Analysis:
     def analysis_wanted(self, job_id: int) -> bool:
         """Whether a running analysis (or its encoding) is still needed (False once its job was superseded)."""
         try:
-            return self.ledger.job(job_id).state in (JobState.ANALYSING, JobState.ENCODING)
+            state, owner = self.ledger.job_owner(job_id)
         except TriagedError:
             return True  # a ledger hiccup is no reason to throw the work away
+        mine = self._node is None or owner is None or owner == self._node  # else: taken back and claimed again
+        return state in (JobState.ANALYSING, JobState.ENCODING) and mine
 
     def start_encoding(self, task: AnalysisTask, started: EncodingStarted) -> bool:
         """ANALYSING → ENCODING with findings and priority, when the worker starts encoding.
@@ -288,7 +330,7 @@ class Analysis:
                 self._retry_later(job, from_state, outcome.error)
                 return
             log.error("job %s study %s: %s", task.job_id, task.study_uid, outcome.error)
-            self._fail(task.job_id, from_state, outcome.error)
+            self._fail(task.job_id, from_state, outcome.error, owner=self._node)
             return
         if state is not JobState.ENCODING and not self._record(
             task, outcome.findings_json, outcome.priority, outcome.seconds, outcome.peak_rss_mb
@@ -303,7 +345,7 @@ class Analysis:
                    f"worse lung {findings.severity_pct:.1f} %, whole lung {findings.whole_lung_pct:.1f} % "
                    f"({seconds:.1f} s, peak {peak_rss_mb:.0f} MiB)")
         try:
-            self.ledger.record_analysis(task.job_id, findings, priority=priority, detail=summary)
+            self.ledger.record_analysis(task.job_id, findings, priority=priority, detail=summary, owner=self._node)
         except StateError as exc:  # superseded while it ran: nothing recorded, its results are not sent
             log.info("job %s finished analysis but moved on (findings not recorded): %s", task.job_id, exc)
             return False
@@ -316,13 +358,13 @@ class Analysis:
                       if to == JobState.QUEUED and detail.startswith(_RETRY_DETAIL))
         if retries >= TRANSIENT_RETRIES:
             log.error("job %s study %s: %s; gave up after %d retries", job.id, job.study_instance_uid, error, retries)
-            self._fail(job.id, from_state, f"{error} (transient; gave up after {retries} retries)")
+            self._fail(job.id, from_state, f"{error} (transient; gave up after {retries} retries)", owner=self._node)
             return
         when = self._now() + timedelta(seconds=retry_delay_seconds(retries))
         detail = (f"{_RETRY_DETAIL} {retries + 1} of {TRANSIENT_RETRIES} not before "
                   f"{when:%Y-%m-%d %H:%M:%S} UTC: {error}")
         try:
-            self.ledger.transition(job.id, from_state, JobState.QUEUED, detail, next_attempt_at=when)
+            self.ledger.transition(job.id, from_state, JobState.QUEUED, detail, next_attempt_at=when, owner=self._node)
         except StateError as exc:
             log.info("job %s moved on before its transient failure was recorded: %s", job.id, exc)
             return
@@ -334,8 +376,8 @@ class Analysis:
         except TriagedError:
             return None
 
-    def _fail(self, job_id: int, from_state: JobState, reason: str) -> None:
+    def _fail(self, job_id: int, from_state: JobState, reason: str, *, owner: str | None = None) -> None:
         try:
-            self.ledger.transition(job_id, from_state, JobState.FAILED, reason)
+            self.ledger.transition(job_id, from_state, JobState.FAILED, reason, owner=owner)
         except StateError as exc:
             log.info("job %s could not be marked failed: %s", job_id, exc)
