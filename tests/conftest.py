@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.pg import PostgresCluster, postgres_bin
 from triaged.config import Config, parse_config
 from triaged.lab.paths import real_data_root
 
@@ -159,3 +160,26 @@ def write_config(tmp_path: Path, **sections: dict[str, object]) -> Path:
 @pytest.fixture
 def config(tmp_path: Path) -> Iterator[Config]:
     yield make_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for this pytest process (each xdist worker starts its own)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install the postgresql package")
+    cluster = PostgresCluster(bindir, free_port())
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def ledger_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's ledger lives: a SQLite file under tmp_path, or the emptied database of :func:`postgres`.
+
+    SQLite unless the module parametrizes it (``pytest_generate_tests = tests.pg.both_dialects``).
+    """
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return tmp_path / "var" / "ledger.sqlite"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.ledger_database()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
 import time
@@ -12,10 +13,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
+from tests.conftest import make_config
+from tests.pg import both_dialects
+from triaged.config.ledger_url import LedgerURL, parse_ledger_location
 from triaged.domain import TRANSITIONS, InstanceRecord, JobState, StoreOutcome
-from triaged.errors import InvalidDatasetError, StateError, TriagedError
+from triaged.errors import InvalidDatasetError, StateError, StorageError, TriagedError
 from triaged.ledger import Ledger
 from triaged.ledger.schema import Base
 from triaged.routing import RouteDecision
@@ -91,8 +95,14 @@ def drive(ledger: Ledger, job_id: int, target: JobState) -> None:
         state = nxt
 
 
-def raw(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Read the file with plain sqlite3, to check what the ledger API does not expose."""
+def raw(path: Path | Ledger, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Read the file with plain sqlite3 (or a ledger of either dialect), to check what the API does not expose."""
+    if isinstance(
+        path, Ledger
+    ):  # either dialect: through the ledger's own engine, positional args unsupported
+        assert not args
+        with path._engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
     con = sqlite3.connect(path)
     try:
         return con.execute(sql, args).fetchall()
@@ -105,9 +115,14 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "var" / "ledger.sqlite"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests that read the SQLite file itself (``db``) run on SQLite only; the rest on both dialects.
+    both_dialects(metafunc, sqlite_only_with=("db",))
+
+
 @pytest.fixture
-def ledger(db: Path) -> Iterator[Ledger]:
-    led = Ledger(db)
+def ledger(ledger_location: Path | str) -> Iterator[Ledger]:
+    led = Ledger(ledger_location)
     yield led
     led.close()
 
@@ -341,7 +356,7 @@ def test_a_replaced_instance_reopens_a_finished_study(ledger: Ledger) -> None:
     assert [(j.revision, j.state) for j in ledger.jobs()] == [(2, JobState.RECEIVING), (1, JobState.DONE)]
 
 
-def test_concurrent_instances_leave_one_receiving_job_and_exact_counts(ledger: Ledger, db: Path) -> None:
+def test_concurrent_instances_leave_one_receiving_job_and_exact_counts(ledger: Ledger) -> None:
     threads, per_thread = 8, 40
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -382,10 +397,10 @@ def test_concurrent_instances_leave_one_receiving_job_and_exact_counts(ledger: L
     (study,) = ledger.studies()
     assert study.instances == threads * per_thread
     assert study.bytes == sum((100 + t) * per_thread for t in range(threads))
-    assert raw(db, "SELECT SUM(instance_count), SUM(byte_count) FROM series") == [
+    assert raw(ledger, "SELECT SUM(instance_count), SUM(byte_count) FROM series") == [
         (study.instances, study.bytes)
     ]
-    assert raw(db, "SELECT SUM(duplicate_count) FROM instances") == [(threads * per_thread // 5,)]
+    assert raw(ledger, "SELECT SUM(duplicate_count) FROM instances") == [(threads * per_thread // 5,)]
     jobs = ledger.jobs(limit=100_000)
     print(f"{len(jobs)} revisions")
     assert sum(j.state is JobState.RECEIVING for j in jobs) <= 1
@@ -547,10 +562,17 @@ def test_queue_job_writes_route_pipeline_series_and_the_transition_together(ledg
     (job,) = ledger.jobs()
     drive(ledger, job.id, JobState.COMPLETE)
     decision = RouteDecision("default", ("ok",), (), 1.0, "both")
-    ledger.queue_job(job.id, route=decision, pipeline="ok", series_instance_uid=SERIES, detail="route 'default'")
+    ledger.queue_job(
+        job.id, route=decision, pipeline="ok", series_instance_uid=SERIES, detail="route 'default'"
+    )
     queued = ledger.job(job.id)
     assert (queued.state, queued.route, queued.pipeline, queued.series_instance_uid, queued.detail) == (
-        JobState.QUEUED, decision.to_json(), "ok", SERIES, "route 'default'")
+        JobState.QUEUED,
+        decision.to_json(),
+        "ok",
+        SERIES,
+        "route 'default'",
+    )
     assert ledger.route_decision(queued) == decision
     assert queued.history[-1][1:] == ("COMPLETE", "QUEUED", "route 'default'")
 
@@ -561,10 +583,20 @@ def test_queue_job_on_a_superseded_job_writes_nothing_and_says_why(ledger: Ledge
     drive(ledger, job.id, JobState.COMPLETE)
     ledger.record_instance(instance("2"), association_id=None, now=T0)  # a late instance supersedes it
     with pytest.raises(StateError, match="expected state COMPLETE, but it is in SUPERSEDED"):
-        ledger.queue_job(job.id, route=RouteDecision("default", ("ok",), (), 1.0, "both"), pipeline="ok",
-                         series_instance_uid=SERIES, detail="too late")
+        ledger.queue_job(
+            job.id,
+            route=RouteDecision("default", ("ok",), (), 1.0, "both"),
+            pipeline="ok",
+            series_instance_uid=SERIES,
+            detail="too late",
+        )
     old = ledger.job(job.id)
-    assert (old.state, old.route, old.pipeline, old.series_instance_uid) == (JobState.SUPERSEDED, "", None, None)
+    assert (old.state, old.route, old.pipeline, old.series_instance_uid) == (
+        JobState.SUPERSEDED,
+        "",
+        None,
+        None,
+    )
     assert raw(db, "SELECT route, pipeline FROM jobs WHERE id = ?", job.id) == [(None, None)]
 
 
@@ -598,3 +630,41 @@ def test_hierarchy_conflict_names_what_record_instance_would_refuse_before_anyth
     for rec in (instance("2", study="9.9"), instance("1", series="1.2.826.0.1.1.2", sha="other bytes")):
         with pytest.raises(InvalidDatasetError, match="another"):
             ledger.record_instance(rec, association_id=None, now=T0)
+
+
+# ------------------------------------------------------------------ the ledger's location
+
+
+def test_a_postgresql_url_is_normalised_to_psycopg_and_never_shows_its_password() -> None:
+    url = LedgerURL("postgresql://node:s3cr%2Ft@db.example:6543/triage?sslmode=require")
+    assert url.url == "postgresql+psycopg://node:s3cr%2Ft@db.example:6543/triage?sslmode=require"
+    assert (
+        str(url) == repr(url)[11:-2] == "postgresql+psycopg://node:***@db.example:6543/triage?sslmode=require"
+    )
+    assert (url.server, url.user) == ("db.example:6543/triage", "node")
+    assert url.mask("failed for s3cr/t and s3cr%2Ft") == "failed for *** and ***"
+    assert parse_ledger_location("sqlite:///var/l.sqlite") == Path("var/l.sqlite")
+    assert parse_ledger_location("var/l.sqlite") == Path("var/l.sqlite")
+    with pytest.raises(ValueError, match="unsupported ledger URL scheme 'mysql'"):
+        parse_ledger_location("mysql://u:pw@h/db")
+    with pytest.raises(ValueError, match="names no database"):
+        parse_ledger_location("postgresql://u:pw@h:5432/")
+
+
+def test_an_unreachable_postgresql_ledger_is_one_line_naming_the_server_without_the_password() -> None:
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(StorageError) as err:
+            Ledger(f"postgresql://node:hunter2@127.0.0.1:{port}/triage")
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the PostgreSQL ledger at 127.0.0.1:{port}/triage as node: ")
+    assert "\n" not in message and "hunter2" not in message
+
+
+def test_the_config_accepts_a_postgresql_ledger_and_keeps_it_unresolved(tmp_path: Path) -> None:
+    config = make_config(tmp_path, storage={"ledger": "postgresql://node:pw@db:5432/triage"})
+    assert config.storage.ledger == LedgerURL("postgresql+psycopg://node:pw@db:5432/triage")
+    assert "pw" not in config.model_dump_json()
+    relative = make_config(tmp_path, storage={"ledger": "sqlite:///var/l.sqlite"})
+    assert relative.storage.ledger == (tmp_path / "var/l.sqlite").resolve()

@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import create_engine
 
+from tests.pg import both_dialects
 from triaged.domain import (
     CTGrade,
     Findings,
@@ -28,22 +29,34 @@ from triaged.routing import RouteDecision
 
 def _record(n: int = 1) -> InstanceRecord:
     return InstanceRecord(
-        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid=f"1.2.3.4.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"studies/1.2.3/1.2.3.4/1.2.3.4.{n}.dcm", size=10, sha256=f"{n:064d}",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        sop_instance_uid=f"1.2.3.4.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"studies/1.2.3/1.2.3.4/1.2.3.4.{n}.dcm",
+        size=10,
+        sha256=f"{n:064d}",
     )
 
 
 def _findings() -> Findings:
     return Findings(
-        pipeline="threshold", pipeline_version="1.0",
+        pipeline="threshold",
+        pipeline_version="1.0",
         right=LungMeasures(lung_ml=2000.0, lesion_ml=1160.0, consolidation_ml=100.0),
         left=LungMeasures(lung_ml=1800.0, lesion_ml=300.0, consolidation_ml=0.0),
-        ct_grade=CTGrade.CT3, key_slices=(12, 11, 30), p_covid=0.94,
+        ct_grade=CTGrade.CT3,
+        key_slices=(12, 11, 30),
+        p_covid=0.94,
         lesion_boxes=(LesionBox(12, "1.2.3.4.12", 10, 20, 30, 40, 55.5, "right"),),
         class_probabilities=(("covid", 0.94), ("healthy", 0.06)),
         provenance=(("threshold_hu", "-700..300"),),
     )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    both_dialects(metafunc)
 
 
 def test_findings_round_trip_and_mark_the_result_time(tmp_path: Path) -> None:
@@ -57,8 +70,12 @@ def test_findings_round_trip_and_mark_the_result_time(tmp_path: Path) -> None:
         # A run resumed after a stop records again: it replaces, never duplicates.
         ledger.transition(job_id, JobState.ENCODING, JobState.QUEUED, "encoding interrupted by a stop")
         ledger.transition(job_id, JobState.QUEUED, JobState.ANALYSING)
-        ledger.record_analysis(job_id, findings, priority=(0.9, "STAT", "CT3: 58 % of the right lung affected"),
-                               detail="analysed again")
+        ledger.record_analysis(
+            job_id,
+            findings,
+            priority=(0.9, "STAT", "CT3: 58 % of the right lung affected"),
+            detail="analysed again",
+        )
         assert ledger.findings(job_id) == findings
         row = ledger.job(job_id)
         assert (row.priority_level, row.priority_score, row.pipeline) == ("STAT", 0.9, "threshold")
@@ -77,7 +94,9 @@ def test_a_ledger_written_by_the_first_schema_is_upgraded_in_place_with_its_data
         command.upgrade(cfg, "0001")
     engine.dispose()
     with sqlite3.connect(db) as raw:
-        raw.execute("INSERT INTO studies VALUES (1, '1.2.3', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1, 10, '', '', '')")
+        raw.execute(
+            "INSERT INTO studies VALUES (1, '1.2.3', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 1, 10, '', '', '')"
+        )
         raw.execute(
             "INSERT INTO jobs (id, study_id, revision, state, detail, created_at, updated_at, attempts) "
             "VALUES (1, 1, 1, 'QUEUED', 'old job', '2026-01-01 00:00:00', '2026-01-01 00:00:00', 0)"
@@ -97,31 +116,52 @@ def _analysing(ledger: Ledger) -> int:
     ledger.record_instance(_record(1), association_id=None)
     (job,) = ledger.jobs()
     ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    ledger.queue_job(job.id, route=RouteDecision.from_json("{}"), pipeline="threshold", series_instance_uid="1.2.3.4", detail="")
+    ledger.queue_job(
+        job.id,
+        route=RouteDecision.from_json("{}"),
+        pipeline="threshold",
+        series_instance_uid="1.2.3.4",
+        detail="",
+    )
     ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
     return job.id
 
 
-def test_record_analysis_writes_findings_priority_and_the_transition_together(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite") as ledger:
+def test_record_analysis_writes_findings_priority_and_the_transition_together(
+    ledger_location: Path | str,
+) -> None:
+    with Ledger(ledger_location) as ledger:
         job_id = _analysing(ledger)
         ledger.record_analysis(job_id, _findings(), priority=(0.8, "URGENT", "p_covid 0.94"), detail="CT3")
         job = ledger.job(job_id)
         assert (job.state, job.detail, job.priority_score, job.priority_level, job.priority_reasons) == (
-            JobState.ENCODING, "CT3", 0.8, "URGENT", "p_covid 0.94")
+            JobState.ENCODING,
+            "CT3",
+            0.8,
+            "URGENT",
+            "p_covid 0.94",
+        )
         assert job.result_at is not None
         assert ledger.findings(job_id) == _findings()
 
 
-def test_record_analysis_on_a_superseded_job_records_neither_findings_nor_priority(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite") as ledger:
+def test_record_analysis_on_a_superseded_job_records_neither_findings_nor_priority(
+    ledger_location: Path | str,
+) -> None:
+    with Ledger(ledger_location) as ledger:
         job_id = _analysing(ledger)
         ledger.record_instance(_record(2), association_id=None)  # a late instance supersedes the running job
         with pytest.raises(StateError, match="expected state ANALYSING, but it is in SUPERSEDED"):
-            ledger.record_analysis(job_id, _findings(), priority=(0.8, "URGENT", "p_covid 0.94"), detail="CT3")
+            ledger.record_analysis(
+                job_id, _findings(), priority=(0.8, "URGENT", "p_covid 0.94"), detail="CT3"
+            )
         job = ledger.job(job_id)
         assert (job.state, job.priority_level, job.priority_score, job.result_at) == (
-            JobState.SUPERSEDED, None, None, None)
+            JobState.SUPERSEDED,
+            None,
+            None,
+            None,
+        )
         assert ledger.findings(job_id) is None
 
 
@@ -162,8 +202,8 @@ def test_findings_json_round_trips_and_the_ledger_stores_it_byte_for_byte(tmp_pa
         assert raw.execute("SELECT data FROM findings").fetchall() == [(OLD_FINDINGS_JSON,)]
 
 
-def test_a_queued_job_reads_back_its_typed_route(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite") as ledger:
+def test_a_queued_job_reads_back_its_typed_route(ledger_location: Path | str) -> None:
+    with Ledger(ledger_location) as ledger:
         job_id = _analysing(ledger)
         job = ledger.job(job_id)
         empty = RouteDecision.from_json("{}")

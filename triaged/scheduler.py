@@ -3,6 +3,10 @@
 The hand-offs between stages are events (a study's own completion deadline, a queued job offered to the
 workers at once, encoded results sent at once); these periodic jobs are their safety net: studies and
 jobs left by a restart, a timer that fired too early, retries after a backoff.  Each runs once at the start.
+
+Several nodes on one ledger: the completion sweep, retention and the lease recovery (``reclaim``) are
+singletons, run only while ``leader()`` says this node leads (:meth:`triaged.ledger.Ledger.is_leader`);
+the heartbeat runs on every node.
 """
 
 from __future__ import annotations
@@ -16,7 +20,20 @@ from apscheduler.schedulers.background import BackgroundScheduler
 log = logging.getLogger(__name__)
 
 
-def _sweep(sweep: Callable[[], object]) -> None:
+def _leading(leader: Callable[[], bool] | None, what: str) -> bool:
+    """Whether a singleton may run now (no ``leader`` check: always)."""
+    if leader is None:
+        return True
+    try:
+        return leader()
+    except Exception:  # noqa: BLE001 - not knowing means not leading: another node may be
+        log.exception("leader check before the %s failed", what)
+        return False
+
+
+def _sweep(sweep: Callable[[], object], leader: Callable[[], bool] | None = None) -> None:
+    if not _leading(leader, "completion sweep"):
+        return
     try:
         sweep()
     except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick; never kill the scheduler
@@ -37,11 +54,27 @@ def _dispatch(dispatch: Callable[[], int]) -> None:
         log.exception("dispatch failed")
 
 
-def _retention(retention: Callable[[], object]) -> None:
+def _retention(retention: Callable[[], object], leader: Callable[[], bool] | None = None) -> None:
+    if not _leading(leader, "retention"):
+        return
     try:
         retention()
     except Exception:  # noqa: BLE001 - nothing is lost: what is due is due again at the next run
         log.exception("retention failed")
+
+
+def _heartbeat(heartbeat: Callable[[], object], reclaim: Callable[[], object] | None,
+               leader: Callable[[], bool] | None) -> None:
+    try:
+        heartbeat()
+    except Exception:  # noqa: BLE001 - the next beat tries again (the leases last several beats)
+        log.exception("heartbeat failed")
+    if reclaim is None or not _leading(leader, "lease recovery"):
+        return
+    try:
+        reclaim()
+    except Exception:  # noqa: BLE001 - expired leases are still expired at the next beat
+        log.exception("taking back expired leases failed")
 
 
 #: The feeder's longest period: jobs queued outside the node's own events (``triaged reanalyze`` from the
@@ -77,6 +110,11 @@ def build_scheduler(
     stop_dispatch: Callable[[], None] | None = None,
     retention: Callable[[], object] | None = None,
     retention_interval_seconds: float | None = None,
+    *,
+    leader: Callable[[], bool] | None = None,
+    heartbeat: Callable[[], object] | None = None,
+    heartbeat_interval_seconds: float | None = None,
+    reclaim: Callable[[], object] | None = None,
 ) -> BackgroundScheduler:
     """Completion sweep, analysis feeder and dispatcher; one run of each at a time, missed runs coalesced.
 
@@ -89,12 +127,17 @@ def build_scheduler(
     down, so a stop does not wait for a peer's timeouts.  ``retention``
     (:meth:`~triaged.stages.Retention.run_scheduled`) runs every ``retention_interval_seconds``, the first
     time one minute after the start (or one interval, when shorter).
+
+    ``leader`` (:meth:`~triaged.ledger.Ledger.is_leader`), when given, is asked before each run of the
+    sweep, retention and ``reclaim``: they run on the leader only.  ``heartbeat`` runs every
+    ``heartbeat_interval_seconds`` (first at the start), followed on the leader by ``reclaim``
+    (:meth:`~triaged.ledger.Ledger.reclaim_expired`).
     """
     scheduler = _Scheduler(timezone="UTC")
     scheduler.stop_hooks = [stop_dispatch] if stop_dispatch is not None else []
     at_start = datetime.now(UTC)
     scheduler.add_job(
-        _sweep, "interval", args=[sweep], seconds=sweep_interval_seconds, id="completion-sweep",
+        _sweep, "interval", args=[sweep, leader], seconds=sweep_interval_seconds, id="completion-sweep",
         max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=at_start,
     )
     if submit is not None:
@@ -110,8 +153,13 @@ def build_scheduler(
     if retention is not None and retention_interval_seconds is not None:
         first = datetime.now(UTC) + timedelta(seconds=min(60.0, retention_interval_seconds))
         scheduler.add_job(
-            _retention, "interval", args=[retention], seconds=retention_interval_seconds, id="retention",
+            _retention, "interval", args=[retention, leader], seconds=retention_interval_seconds, id="retention",
             max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=first,
+        )
+    if heartbeat is not None and heartbeat_interval_seconds is not None:
+        scheduler.add_job(
+            _heartbeat, "interval", args=[heartbeat, reclaim, leader], seconds=heartbeat_interval_seconds,
+            id="heartbeat", max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=at_start,
         )
     return scheduler
 

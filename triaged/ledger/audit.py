@@ -17,10 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, insert, inspect, or_, select
+from sqlalchemy import Connection, Table, create_engine, event, insert, inspect, or_, select
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from triaged.audit import peer_text
+from triaged.config.ledger_url import LedgerURL
 from triaged.domain import OutboxState
 from triaged.errors import StorageError
 from triaged.ledger.base import LedgerBase, _associations, _instances, _jobs, _outbox, _series, _studies, _utc
@@ -330,11 +331,24 @@ class AuditTrailReader(AuditMixin):
     Parameters
     ----------
     path
-        The ledger file; it must exist.
+        The ledger file; it must exist.  Or a PostgreSQL ledger's URL: read in read-only transactions
+        (``default_transaction_read_only``), never migrated.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | LedgerURL) -> None:
+        self._closed = threading.Event()
+        if isinstance(path, LedgerURL):
+            self.path = None
+            self.location = str(path)
+            self._dialect = "postgresql"
+            self._engine = create_engine(
+                path.url,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 10, "options": "-c default_transaction_read_only=on"},
+            )
+            return
         self.path = Path(path)
+        self.location = str(self.path)
         if not self.path.is_file():
             raise StorageError(f"no ledger at {self.path}")
         uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
@@ -342,9 +356,8 @@ class AuditTrailReader(AuditMixin):
         def connect() -> sqlite3.Connection:
             return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
-        self._engine: Engine = create_engine("sqlite://", creator=connect)
+        self._engine = create_engine("sqlite://", creator=connect)
         event.listen(self._engine, "connect", _read_only_connect)
-        self._closed = threading.Event()
 
     def close(self) -> None:
         if not self._closed.is_set():

@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from triaged.domain import TRANSITIONS, Findings, JobState, findings_to_json
 from triaged.errors import StateError
@@ -26,6 +25,7 @@ class JobsMixin(LedgerBase):
         *,
         series_instance_uid: str | None = None,
         next_attempt_at: datetime | None = None,
+        owner: str | None = None,
     ) -> None:
         """Move a job from ``from_state`` to ``to_state``, atomically, and record it in its history.
 
@@ -45,6 +45,9 @@ class JobsMixin(LedgerBase):
             The chosen series, when given.
         next_attempt_at
             When to retry (RETRY_WAIT), when given; aware.
+        owner
+            The node that claimed the job, when given: the move happens only if that node still holds it
+            (its lease was not taken back and the job claimed by another node meanwhile).
 
         Raises
         ------
@@ -64,6 +67,7 @@ class JobsMixin(LedgerBase):
                 now,
                 series_instance_uid=series_instance_uid,
                 next_attempt_at=next_attempt_at,
+                owner=owner,
             )
         log.info("job %d: %s -> %s %s", job_id, from_state, to_state, detail)
 
@@ -79,6 +83,7 @@ class JobsMixin(LedgerBase):
         series_instance_uid: str | None = None,
         next_attempt_at: datetime | None = None,
         extra: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Compare-and-set the state and record the transition (inside the caller's transaction).
 
@@ -103,11 +108,19 @@ class JobsMixin(LedgerBase):
             values["next_attempt_at"] = next_attempt_at
         if to_state == JobState.DISPATCHING:
             values["attempts"] = j.c.attempts + 1
-        result = conn.execute(
-            update(j).where(j.c.id == job_id, j.c.state == from_state.value).values(**values)
-        )
+        if to_state not in (JobState.ANALYSING, JobState.ENCODING):
+            values.setdefault("lease_until", None)  # held no more: nothing left to lease
+        if to_state == JobState.QUEUED:
+            values.setdefault("claimed_by", None)  # any node may claim it again
+        guard = [j.c.id == job_id, j.c.state == from_state.value]
+        if owner is not None:
+            guard.append(j.c.claimed_by == owner)
+        result = conn.execute(update(j).where(*guard).values(**values))
         if result.rowcount != 1:
             actual = self._state_of(conn, job_id)
+            if owner is not None and actual == from_state.value:
+                holder = conn.execute(select(j.c.claimed_by).where(j.c.id == job_id)).scalar_one_or_none()
+                raise StateError(f"job {job_id}: held by node {holder or 'none'}, not by node {owner}")
             raise StateError(f"job {job_id}: expected state {from_state}, but it is in {actual}")
         conn.execute(
             insert(_transitions).values(
@@ -191,12 +204,22 @@ class JobsMixin(LedgerBase):
                 detail,
                 now,
                 series_instance_uid=series_instance_uid,
-                extra={"route": route.to_json(), "pipeline": pipeline},
+                extra={
+                    "route": route.to_json(),
+                    "pipeline": pipeline,
+                    "queue_level": route.analysis_priority,
+                },
             )
         log.info("job %d: %s -> %s %s", job_id, JobState.COMPLETE, JobState.QUEUED, detail)
 
     def record_analysis(
-        self, job_id: int, findings: Findings, *, priority: tuple[float, str, str] | None, detail: str
+        self,
+        job_id: int,
+        findings: Findings,
+        *,
+        priority: tuple[float, str, str] | None,
+        detail: str,
+        owner: str | None = None,
     ) -> None:
         """ANALYSING → ENCODING with the findings and priority, in one compare-and-set transaction.
 
@@ -210,6 +233,8 @@ class JobsMixin(LedgerBase):
             ``(score, level, reasons)`` from the route's policy, or None.
         detail
             The analysis summary, the job's new detail.
+        owner
+            The node that claimed the job, when given: nothing is written unless it still holds it.
 
         Raises
         ------
@@ -223,12 +248,13 @@ class JobsMixin(LedgerBase):
             score, level, reasons = priority
             extra.update(priority_score=score, priority_level=level, priority_reasons=reasons)
         with self._write("record_analysis") as conn:
-            self._move(conn, job_id, JobState.ANALYSING, JobState.ENCODING, detail, now, extra=extra)
+            self._move(
+                conn, job_id, JobState.ANALYSING, JobState.ENCODING, detail, now, extra=extra, owner=owner
+            )
             conn.execute(self._findings_upsert(job_id, findings, now))
         log.info("job %d: %s -> %s %s", job_id, JobState.ANALYSING, JobState.ENCODING, detail)
 
-    @staticmethod
-    def _findings_upsert(job_id: int, findings: Findings, now: datetime) -> Any:
+    def _findings_upsert(self, job_id: int, findings: Findings, now: datetime) -> Any:
         values = {
             "job_id": job_id,
             "pipeline": findings.pipeline,
@@ -241,5 +267,5 @@ class JobsMixin(LedgerBase):
             "p_covid": findings.p_covid,
             "data": findings_to_json(findings),
         }
-        stmt = sqlite_insert(_findings).values(**values)
+        stmt = self._insert(_findings).values(**values)
         return stmt.on_conflict_do_update(index_elements=[_findings.c.job_id], set_=values)

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from triaged.domain import OutboxEntry, OutboxState
 from triaged.ledger.base import LedgerBase, _outbox, _utc
@@ -52,7 +51,7 @@ class OutboxMixin(LedgerBase):
         ]
         if not rows:
             return 0
-        stmt = sqlite_insert(_outbox).on_conflict_do_nothing(
+        stmt = self._insert(_outbox).on_conflict_do_nothing(
             index_elements=[_outbox.c.job_id, _outbox.c.destination, _outbox.c.sop_instance_uid]
         )
         with self._write("enqueue_outbox") as conn:
@@ -109,6 +108,8 @@ class OutboxMixin(LedgerBase):
                     last_status=status,
                     last_error="",
                     attempts=_outbox.c.attempts + 1,
+                    claimed_by=None,
+                    lease_until=None,
                 )
             )
 
@@ -125,6 +126,8 @@ class OutboxMixin(LedgerBase):
                     last_error=error,
                     next_attempt_at=_utc(next_attempt_at),
                     attempts=_outbox.c.attempts + 1,
+                    claimed_by=None,
+                    lease_until=None,
                 )
             )
 
@@ -134,7 +137,7 @@ class OutboxMixin(LedgerBase):
             conn.execute(
                 update(_outbox)
                 .where(_outbox.c.id == item_id)
-                .values(state=OutboxState.DEAD.value, last_error=reason)
+                .values(state=OutboxState.DEAD.value, last_error=reason, claimed_by=None, lease_until=None)
             )
 
     def requeue_outbox(self, job_id: int) -> int:
@@ -151,6 +154,8 @@ class OutboxMixin(LedgerBase):
                     created_at=now,
                     sent_at=None,
                     last_error="",
+                    claimed_by=None,
+                    lease_until=None,
                 )
             )
             return int(result.rowcount or 0)

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Dialect, bindparam, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from triaged.domain import InstanceRecord, JobState, StoreOutcome
 from triaged.errors import InvalidDatasetError, StateError, StorageError, TriagedError
@@ -74,19 +75,47 @@ class _DriverStatement:
         return cur.execute(self.sql, self.params(values))
 
 
+class _CoreStatement:
+    """One prebuilt Core statement run through SQLAlchemy (PostgreSQL: no driver fast path needed there).
+
+    Same interface as :class:`_DriverStatement`, with the SQLAlchemy connection in place of the cursor,
+    so :meth:`ReceiveMixin.record_instance` is one body for both dialects.
+    """
+
+    __slots__ = ("statement",)
+
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = cast(Executable, statement)
+
+    def run(self, conn: Connection, values: Mapping[str, Any]) -> Any:
+        """Execute inside the caller's transaction; the result has ``fetchone()`` like a cursor."""
+        return conn.execute(self.statement, dict(values))
+
+
 class _DriverStatements:
-    """The C-STORE path's statements of :class:`_ReceiveStatements`, compiled for one dialect."""
+    """The C-STORE path's statements of :class:`_ReceiveStatements`, compiled for one dialect.
+
+    SQLite: compiled for the sqlite3 cursor (:class:`_DriverStatement`); any other dialect: run through
+    SQLAlchemy (:class:`_CoreStatement`) on the transaction's connection.
+    """
 
     def __init__(self, q: _ReceiveStatements, dialect: Dialect) -> None:
-        self.find_instance = _DriverStatement(q.find_instance, dialect)
-        self.count_duplicate = _DriverStatement(q.count_duplicate, dialect)
-        self.upsert_study = _DriverStatement(q.upsert_study, dialect)
-        self.upsert_series = _DriverStatement(q.upsert_series, dialect)
-        self.insert_instance = _DriverStatement(q.insert_instance, dialect)
-        self.replace_instance = _DriverStatement(q.replace_instance, dialect)
-        self.latest_job = _DriverStatement(q.latest_job, dialect)
-        self.series_study = _DriverStatement(q.series_study, dialect)
-        self.instance_place = _DriverStatement(q.instance_place, dialect)
+        def prepared(statement: ClauseElement) -> Any:
+            return (
+                _DriverStatement(statement, dialect)
+                if dialect.name == "sqlite"
+                else _CoreStatement(statement)
+            )
+
+        self.find_instance = prepared(q.find_instance)
+        self.count_duplicate = prepared(q.count_duplicate)
+        self.upsert_study = prepared(q.upsert_study)
+        self.upsert_series = prepared(q.upsert_series)
+        self.insert_instance = prepared(q.insert_instance)
+        self.replace_instance = prepared(q.replace_instance)
+        self.latest_job = prepared(q.latest_job)
+        self.series_study = prepared(q.series_study)
+        self.instance_place = prepared(q.instance_place)
 
 
 class _ReceiveStatements:
@@ -96,11 +125,19 @@ class _ReceiveStatements:
     upsert's ``excluded`` alone proxies every column); prebuilt statements keep the C-STORE path to
     parameter binding and execution, and :meth:`driver` compiles the per-instance ones once more for
     the sqlite3 cursor itself.
+
+    Parameters
+    ----------
+    postgres
+        Build the upserts for PostgreSQL (its ``INSERT ... ON CONFLICT`` and ``greatest()``) instead of SQLite.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, postgres: bool = False) -> None:
         self._driver: _DriverStatements | None = None
         st, se, ins, j = _studies, _series, _instances, _jobs
+        dialect_insert = pg_insert if postgres else sqlite_insert
+        # The later of two values: SQLite's two-argument max(), PostgreSQL's greatest().
+        later = func.greatest if postgres else func.max
         now = bindparam("now", type_=UTCDateTime())
 
         self.find_instance = select(ins.c.id, ins.c.series_id, ins.c.size, ins.c.sha256).where(
@@ -121,7 +158,7 @@ class _ReceiveStatements:
             update(ins).where(ins.c.id == bindparam("iid")).values(duplicate_count=ins.c.duplicate_count + 1)
         )
 
-        study = sqlite_insert(st).values(
+        study = dialect_insert(st).values(
             study_instance_uid=bindparam("study_uid"),
             first_seen=now,
             last_seen=now,
@@ -136,7 +173,7 @@ class _ReceiveStatements:
             index_elements=[st.c.study_instance_uid],
             set_={
                 # max(): a reconcile or a caller-given time must not move last_seen back.
-                "last_seen": func.max(st.c.last_seen, ex.last_seen),
+                "last_seen": later(st.c.last_seen, ex.last_seen),
                 "instance_count": st.c.instance_count + ex.instance_count,
                 "byte_count": st.c.byte_count + ex.byte_count,
                 # Descriptive fields: a later instance that lacks them must not blank them.
@@ -150,7 +187,7 @@ class _ReceiveStatements:
             },
         ).returning(st.c.id)
 
-        series = sqlite_insert(se).values(
+        series = dialect_insert(se).values(
             study_id=bindparam("study_id"),
             series_instance_uid=bindparam("series_uid"),
             modality=bindparam("modality"),
@@ -195,6 +232,9 @@ class _ReceiveStatements:
             .order_by(j.c.revision.desc())
             .limit(1)
         )
+        # Before a re-opening changes the latest job: on PostgreSQL its row stays locked until the commit,
+        # so a worker's compare-and-set on it waits (SQLite's IMMEDIATE transaction already excludes it).
+        self.latest_job_locked = self.latest_job.with_for_update() if postgres else self.latest_job
         # The analyses whose outputs' UIDs :meth:`ReceiveMixin._is_own_output` derives.
         self.analyses = (
             select(j.c.revision, _findings.c.pipeline, _findings.c.pipeline_version)
@@ -307,17 +347,22 @@ class ReceiveMixin(JobsMixin):
     @contextmanager
     def _driver_transaction(
         self, begin: str, what: str
-    ) -> Iterator[tuple[Connection, sqlite3.Cursor, _DriverStatements]]:
+    ) -> Iterator[tuple[Connection, Any, _DriverStatements]]:
         """:meth:`_write` / :meth:`_read` for the C-STORE path, with the driver's cursor on the same connection.
 
         The same pooled connection and transaction as the base class opens (``begin`` sent on the driver,
         committed by SQLAlchemy unless the block raises, rolled back otherwise); statements of
         :class:`_DriverStatements` run on the cursor, anything else on the yielded SQLAlchemy connection.
         sqlite3 and SQLAlchemy errors both become :class:`StorageError` naming ``what`` failed.
+        PostgreSQL: the base class's transaction, and the SQLAlchemy connection in place of the cursor.
         """
         if self._closed.is_set():
-            raise TriagedError(f"the ledger {self.path} is closed")
+            raise TriagedError(f"the ledger {self.location} is closed")
         statements = self._q.driver(self._engine.dialect)
+        if self._postgres:
+            with self._storage_transaction(begin, what) as conn:
+                yield conn, conn, statements
+            return
         try:
             with self._engine.connect() as conn, conn.begin():
                 cur = cast(sqlite3.Connection, conn.connection.driver_connection).cursor()
@@ -334,7 +379,8 @@ class ReceiveMixin(JobsMixin):
     ) -> StoreOutcome:
         """Record one stored instance; called by the C-STORE handler after the spool write.
 
-        In one ``BEGIN IMMEDIATE`` transaction: upsert the study and series (counts, last-seen time,
+        In one write transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL: holding the study's lock,
+        :meth:`~triaged.ledger.base.LedgerBase._lock_study`): upsert the study and series (counts, last-seen time,
         descriptive fields when given), insert or update the instance, and make sure the study has a
         RECEIVING job (creating revision 1, or re-opening a finished study with a new revision and
         superseding a previous job whose results are not sent yet).  One of the node's own results coming
@@ -368,6 +414,7 @@ class ReceiveMixin(JobsMixin):
         if not (rec.study_instance_uid and rec.series_instance_uid and rec.sop_instance_uid):
             raise InvalidDatasetError("an instance needs Study, Series and SOP Instance UIDs")
         with self._driver_transaction("BEGIN IMMEDIATE", "record_instance") as (conn, cur, q):
+            self._lock_study(conn, rec.study_instance_uid)
             known = q.find_instance.run(cur, {"sop": rec.sop_instance_uid}).fetchone()
             if known is not None and known[3] == rec.sha256:
                 q.count_duplicate.run(cur, {"iid": known[0]})
@@ -506,10 +553,11 @@ class ReceiveMixin(JobsMixin):
         if pipeline:
             why += f"; pipeline {pipeline}"
         with self._write("reanalyze") as conn:
+            self._lock_study(conn, study_uid)
             study_id = conn.execute(self._q.study_id, {"study_uid": study_uid}).scalar_one_or_none()
             if study_id is None:
                 raise TriagedError(f"study {study_uid} is not in the ledger")
-            latest = conn.execute(self._q.latest_job, {"study_id": study_id}).first()
+            latest = conn.execute(self._q.latest_job_locked, {"study_id": study_id}).first()
             if latest is not None and latest.state == JobState.RECEIVING:
                 raise StateError(
                     f"study {study_uid} is still receiving (job {latest.id}); it is analysed once complete"
@@ -551,8 +599,8 @@ class ReceiveMixin(JobsMixin):
         return None
 
     def _ensure_receiving(self, conn: Connection, study_id: int, study_uid: str, now: datetime) -> None:
-        """Make sure the study has a RECEIVING job (inside the caller's IMMEDIATE transaction)."""
-        latest = conn.execute(self._q.latest_job, {"study_id": study_id}).first()
+        """Make sure the study has a RECEIVING job (inside the caller's write transaction)."""
+        latest = conn.execute(self._q.latest_job_locked, {"study_id": study_id}).first()
         if latest is not None and latest.state == JobState.RECEIVING:
             return
         if latest is None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -37,6 +38,9 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+#: Byte counters: SQLite's INTEGER is 64-bit already; PostgreSQL's is 32-bit, too small for a study's bytes.
+ByteCount = Integer().with_variant(BigInteger(), "postgresql")
 
 #: SQL literal list of every job state, for the CHECK constraint on ``jobs.state``.
 JOB_STATES_SQL = ", ".join(f"'{s.value}'" for s in JobState)
@@ -89,7 +93,7 @@ class Study(Base):
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
     instance_count: Mapped[int] = mapped_column(Integer)
-    byte_count: Mapped[int] = mapped_column(Integer)
+    byte_count: Mapped[int] = mapped_column(ByteCount)
     accession_number: Mapped[str] = mapped_column(String(16))
     study_date: Mapped[str] = mapped_column(String(8))
     study_description: Mapped[str] = mapped_column(String(64))
@@ -115,7 +119,7 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str] = mapped_column(String(64))
     instance_count: Mapped[int] = mapped_column(Integer)
-    byte_count: Mapped[int] = mapped_column(Integer)
+    byte_count: Mapped[int] = mapped_column(ByteCount)
 
 
 class Association(Base):
@@ -134,7 +138,7 @@ class Association(Base):
     accepted: Mapped[bool] = mapped_column()
     reject_reason: Mapped[str] = mapped_column(Text)
     instances: Mapped[int] = mapped_column(Integer)
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(ByteCount)
     failures: Mapped[int] = mapped_column(Integer)
     aborted: Mapped[bool] = mapped_column()
 
@@ -155,7 +159,7 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(ByteCount)
     sha256: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # SET NULL: pruning the audit trail must not delete the instances it brought.
@@ -171,6 +175,7 @@ class Job(Base):
         UniqueConstraint("study_id", "revision"),
         CheckConstraint(f"state IN ({JOB_STATES_SQL})", name="state"),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_claimed_by", "claimed_by"),
         # At most one job per study collects instances: a late instance re-opens through a new
         # revision, and this index turns a race that would create two into a constraint error.
         Index(
@@ -178,6 +183,7 @@ class Job(Base):
             "study_id",
             unique=True,
             sqlite_where=text("state = 'RECEIVING'"),
+            postgresql_where=text("state = 'RECEIVING'"),
         ),
     )
 
@@ -199,6 +205,11 @@ class Job(Base):
     result_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Added in 0003: the routing decision (JSON: rule, pipelines, destinations with outputs, policy).
     route: Mapped[str | None] = mapped_column(Text)
+    # Added in 0006: the level the job waits in the analysis queue with (its route's analysis_priority),
+    # and the node that claimed it (ANALYSING, ENCODING) with the time its lease runs out.
+    queue_level: Mapped[str | None] = mapped_column(String(16))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class JobTransition(Base):
@@ -249,6 +260,7 @@ class OutboxItem(Base):
         UniqueConstraint("job_id", "destination", "sop_instance_uid"),
         CheckConstraint(f"state IN ({OUTBOX_STATES_SQL})", name="state"),
         Index("ix_outbox_state", "state"),
+        Index("ix_outbox_claimed_by", "claimed_by"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -265,6 +277,9 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str] = mapped_column(Text)
+    # Added in 0006: the node sending the row now, until its lease runs out (the row stays PENDING).
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class AuditEvent(Base):
@@ -288,3 +303,20 @@ class AuditEvent(Base):
     peer: Mapped[str] = mapped_column(String(80))
     study_uid: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
+
+
+class NodeRecord(Base):
+    """One node that opened the ledger (0006): who it is, what it does, when it last said it was alive."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Comma-separated roles (``receive,complete,analyse,dispatch``).
+    roles: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    version: Mapped[str] = mapped_column(String(32))
+    #: Set by a clean stop; None while it runs (or after it died).
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

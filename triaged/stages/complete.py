@@ -5,6 +5,10 @@ re-armed by every stored instance without touching the ledger); when it passes t
 (:meth:`Completion.complete_study`).  The periodic sweep (:meth:`Completion.complete_quiet_studies`)
 stays as the safety net: studies received before a restart, a timer that fired a moment too early.  Both
 go through the ledger's compare-and-set transitions, so whichever comes second does nothing.
+
+The deadline itself lives in the ledger (the study's ``last_seen`` plus its route's delay), so with several
+nodes a study received by a node without the ``complete`` role (no timers) is completed by the leader's
+sweep, and one received by several nodes is completed once.
 """
 
 from __future__ import annotations

@@ -107,16 +107,33 @@ class Recovery:
         path.unlink(missing_ok=True)
         log.error("start-up: spooled %s quarantined as %s: %s", rel, where.name, reason)
 
-    def resume_interrupted(self) -> None:
+    def resume_interrupted(self, node: str | None = None, *, shared: bool = False) -> None:
         """Put jobs a stop interrupted back on their way.
 
         COMPLETE: route and choose again.  ANALYSING and ENCODING: back to QUEUED (analysis and
         encoding are re-run; output UIDs are derived, so nothing is sent twice).  DISPATCHING and
         RETRY_WAIT need nothing: their outbox is durable and the dispatcher picks it up.
+
+        On a ledger ``shared`` with other nodes, only the jobs and outbox claims this ``node`` held (and
+        held jobs no node claimed) are taken back: those of other nodes are theirs while they beat, and the
+        leader takes them back when their leases run out (:meth:`~triaged.ledger.Ledger.reclaim_expired`).
         """
         for job in self.ledger.jobs(states=[JobState.COMPLETE], limit=100000):
             log.info("job %s resumed after restart", job.id)
             self._analysis.choose_series(job.id, job.study_instance_uid)
+        if node is not None:
+            self.ledger.release_outbox(node=node)
+        if shared and node is not None:
+            for what, ids in (
+                (
+                    "held by this node",
+                    self.ledger.release_jobs(node, reason=f"interrupted by a stop of node {node}"),
+                ),
+                ("held by no node", self.ledger.release_unclaimed_jobs(reason="interrupted by a stop")),
+            ):
+                if ids:
+                    log.warning("start-up: %d job(s) %s re-queued: %s", len(ids), what, ids)
+            return
         for state, what in ((JobState.ANALYSING, "analysis"), (JobState.ENCODING, "encoding")):
             for job in self.ledger.jobs(states=[state], limit=100000):
                 try:

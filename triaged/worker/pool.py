@@ -36,7 +36,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from triaged.worker.queue import TaskQueue
+from triaged.worker.queue import ClaimQueue, TaskQueue
 from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, registry_for, run_task
 
 log = logging.getLogger(__name__)
@@ -336,12 +336,15 @@ class WorkerPool:
     superseded); ``on_encoding(task, started) -> bool`` when its worker starts encoding (False: the
     job moved on, stop it); ``on_done(task, outcome)`` after.  :meth:`start` starts the worker processes
     at once (each from its feeder thread, which outlives it); ``settings`` (else ``threads``) is what they
-    are started with, and :meth:`reconfigure` replaces them between jobs.
+    are started with, and :meth:`reconfigure` replaces them between jobs.  ``queue`` is a
+    :class:`~triaged.worker.queue.TaskQueue` (tasks put by the node) or a
+    :class:`~triaged.worker.queue.ClaimQueue` (tasks claimed from the ledger shared by several nodes: the
+    job is ANALYSING, claimed by this node, when ``on_start`` is called).
     """
 
     def __init__(
         self,
-        queue: TaskQueue,
+        queue: TaskQueue | ClaimQueue,
         on_start: Callable[[AnalysisTask], bool],
         on_done: Callable[[AnalysisTask, TaskOutcome], None],
         *,

@@ -21,6 +21,10 @@ down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Byte counters: INTEGER on SQLite (64-bit there; what every existing file has), BIGINT on PostgreSQL
+# (whose INTEGER is 32-bit).  The partial index below carries its WHERE for both dialects.
+_BYTES = sa.Integer().with_variant(sa.BigInteger(), "postgresql")
+
 _JOB_STATES = (
     "RECEIVING",
     "COMPLETE",
@@ -44,7 +48,7 @@ def upgrade() -> None:
         sa.Column("first_seen", sa.DateTime(), nullable=False),
         sa.Column("last_seen", sa.DateTime(), nullable=False),
         sa.Column("instance_count", sa.Integer(), nullable=False),
-        sa.Column("byte_count", sa.Integer(), nullable=False),
+        sa.Column("byte_count", _BYTES, nullable=False),
         sa.Column("accession_number", sa.String(16), nullable=False),
         sa.Column("study_date", sa.String(8), nullable=False),
         sa.Column("study_description", sa.String(64), nullable=False),
@@ -62,7 +66,7 @@ def upgrade() -> None:
         sa.Column("series_number", sa.Integer(), nullable=True),
         sa.Column("series_description", sa.String(64), nullable=False),
         sa.Column("instance_count", sa.Integer(), nullable=False),
-        sa.Column("byte_count", sa.Integer(), nullable=False),
+        sa.Column("byte_count", _BYTES, nullable=False),
         sa.ForeignKeyConstraint(
             ["study_id"], ["studies.id"], name="fk_series_study_id_studies", ondelete="CASCADE"
         ),
@@ -83,7 +87,7 @@ def upgrade() -> None:
         sa.Column("accepted", sa.Boolean(), nullable=False),
         sa.Column("reject_reason", sa.Text(), nullable=False),
         sa.Column("instances", sa.Integer(), nullable=False),
-        sa.Column("bytes", sa.Integer(), nullable=False),
+        sa.Column("bytes", _BYTES, nullable=False),
         sa.Column("failures", sa.Integer(), nullable=False),
         sa.Column("aborted", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_associations"),
@@ -98,7 +102,7 @@ def upgrade() -> None:
         sa.Column("sop_class_uid", sa.String(64), nullable=False),
         sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
-        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("size", _BYTES, nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("received_at", sa.DateTime(), nullable=False),
         sa.Column("association_id", sa.Integer(), nullable=True),
@@ -146,6 +150,7 @@ def upgrade() -> None:
         ["study_id"],
         unique=True,
         sqlite_where=sa.text("state = 'RECEIVING'"),
+        postgresql_where=sa.text("state = 'RECEIVING'"),
     )
 
     op.create_table(
