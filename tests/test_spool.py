@@ -111,3 +111,22 @@ def test_leftover_partial_writes_are_removed_at_start(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "spool" / "tmp").iterdir()] == ["123.part"]
     Spool(tmp_path / "spool", clean_partial=True)
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def test_a_study_being_deleted_is_refused_by_every_process_storing_into_the_spool(tmp_path: Path) -> None:
+    """Receiver processes have a Spool of their own: retention's mark must reach them (a file, not a set)."""
+    node = Spool(tmp_path / "spool", clean_partial=True)
+    receiver = Spool(tmp_path / "spool")  # what a receiver process opens on the same folder
+    rel = receiver.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    with node.purging("1.2.3"):
+        with pytest.raises(StorageError, match="being deleted by retention"):
+            receiver.store_instance(rel, b"DICM")
+    assert receiver.store_instance(rel, b"DICM").already_present is False  # the mark is gone afterwards
+
+
+def test_a_deletion_mark_left_by_a_kill_is_removed_when_the_node_starts(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    Spool(root)
+    (root / "purging" / "1.2.3").touch()  # the node was killed inside Spool.purging
+    spool = Spool(root, clean_partial=True)
+    spool.store_instance(spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), b"DICM")

@@ -72,17 +72,20 @@ class Spool:
         self.quarantine_max_bytes = quarantine_max_mb * 1024 * 1024
         self._counter = itertools.count()
         self._lock = threading.Lock()
-        self._purging: set[str] = set()  # studies retention is deleting now: new writes wait (0xA700)
-        self._purging_lock = threading.Lock()
-        for sub in ("studies", "quarantine", "tmp", "work"):
+        #: One empty file per study retention is deleting now (``purging/<study UID>``): every process
+        #: storing into the spool (the node and its receiver processes) refuses that study's instances.
+        self._purging = root / "purging"
+        for sub in ("studies", "quarantine", "tmp", "work", "purging"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         if clean_partial:  # only the daemon at start: other processes may be writing right now
             self._clean_tmp()
 
     def _clean_tmp(self) -> None:
-        # Partial writes of a crashed process were never acknowledged: the sender still has them.
-        for leftover in (self.root / "tmp").iterdir():
-            leftover.unlink(missing_ok=True)
+        # Partial writes of a crashed process were never acknowledged: the sender still has them; a
+        # deletion a kill interrupted is finished by retention's next run, which marks the study again.
+        for folder in ("tmp", "purging"):
+            for leftover in (self.root / folder).iterdir():
+                leftover.unlink(missing_ok=True)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """The relative path of an instance; every part must already be a validated UID."""
@@ -113,7 +116,7 @@ class Spool:
         file with identical bytes is already there nothing is written (an idempotent re-send).
         """
         parts = rel_path.split("/")
-        if len(parts) > 1 and parts[0] == "studies" and parts[1] in self._purging:
+        if len(parts) > 1 and parts[0] == "studies" and os.path.exists(self._purging / parts[1]):
             raise StorageError(f"study {parts[1]} is being deleted by retention; try again later")
         digest = hashlib.sha256(data).hexdigest()  # the one hash of these bytes (the ledger keeps it)
         final = self.root / rel_path
@@ -255,15 +258,20 @@ class Spool:
         A sender storing into the study just then gets 0xA700 and sends again later, when the study is
         gone from the ledger's point of view and the instance opens it again, instead of having a file
         deleted that it was told is stored.
+
+        The mark is a file (``purging/<study UID>``), so receiver processes (``listener.processes``) see
+        it too; the node removes any left by a kill when it starts.
         """
         validate_uid(study_uid, "StudyInstanceUID")
-        with self._purging_lock:
-            self._purging.add(study_uid)
+        marker = self._purging / study_uid
+        try:
+            marker.touch()
+        except OSError as exc:
+            raise StorageError(f"cannot mark study {study_uid} for deletion: {exc.strerror or exc}") from exc
         try:
             yield
         finally:
-            with self._purging_lock:
-                self._purging.discard(study_uid)
+            marker.unlink(missing_ok=True)
 
     def study_files(self, study_uid: str) -> list[tuple[str, int, float]]:
         """``(relative path, size, modification time)`` of every instance file of a study on disk."""
@@ -341,6 +349,10 @@ class Spool:
 LOCK_NAME = "triaged.lock"
 
 
+#: What the lock file says while nodes of a PostgreSQL ledger hold it shared.
+_SHARED_MARK = "shared"
+
+
 class SpoolLock:
     """An exclusive lock on a spool folder, held by one node for its whole life.
 
@@ -350,10 +362,16 @@ class SpoolLock:
     ``flock`` on ``<spool>/triaged.lock``: the kernel drops it when the process ends, however it ends,
     so a lock file left by a killed node never blocks a restart.  The file holds the PID of the holder.
 
+    Several nodes sharing a PostgreSQL ledger share one spool (``shared=True``): each takes the lock
+    shared, so they exclude only a node that wants the spool for itself (a SQLite ledger's node), and that
+    node excludes them.  Nodes sharing a spool coordinate through the ledger (claims, leases, the leader).
+
     Parameters
     ----------
     root : Path
         The spool folder; created if missing.
+    shared : bool
+        Take the lock shared (nodes of a PostgreSQL ledger) rather than exclusive (a SQLite ledger).
 
     Raises
     ------
@@ -362,7 +380,8 @@ class SpoolLock:
         process's PID), or the lock file cannot be opened.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, shared: bool = False) -> None:
+        self.shared = shared
         self.path = root / LOCK_NAME
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -372,7 +391,7 @@ class SpoolLock:
                 f"cannot open the lock file {self.path}: {exc.strerror or exc}", retryable=False
             ) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
@@ -380,13 +399,23 @@ class SpoolLock:
                 raise StorageError(
                     f"cannot lock {self.path}: {exc.strerror or exc}", retryable=False
                 ) from exc
+            if shared:
+                raise StorageError(
+                    f"{self.path} is locked by a triaged node on a SQLite ledger (PID {holder}) using the same "
+                    "spool; only nodes sharing a PostgreSQL ledger may share a spool (nothing was changed)",
+                    retryable=False,
+                ) from exc
+            who = "triaged nodes of a PostgreSQL ledger" if holder == _SHARED_MARK else f"another triaged node (PID {holder})"
             raise StorageError(
-                f"{self.path} is locked by another triaged node (PID {holder}) using the same spool; "
-                "stop it first (nothing was changed)",
+                f"{self.path} is locked by {who} using the same spool; stop it first (nothing was changed)",
                 retryable=False,
             ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        if shared:  # every holder writes the same text: no PID, there may be many
+            os.pwrite(fd, f"{_SHARED_MARK}\n".encode("ascii"), 0)
+            os.ftruncate(fd, len(_SHARED_MARK) + 1)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd: int | None = fd
 
     def release(self) -> None:

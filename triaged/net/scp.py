@@ -939,8 +939,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         service: StoreService,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.service = service
+        #: A listening socket made by another process (:mod:`triaged.net.receivers`): served, never bound.
+        self._shared = listen_socket
         self.budget = ConnectionBudget()
         self.trail = _ConnectionTrail(service.ledger)
         self._admitted: dict[socket.socket, PendingConnection] = {}
@@ -958,12 +961,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         service: StoreService,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> GuardedAssociationServer:
-        """Bind, listen and serve in a daemon thread: ``AE.start_server(block=False)`` with this class."""
+        """Bind, listen and serve in a daemon thread: ``AE.start_server(block=False)`` with this class.
+
+        ``listen_socket``: a socket already bound and listening, shared with other processes (each accepts
+        from it); it is served instead of binding ``address``, and stopping never shuts it down.
+        """
         server = cast(
             GuardedAssociationServer,
             ae.make_server(
-                address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=cls, service=service
+                address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=cls, service=service,
+                listen_socket=listen_socket,
             ),
         )
         thread = threading.Thread(
@@ -973,10 +982,35 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         ae._servers.append(server)  # as start_server does: AE.shutdown() and server.shutdown() use the list
         return server
 
+    def server_bind(self) -> None:
+        if self._shared is None:
+            super().server_bind()
+            return
+        cast(socket.socket, self.socket).close()  # the one socketserver made: the shared one is used instead
+        # Non-blocking: every process sharing the socket is woken for a connection and only one gets it;
+        # the others' accept() raises BlockingIOError, which socketserver ignores.
+        self._shared.setblocking(False)
+        self.socket = self._shared
+        self.server_address = self._shared.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared is None:
+            super().server_activate()  # a shared socket listens already
+
+    def server_close(self) -> None:
+        if self._shared is None:
+            super().server_close()
+            return
+        # close() only: shutdown() of a listening socket would stop it for every process sharing it
+        cast(socket.socket, self.socket).close()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; no TLS here (see the class docstring)."""
         listening = cast(socket.socket, self.socket)
-        return listening.accept()
+        conn, address = listening.accept()
+        if self._shared is not None:
+            conn.setblocking(True)  # as from a blocking listening socket: the handshake sets its timeouts
+        return conn, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit or refuse a connection just accepted, in the accept thread: no I/O with the peer."""
@@ -1223,7 +1257,9 @@ class Listener:
         host, port = self._server.server_address[:2]
         return (str(host), int(port))
 
-    def start(self, port: int | None = None) -> None:
+    def start(self, port: int | None = None, *, listen_socket: socket.socket | None = None) -> None:
+        """Bind and serve; ``listen_socket``: serve this socket, bound and listening, shared with other
+        receiver processes (:mod:`triaged.net.receivers`), instead of binding one."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self.service.on_conn_open),
             (evt.EVT_REQUESTED, self.service.on_requested),
@@ -1241,11 +1277,12 @@ class Listener:
         # with listener.tls the server wraps every connection: TLS only, a plain association gets nothing
         ssl_context = server_context(tls) if tls is not None else None
         server = GuardedAssociationServer.start(
-            self.ae, bind, handlers, self.service, ssl_context=ssl_context
+            self.ae, bind, handlers, self.service, ssl_context=ssl_context, listen_socket=listen_socket
         )
         self._server = server
-        log.info("listening as %s on %s:%s%s", self.config.ae_title, *self.address,
-                 " (DICOM TLS only)" if tls is not None else "")
+        log.log(logging.INFO if listen_socket is None else logging.DEBUG,  # a pool says it once for all
+                "listening as %s on %s:%s%s", self.config.ae_title, *self.address,
+                " (DICOM TLS only)" if tls is not None else "")
 
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0
