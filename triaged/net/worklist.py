@@ -1,4 +1,4 @@
-"""The worklist for readers of the ledger: Study Root C-FIND (PS3.4 C.4.1) and a JSON endpoint.
+"""The worklist for readers of the ledger: Study Root C-FIND (PS3.4 C.4.1) and the HTTP endpoint.
 
 Both serve the same rows in the same order (priority level, score, arrival).  The triage priority is
 returned in Requested Procedure Priority (0040,1003): STAT, HIGH (our URGENT) or ROUTINE, and the
@@ -10,23 +10,51 @@ reasons in Study Comments (0032,4000), which always state P(COVID-19) of an anal
 from __future__ import annotations
 
 import fnmatch
-import io
-import json
 import logging
-import selectors
-import socket
-import threading
-import time
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, cast
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from triaged.audit import EventRecorder, audit, peer_text
-from triaged.domain import RESEARCH_NOTE, PriorityLevel, WorklistRow, p_covid_text
+from triaged.domain import RESEARCH_NOTE, JobState, PriorityLevel, WorklistRow, p_covid_text
+from triaged.net.dashboard import (
+    DashboardSource,
+    OutboxHealth,
+    dashboard_page,
+    job_dict,
+    job_page,
+    not_found_page,
+)
+from triaged.net.http import (
+    HTTP_MAX_PENDING,
+    HTTP_MAX_REQUEST_BYTES,
+    HTTP_MAX_REQUESTS,
+    BoundedHTTP,
+    Query,
+    Response,
+    Route,
+    ThrottledWarning,
+    json_response,
+    route,
+)
+
+__all__ = [
+    "DICOM_PRIORITY",
+    "HTTP_MAX_PENDING",
+    "HTTP_MAX_REQUEST_BYTES",
+    "HTTP_MAX_REQUESTS",
+    "HTTP_MAX_ROWS",
+    "STUDY_ROOT_FIND",
+    "QueryError",
+    "ThrottledWarning",
+    "WorklistFind",
+    "WorklistHTTP",
+    "filter_worklist",
+    "row_attributes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +86,11 @@ def _matches(value: str, key: Any, keyword: str) -> bool:
         lo, _, hi = text.partition("-")
         return (not lo or value >= lo) and (not hi or value <= hi)
     if "*" in text or "?" in text:
-        return fnmatch.fnmatchcase(value.upper(), text.upper()) if keyword == "PatientName" else \
-            fnmatch.fnmatchcase(value, text)
+        return (
+            fnmatch.fnmatchcase(value.upper(), text.upper())
+            if keyword == "PatientName"
+            else fnmatch.fnmatchcase(value, text)
+        )
     return value == text
 
 
@@ -135,9 +166,13 @@ class WorklistFind:
             "find",
             f"C-FIND from {calling}@{rq.address} at level {state['level'] or '?'} {outcome} "
             f"with 0x{status:04X}: {state['matches']} match(es); keys {', '.join(state['keys']) or '-'}",
-            actor=calling, peer=peer_text(rq.address, rq.port), recorder=self._recorder,
+            actor=calling,
+            peer=peer_text(rq.address, rq.port),
+            recorder=self._recorder,
             level=logging.INFO if outcome != "refused" else logging.WARNING,
-            query_level=state["level"], keys=state["keys"], matches=state["matches"],
+            query_level=state["level"],
+            keys=state["keys"],
+            matches=state["matches"],
             status=f"0x{status:04X}",
         )
 
@@ -167,9 +202,23 @@ class WorklistFind:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            header = self._headers(row.study_instance_uid) if any(
-                k in requested for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyTime",
-                                         "StudyID", "ReferringPhysicianName", "ModalitiesInStudy")) else None
+            header = (
+                self._headers(row.study_instance_uid)
+                if any(
+                    k in requested
+                    for k in (
+                        "PatientName",
+                        "PatientID",
+                        "PatientBirthDate",
+                        "PatientSex",
+                        "StudyTime",
+                        "StudyID",
+                        "ReferringPhysicianName",
+                        "ModalitiesInStudy",
+                    )
+                )
+                else None
+            )
             attrs = row_attributes(row, header)
             if not all(_matches(attrs.get(k, ""), query.get(k), k) for k in requested if k in attrs):
                 continue
@@ -185,366 +234,170 @@ class WorklistFind:
         yield 0x0000, None
 
 
-#: Concurrent HTTP requests served, a thread each; a complete request beyond them is answered 503 at once.
-HTTP_MAX_REQUESTS = 16
-#: Connections still sending their request, held by one reader thread (no thread each); beyond them a new
-#: connection is closed at once.
-HTTP_MAX_PENDING = 256
-#: The request line and headers of one HTTP request, in bytes at most (the worklist takes no body).
-HTTP_MAX_REQUEST_BYTES = 16 * 1024
+#: Rows one ``GET /worklist`` returns at most (``limit``'s default and maximum); page with ``offset``.
+HTTP_MAX_ROWS = 1000
+#: The query parameters ``/worklist`` takes.
+WORKLIST_PARAMETERS = ("priority", "state", "limit", "offset")
 
 
-class ThrottledWarning:
-    """A WARNING at most once per ``interval`` seconds, with the count of events since the last line.
+class QueryError(ValueError):
+    """A bad query parameter: answered 400 with the valid values."""
 
-    For floods (refused connections): each event is counted, one line a second says how many there were.
+    def __init__(self, parameter: str, message: str, valid: list[str]) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.valid = valid
+
+
+def _choices(query: Query, name: str, valid: list[str]) -> set[str] | None:
+    """``?name=A,B&name=C`` → {A, B, C} (case-insensitive), or None when not given."""
+    if name not in query:
+        return None
+    chosen = {v.strip().upper() for value in query[name] for v in value.split(",") if v.strip()}
+    unknown = sorted(chosen - set(valid))
+    if unknown or not chosen:
+        raise QueryError(name, f"{name}: unknown value(s) {', '.join(unknown) or '(empty)'}", valid)
+    return chosen
+
+
+def _count(query: Query, name: str, default: int, lo: int, hi: int) -> int:
+    if name not in query:
+        return default
+    text = query[name][-1].strip()
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise QueryError(
+            name, f"{name}: {text[:40]!r} is not a whole number from {lo} to {hi}", [f"{lo}..{hi}"]
+        )
+    return int(text)
+
+
+def filter_worklist(rows: list[WorklistRow], query: Query) -> tuple[list[WorklistRow], int]:
+    """The rows ``?priority=``, ``?state=``, ``?limit=`` and ``?offset=`` select, and how many matched.
+
+    Raises
+    ------
+    QueryError
+        An unknown parameter or value, or a limit or offset out of range.
     """
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
-        self._log = logger
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._last = -interval
-        self._count = 0
-
-    def note(self, message: str, *args: object) -> None:
-        with self._lock:
-            self._count += 1
-            now = time.monotonic()
-            if now - self._last < self._interval:
-                return
-            count, self._count, self._last = self._count, 0, now
-        self._log.warning(message + " (%d time(s) since the last such line)", *args, count)
-
-
-def _raw_response(code: int, reason: str, body: object, extra: str = "") -> bytes:
-    """A complete HTTP/1.0 response, for connections answered before a handler runs."""
-    data = json.dumps(body).encode()
-    head = (
-        f"HTTP/1.0 {code} {reason}\r\nServer: triaged\r\nContent-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n{extra}Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + data
+    unknown = sorted(set(query) - set(WORKLIST_PARAMETERS))
+    if unknown:
+        raise QueryError(
+            unknown[0], f"unknown query parameter(s) {', '.join(unknown)}", list(WORKLIST_PARAMETERS)
+        )
+    levels = _choices(query, "priority", [str(level) for level in PriorityLevel])
+    states = _choices(query, "state", [str(s) for s in JobState])
+    limit = _count(query, "limit", HTTP_MAX_ROWS, 1, HTTP_MAX_ROWS)
+    offset = _count(query, "offset", 0, 0, 10**9)
+    chosen = [
+        r
+        for r in rows
+        if (levels is None or (r.priority_level or "") in levels)
+        and (states is None or str(r.state) in states)
+    ]
+    return chosen[offset : offset + limit], len(chosen)
 
 
-def _end_of_head(buf: bytes | bytearray) -> int:
-    """Index just past the blank line ending the request line and headers, or -1."""
-    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
-    return min(ends, default=-1)
+class WorklistHTTP(BoundedHTTP):
+    """The node's read-only HTTP endpoint: the JSON worklist, the dashboard and ``/metrics``.
 
-
-@dataclass
-class _Pending:
-    address: Any
-    deadline: float
-    buffer: bytearray
-
-
-class _RequestGatherer:
-    """One thread reading the requests of all connections not yet complete, without blocking on any.
-
-    A connection gets ``timeout`` seconds to send its request line and headers (``max_bytes`` at most);
-    only a complete request is handed to ``dispatch`` and so gets a thread.  A client that sends half a
-    request and stops (slowloris) costs a socket until its deadline, never a thread.
+    ``GET /worklist`` (filters ``priority``, ``state``, ``limit``, ``offset``; a bad value is 400 with the
+    valid values; ``X-Total-Count`` says how many matched), ``GET /health``; with ``dashboard`` the pages
+    ``/`` (``/dashboard``), ``/jobs/<id>``, ``/jobs/<id>/overview.png`` and ``/api/jobs/<id>``,
+    ``/api/outbox``; with ``metrics`` (a function returning the exposition and its content type)
+    ``GET /metrics``.  With ``patient_data`` (``worklist.http_patient_data``) each worklist row also
+    carries ``patient_id`` and ``patient_name`` from ``headers``, the values C-FIND returns.  Bounds and
+    audit: :class:`triaged.net.http.BoundedHTTP`.
     """
 
     def __init__(
-        self, dispatch: Callable[[socket.socket, Any, bytes], None], close: Callable[[socket.socket], None], *,
-        timeout: float, max_bytes: int, max_pending: int,
+        self,
+        rows: Callable[[], list[WorklistRow]],
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        max_requests: int = HTTP_MAX_REQUESTS,
+        max_request_bytes: int = HTTP_MAX_REQUEST_BYTES,
+        max_pending: int = HTTP_MAX_PENDING,
+        recorder: EventRecorder | None = None,
+        headers: HeaderLookup | None = None,
+        patient_data: bool = False,
+        dashboard: DashboardSource | None = None,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
     ) -> None:
-        self._dispatch = dispatch
-        self._close = close
-        self._timeout = timeout
-        self._max_bytes = max_bytes
-        self._max_pending = max_pending
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._lock = threading.Lock()
-        self._incoming: list[tuple[socket.socket, Any]] = []
-        self._pending: dict[socket.socket, _Pending] = {}
-        self._stopped = False
-        self._busy = ThrottledWarning(log)
-        self._thread = threading.Thread(target=self._run, name="worklist-http-read", daemon=True)
-        self._thread.start()
+        with_patients = patient_data and headers is not None
 
-    def add(self, sock: socket.socket, address: Any) -> None:
-        with self._lock:
-            self._incoming.append((sock, address))
-        self._wake()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake()
-        self._thread.join(timeout=5)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # a wake-up is already pending (buffer full) or we are stopping
-
-    def _run(self) -> None:
-        try:
-            while not self._stopped:
-                now = time.monotonic()
-                first = min((p.deadline for p in self._pending.values()), default=now + 1.0)
-                for key, _ in self._selector.select(max(0.0, first - now)):
-                    if key.fileobj is self._wake_r:
-                        self._take_incoming()
-                        continue
-                    sock = cast(socket.socket, key.fileobj)
-                    try:
-                        self._read(sock)
-                    except Exception:  # noqa: BLE001 - one connection must not stop the endpoint
-                        log.exception("HTTP worklist: a connection failed")
-                        if sock in self._pending:
-                            self._drop(sock)
-                        else:
-                            self._close(sock)
-                now = time.monotonic()
-                for sock, pending in list(self._pending.items()):
-                    if pending.deadline <= now:
-                        log.debug("http %s - no complete request within %g s: dropped", pending.address[0],
-                                  self._timeout)
-                        self._drop(sock)
-        finally:
-            for sock in list(self._pending):
-                self._drop(sock)
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-            for sock, _ in incoming:
-                self._close(sock)
-            self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _take_incoming(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-        for sock, address in incoming:
-            if len(self._pending) >= self._max_pending:
-                self._busy.note("HTTP worklist: %d connections still sending their request, one from %s closed",
-                                self._max_pending, address[0])
-                self._close(sock)
-                continue
+        def worklist(_m: re.Match[str], query: Query) -> Response:
             try:
-                sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ)
-            except (OSError, ValueError):
-                self._close(sock)  # closed by the peer in the meantime
-                continue
-            self._pending[sock] = _Pending(address, time.monotonic() + self._timeout, bytearray())
+                chosen, total = filter_worklist(rows(), query)
+            except QueryError as exc:
+                return json_response(400, {"error": str(exc), "parameter": exc.parameter, "valid": exc.valid})
+            data = []
+            for r in chosen:
+                item = r.as_dict()
+                if with_patients and headers is not None:
+                    attrs = row_attributes(r, headers(r.study_instance_uid))
+                    item["patient_id"], item["patient_name"] = attrs["PatientID"], attrs["PatientName"]
+                data.append(item)
+            return json_response(200, data, rows=len(data), **{"X-Total-Count": str(total)})
 
-    def _read(self, sock: socket.socket) -> None:
-        pending = self._pending.get(sock)
-        if pending is None:
-            return
-        try:
-            data = sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(sock)
-            return
-        pending.buffer += data
-        end = _end_of_head(pending.buffer)
-        if 0 <= end <= self._max_bytes:
-            self._forget(sock)
-            sock.setblocking(True)
-            self._dispatch(sock, pending.address, bytes(pending.buffer))
-        elif len(pending.buffer) > self._max_bytes:
-            log.info("HTTP request from %s refused: over %d bytes", pending.address[0], self._max_bytes)
-            self._forget(sock)
-            _answer(sock, _raw_response(
-                431, "Request Header Fields Too Large",
-                {"error": f"request line and headers over {self._max_bytes} bytes"},
-            ))
-            self._close(sock)
+        routes = [
+            route("/health", lambda _m, _q: json_response(200, {"status": "ok"}), audited=False),
+            route("/worklist(?:\\.json)?", worklist),
+        ]
+        if dashboard is not None:
+            routes += _dashboard_routes(dashboard, with_patients)
+        if metrics is not None:
 
-    def _forget(self, sock: socket.socket) -> None:
-        del self._pending[sock]
-        self._selector.unregister(sock)
+            def scrape(_m: re.Match[str], _q: Query) -> Response:
+                body, content_type = metrics()
+                return Response(200, body, content_type)
 
-    def _drop(self, sock: socket.socket) -> None:
-        self._forget(sock)
-        self._close(sock)
-
-
-def _answer(sock: socket.socket, response: bytes) -> None:
-    """Send a short refusal without waiting: it fits a fresh connection's send buffer, or is cut short."""
-    try:
-        sock.setblocking(False)
-        sock.send(response)
-    except OSError:
-        pass
-
-
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """Complete requests only get a thread, ``max_requests`` of them at most; beyond them 503."""
-
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: a burst of connections is accepted, not left to retry SYNs
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, timeout: float,
-        max_requests: int, max_request_bytes: int, max_pending: int,
-    ) -> None:
-        super().__init__(address, handler)
-        self.request_timeout = timeout
-        self.max_requests = max_requests
-        self._slots = threading.BoundedSemaphore(max_requests)
-        self._busy = ThrottledWarning(log)
-        self._heads_lock = threading.Lock()
-        self._heads: dict[int, bytes] = {}
-        self._gatherer = _RequestGatherer(
-            self._dispatch, self.shutdown_request, timeout=timeout, max_bytes=max_request_bytes,
+            routes.append(route("/metrics", scrape, audited=False))
+        super().__init__(
+            routes,
+            host,
+            port,
+            timeout=timeout,
+            max_requests=max_requests,
+            max_request_bytes=max_request_bytes,
             max_pending=max_pending,
+            recorder=recorder,
         )
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._gatherer.add(request, client_address)  # the accepting thread never waits on a client
 
-    def _dispatch(self, request: socket.socket, client_address: Any, head: bytes) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._busy.note(
-                "HTTP worklist busy: %d requests in progress, a request from %s answered 503",
-                self.max_requests, client_address[0],
-            )
-            _answer(request, _raw_response(
-                503, "Service Unavailable", {"error": "busy: too many requests in progress; retry"},
-                "Retry-After: 1\r\n",
-            ))
-            self.shutdown_request(request)
-            return
-        with self._heads_lock:
-            self._heads[id(request)] = head
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.take_head(request)
-            self._slots.release()
-            self.shutdown_request(request)
-            raise
+def _dashboard_routes(source: DashboardSource, patient_data: bool) -> list[Route]:
+    html_type = "text/html; charset=utf-8"
 
-    def take_head(self, request: socket.socket) -> bytes:
-        """The request line and headers already read from ``request`` (once)."""
-        with self._heads_lock:
-            return self._heads.pop(id(request), b"")
+    def front(_m: re.Match[str], _q: Query) -> Response:
+        return Response(200, dashboard_page(source, patient_data=patient_data), html_type)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def job_html(m: re.Match[str], _q: Query) -> Response:
+        job = source.job(int(m.group(1)))
+        if job is None:
+            return Response(404, not_found_page(f"No job {m.group(1)}."), html_type)
+        return Response(200, job_page(source, job, patient_data=patient_data), html_type)
 
-    def server_close(self) -> None:
-        super().server_close()
-        self._gatherer.stop()
+    def overview(m: re.Match[str], _q: Query) -> Response:
+        png = source.overview_png(int(m.group(1)))
+        if png is None:
+            return json_response(404, {"error": f"no overview image for job {m.group(1)}"})
+        return Response(200, png, "image/png")
 
+    def job_json(m: re.Match[str], _q: Query) -> Response:
+        job = source.job(int(m.group(1)))
+        if job is None:
+            return json_response(404, {"error": f"no job {m.group(1)}"})
+        return json_response(200, job_dict(job, source.outbox(job_id=job.id)))
 
-class WorklistHTTP:
-    """A read-only JSON view of the worklist: ``GET /worklist`` and ``GET /health``.
+    def outbox_json(_m: re.Match[str], _q: Query) -> Response:
+        health = OutboxHealth.of(source.outbox(unsent_only=True))
+        return json_response(200, {**health.as_dict(), "note": "research use only - not for diagnosis"})
 
-    Each connection gets ``timeout`` seconds to send its request line and headers (``max_request_bytes``
-    at most, else 431), read by one thread for all of them (``max_pending`` connections at most), so a
-    client that sends half a request holds no thread.  A complete request gets a thread of its own,
-    ``max_requests`` of them at most; beyond that it is answered 503 (Service Unavailable) at once and a
-    WARNING is logged (at most once a second, with a count).  ``timeout`` also bounds each write.
-
-    Every answered request but a successful ``/health`` is an audit event ``worklist.http`` (a line on
-    ``triaged.audit`` and, with ``recorder``, an ``audit_events`` row): method, path, client address,
-    status and the number of worklist rows returned.
-    """
-
-    def __init__(
-        self, rows: Callable[[], list[WorklistRow]], host: str, port: int, *, timeout: float = 10.0,
-        max_requests: int = HTTP_MAX_REQUESTS, max_request_bytes: int = HTTP_MAX_REQUEST_BYTES,
-        max_pending: int = HTTP_MAX_PENDING, recorder: EventRecorder | None = None,
-    ) -> None:
-        provider = rows
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "triaged"
-            rows_returned: int | None = None  # worklist rows in this request's answer, for the audit
-
-            def setup(self) -> None:
-                super().setup()
-                self.connection.settimeout(timeout)  # bounds each write to (and read from) a slow client
-                self.rfile.close()
-                self.rfile = io.BytesIO(cast(_BoundedHTTPServer, self.server).take_head(self.connection))
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
-                if path == "/health":
-                    self._send(200, {"status": "ok"})
-                elif path in ("/worklist", "/worklist.json"):
-                    try:
-                        data = [r.as_dict() for r in provider()]
-                        self.rows_returned = len(data)
-                        self._send(200, data)
-                    except Exception as exc:  # noqa: BLE001
-                        log.exception("HTTP worklist failed")
-                        self._send(503, {"error": f"ledger unavailable: {type(exc).__name__}"})
-                else:
-                    self._send(404, {"error": f"no such resource {path}; try /worklist"})
-
-            def do_POST(self) -> None:  # noqa: N802
-                self._send(405, {"error": "read-only"})
-
-            def _send(self, code: int, body: object) -> None:
-                data = json.dumps(body, indent=1).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("http %s - %s", self.address_string(), format % args)
-
-            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-                """Every response (send_response and send_error call this): the audit event."""
-                path = str(getattr(self, "path", "") or "").split("?", 1)[0][:200]
-                status = int(code) if isinstance(code, int) else str(code)
-                if path == "/health" and status == 200:
-                    return  # a monitor's probe every few seconds: no trail
-                client = peer_text(str(self.client_address[0]), int(self.client_address[1]))
-                method = str(getattr(self, "command", "") or "")[:16]
-                rows = self.rows_returned
-                audit(
-                    "worklist.http",
-                    f"HTTP {method or '?'} {path or '?'} from {client}: {status}"
-                    + (f", {rows} row(s)" if rows is not None else ""),
-                    peer=client, recorder=recorder, method=method, path=path, status=status, rows=rows,
-                )
-
-        self._server = _BoundedHTTPServer(
-            (host, port), Handler, timeout=timeout, max_requests=max_requests, max_request_bytes=max_request_bytes,
-            max_pending=max_pending,
-        )
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return (str(host), int(port))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="worklist-http", daemon=True)
-        self._thread.start()
-        log.info("worklist JSON on http://%s:%s/worklist", *self.address)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    return [
+        route("/(?:dashboard)?", front),
+        route("/jobs/([0-9]{1,12})", job_html),
+        route("/jobs/([0-9]{1,12})/overview\\.png", overview),
+        route("/api/jobs/([0-9]{1,12})", job_json),
+        route("/api/outbox", outbox_json),
+    ]
