@@ -24,7 +24,8 @@ Facts about the Debian package (Orthanc 1.10.1) that this helper relies on or wo
   instance already stored succeeds but keeps the first copy, so a resend after an outage does not
   add instances.
 
-The throwaway config loads no plugins (``Plugins: []``), stores uncompressed without fsync, and
+The throwaway config loads no plugins (``Plugins: []``) unless ``plugins`` names some (e.g.
+:func:`dicomweb_plugin`, Debian's ``orthanc-dicomweb``: then ``DicomWeb`` is enabled at ``/dicom-web/``), stores uncompressed without fsync, and
 keeps no jobs across restarts. ``extra_config`` overrides or adds any key. ``tls`` (an :class:`OrthancTLS`)
 turns on DICOM TLS: the DICOM server then accepts TLS only, and Orthanc uses TLS towards a modality whose
 entry says ``"UseDicomTls": true``.
@@ -61,6 +62,19 @@ from typing import Any, Self
 import pytest
 
 from tests.conftest import PORT_BLOCK, free_port
+
+#: Where Debian's ``orthanc-dicomweb`` puts its plugin (the first is a link to the second's versioned file).
+DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+
+
+def dicomweb_plugin() -> Path | None:
+    """The Orthanc DICOMweb plugin (``libOrthancDicomWeb.so*``), or None when it is not installed."""
+    for folder in DICOMWEB_PLUGIN_DIRS:
+        found = sorted(folder.glob("libOrthancDicomWeb.so*")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
 
 SYSTEM_SERVICE_PORTS = frozenset({4242, 8042})  # the Debian package's own service: never use these
 
@@ -130,6 +144,7 @@ class OrthancPeer:
         startup_timeout: float = 30.0,
         binary: str = "Orthanc",
         tls: OrthancTLS | None = None,
+        plugins: Sequence[Path] = (),
     ) -> None:
         if dicom_port is None or http_port is None:
             picked = iter(free_ports(2))
@@ -150,6 +165,7 @@ class OrthancPeer:
         self.startup_timeout = startup_timeout
         self.binary = binary
         self.tls = tls
+        self.plugins = tuple(Path(p) for p in plugins)
         self.config_path = self.folder / "orthanc.json"
         self.log_path = self.folder / "orthanc.log"
         self.url = f"http://127.0.0.1:{http_port}"
@@ -169,7 +185,7 @@ class OrthancPeer:
             "IndexDirectory": str(self.folder / "index"),
             "StorageCompression": False,
             "SyncStorageArea": False,
-            "Plugins": [],
+            "Plugins": [str(p) for p in self.plugins],
             "LuaScripts": [],
             "ConcurrentJobs": 1,
             "SaveJobs": False,
@@ -207,6 +223,8 @@ class OrthancPeer:
         }
         if self.tls is not None:
             data.update(self.tls.config())
+        if any("DicomWeb" in p.name for p in self.plugins):
+            data["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False}
         data.update(self.extra_config)
         return data
 
