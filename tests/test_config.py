@@ -443,3 +443,56 @@ destinations:
         parse_config(
             "listener:\n  tls: {certificate: a.pem, private_key: a.key, require_client_certificate: true}\n"
         )
+
+
+def test_schema_errors_and_unknown_names_are_reported_in_one_pass() -> None:
+    # Issue 15: a file with a schema error used to hide its unknown destinations and policies until fixed.
+    text = """\
+listener:
+  port: 99999
+destinations:
+  pacs: {ae_title: PACS, host: pacs.local, port: 104}
+routing:
+  default:
+    pipelines: [classical, nosuch]
+    destinations: [pacs, nowhere]
+  rules:
+    - name: icu
+      match: {calling_ae: CT_ICU}
+      action: {destinations: [{name: elsewhere, outputs: [sr]}], priority_policy: bogus}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "site.yaml")
+    problems = dict(info.value.problems)
+    assert problems["site.yaml:2: listener.port"].startswith("Input should be less than or equal to 65535")
+    assert problems["site.yaml:8: routing.default.destinations[1]"] == (
+        "unknown destination 'nowhere' (destinations: pacs)"
+    )
+    assert (
+        "unknown destination 'elsewhere'" in problems["site.yaml:12: routing.rules[0].action.destinations[0]"]
+    )
+    assert (
+        "unknown priority policy 'bogus'" in problems["site.yaml:12: routing.rules[0].action.priority_policy"]
+    )
+    assert len(problems) == 4
+    # the pipelines are checked against the registry (the config layer cannot import it): raw data works too
+    import yaml
+
+    unknown = validate_pipelines(yaml.safe_load(text), {"classical"}, source="site.yaml", text=text)
+    assert unknown == [
+        ("site.yaml:7: routing.default.pipelines[1]", "unknown pipeline 'nosuch' (pipelines: classical)")
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only comments\n# here\n", "---\n"])
+def test_an_empty_config_file_is_an_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        (
+            f"{path}:1",
+            "the file is empty: give at least one section (see config.yaml and docs/configuration.md)",
+        )
+    ]

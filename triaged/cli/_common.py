@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from triaged.config import Config, load_config
-from triaged.errors import ConfigError
+from triaged.errors import ConfigError, TriagedError
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 """What ``ArgumentParser.add_subparsers`` returns; each command group adds its parsers to it."""
@@ -64,3 +64,18 @@ def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--config", "-c", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)"
     )
     return p
+
+
+def pipeline_problem(pipeline: object) -> str | None:
+    """Why ``pipeline`` cannot run (its weights file is missing, corrupt or has no valid model card), or None.
+
+    Learned pipelines have ``verify()`` (sha256 against the model card, nothing loaded); others always run.
+    """
+    verify = getattr(pipeline, "verify", None)
+    if verify is None:
+        return None
+    try:
+        verify()
+    except TriagedError as exc:
+        return str(exc)
+    return None

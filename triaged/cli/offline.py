@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from triaged.cli._common import AddParser, Subparsers, _table, _write_json, with_config
+from triaged.cli._common import AddParser, Subparsers, _table, _write_json, pipeline_problem, with_config
 from triaged.config import Config, load_config
 from triaged.domain import RESEARCH_NOTE, Findings, p_covid_text
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 
 def _registry(config: Config | None = None):  # type: ignore[no-untyped-def]
@@ -39,8 +43,16 @@ def findings_table(findings: Findings) -> str:
                 f"{m.consolidation_pct:.1f}",
             ]
         )
+    lobe_names = {1: "RUL", 2: "RML", 3: "RLL", 4: "LUL", 5: "LLL"}
+    for lobe in findings.lobes:
+        name = f"{lobe_names.get(lobe.label, str(lobe.label))} (CT-SS {lobe.score})"
+        rows.append([name, f"{lobe.lobe_ml:.0f}", f"{lobe.lesion_ml:.0f}", f"{lobe.affected_pct:.1f}", ""])
     text = _table(["", "lung mL", "lesion mL", "affected %", "consolidation %"], rows)
     extra = [f"CT grade {findings.ct_grade.name} (worse lung {findings.severity_pct:.1f} %)"]
+    ctss = findings.ct_severity_score
+    extra.append(
+        "CT severity score not assessed (no lobes)" if ctss is None else f"CT severity score {ctss}/25"
+    )
     extra.append(p_covid_text(findings.p_covid))
     if findings.key_slices:
         extra.append("key slices " + ", ".join(str(z) for z in findings.key_slices))
@@ -49,6 +61,32 @@ def findings_table(findings: Findings) -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config.exists() else Config()
+    registry = _registry(config)
+    if args.list:
+        broken = 0
+        for name in registry.pipeline_names():
+            p = registry.get(name)
+            problem = pipeline_problem(p)
+            broken += problem is not None
+            state = "ok" if problem is None else "BROKEN"
+            print(f"{name:20s} {p.version:8s} {state:6s} {p.description}")
+            if problem is not None:
+                print(f"{'':36s}{problem}")
+        print(RESEARCH_NOTE)
+        return 1 if broken else 0
+    if args.path is None:
+        print("triaged analyze: give a DICOM folder or a NIfTI file (or --list)", file=sys.stderr)
+        return 2
+    pipeline = registry.get(args.pipeline or config.analysis.default_pipeline)
+    path: Path = args.path
+    if not path.exists():
+        print(f"triaged analyze: {path} does not exist", file=sys.stderr)
+        return 2
+    problem = pipeline_problem(pipeline)
+    if problem is not None:  # before the volume is read: a broken weights file is found in a second
+        print(f"triaged analyze: pipeline {pipeline.name!r}: {problem}", file=sys.stderr)
+        return 1
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
@@ -59,21 +97,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from triaged.encode.sc import render_overview
     from triaged.volume import UnusableUIDsError, load_nifti, load_series_folder, write_nifti
 
-    config = load_config(args.config) if args.config.exists() else Config()
-    registry = _registry(config)
-    if args.list:
-        for name in registry.pipeline_names():
-            p = registry.get(name)
-            print(f"{name:20s} {p.version:8s} {p.description}")
-        return 0
-    if args.path is None:
-        print("triaged analyze: give a DICOM folder or a NIfTI file (or --list)", file=sys.stderr)
-        return 2
-    pipeline = registry.get(args.pipeline or config.analysis.default_pipeline)
-    path: Path = args.path
-    if not path.exists():
-        print(f"triaged analyze: {path} does not exist", file=sys.stderr)
-        return 2
     out: Path = args.out or Path(f"{path.name.removesuffix('.gz').removesuffix('.nii')}-triaged")
     with tqdm(
         total=100, unit="%", desc="load", disable=args.quiet, bar_format="{desc:<28}{bar}| {n:.0f}%"
@@ -182,15 +205,47 @@ def _sr_severity(sr: object) -> float | None:
     return None
 
 
+def _route_hint(args: argparse.Namespace, called: str, header: Dataset) -> str:
+    """Where the node's routing (per ``--config``) sends this phantom's results, for a selftest that got none."""
+    from triaged.errors import ConfigError
+    from triaged.routing import StudyFacts, attributes_of, route
+
+    if not args.config.exists():
+        return (
+            f"no {args.config} to read the node's routing from: check that a route of the node sends results "
+            f"to {args.ae}@{args.listen_host}:{args.listen_port} (triaged rules test)"
+        )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return f"the node's routing cannot be read from {args.config}: {exc.problems[0][1] if exc.problems else exc}"
+    attrs = attributes_of(header)
+    decision = route(config, StudyFacts(called, args.ae, "127.0.0.1", study=dict(attrs), series=(attrs,)))
+    if decision.ignored:
+        return f"per {args.config}, rule {decision.rule!r} ignores the study: {decision.ignore_reason}"
+    where = []
+    for target in decision.destinations:
+        dest = config.destinations.get(target.name)
+        ae, host, port = (getattr(dest, k, None) for k in ("ae_title", "host", "port"))
+        where.append(f"{target.name} ({ae}@{host}:{port})" if ae else target.name)
+    sent = ", ".join(where) if where else "no destination"
+    return (
+        f"per {args.config}, the node's route {decision.rule!r} sends results to {sent}; to receive them here, "
+        f"add a destination {args.ae}@{args.listen_host}:{args.listen_port} to that route (or pass --ae, "
+        "--listen-host and --listen-port to match one)"
+    )
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
     from pydicom import dcmread
 
+    from triaged.errors import TriagedError
     from triaged.lab.datasets import read_dataset, write_demo_study
     from triaged.net.collector import ResultCollector
-    from triaged.net.scu import send_files
+    from triaged.net.scu import echo, send_files
 
     try:
         called, _, address = args.to.partition("@")
@@ -201,6 +256,22 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"triaged selftest: --to must be AE@host:port, not {args.to!r}", file=sys.stderr)
         return 2
+    try:  # is the node there at all?  Asked before a phantom is made (that takes a while)
+        status = echo(host, port, called, calling_ae=args.ae, timeout=10)
+    except TriagedError as exc:
+        print(
+            f"FAIL: the node {called}@{host}:{port} does not answer C-ECHO ({exc}); is it running "
+            "(triaged status), and do the AE title, host and port match its listener settings?",
+            file=sys.stderr,
+        )
+        return 1
+    if status != 0:
+        print(
+            f"FAIL: the node {called}@{host}:{port} answered C-ECHO with status 0x{status:04X}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"node {called}@{host}:{port} answers C-ECHO")
     spec = _spec_from_args(args, args.seed if args.seed is not None else int(time.time()) % 100000)
     collector = ResultCollector(args.ae, args.listen_host, args.listen_port)
     try:
@@ -217,7 +288,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             study = write_demo_study(spec, Path(tmp))
             [truth] = read_dataset(study.truth_dir)
-            study_uid = str(dcmread(study.dicom_files[0], stop_before_pixels=True).StudyInstanceUID)
+            study_header = dcmread(study.dicom_files[0], stop_before_pixels=True)
+            study_uid = str(study_header.StudyInstanceUID)
             print(
                 f"phantom {spec.kind} {truth.affected_pct_max:.1f} % (worse lung): {len(study.dicom_files)} files "
                 f"in {time.monotonic() - t0:.1f} s; study {study_uid}"
@@ -249,7 +321,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         if missing or not ({"OT", "SC"} & set(kinds)):
             got = f"only {', '.join(sorted(kinds))}" if kinds else "nothing"
             print(
-                f"FAIL: after {args.timeout:g} s {got} arrived for the study (SR, SEG and SC expected)",
+                f"FAIL: after {args.timeout:g} s {got} arrived for the study (SR, SEG and SC expected) at "
+                f"{args.ae}@{args.listen_host}:{args.listen_port}; {_route_hint(args, called, study_header)}",
                 file=sys.stderr,
             )
             return 1
@@ -370,7 +443,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         else:
             from triaged.lab.datasets import read_dataset
-            from triaged.lab.metrics import CaseResult, case_result, markdown_table, table2_row
+            from triaged.lab.metrics import (
+                CaseResult,
+                case_result,
+                lobe_dice_table,
+                markdown_table,
+                table2_row,
+            )
 
             folder = args.dataset.parent if args.dataset.is_file() else args.dataset
             if args.split != "all":
@@ -385,7 +464,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             with tqdm(total=len(cases) * len(names), disable=args.quiet, unit="run") as bar:
                 for case in cases:
                     volume = case.volume()
-                    truth = {m: case.mask(m) for m in ("lungs", "lesions", "consolidation")}
+                    truth = {m: case.mask(m) for m in ("lungs", "lesions", "consolidation", "lobes")}
                     for name, pipeline in pipelines.items():
                         bar.set_description_str(f"{name} {case.case_id}"[:32])
                         result = pipeline.run(volume)
@@ -401,15 +480,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 true_lesions=truth["lesions"] > 0,
                                 consolidation=result.masks.consolidation,
                                 true_consolidation=truth["consolidation"] > 0,
+                                lobes=result.masks.lobes,
+                                true_lobes=truth["lobes"],
                             )
                         )
                         bar.update()
             rows = [table2_row(name, results[name]) for name in names]
             print(
                 f"{len(cases)} phantom case(s) from {folder}; seed 004 Table 2 columns (ROC AUC of P(COVID-19), "
-                f"or of the severity where a pipeline has no classifier), plus lung and consolidation Dice."
+                f"or of the severity where a pipeline has no classifier), plus lung, consolidation and lobe Dice."
             )
             print(markdown_table(rows))
+            lobe_table = lobe_dice_table(rows)
+            if lobe_table:
+                print("Lobe Dice per lobe (seed 000; phantom lobes as reference):")
+                print(lobe_table)
             report.update(
                 kind="phantom dataset",
                 rows=[dataclasses.asdict(r) for r in rows],
@@ -488,7 +573,7 @@ def _add_eval(sub: Subparsers) -> None:
     p.add_argument(
         "--registry", help="module:function returning the pipeline registry (default: the config's)"
     )
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
 
@@ -496,7 +581,7 @@ def _add_train(sub: Subparsers) -> None:
     p = sub.add_parser(
         "train", help="train a learned model (multitask, consolidation-em) on a labelled dataset"
     )
-    p.add_argument("model", choices=["multitask", "consolidation-em"])
+    p.add_argument("model", choices=["multitask", "consolidation-em"], help="which model to train")
     p.add_argument(
         "--data",
         type=Path,
@@ -504,30 +589,44 @@ def _add_train(sub: Subparsers) -> None:
         "without it `multitask` trains on real data only",
     )
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, model.pt, manifest.yaml")
-    p.add_argument("--epochs", type=int, default=24)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=24, help="training epochs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--device", help="cpu or cuda (default: CUDA when present)")
     p.add_argument("--real-slices", type=Path, help="the MedSeg COVID-19 slices folder (CC BY-NC 4.0)")
     p.add_argument(
         "--test-data", type=Path, help="a labelled dataset with unseen seeds for the card's metrics"
     )
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
 
 def _phantom_options(p: argparse.ArgumentParser) -> None:
     """The phantom options shared by ``demo`` and ``selftest``."""
-    p.add_argument("--kind", choices=["healthy", "covid", "bacterial", "other"], default="covid")
+    p.add_argument(
+        "--kind",
+        choices=["healthy", "covid", "bacterial", "other"],
+        default="covid",
+        help="what the phantom shows (default %(default)s)",
+    )
     p.add_argument("--severity", type=float, help="affected %% of the worse lung (covid, bacterial)")
     p.add_argument("--matrix", type=int, default=512, help="rows = columns (default %(default)s)")
     p.add_argument("--slice-thickness", type=float, default=2.5, help="mm (0.6-10; default %(default)s)")
-    p.add_argument("--vendor", choices=["siemens", "ge", "philips", "canon"], default="siemens")
-    p.add_argument("--feet-first", action="store_true")
+    p.add_argument(
+        "--vendor",
+        choices=["siemens", "ge", "philips", "canon"],
+        default="siemens",
+        help="whose header conventions to imitate (default %(default)s)",
+    )
+    p.add_argument("--feet-first", action="store_true", help="patient position FFS instead of HFS")
     p.add_argument("--localizer", action="store_true", help="add a localizer series")
     p.add_argument("--dose-report", action="store_true", help="add a dose-screen image")
-    p.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES))
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument(
+        "--transfer-syntax",
+        choices=sorted(TRANSFER_SYNTAXES),
+        help="encode the images in this transfer syntax (default: explicit VR little endian)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _add_demo(sub: Subparsers) -> None:
@@ -535,26 +634,41 @@ def _add_demo(sub: Subparsers) -> None:
         "demo", help="write a synthetic chest CT study (or a labelled dataset) with ground truth"
     )
     _phantom_options(p)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed of the phantom (default %(default)s)")
     p.add_argument(
         "--dataset", type=int, metavar="N", help="write N labelled studies (balanced kinds) instead"
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder (DICOM files and ground truth)")
     p.set_defaults(func=cmd_demo)
 
 
 def _add_selftest(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "selftest", help="send a phantom to a running node, act as its destination, check results"
+    p = with_config(
+        sub.add_parser(
+            "selftest",
+            help="send a phantom to a running node, act as its destination, check results",
+            description="Checks the node answers C-ECHO, sends it a phantom study, receives its results as a "
+            "destination and compares the reported severity with the ground truth.  --config is the node's "
+            "config, read only to say where its routing sends results when none arrive.",
+        )
     )
     _phantom_options(p)
     p.add_argument("--to", required=True, help="the node as AE@host:port, e.g. TRIAGED@127.0.0.1:11112")
     p.add_argument(
         "--ae", default="TRIAGED_DEMO", help="our AE title as the destination (default %(default)s)"
     )
-    p.add_argument("--listen-host", default="127.0.0.1")
-    p.add_argument("--listen-port", type=int, default=11113)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--listen-host",
+        default="127.0.0.1",
+        help="address we listen on as the destination (default %(default)s)",
+    )
+    p.add_argument(
+        "--listen-port",
+        type=int,
+        default=11113,
+        help="port we listen on as the destination (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, help="random seed of the phantom (default: from the clock)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the results")
     p.add_argument("--tolerance", type=float, default=10.0, help="allowed severity error, percentage points")
     p.set_defaults(func=cmd_selftest)

@@ -7,12 +7,14 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from triaged.audit import audit
 from triaged.cli._common import AddParser, Subparsers, _ledger, _load, _table, with_config
-from triaged.domain import RESEARCH_NOTE, OutboxState
+from triaged.domain import RESEARCH_NOTE, JobState, OutboxState, outbox_status_text
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -63,9 +65,20 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from triaged.domain import JobState
+def _states(enum: type[JobState] | type[OutboxState]) -> dict[str, Any]:
+    """``--state`` options: one of the enum's values, any case (``--state bogus`` lists the valid ones)."""
+    values = [s.value for s in enum]
+    return {
+        "type": str.upper,
+        "choices": values,
+        "metavar": "STATE",
+        "action": "append",
+        "help": f"only {'jobs' if enum is JobState else 'items'} in this state, repeatable: "
+        f"{', '.join(values)} (any case)",
+    }
 
+
+def cmd_jobs(args: argparse.Namespace) -> int:
     config = _load(args.config)
     ledger = _ledger(config)
     try:
@@ -83,7 +96,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        states = [JobState(s.upper()) for s in args.state] if args.state else None
+        states = [JobState(s) for s in args.state] if args.state else None
         rows = ledger.jobs(states=states, limit=args.limit)
     finally:
         ledger.close()
@@ -110,10 +123,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     config = _load(args.config)
     ledger = _ledger(config)
     try:
-        states = [s.upper() for s in args.state] if args.state else None
+        states = list(args.state) if args.state else None
         items = ledger.outbox(job_id=args.job, states=states, limit=args.limit)
     finally:
         ledger.close()
+    types = {name: dest.type for name, dest in config.destinations.items()}
+    items = [replace(i, destination_type=types.get(i.destination, "")) for i in items]
     print(
         _table(
             [
@@ -136,7 +151,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     i.state,
                     i.attempts,
                     i.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S") if i.state == OutboxState.PENDING else "",
-                    f"0x{i.last_status:04X}" if i.last_status is not None else "",
+                    outbox_status_text(i),
                     i.last_error[:80],
                 ]
                 for i in items
@@ -444,24 +459,24 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 def _add_studies(sub: Subparsers) -> None:
     p = with_config(sub.add_parser("studies", help="studies in the ledger, most recent first"))
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50, help="at most this many studies (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the studies as JSON")
     p.set_defaults(func=cmd_studies)
 
 
 def _add_jobs(sub: Subparsers) -> None:
     p = with_config(sub.add_parser("jobs", help="jobs and their states; give a job id for its history"))
-    p.add_argument("job", type=int, nargs="?")
-    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("job", type=int, nargs="?", help="a job id: show that job's state history")
+    p.add_argument("--state", **_states(JobState))
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default %(default)s)")
     p.set_defaults(func=cmd_jobs)
 
 
 def _add_worklist(sub: Subparsers) -> None:
     p = with_config(sub.add_parser("worklist", help="studies in triage priority order, with the reasons"))
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="print the worklist as JSON")
+    fmt.add_argument("--csv", action="store_true", help="print the worklist as CSV")
     p.set_defaults(func=cmd_worklist)
 
 
@@ -478,9 +493,9 @@ def _add_rules(sub: Subparsers) -> None:
 
 def _add_outbox(sub: Subparsers) -> None:
     p = with_config(sub.add_parser("outbox", help="result objects waiting for or delivered to destinations"))
-    p.add_argument("--job", type=int)
-    p.add_argument("--state", action="append", help="PENDING, SENT or DEAD (repeatable)")
-    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--job", type=int, help="only this job's result objects")
+    p.add_argument("--state", **_states(OutboxState))
+    p.add_argument("--limit", type=int, default=200, help="at most this many items (default %(default)s)")
     p.set_defaults(func=cmd_outbox)
 
 
@@ -488,7 +503,7 @@ def _add_resend(sub: Subparsers) -> None:
     p = with_config(
         sub.add_parser("resend", help="send a job's result objects again (e.g. after a dead letter)")
     )
-    p.add_argument("job", type=int)
+    p.add_argument("job", type=int, help="the job id (see triaged jobs, triaged outbox --state DEAD)")
     p.set_defaults(func=cmd_resend)
 
 

@@ -7,8 +7,9 @@ Relative paths are resolved against the folder of the config file.
 
 from __future__ import annotations
 
+import os
 import ssl
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,17 @@ import yaml
 from pydantic import ValidationError
 
 from triaged.config.rules import DEFAULT_PRIORITY_POLICY, RouteAction
-from triaged.config.schema import Config, DestinationTLSConfig, ListenerTLSConfig
+from triaged.config.schema import (
+    DESTINATION_TYPES,
+    AnyDestinationConfig,
+    Config,
+    DestinationConfig,
+    DestinationTLSConfig,
+    ListenerTLSConfig,
+    SecretConfig,
+    StowDestinationConfig,
+    WebhookDestinationConfig,
+)
 from triaged.domain import UID_RE
 from triaged.errors import ConfigError
 
@@ -81,10 +92,19 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
                 for p in err["loc"]
                 if not (isinstance(p, str) and (p.startswith("function-") or p == "[key]"))
             )
+            if len(loc) > 2 and loc[0] == "destinations" and loc[2] in DESTINATION_TYPES:
+                loc = loc[:2] + loc[3:]  # the union's tag (the entry's type) is no YAML key
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = _unknown_setting_message(loc)
+            elif err["type"] == "destination_type" and isinstance(err["input"], dict):
+                loc = (*loc, "type")
+                msg = (
+                    f"unknown destination type {err['input'].get('type')!r} ({', '.join(DESTINATION_TYPES)})"
+                )
             problems.append((_where(source, lines, loc) + _format_path(loc), msg))
+        # the names routes refer to are checked too, on the raw YAML: every error in one pass
+        problems.extend(_raw_reference_checks(data, source, lines))
         raise ConfigError(source, problems) from exc
     problems.extend(_cross_checks(config, source, lines))
     problems.extend(_routing_checks(config, source, lines))
@@ -93,6 +113,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     problems.extend(_tls_checks(config, source, lines))
+    problems.extend(_destination_checks(config, source, lines))
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -163,8 +184,83 @@ def _routing_checks(
     return problems
 
 
+def _raw_actions(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], dict[str, Any]]]:
+    """``(yaml path, action mapping)`` of ``routing.default`` and every rule's action, in raw YAML data."""
+    routing = data.get("routing")
+    if not isinstance(routing, dict):
+        return []
+    actions: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
+    if isinstance(routing.get("default"), dict):
+        actions.append((("routing", "default"), routing["default"]))
+    rules = routing.get("rules")
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        if isinstance(rule, dict) and isinstance(rule.get("action"), dict):
+            actions.append((("routing", "rules", i, "action"), rule["action"]))
+    return actions
+
+
+def _raw_reference_checks(
+    data: dict[str, Any], source: str, lines: dict[tuple[str | int, ...], int]
+) -> list[tuple[str, str]]:
+    """:func:`_routing_checks`' unknown destinations and priority policies, on the raw YAML of a file
+    that failed the schema (so that ``check-config`` lists them with the schema errors, in one pass)."""
+    from triaged.config.rules import _builtin_policies
+
+    problems: list[tuple[str, str]] = []
+
+    def add(path: tuple[str | int, ...], message: str) -> None:
+        problems.append((_where(source, lines, path) + _format_path(path), message))
+
+    dests = data.get("destinations")
+    known_destinations = sorted(str(k) for k in dests) if isinstance(dests, dict) else []
+    priority = data.get("priority")
+    policies = priority.get("policies") if isinstance(priority, dict) else None
+    known_policies = sorted(str(k) for k in (policies if isinstance(policies, dict) else _builtin_policies()))
+    for path, action in _raw_actions(data):
+        targets = action.get("destinations")
+        for j, target in enumerate(targets if isinstance(targets, list) else []):
+            name = target.get("name") if isinstance(target, dict) else target
+            if isinstance(name, str) and name not in known_destinations:
+                add(
+                    (*path, "destinations", j),
+                    f"unknown destination {name!r} (destinations: {', '.join(known_destinations) or 'none'})",
+                )
+        policy = action.get("priority_policy")
+        if isinstance(policy, str) and policy not in known_policies:
+            add(
+                (*path, "priority_policy"),
+                f"unknown priority policy {policy!r} (priority.policies: {', '.join(known_policies)})",
+            )
+    return problems
+
+
+def _pipeline_references(config: Config | dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """``(yaml path, pipeline name)`` for every pipeline a config (or its raw YAML data) names."""
+    if isinstance(config, Config):
+        refs: list[tuple[tuple[str | int, ...], str]] = [
+            (("analysis", "default_pipeline"), config.analysis.default_pipeline)
+        ]
+        actions: list[tuple[tuple[str | int, ...], RouteAction]] = [
+            (("routing", "default"), config.routing.default)
+        ]
+        actions += [(("routing", "rules", i, "action"), r.action) for i, r in enumerate(config.routing.rules)]
+        for path, action in actions:
+            refs += [((*path, "pipelines", j), name) for j, name in enumerate(action.pipelines or ())]
+        return refs
+    refs = []
+    analysis = config.get("analysis")
+    if isinstance(analysis, dict) and isinstance(analysis.get("default_pipeline"), str):
+        refs.append((("analysis", "default_pipeline"), analysis["default_pipeline"]))
+    for path, raw in _raw_actions(config):
+        names = raw.get("pipelines")
+        for j, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str):
+                refs.append(((*path, "pipelines", j), name))
+    return refs
+
+
 def validate_pipelines(
-    config: Config,
+    config: Config | dict[str, Any],
     known: Container[str],
     *,
     source: str = "",
@@ -177,7 +273,8 @@ def validate_pipelines(
     ``triaged check-config`` call this with the registry itself (membership is what counts: a plug-in
     registry may answer names it does not list) and, for the message, the names it lists (``listed``;
     default: ``known`` when it is iterable).  Returns ``(where, message)`` pairs: ``where`` is the YAML
-    path, prefixed with ``"<source>:<line>: "`` when the file ``text`` is given.
+    path, prefixed with ``"<source>:<line>: "`` when the file ``text`` is given.  ``config`` may be the
+    raw YAML data of a file that failed the schema: then the names it spells out are checked.
     """
     lines = _line_index(text) if text is not None else {}
     problems: list[tuple[str, str]] = []
@@ -190,12 +287,8 @@ def validate_pipelines(
             where = _where(source, lines, path) if text is not None else ""
             problems.append((where + _format_path(path), f"unknown pipeline {name!r} (pipelines: {names})"))
 
-    check(("analysis", "default_pipeline"), config.analysis.default_pipeline)
-    for j, name in enumerate(config.routing.default.pipelines or ()):
-        check(("routing", "default", "pipelines", j), name)
-    for i, rule in enumerate(config.routing.rules):
-        for j, name in enumerate(rule.action.pipelines or ()):
-            check(("routing", "rules", i, "action", "pipelines", j), name)
+    for path, name in _pipeline_references(config):
+        check(path, name)
     return problems
 
 
@@ -222,7 +315,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return p if p.is_absolute() else (base / p).resolve()
 
     storage = config.storage.model_copy(
-        update={"spool": res(config.storage.spool), "ledger": res(config.storage.ledger)}
+        update={
+            "spool": res(config.storage.spool),
+            # A server ledger (LedgerURL) has no path to resolve.
+            "ledger": res(ledger) if isinstance(ledger := config.storage.ledger, Path) else ledger,
+        }
     )
     log = config.logging
     if log.file is not None:
@@ -235,16 +332,74 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     listener = config.listener
     if listener.tls is not None:
         listener = listener.model_copy(update={"tls": res_tls(listener.tls)})
-    destinations = {
-        name: d.model_copy(update={"tls": res_tls(d.tls)}) if d.tls is not None else d
-        for name, d in config.destinations.items()
-    }
+    destinations = {name: _resolve_destination(d, res, res_tls) for name, d in config.destinations.items()}
     return config.model_copy(
         update={"storage": storage, "logging": log, "listener": listener, "destinations": destinations}
     )
 
 
 _TLS = ListenerTLSConfig | DestinationTLSConfig
+
+
+def _resolve_destination(
+    dest: AnyDestinationConfig, res: Callable[[Path], Path], res_tls: Callable[[_TLS], _TLS]
+) -> AnyDestinationConfig:
+    """A destination with its TLS files, CA certificates and secret files relative to the config's folder."""
+
+    def res_secret(secret: SecretConfig) -> SecretConfig:
+        return secret.model_copy(update={"file": res(secret.file)}) if secret.file is not None else secret
+
+    if isinstance(dest, DestinationConfig):
+        return dest.model_copy(update={"tls": res_tls(dest.tls)}) if dest.tls is not None else dest
+    update: dict[str, Any] = {}
+    if (
+        isinstance(dest, WebhookDestinationConfig | StowDestinationConfig)
+        and dest.ca_certificates is not None
+    ):
+        update["ca_certificates"] = res(dest.ca_certificates)
+    if isinstance(dest, WebhookDestinationConfig):
+        update["headers"] = {
+            k: res_secret(v) if isinstance(v, SecretConfig) else v for k, v in dest.headers.items()
+        }
+    if isinstance(dest, StowDestinationConfig):
+        update.update(
+            {k: res_secret(v) for k in ("password", "token") if (v := getattr(dest, k)) is not None}
+        )
+    return dest.model_copy(update=update)
+
+
+def _destination_checks(
+    config: Config, source: str, lines: dict[tuple[str | int, ...], int]
+) -> list[tuple[str, str]]:
+    """The secrets and CA files of HTTP destinations: each environment variable set, each file readable."""
+    problems: list[tuple[str, str]] = []
+
+    def add(loc: tuple[str | int, ...], message: str) -> None:
+        problems.append((_where(source, lines, loc) + _format_path(loc), message))
+
+    for name, dest in config.destinations.items():
+        base: tuple[str | int, ...] = ("destinations", name)
+        secrets: list[tuple[tuple[str | int, ...], SecretConfig]] = []
+        if isinstance(dest, WebhookDestinationConfig):
+            secrets += [
+                ((*base, "headers", k), v) for k, v in dest.headers.items() if isinstance(v, SecretConfig)
+            ]
+        if isinstance(dest, StowDestinationConfig):
+            secrets += [((*base, k), v) for k in ("password", "token") if (v := getattr(dest, k)) is not None]
+        for loc, secret in secrets:
+            if secret.env is not None and not os.environ.get(secret.env):
+                add((*loc, "env"), f"environment variable {secret.env} is not set (or empty)")
+            if secret.file is not None:
+                try:
+                    if not secret.file.read_text(encoding="utf-8").strip():
+                        add((*loc, "file"), f"{secret.file} is empty")
+                except (OSError, UnicodeDecodeError) as exc:
+                    add((*loc, "file"), f"cannot read {secret.file}: {getattr(exc, 'strerror', None) or exc}")
+        ca = getattr(dest, "ca_certificates", None)
+        if isinstance(ca, Path):
+            for key, message in tls_file_problems(None, None, ca):
+                add((*base, key), message)
+    return problems
 
 
 class _EncryptedKeyError(Exception):
@@ -267,7 +422,7 @@ def _tls_checks(
     if config.listener.tls is not None:
         blocks.append((("listener", "tls"), config.listener.tls))
     for name, dest in config.destinations.items():
-        if dest.tls is not None:
+        if isinstance(dest, DestinationConfig) and dest.tls is not None:
             blocks.append((("destinations", name, "tls"), dest.tls))
     problems: list[tuple[str, str]] = []
     for path, tls in blocks:
@@ -371,6 +526,15 @@ def read_config_text(path: Path) -> str:
 def load_config(path: Path) -> Config:
     """Read and validate a config file; raise :class:`ConfigError` listing every problem.
 
-    Nothing else escapes: an unreadable file or one that is not UTF-8 is a :class:`ConfigError` too.
+    Nothing else escapes: an unreadable file or one that is not UTF-8 is a :class:`ConfigError` too, and
+    so is an empty file (or one of comments only): a node never runs on defaults by accident.
     """
-    return parse_config(read_config_text(path), str(path), base_dir=path.resolve().parent)
+    text = read_config_text(path)
+    try:
+        empty = yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        empty = False  # parse_config reports it, with its line
+    if empty:
+        message = "the file is empty: give at least one section (see config.yaml and docs/configuration.md)"
+        raise ConfigError(str(path), [(f"{path}:1", message)])
+    return parse_config(text, str(path), base_dir=path.resolve().parent)

@@ -48,7 +48,15 @@ from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Findings, Masks, Volume
 from triaged.nets import multitask as mt
 from triaged.nets import preprocess, wu
-from triaged.nets.weights import LoadedModel, load_model, model_dir, read_manifest, weights_present
+from triaged.nets.weights import (
+    MANIFEST,
+    LoadedModel,
+    WeightsError,
+    load_model,
+    model_dir,
+    read_manifest,
+    verify_weights,
+)
 
 F32 = npt.NDArray[np.float32]
 B = npt.NDArray[np.bool_]
@@ -317,7 +325,10 @@ class LearnedPipeline:
     ----------
     model : LoadedModel or path
         An already loaded model, or its folder (``models/<name>``): then the manifest is read now (for
-        ``version``) and the weights are verified and loaded on the first :meth:`run`.
+        ``version``) and the weights are verified and loaded on the first :meth:`run`.  A folder whose
+        model card cannot be read still makes a pipeline (listed, with the problem in its
+        :attr:`description`); :meth:`verify` and :meth:`run` raise the card's
+        :class:`~triaged.nets.weights.WeightsError`, which names the file.
     device : str or None
         None = CUDA when present, else CPU.
     allow_bf16 : bool
@@ -337,7 +348,16 @@ class LearnedPipeline:
     ) -> None:
         self._loaded = model if isinstance(model, LoadedModel) else None
         self._dir = model.directory if isinstance(model, LoadedModel) else Path(model)
-        self._manifest = model.manifest if isinstance(model, LoadedModel) else read_manifest(self._dir)
+        #: why the model card cannot be used (None: it can); raised by :meth:`verify` and :meth:`run`
+        self._card_error: WeightsError | None = None
+        if isinstance(model, LoadedModel):
+            self._manifest = model.manifest
+        else:
+            try:
+                self._manifest = read_manifest(self._dir)
+            except WeightsError as exc:
+                self._card_error = exc
+                self._manifest = {"name": self._dir.name, "version": "?", "architecture": {}, "weights": {}}
         self.device = device
         self.allow_bf16 = allow_bf16
         self.lung_params = lung_params or LungParams()
@@ -352,6 +372,11 @@ class LearnedPipeline:
 
     @property
     def description(self) -> str:
+        if self._card_error is not None:
+            return f"{self.seed_paper}. UNAVAILABLE: {self._card_error}"
+        weights = self._dir / str(self._manifest["weights"]["file"])
+        if self._loaded is None and not weights.is_file():
+            return f"{self.seed_paper}. UNAVAILABLE: {weights} is missing"
         arch = self._manifest.get("architecture", {})
         return (
             f"{self.seed_paper}; {arch.get('name')} with {arch.get('parameters', '?')} parameters, "
@@ -362,9 +387,24 @@ class LearnedPipeline:
     @property
     def model(self) -> LoadedModel:
         """The verified model, loaded on first use."""
+        if self._card_error is not None:
+            raise self._card_error
         if self._loaded is None:
             self._loaded = load_model(self._dir)
         return self._loaded
+
+    def verify(self) -> Path:
+        """The weights file after checking it against the model card (sha256), without loading it.
+
+        Raises
+        ------
+        WeightsError
+            The card is missing or invalid, or the weights file is missing or differs from the card's
+            sha256; the message names the file (and the expected sha256).
+        """
+        if self._card_error is not None:
+            raise self._card_error
+        return verify_weights(self._dir, self._manifest)
 
     network_message = "running the network"
 
@@ -553,18 +593,20 @@ def register_learned(
     models_root: Path | str | None = None,
     device: str | None = None,
 ) -> list[str]:
-    """Register the learned pipelines whose weights are present; return their names.
+    """Register the learned pipelines whose model folder is shipped (it has a model card); return their names.
 
     ``registry`` is a :class:`~triaged.analysis.registry.PipelineRegistry` (``register(pipeline)``) or
     any mapping (``registry[name] = pipeline``).  Only the manifests are read here; each pipeline verifies
     the sha256 and loads its weights on its first run (in the worker process), so a corrupted file fails
-    that job with a clear :class:`~triaged.nets.weights.WeightsError` instead of the node's start-up.
+    that job with a clear :class:`~triaged.nets.weights.WeightsError` instead of the node's start-up.  A
+    shipped model whose weights file is missing or corrupt, or whose card is invalid, is still registered:
+    asking for it then gives that error, naming the file, rather than "unknown pipeline".
     """
     added: list[str] = []
     root = Path(models_root) if models_root else None
     for name, (folder, _) in LEARNED.items():
-        if not weights_present(folder, root):
-            continue
+        if not (model_dir(folder, root) / MANIFEST).is_file():
+            continue  # not shipped
         pipeline = build_pipeline(name, root, device)
         if isinstance(registry, PipelineRegistry):
             registry.register(pipeline)

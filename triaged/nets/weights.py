@@ -15,6 +15,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,24 @@ from triaged.nets.multitask import MultitaskNet
 from triaged.nets.wu import ConsolidationEM
 
 MANIFEST: Final[str] = "manifest.yaml"
-#: The repository's ``models/`` folder (next to the ``triaged`` package in a source checkout).
-DEFAULT_MODELS_ROOT: Final[Path] = Path(__file__).resolve().parents[2] / "models"
+
+
+def _models_root() -> Path:
+    """Where the shipped models are: the package data folder ``triaged/models``, else the checkout's.
+
+    In a source checkout ``triaged/models`` is a symbolic link to the repository's top-level ``models/``
+    (where the weights live); a wheel carries the files themselves there (package data, see
+    ``pyproject.toml``), so an installed node finds them through :mod:`importlib.resources` wherever
+    it is installed.  A checkout without the link falls back to ``<repository>/models``.
+    """
+    packaged = importlib.resources.files("triaged").joinpath("models")
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+#: The shipped models: ``triaged/models`` (package data in a wheel, a link to ``models/`` in a checkout).
+DEFAULT_MODELS_ROOT: Final[Path] = _models_root()
 
 
 class WeightsError(TriagedError):
@@ -79,11 +96,15 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def model_dir(name_or_dir: str | Path, models_root: Path | None = None) -> Path:
-    """``models/<name>`` for a bare name, else the folder given."""
+    """``<models_root>/<name>`` for a bare name, else the folder given (made absolute, so that messages name it
+    wherever the command runs).  A bare name is looked up in the models root first, before a folder of that
+    name in the working directory."""
     p = Path(name_or_dir)
-    if p.is_dir() and (p / MANIFEST).is_file():
-        return p
     root = DEFAULT_MODELS_ROOT if models_root is None else Path(models_root)
+    if len(p.parts) == 1 and (root / p / MANIFEST).is_file():
+        return root / p
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return p.absolute()
     return root / str(name_or_dir)
 
 
@@ -126,9 +147,12 @@ def verify_weights(directory: Path, manifest: Mapping[str, Any] | None = None) -
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
     weights = Path(directory) / str(manifest["weights"]["file"])
-    if not weights.is_file():
-        raise WeightsError(f"{weights} is missing (the manifest names it)")
     expected = str(manifest["weights"]["sha256"]).lower()
+    if not weights.is_file():
+        raise WeightsError(
+            f"{weights} is missing: the model card {directory / MANIFEST} names it, with sha256 {expected} "
+            "(restore the shipped file or re-install the package)"
+        )
     actual = sha256_of(weights)
     if actual != expected:
         raise WeightsError(
