@@ -23,8 +23,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-# Test peers: DCMTK (storescu, echoscu, storescp, findscu), dicom3tools (dciodvfy) and Orthanc;
-# openssl makes the throwaway CA and certificates of the DICOM TLS tests.
+# Test peers: DCMTK (storescu, echoscu, storescp, findscu), dicom3tools (dciodvfy) and Orthanc with its
+# DICOMweb plugin (STOW-RS destination tests); openssl makes the throwaway CA and certificates of the DICOM
+# TLS tests; chromium is the real browser of the dashboard test; postgresql gives initdb/pg_ctl for the
+# throwaway PostgreSQL cluster the ledger tests start themselves (no system service is used).
 # Debian's orthanc package starts a system service on 4242/8042; the tests run their own, so stop it.
 sysdeps:
 	@missing=""; \
@@ -32,10 +34,14 @@ sysdeps:
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
 	command -v openssl  >/dev/null || missing="$$missing openssl"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing with apt"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	  ($(SUDO) systemctl disable --now orthanc || $(SUDO) service orthanc stop) >/dev/null 2>&1 || true; \
+	  ($(SUDO) systemctl disable --now postgresql || $(SUDO) service postgresql stop) >/dev/null 2>&1 || true; \
 	fi
 
 run: $(STAMP)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -23,17 +24,22 @@ from triaged import __version__
 from triaged.analysis.registry import load_registry
 from triaged.audit import audit
 from triaged.config import Config, LoggingConfig, parse_config
+from triaged.config.ledger_url import LedgerURL
 from triaged.config.load import read_config_text
 from triaged.domain import RESEARCH_NOTE, JobState
 from triaged.errors import ConfigError, StorageError
 from triaged.ledger import Ledger
+from triaged.metrics import NodeMetrics
+from triaged.net.receivers import ReceiverPool
 from triaged.net.scp import Listener, StoreService
 from triaged.net.worklist import WorklistFind, WorklistHTTP
+from triaged.observe import NodeView
 from triaged.scheduler import build_scheduler, reschedule
 from triaged.spool import Spool, SpoolLock
 from triaged.stages import Analysis, Completion, CompletionTimers, Dispatch, Recovery, Retention, Worklist
 from triaged.stages.complete import shortest_delay
-from triaged.worker import TaskQueue, WorkerPool, WorkerSettings
+from triaged.worker import WorkerPool, WorkerSettings
+from triaged.worker.queue import ClaimQueue
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class _JsonFormatter(logging.Formatter):
             out.update({k: v for k, v in fields.items() if k not in out})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # a receiver process's record: its traceback comes as text
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str)
 
 
@@ -68,8 +76,11 @@ def configure_logging(cfg: LoggingConfig) -> None:
     )
     for h in handlers:
         h.setFormatter(fmt)
+        h.setLevel(cfg.level)  # the output honours logging.level here, on the handlers...
         root.addHandler(h)
     root.setLevel(cfg.level)
+    # ...while the audit events (INFO) are always emitted: /metrics counts them (triaged.metrics).
+    logging.getLogger("triaged.audit").setLevel(min(logging.INFO, logging.getLevelNamesMapping()[cfg.level]))
     # pynetdicom logs every PDU at INFO; keep its chatter to warnings unless debugging.
     quiet = logging.DEBUG if cfg.level == "DEBUG" else logging.WARNING
     for chatty in ("pynetdicom", "alembic", "apscheduler.executors", "apscheduler.scheduler"):
@@ -121,50 +132,73 @@ class Node:
         self._applied_digest = _digest(config_text) if config_text is not None else None
         self._tried_digest = self._applied_digest
         self._stop = threading.Event()
+        #: This node's name and roles (``node:``, restart-only); ``shared``: other nodes may use the ledger.
+        self.name = config.node.name
+        self.roles = frozenset(config.node.roles)
+        self.shared = shared_ledger(config)
         self.ledger = Ledger(config.storage.ledger)
         self.spool = Spool(
             config.storage.spool,
             config.storage.min_free_mb,
-            clean_partial=True,
+            clean_partial=not self.shared,  # a shared spool's partial writes may be another node's, in progress
             quarantine_max_mb=config.storage.quarantine_max_mb,
         )
         current = self._current_config
         # Event-driven hand-offs: encoded results are sent at once, a queued job is offered to the workers
         # at once, each study completes at its own deadline; the scheduler's ticks are the safety net.
-        self.dispatch = Dispatch(self.ledger, self.spool, current, send_at_once=True)
+        self.dispatch = Dispatch(self.ledger, self.spool, current, send_at_once="dispatch" in self.roles,
+                                 node=self.name, lease_seconds=config.node.lease_seconds)
         self.analysis = Analysis(self.ledger, self.spool, current, self.dispatch,
-                                 on_queued=lambda _job_id: self.offer_queued())
+                                 on_queued=lambda _job_id: self.offer_queued(), node=self.name)
         self.completion = Completion(self.ledger, self.spool, current, self.analysis)
         self.timers = CompletionTimers(self.completion.complete_study, self._completion_delay)
         self.recovery = Recovery(self.ledger, self.spool, current, self.analysis)
         self.worklist = Worklist(self.ledger, self.spool, current)
         self.retention = Retention(self.ledger, self.spool, current)
-        self.service = StoreService(self.spool, self.ledger, config.listener, on_stored=self.timers.note)
+        # Without the complete role the study's deadline lives in the ledger (its last instance's time): the
+        # leader's sweep completes it.
+        on_stored = self.timers.note if "complete" in self.roles else _not_timed
+        self.service = StoreService(self.spool, self.ledger, config.listener, on_stored=on_stored)
         find = (
             WorklistFind(self.worklist.rows, self.worklist.study_header, recorder=self.ledger)
             if config.worklist.c_find else None
         )
-        self.listener = Listener(config.listener, self.service, find)
+        # listener.processes > 1: receiver processes on one listening socket (the parent's timers, logs)
+        self.listener: Listener | ReceiverPool = (
+            ReceiverPool(config, on_stored) if config.listener.processes > 1
+            else Listener(config.listener, self.service, find)
+        )
         self.http: WorklistHTTP | None = None
+        # The dashboard's and /metrics' read-only view of the node (issue 15), served by the same HTTP port.
+        self.view = NodeView(self.ledger, self.spool, self.worklist.rows, self.worklist.study_header,
+                             self.listener, current)
+        self.metrics = NodeMetrics(self.view, datetime.now(UTC))
         if config.worklist.http_port:
             self.http = WorklistHTTP(
                 self.worklist.rows, config.worklist.http_bind_address, config.worklist.http_port,
                 timeout=config.worklist.http_timeout_seconds, recorder=self.ledger,
+                headers=self.worklist.study_header, patient_data=config.worklist.http_patient_data,
+                dashboard=self.view, metrics=self.metrics.exposition,
             )
-        self.queue = TaskQueue(config.analysis.aging_seconds)
+        # The workers claim their jobs from the ledger (most urgent first, aging), as every node's do.
+        self.queue = ClaimQueue(self.analysis.claim_task)
         self.workers = WorkerPool(
-            self.queue, self.analysis.start_analysis, self.analysis.finish_analysis,
+            self.queue, self.analysis.owns, self.analysis.finish_analysis,
             still_wanted=self.analysis.analysis_wanted, on_encoding=self.analysis.start_encoding,
             workers=config.analysis.workers, settings=worker_settings(config),
             timeout=config.analysis.timeout_seconds, memory_limit_mb=config.analysis.memory_limit_mb,
         )
+        dispatching = "dispatch" in self.roles
         self.scheduler = build_scheduler(
             self.completion.complete_quiet_studies, config.completion.sweep_interval_seconds,
-            submit=self.offer_queued,
-            dispatch=self.dispatch.start_due, dispatch_interval_seconds=config.dispatch.interval_seconds,
+            submit=self.offer_queued if "analyse" in self.roles else None,
+            dispatch=self.dispatch.start_due if dispatching else None,
+            dispatch_interval_seconds=config.dispatch.interval_seconds,
             stop_dispatch=self.dispatch.stop,
             retention=self.retention.run_scheduled,
             retention_interval_seconds=config.retention.interval_minutes * 60,
+            leader=self.is_leader, heartbeat=self.heartbeat,
+            heartbeat_interval_seconds=config.node.heartbeat_seconds, reclaim=self.reclaim_expired,
         )
 
     def _current_config(self) -> Config:
@@ -176,11 +210,30 @@ class Node:
         return shortest_delay(self._config) + _TIMER_SLACK_SECONDS
 
     def offer_queued(self) -> int:
-        """Put the QUEUED jobs not yet waiting or running on the worker queue (at once, and every tick)."""
-        workers = getattr(self, "workers", None)  # a job queued during construction waits for the start
-        if workers is None:
-            return 0
-        return self.analysis.submit_queued(self.queue, workers.running)
+        """Tell the workers a job may be QUEUED (at once, and every tick): an idle one claims it now.
+
+        Returns 0: the jobs wait in the ledger, not in memory (:class:`~triaged.worker.queue.ClaimQueue`).
+        """
+        queue = getattr(self, "queue", None)  # a job queued during construction waits for the start
+        if queue is not None and "analyse" in self.roles:
+            queue.nudge()
+        return 0
+
+    def is_leader(self) -> bool:
+        """Whether this node runs the singletons now (completion sweep, retention, lease recovery).
+
+        Only a node with the ``complete`` role may lead; on a SQLite ledger it always does, on PostgreSQL
+        the node holding the ledger's leader lock (:meth:`~triaged.ledger.Ledger.is_leader`).
+        """
+        return "complete" in self.roles and self.ledger.is_leader()
+
+    def heartbeat(self) -> int:
+        """Record that this node is alive and extend its leases; returns how many leases were extended."""
+        return self.ledger.heartbeat(self.name, self._config.node.lease_seconds)
+
+    def reclaim_expired(self) -> tuple[list[int], int]:
+        """The leader's duty: take back the jobs and outbox rows of nodes whose leases ran out."""
+        return self.ledger.reclaim_expired(self.name)
 
     @property
     def config(self) -> Config:
@@ -189,13 +242,21 @@ class Node:
     def start(self) -> None:
         """Recover from the last stop, then listen and sweep."""
         log.info("triaged: %s", RESEARCH_NOTE)
+        log.info("node %s: roles %s; ledger %s", self.name, ", ".join(sorted(self.roles)),
+                 "shared with other nodes" if self.shared else "of this node only")
+        self.ledger.register_node(self.name, self._config.node.roles, version=__version__,
+                                  lease_seconds=self._config.node.lease_seconds)
         self.recovery.reconcile_spool()
-        self.recovery.resume_interrupted()
-        self.workers.start()  # warm before the first study: the processes import and load now
-        self.timers.start()
-        for job in self.ledger.jobs(states=[JobState.RECEIVING], limit=100000):
-            self.timers.note(job.study_instance_uid)  # received before the stop: a deadline from now
-        self.listener.start()
+        self.recovery.resume_interrupted(self.name, shared=self.shared)
+        if "analyse" in self.roles:
+            self.workers.start()  # warm before the first study: the processes import and load now
+        if "complete" in self.roles:
+            self.timers.start()
+            for job in self.ledger.jobs(states=[JobState.RECEIVING], limit=100000):
+                self.timers.note(job.study_instance_uid)  # received before the stop: a deadline from now
+        self.metrics.attach()  # before the listener: its first audit events are counted
+        if "receive" in self.roles:
+            self.listener.start()
         if self.http is not None:
             self.http.start()
         self.scheduler.start()
@@ -205,7 +266,8 @@ class Node:
             f"node started: triaged {__version__} as {self._config.listener.ae_title} on {host}:{port}",
             actor="node", recorder=self.ledger, version=__version__, config_sha256=self._applied_digest,
             config_file=str(self.config_path) if self.config_path else None, pid=os.getpid(),
-            ae_title=self._config.listener.ae_title, listening=f"{host}:{port}",
+            ae_title=self._config.listener.ae_title, listening=f"{host}:{port}" if "receive" in self.roles else None,
+            node=self.name, roles=sorted(self.roles),
         )
 
     def reload(self, *, from_signal: bool = True) -> bool:
@@ -249,9 +311,11 @@ class Node:
                 ("listener.port", self._config.listener.port, new.listener.port),
                 ("listener.bind_address", self._config.listener.bind_address, new.listener.bind_address),
                 ("listener.tls", self._config.listener.tls, new.listener.tls),
+                ("listener.processes", self._config.listener.processes, new.listener.processes),
                 ("listener.extra_storage_sop_classes", self._config.listener.extra_storage_sop_classes,
                  new.listener.extra_storage_sop_classes),
                 ("storage", self._config.storage, new.storage),
+                ("node", self._config.node, new.node),
             ) if old != cur
         ]
         for name in restart_needed:
@@ -266,6 +330,8 @@ class Node:
         self._config = new
         self._applied_digest = digest
         self.service.reload(new.listener)
+        if isinstance(self.listener, ReceiverPool):
+            self.listener.reload(new)
         if worker_settings(new) != self.workers.settings:
             log.info("config reload: analysis settings changed; the worker restarts between jobs")
             self.workers.reconfigure(worker_settings(new))
@@ -292,13 +358,16 @@ class Node:
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting, drain in-flight associations, stop the scheduler, close the ledger."""
         self._stop.set()
-        self.listener.stop(drain_seconds)
+        if "receive" in self.roles:
+            self.listener.stop(drain_seconds)
         if self.http is not None:
             self.http.stop()
+        self.metrics.detach()
         self.timers.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.workers.stop()
+        self._give_back()
         audit(
             "node.stopped",
             f"node stopped: triaged {__version__}",
@@ -308,12 +377,32 @@ class Node:
         self.ledger.close()
         log.info("stopped")
 
+    def _give_back(self) -> None:
+        """At a stop: jobs this node held go back to QUEUED (another node of a shared ledger takes them now,
+        this one at its next start), and the node is recorded as stopped."""
+        try:
+            if self.shared:
+                self.ledger.release_jobs(self.name, reason=f"interrupted by a stop of node {self.name}")
+            self.ledger.node_stopped(self.name)
+        except StorageError as exc:
+            log.warning("node %s: could not give its jobs back at the stop (its leases expire instead): %s",
+                        self.name, exc)
+
     def request_stop(self) -> None:
         self._stop.set()
 
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+
+def shared_ledger(config: Config) -> bool:
+    """Whether other nodes may share this config's ledger and spool: a PostgreSQL ledger."""
+    return isinstance(config.storage.ledger, LedgerURL)
+
+
+def _not_timed(study_uid: str) -> None:
+    """``on_stored`` of a node without the ``complete`` role: the leader's sweep completes the study."""
 
 
 def worker_settings(config: Config) -> WorkerSettings:
@@ -347,7 +436,7 @@ def serve(config_path: Path) -> int:
     config = parse_config(text, str(config_path), base_dir=config_path.resolve().parent)
     # Before anything touches the spool or the ledger (partial writes, reconcile, resumed jobs).
     try:
-        state_lock = SpoolLock(config.storage.spool)
+        state_lock = SpoolLock(config.storage.spool, shared=shared_ledger(config))
     except StorageError as exc:
         print(f"triaged serve: {exc}", file=sys.stderr)
         return 1

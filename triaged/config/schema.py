@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from triaged.config._model import _Model
+from triaged.config.ledger_url import LedgerLocation
 from triaged.config.rules import PriorityPolicyConfig, RoutingConfig, _builtin_policies
+from triaged.domain import PriorityLevel
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
 
@@ -134,6 +136,9 @@ class ListenerConfig(_Model):
     #: Connections (handshaking or associated) from one source address, at most; beyond it a connection is
     #: closed at accept (first the oldest still handshaking from that address, if any, makes room).
     max_associations_per_address: int = Field(8, ge=1, le=256)
+    #: Receiver processes sharing the listening socket (:mod:`triaged.net.receivers`); 1: the node receives
+    #: in its own process.  The three limits above apply per process.  Changes need a restart.
+    processes: int = Field(1, ge=1, le=64)
     #: DICOM TLS; when set (and enabled) the listener is TLS-only.  Changes need a restart.
     tls: ListenerTLSConfig | None = None
 
@@ -161,7 +166,9 @@ class StorageConfig(_Model):
     """Where received instances and the ledger live."""
 
     spool: Path = Path("var/spool")
-    ledger: Path = Path("var/ledger.sqlite")
+    #: A SQLite file (a path or ``sqlite:///path``) or a PostgreSQL server
+    #: (``postgresql://user:password@host:port/database``, run with psycopg 3; the password is never shown).
+    ledger: LedgerLocation = Path("var/ledger.sqlite")
     #: Refuse new instances with 0xA700 (out of resources) when less than this many MiB are free.
     min_free_mb: int = Field(500, ge=0)
     #: Most MiB kept in ``quarantine/`` (refused datasets); the oldest are deleted first (0: no cap).
@@ -215,8 +222,9 @@ class SeriesSelectionConfig(_Model):
 
 
 class DestinationConfig(_Model):
-    """A DICOM peer that receives results by C-STORE."""
+    """A DICOM peer that receives results by C-STORE (``type: dicom``, the default)."""
 
+    type: Literal["dicom"] = "dicom"
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
@@ -225,6 +233,146 @@ class DestinationConfig(_Model):
     tls: DestinationTLSConfig | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+#: The destination types: ``dicom`` and ``stow-rs`` receive the result objects (SR, SEG, SC), ``webhook``
+#: and ``hl7`` a notification per study whose priority level reaches their ``min_priority``.
+DESTINATION_TYPES: tuple[str, ...] = ("dicom", "webhook", "hl7", "stow-rs")
+#: The types that receive a notification instead of the result objects.
+NOTIFICATION_TYPES: frozenset[str] = frozenset({"webhook", "hl7"})
+
+
+class SecretConfig(_Model):
+    """A secret read when it is used, never written in the config: ``{env: NAME}`` or ``{file: path}``.
+
+    A file is relative to the config file's folder; its content is used with surrounding whitespace
+    stripped.  ``prefix`` goes before the value (e.g. ``"Bearer "`` for an Authorization header).
+    """
+
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: Path | None = None
+    prefix: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (an environment variable) or file (a file holding it)")
+        return self
+
+
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+
+
+def _check_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if parts.username or parts.password:
+        raise ValueError("put no credentials in the URL: use the auth settings (env or file)")
+    return value
+
+
+class _HTTPDestination(_Model):
+    """Settings every HTTP destination has: the URL, TLS verification and a timeout."""
+
+    url: str
+    #: Check the server's TLS certificate (https); ``false`` only for tests.
+    verify_tls: bool = True
+    #: CA certificates that signed the server's certificate; none: the system's trusted CAs.
+    ca_certificates: Path | None = None
+    #: Seconds to connect and to wait for the answer; none: ``dispatch.timeout_seconds``.
+    timeout_seconds: float | None = Field(None, gt=0)
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+
+
+class WebhookDestinationConfig(_HTTPDestination):
+    """A JSON POST of a notification (``type: webhook``); retried through the outbox like any result."""
+
+    type: Literal["webhook"]
+    #: HTTP headers: a literal value, or a secret (``{env: HOOK_TOKEN, prefix: "Bearer "}``).
+    headers: dict[str, str | SecretConfig] = Field(default_factory=dict)
+    #: Only studies at this priority level or a more urgent one are notified.
+    min_priority: PriorityLevel = PriorityLevel.STAT
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, v: dict[str, str | SecretConfig]) -> dict[str, str | SecretConfig]:
+        for name in v:
+            if not _HEADER_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return v
+
+
+class HL7DestinationConfig(_Model):
+    """An HL7 v2.5 ORU^R01 over MLLP per notified study (``type: hl7``); the receiver's ACK decides."""
+
+    type: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: MSH-3 / MSH-4 / MSH-5 / MSH-6.
+    sending_application: str = Field("TRIAGED", min_length=1, max_length=227)
+    sending_facility: str = Field("", max_length=227)
+    receiving_application: str = Field("", max_length=227)
+    receiving_facility: str = Field("", max_length=227)
+    #: MSH-11: ``P`` production, ``T`` training, ``D`` debugging.
+    processing_id: Literal["P", "T", "D"] = "P"
+    #: Seconds to connect and to wait for the ACK; none: ``dispatch.timeout_seconds``.
+    timeout_seconds: float | None = Field(None, gt=0)
+    #: Only studies at this priority level or a more urgent one are notified.
+    min_priority: PriorityLevel = PriorityLevel.STAT
+
+    @field_validator("sending_application", "sending_facility", "receiving_application", "receiving_facility")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        if any(c in v for c in "|^~\\&\r\n"):
+            raise ValueError(f"{v!r} may not contain HL7 delimiters (| ^ ~ \\ &) or line breaks")
+        return v
+
+
+class StowDestinationConfig(_HTTPDestination):
+    """A DICOMweb server that stores the result objects by STOW-RS (``type: stow-rs``).
+
+    ``url`` is the DICOMweb service root (e.g. ``https://pacs.example.org/dicom-web``); the objects are
+    POSTed to ``<url>/studies``.  Authentication: ``username`` with ``password`` (HTTP Basic) or ``token``
+    (a Bearer token), both secrets.
+    """
+
+    type: Literal["stow-rs"]
+    username: str | None = None
+    password: SecretConfig | None = None
+    token: SecretConfig | None = None
+
+    @model_validator(mode="after")
+    def _auth(self) -> Self:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together (HTTP Basic authentication)")
+        if self.token is not None and self.username is not None:
+            raise ValueError("give either username/password or token, not both")
+        return self
+
+
+def _destination_type(value: Any) -> str:
+    """The ``type`` of a destination entry; an entry without one is a DICOM peer."""
+    if isinstance(value, dict):
+        return str(value.get("type", "dicom"))
+    return str(getattr(value, "type", "dicom"))
+
+
+#: One entry of ``destinations:``, told apart by its ``type`` (default ``dicom``).
+AnyDestinationConfig = Annotated[
+    Annotated[DestinationConfig, Tag("dicom")]
+    | Annotated[WebhookDestinationConfig, Tag("webhook")]
+    | Annotated[HL7DestinationConfig, Tag("hl7")]
+    | Annotated[StowDestinationConfig, Tag("stow-rs")],
+    Discriminator(
+        _destination_type,
+        custom_error_type="destination_type",
+        custom_error_message="unknown destination type: type is one of " + ", ".join(DESTINATION_TYPES),
+    ),
+]
 
 
 class AnalysisConfig(_Model):
@@ -260,6 +408,10 @@ class DispatchConfig(_Model):
     max_age_hours: float = Field(24.0, gt=0)
     calling_ae_title: AETitle = "TRIAGED"
     timeout_seconds: float = Field(30.0, gt=0)
+    #: What an IGNORED study's destinations get: ``sr``, a short SR saying why it was not analysed (to
+    #: the destinations that take SRs; routing's default destinations for a study a rule ignored), or
+    #: ``none``.
+    ignored_report: Literal["sr", "none"] = "sr"
 
 
 class WorklistConfig(_Model):
@@ -274,6 +426,9 @@ class WorklistConfig(_Model):
     #: Seconds a client of the HTTP endpoint has to send its whole request (request line and headers) and
     #: the limit on each later socket read or write; a slower client is disconnected.
     http_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    #: Also return PatientID and PatientName (the values C-FIND returns) in ``GET /worklist`` and show them
+    #: on the dashboard.  Off by default: the HTTP endpoint has no caller to check, unlike C-FIND.
+    http_patient_data: bool = False
 
     _bind = field_validator("http_bind_address")(classmethod(lambda cls, v: check_ip_address(v)))
 
@@ -282,6 +437,49 @@ class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
     file: Path | None = None
+
+
+#: What a node can do (``node.roles``); a node without a role leaves that work to the nodes with it.
+NodeRole = Literal["receive", "complete", "analyse", "dispatch"]
+NODE_ROLES: tuple[NodeRole, ...] = ("receive", "complete", "analyse", "dispatch")
+
+
+def _hostname() -> str:
+    """The default node name: the host's name (``uname -n``), cut to what the ledger stores."""
+    import os
+
+    name = re.sub(r"[^A-Za-z0-9_.@:-]", "-", os.uname().nodename)
+    return name[:64] or "triaged"
+
+
+class NodeConfig(_Model):
+    """This node's identity and roles when several nodes share one PostgreSQL ledger (restart-only)."""
+
+    #: Unique among the nodes sharing a ledger; shown in job history, logs and ``triaged status``.
+    name: str = Field(default_factory=_hostname, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@:-]+$")
+    #: receive: listen for DICOM; complete: completion timers and (as leader) the sweep, retention and lease
+    #: recovery; analyse: run the analysis worker; dispatch: send results.
+    roles: list[NodeRole] = Field(default_factory=lambda: list(NODE_ROLES), min_length=1)
+    #: A claimed job or outbox row belongs to this node for this long after its last heartbeat.
+    lease_seconds: float = Field(60.0, gt=0)
+    #: How often the node records that it is alive and extends its leases.
+    heartbeat_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"roles listed twice: {sorted({r for r in v if v.count(r) > 1})}")
+        return v
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Self:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of lease_seconds "
+                f"({self.lease_seconds:g}), so one late heartbeat does not lose the node's leases"
+            )
+        return self
 
 
 class PriorityConfig(_Model):
@@ -301,7 +499,7 @@ class Config(_Model):
     retention: RetentionConfig = Field(default_factory=lambda: RetentionConfig())
     completion: CompletionConfig = Field(default_factory=lambda: CompletionConfig())
     series_selection: SeriesSelectionConfig = Field(default_factory=lambda: SeriesSelectionConfig())
-    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestinationConfig] = Field(default_factory=dict)
     analysis: AnalysisConfig = Field(default_factory=lambda: AnalysisConfig())
     dispatch: DispatchConfig = Field(default_factory=lambda: DispatchConfig())
     worklist: WorklistConfig = Field(default_factory=lambda: WorklistConfig())
@@ -310,3 +508,4 @@ class Config(_Model):
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
     priority: PriorityConfig = Field(default_factory=lambda: PriorityConfig())
+    node: NodeConfig = Field(default_factory=lambda: NodeConfig())
