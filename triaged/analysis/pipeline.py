@@ -11,6 +11,7 @@ Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
     Seed 004's thresholding baseline for lesions (Goncharov et al. 2021, Sections 2.1.2 and 5.1) and
     seed 001's −200 HU consolidation baseline (Wu et al. 2020, Section III-C). Version 1.1: the z blur
     repeats the end slices instead of padding with zeros (findings at the ends of a stack survive).
+    Version 1.2 (both pipelines): lobes and the CT severity score.
 ``classical``
     The vessel-suppressed density variant of :func:`triaged.analysis.lesions.classical_lesions` and
     its consolidation. Version 1.1: components that are not pneumonia on a real scan (faint haze,
@@ -196,7 +197,7 @@ class ThresholdPipeline:
     """Seed 004's thresholding baseline + seed 001's −200 HU consolidation (module docstring)."""
 
     name: str = "threshold"
-    version: str = "1.1"
+    version: str = "1.2"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "HU thresholding baseline of Goncharov et al. 2021 (seed 004): [-700, 300] HU in the lungs, "
@@ -237,7 +238,7 @@ class ClassicalPipeline:
     """Vessel-suppressed density lesions and consolidation (module docstring)."""
 
     name: str = "classical"
-    version: str = "1.1"
+    version: str = "1.2"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "Classical lesion segmentation: lung HU extended past the pleura, per-slice grey opening "
