@@ -13,7 +13,16 @@ Latency (issue 13): `triaged serve` with the default config (a storescp destinat
 weights are present), and the time from its last C-STORE to the last result object acknowledged by
 storescp is printed per stage from the ledger's job history; then ten 100-slice studies back to back:
 total (first COMPLETE to last acknowledgement) against the sum of their analysis + encode times (target
-<= 1.2x).  ``BENCH_PARTS`` chooses the parts (``receive,latency,batch``), ``BENCH_PIPELINES`` the pipelines.
+<= 1.2x).  ``BENCH_PARTS`` chooses the parts (``receive,latency,batch,cluster``), ``BENCH_PIPELINES`` the
+pipelines.
+
+Cluster (issue 16): studies per minute on the same phantom set (eight 100-slice studies, ``classical``;
+``BENCH_CLUSTER_STUDIES`` changes the count) through nodes sharing a throwaway PostgreSQL ledger
+(``tests/pg.py``) and one spool folder: a receiver node (roles receive, complete, dispatch) and 1, then 2,
+analysing nodes (role analyse); first COMPLETE -> last result acknowledged, and the ratio.  Each analyser
+uses ``analysis.threads`` CPU threads, so on a machine with two cores the ratio stays near 1 (up to about
+1.5, from overlapping volume loading and encoding): more analysers help where there are cores (or GPUs)
+for them.
 
 Not a test: these machines are shared and noisy, so read the ratios, and run it twice if one looks off.
 """
@@ -341,7 +350,7 @@ def bench_receive_busy(work: Path, files: list[Path]) -> None:
     )
 
 
-PARTS = os.environ.get("BENCH_PARTS", "receive,latency,batch").split(",")
+PARTS = os.environ.get("BENCH_PARTS", "receive,latency,batch,cluster").split(",")
 
 
 def phantom_study(folder: Path, slices: int, seed: int) -> Path:
@@ -462,6 +471,109 @@ def bench_batch(work: Path, studies: list[Path]) -> None:
           f"{', '.join(format(t['queue'], '.1f') for t in times)} s", flush=True)
 
 
+def _cluster_rate(work: Path, url: str, studies: list[Path], analysers: int) -> tuple[float, float]:
+    """Studies per minute (first COMPLETE -> last ack) through one receiver node and ``analysers`` analysing
+    nodes on the PostgreSQL ledger ``url``; also the sum of analysis + encode seconds."""
+    import yaml
+
+    from triaged.domain import JobState
+    from triaged.ledger import Ledger
+
+    work.mkdir(parents=True)
+    dest_port, port = free_port(), free_port()
+    (work / "received").mkdir()
+    storescp = subprocess.Popen(["storescp", "-od", str(work / "received"), "+xa", str(dest_port)], env=ENV)
+    procs: list[subprocess.Popen[bytes]] = []
+    names = {
+        "rx": ["receive", "complete", "dispatch"],
+        **{f"analyser-{i}": ["analyse"] for i in range(analysers)},
+    }
+    ledger = Ledger(url)  # migrates the empty database before the nodes start
+    try:
+        for name, roles in names.items():
+            config = {
+                "listener": {
+                    "bind_address": "127.0.0.1",
+                    "port": port if "receive" in roles else free_port(),
+                },
+                "storage": {"spool": str(work / "spool"), "ledger": url, "min_free_mb": 0},
+                "node": {"name": name, "roles": roles},
+                "completion": {"delay_seconds": 2, "sweep_interval_seconds": 0.5},
+                "dispatch": {"interval_seconds": 1},
+                "destinations": {"dest": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}},
+                "routing": {"default": {"pipelines": ["classical"], "destinations": ["dest"]}},
+                "logging": {"level": "WARNING"},
+                "worklist": {"http_port": 0},
+            }
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "triaged.cli", "serve", "--config", str(path)], env=ENV
+                )
+            )
+        wait_port(dest_port)
+        wait_port(port)
+        deadline = time.monotonic() + 120
+        while {n.name for n in ledger.nodes()} != set(names):
+            if time.monotonic() > deadline:
+                raise SystemExit("the cluster's nodes did not start within 120 s")
+            time.sleep(0.5)
+        time.sleep(5)  # the workers are warm with their nodes; leave them the time a real node has
+        for folder in studies:
+            send(folder, port, "TRIAGED")
+        deadline = time.monotonic() + 3600
+        while True:
+            failed = ledger.jobs(states=[JobState.FAILED, JobState.IGNORED], limit=100)
+            if failed:
+                raise SystemExit(f"job {failed[0].id} {failed[0].state.value}: {failed[0].detail}")
+            done = ledger.jobs(states=[JobState.DONE], limit=1000)
+            if len(done) >= len(studies):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"fewer than {len(studies)} job(s) DONE after an hour")
+            time.sleep(0.5)
+        last_seen = {s.study_instance_uid: s.last_seen for s in ledger.studies(limit=1000)}
+        times = [LatencyNode._stages(ledger, ledger.job(j.id), last_seen) for j in done]
+    finally:
+        ledger.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+        storescp.terminate()
+        storescp.wait()
+    total = max(t["acked_at"] for t in times) - min(t["complete_at"] for t in times)
+    return len(studies) * 60.0 / total, sum(t["analysis"] + t["encode"] for t in times)
+
+
+def bench_cluster(work: Path, studies: list[Path]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.pg: the tests' throwaway PostgreSQL
+    from tests.pg import PostgresCluster, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        print(
+            "\n# cluster: skipped, no PostgreSQL server binaries (initdb, pg_ctl): `make sysdeps`", flush=True
+        )
+        return
+    pg = PostgresCluster(bindir, free_port())
+    try:
+        rates = {n: _cluster_rate(work / f"cluster-{n}", pg.new_database(), studies, n) for n in (1, 2)}
+    finally:
+        pg.stop()
+    (one, work1), (two, work2) = rates[1], rates[2]
+    print(
+        f"\n# cluster: {len(studies)} x 100-slice studies (classical) through a receiver node and 1 or 2 "
+        f"analysing nodes on one PostgreSQL ledger: 1 analyser {one:.2f} studies/min (analysis + encode "
+        f"{work1:.0f} s), 2 analysers {two:.2f} studies/min ({work2:.0f} s); ratio {two / one:.2f}. "
+        f"This machine has {os.cpu_count()} CPU(s): with 2 a ratio near 1 is expected (1.0-1.5: both "
+        "analysers share the same cores and gain only by overlapping their single-threaded parts, volume "
+        "loading and encoding); a ratio near 2 needs the cores (or a GPU) for each analyser.",
+        flush=True,
+    )
+
+
 def main() -> int:
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -480,6 +592,11 @@ def main() -> int:
             bench_latency(work, phantom_study(work / "phantom-300", SLICES, 11), names)
         if "batch" in PARTS:
             bench_batch(work, [phantom_study(work / f"phantom-100-{i}", 100, 100 + i) for i in range(10)])
+        if "cluster" in PARTS:
+            count = int(os.environ.get("BENCH_CLUSTER_STUDIES", "8"))
+            bench_cluster(
+                work, [phantom_study(work / f"cluster-100-{i}", 100, 200 + i) for i in range(count)]
+            )
     return 0
 
 

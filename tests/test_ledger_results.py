@@ -210,3 +210,16 @@ def test_a_queued_job_reads_back_its_typed_route(ledger_location: Path | str) ->
         assert (job.route, ledger.route_decision(job)) == (empty.to_json(), empty)
         ledger.record_instance(_record(2), association_id=None)  # supersedes it; the new job is not queued
         assert ledger.route_decision(ledger.jobs()[0]) is None
+
+
+def test_enqueue_outbox_counts_only_the_objects_it_added(ledger_location: Path | str) -> None:
+    """The count the job history shows ("3 queued for pacs"): exact on both dialects, 0 for a resumed job."""
+    with Ledger(ledger_location) as ledger:
+        job_id = _analysing(ledger)
+        items = [("pacs", kind, f"work/1/{kind}.dcm", "1.2.840.10008.5.1.4.1.1.88.34", f"1.2.3.9.{n}")
+                 for n, kind in enumerate(("sr", "seg", "sc"))]
+        assert ledger.enqueue_outbox(job_id, items) == 3
+        assert ledger.enqueue_outbox(job_id, items) == 0  # idempotent: a resumed job adds nothing
+        more = [("pacs", "sr", "work/1/sr2.dcm", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3.9.7")]
+        assert ledger.enqueue_outbox(job_id, items[:2] + more) == 1
+        assert len(ledger.outbox(job_id=job_id)) == 4

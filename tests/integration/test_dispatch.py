@@ -311,7 +311,9 @@ def test_each_acknowledgement_is_recorded_as_it_comes_so_a_kill_resends_only_the
             items = ledger.outbox(job_id=job_id)
             assert [i.state for i in items] == ["SENT"] * 3 + ["PENDING"] * 3
             assert [i.last_status for i in items[:3]] == [0, 0, 0]
-            # The restarted dispatcher sends only what was not acknowledged.
+            # The restarted node gives back the claims its killed dispatcher held (its start-up
+            # recovery, Recovery.resume_interrupted), then sends only what was not acknowledged.
+            assert ledger.release_outbox(node="local") == 3  # the node name a bare Dispatch claims under
             pacs.hold_at = None
             assert Dispatch(ledger, Spool(config.storage.spool), lambda: config).dispatch_due() == 3
             assert ledger.job(job_id).state is JobState.DONE

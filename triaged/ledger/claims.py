@@ -15,8 +15,9 @@ A node registers itself (:meth:`ClaimsMixin.register_node`) and beats (:meth:`Cl
 A node that stops beating loses its leases ``lease_seconds`` later; the leader's
 :meth:`ClaimsMixin.reclaim_expired` then puts its jobs back to QUEUED (a history row names the node) and
 frees its outbox rows, and any node claims them again.  The leader (:meth:`ClaimsMixin.is_leader`) is the
-node holding a session-level PostgreSQL advisory lock on a connection of its own; on SQLite the one node
-is always the leader (the spool lock keeps a second node off a SQLite ledger).
+node holding a session-level PostgreSQL advisory lock on a connection of its own (named after the node, so
+:meth:`ClaimsMixin.leader` can tell ``triaged status`` who leads); on SQLite the one node is always the
+leader (the spool lock keeps a second node off a SQLite ledger).
 """
 
 from __future__ import annotations
@@ -506,6 +507,7 @@ class ClaimsMixin(JobsMixin):
                 text(
                     "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+                    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                     "AND l.classid = CAST(:ns AS oid) AND l.objid = CAST(:key AS oid)"
                 ),
                 {"ns": ADVISORY_NAMESPACE, "key": ADVISORY_LEADER},

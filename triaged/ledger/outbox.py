@@ -55,7 +55,8 @@ class OutboxMixin(LedgerBase):
             index_elements=[_outbox.c.job_id, _outbox.c.destination, _outbox.c.sop_instance_uid]
         )
         with self._write("enqueue_outbox") as conn:
-            return int(conn.execute(stmt, rows).rowcount or 0)
+            # RETURNING counts the rows added on both dialects (psycopg's executemany rowcount is -1)
+            return len(conn.execute(stmt.returning(_outbox.c.id), rows).all())
 
     @staticmethod
     def _outbox_row(r: Any) -> OutboxEntry:
