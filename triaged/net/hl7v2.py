@@ -24,7 +24,7 @@ import hl7.mllp
 
 from triaged.config.schema import AnyDestinationConfig, HL7DestinationConfig
 from triaged.errors import DispatchError
-from triaged.net.notify import Delivery, Notification
+from triaged.net.notify import Delivery, Notification, send_each
 from triaged.net.scu import SendResult, StopSignal
 
 log = logging.getLogger(__name__)
@@ -199,13 +199,10 @@ class HL7Destination:
     ) -> list[SendResult]:
         if not isinstance(dest, HL7DestinationConfig):
             raise DispatchError(f"an HL7 sender was given a {dest.type} destination")
-        results: list[SendResult] = []
-        for path in paths:
-            if stop.is_set():
-                break
-            result = send_oru(
-                Notification.read(path), dest, timeout=dest.timeout_seconds or timeout, path=str(path)
-            )
-            results.append(result)
-            on_result(result)
-        return results
+        seconds = dest.timeout_seconds or timeout
+        return send_each(
+            paths,
+            lambda notification, path: send_oru(notification, dest, timeout=seconds, path=path),
+            on_result,
+            stop,
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from triaged.config.schema import SecretConfig
 from triaged.domain import RESEARCH_NOTE
 from triaged.errors import DispatchError
-from triaged.net.scu import SendResult
+from triaged.net.scu import SendResult, StopSignal
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,24 @@ def http_reason(status: int, reason: str, body: str) -> str:
     """``"HTTP 400 Bad Request: <the start of the body>"``, on one line."""
     text = " ".join(body.split())[:200]
     return f"HTTP {status} {reason}".strip() + (f": {text}" if text else "")
+
+
+def send_each(
+    paths: Sequence[Path],
+    send_one: Callable[[Notification, str], SendResult],
+    on_result: Callable[[SendResult], None],
+    stop: StopSignal,
+) -> list[SendResult]:
+    """The notification destinations' loop: each item's notification sent on its own, in order.
+
+    ``send_one(notification, path)`` delivers one; its result goes to ``on_result`` at once (the outbox
+    records it before the next is sent); ``stop`` set leaves the rest unsent.
+    """
+    results: list[SendResult] = []
+    for path in paths:
+        if stop.is_set():
+            break
+        result = send_one(Notification.read(path), str(path))
+        results.append(result)
+        on_result(result)
+    return results

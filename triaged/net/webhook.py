@@ -15,7 +15,15 @@ import requests
 from triaged import __version__
 from triaged.config.schema import AnyDestinationConfig, SecretConfig, WebhookDestinationConfig
 from triaged.errors import DispatchError
-from triaged.net.notify import Delivery, Notification, http_reason, http_retryable, read_secret, tls_verify
+from triaged.net.notify import (
+    Delivery,
+    Notification,
+    http_reason,
+    http_retryable,
+    read_secret,
+    send_each,
+    tls_verify,
+)
 from triaged.net.scu import SendResult, StopSignal
 
 log = logging.getLogger(__name__)
@@ -74,13 +82,10 @@ class WebhookDestination:
     ) -> list[SendResult]:
         if not isinstance(dest, WebhookDestinationConfig):
             raise DispatchError(f"a webhook sender was given a {dest.type} destination")
-        results: list[SendResult] = []
-        for path in paths:
-            if stop.is_set():
-                break
-            result = post_notification(
-                Notification.read(path), dest, timeout=dest.timeout_seconds or timeout, path=str(path)
-            )
-            results.append(result)
-            on_result(result)
-        return results
+        seconds = dest.timeout_seconds or timeout
+        return send_each(
+            paths,
+            lambda notification, path: post_notification(notification, dest, timeout=seconds, path=path),
+            on_result,
+            stop,
+        )
