@@ -168,7 +168,9 @@ def test_three_nodes_share_the_work_exactly_once_survive_a_kill_and_keep_stat_fi
                 **({"roles": only} if only else {}),
             },
             analysis={"registry": "tests.cluster_pipelines:registry"},
-            completion={"delay_seconds": 0.5},
+            # long enough that a storescu slowed down by a busy machine never pauses past it mid-study
+            # (a late instance would reopen the study as a second job, and the counts below would be off)
+            completion={"delay_seconds": 2.0},
             dispatch={
                 "interval_seconds": 0.5
             },  # what a node without dispatch encoded is sent at the next tick

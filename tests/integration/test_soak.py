@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# Kept out of `make test` (15-minute budget on 2 cores): `make soak` runs it, then the long form.
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
 ROOT = Path(__file__).resolve().parents[2]
 
