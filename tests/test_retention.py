@@ -20,6 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from tests.conftest import make_config, write_config
+from tests.pg import both_dialects
 from triaged.cli import main
 from triaged.config import Config, load_config
 from triaged.domain import InstanceRecord, JobState
@@ -110,9 +111,15 @@ class Node:
         ]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    both_dialects(metafunc)  # the tests on the node fixture run on SQLite and on PostgreSQL
+
+
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(make_config(tmp_path))
+def node(tmp_path: Path, ledger_location: Path | str) -> Iterator[Node]:
+    n = Node(
+        make_config(tmp_path, storage={"spool": str(tmp_path / "spool"), "ledger": str(ledger_location)})
+    )
     yield n
     n.ledger.close()
 
