@@ -63,17 +63,23 @@ import pytest
 
 from tests.conftest import PORT_BLOCK, free_port
 
-#: Where Debian's ``orthanc-dicomweb`` puts its plugin (the first is a link to the second's versioned file).
-DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
-
 
 def dicomweb_plugin() -> Path | None:
-    """The Orthanc DICOMweb plugin (``libOrthancDicomWeb.so*``), or None when it is not installed."""
-    for folder in DICOMWEB_PLUGIN_DIRS:
-        found = sorted(folder.glob("libOrthancDicomWeb.so*")) if folder.is_dir() else []
-        if found:
-            return found[0]
-    return None
+    """The Orthanc DICOMweb plugin (``libOrthancDicomWeb.so*``), or None when it is not installed.
+
+    ``$TRIAGED_ORTHANC_DICOMWEB`` names it; else the package manager says where Debian's
+    ``orthanc-dicomweb`` put it (``dpkg -L``), so no machine path is written here.
+    """
+    named = os.environ.get("TRIAGED_ORTHANC_DICOMWEB")
+    if named:
+        return Path(named) if Path(named).is_file() else None
+    if shutil.which("dpkg") is None:
+        return None
+    listing = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=False)
+    found = sorted(
+        Path(line) for line in listing.stdout.splitlines() if Path(line).name.startswith("libOrthancDicomWeb.so")
+    )
+    return next((p for p in found if p.is_file()), None)
 
 
 SYSTEM_SERVICE_PORTS = frozenset({4242, 8042})  # the Debian package's own service: never use these

@@ -30,7 +30,8 @@ from triaged.daemon import Node
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's chromium (``make test`` installs it) found on PATH, or ``$TRIAGED_CHROMIUM``.
+CHROMIUM = Path(os.environ.get("TRIAGED_CHROMIUM") or shutil.which("chromium") or "chromium")
 #: Accession number -> (pipeline, patient name).  The second name is markup: it must show as text.
 CASES = {"ACC-STAT": ("sev:60:0.40", "Phantom^Severe"), "ACC-ROUTINE": ("ok", "O'Brien<b>bold</b>^Test")}
 
