@@ -56,8 +56,10 @@ def test_one_trail_merges_associations_events_stores_and_sent_results_in_time_or
         (job,) = ledger.jobs()
         ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
         ledger.enqueue_outbox(job.id, [("pacs", "sr", "work/1/sr.dcm", CT, "1.2.9.1")])
-        (item,) = ledger.outbox(job_id=job.id)
+        ledger.enqueue_outbox(job.id, [("web", "seg", "work/1/seg.dcm", CT, "1.2.9.2")])
+        item, stowed = ledger.outbox(job_id=job.id)
         ledger.mark_sent(item.id, 0)
+        ledger.mark_sent(stowed.id, 200)  # a STOW-RS destination: HTTP 200
         middle = datetime.now(UTC)
         ledger.record_event("config.reloaded", actor="node", detail={"config_sha256": "ab" * 32})
 
@@ -75,19 +77,23 @@ def test_one_trail_merges_associations_events_stores_and_sent_results_in_time_or
         everything = ledger.audit_trail(stores=True)
         assert [e.kind for e in everything] == [
             "association.accepted", "store", "association.refused", "find", "find.refused", "result.sent",
-            "config.reloaded",
+            "result.sent", "config.reloaded",
         ]  # fmt: skip
-        store, sent = everything[1], everything[5]
+        store, sent, web = everything[1], everything[5], everything[6]
         assert (store.actor, store.peer, store.study_uid) == ("CT01", "10.0.0.5:4100", "1.2.3")
         assert store.detail["sop_instance_uid"] == "1.2.3.4.1" and store.detail["bytes"] == 1000
         assert (sent.actor, sent.study_uid, sent.source) == ("node", "1.2.3", "outbox")
         assert sent.detail["destination"] == "pacs" and sent.detail["status"] == "0x0000"
+        # in the peer's own terms, as `triaged outbox` shows it (this printed "0x00C8")
+        assert web.detail["destination"] == "web" and web.detail["status"] == "HTTP 200"
         assert [e.at for e in everything] == sorted(e.at for e in everything)
 
         # A kind keeps its sub-events; naming "store" or "result" brings their own tables' rows in.
         assert [e.kind for e in ledger.audit_trail(kinds=["find"])] == ["find", "find.refused"]
         assert [e.kind for e in ledger.audit_trail(kinds=["association.refused"])] == ["association.refused"]
-        assert [e.kind for e in ledger.audit_trail(kinds=["store", "result"])] == ["store", "result.sent"]
+        assert [e.kind for e in ledger.audit_trail(kinds=["store", "result"])] == [
+            "store", "result.sent", "result.sent",
+        ]  # fmt: skip
         assert [e.kind for e in ledger.audit_trail(since=middle)] == ["config.reloaded"]
         assert ledger.audit_trail(until=before) == []
 

@@ -338,6 +338,27 @@ class LesionBox:
 
 
 @dataclass(frozen=True)
+class SaliencyBox:
+    """A box around a region a classifier's saliency points at (seed 003: integrated gradients at three
+    scales → Gaussian → Isodata → components), on one slice.
+
+    Coordinates as :class:`LesionBox` (pixels of the source image, inclusive).  ``label`` is the class
+    the saliency explains (``"covid"`` or ``"cap"``), ``score`` the box's mean normalised saliency (0–1).
+    Unlike a lesion box it has no volume: it marks where the classifier looked, not a segmented lesion.
+    """
+
+    z: int
+    sop_instance_uid: str
+    row_min: int
+    col_min: int
+    row_max: int
+    col_max: int
+    label: str
+    score: float
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
 class Masks:
     """Masks on the analysed volume's grid, (z, y, x).
 
@@ -373,6 +394,10 @@ class Findings:
     provenance: tuple[tuple[str, str], ...] = ()  # (key, value): thresholds, device, timings
     warnings: tuple[str, ...] = ()
     lobes: tuple[LobeMeasures, ...] = ()  # per lobe, when the pipeline segmented lobes
+    #: P(severe) of a severe / non-severe classifier (seed 000's hierarchical MIL); None when the
+    #: pipeline has none.  What it was validated on is in ``provenance`` (``p_severe_validated_on``).
+    p_severe: float | None = None
+    saliency_boxes: tuple[SaliencyBox, ...] = ()  # seed 003's localisation, highest score first
 
     @property
     def ct_severity_score(self) -> int | None:
@@ -415,8 +440,9 @@ def findings_to_json(findings: Findings) -> str:
 
     data = asdict(findings)
     data["ct_grade"] = int(findings.ct_grade)
-    if not data["lobes"]:
-        del data["lobes"]  # findings without lobes are stored exactly as before lobes existed
+    for key in ("lobes", "p_severe", "saliency_boxes"):
+        if not data[key] and data[key] != 0:
+            del data[key]  # findings without them are stored exactly as before these fields existed
     return json.dumps(data, sort_keys=True)
 
 
@@ -439,6 +465,8 @@ def findings_from_json(text: str) -> Findings:
         provenance=tuple((str(k), str(v)) for k, v in d.get("provenance", ())),
         warnings=tuple(d.get("warnings", ())),
         lobes=tuple(LobeMeasures(**lobe) for lobe in d.get("lobes", ())),
+        p_severe=d.get("p_severe"),
+        saliency_boxes=tuple(SaliencyBox(**b) for b in d.get("saliency_boxes", ())),
     )
 
 
@@ -487,21 +515,28 @@ def outbox_status_text(entry: OutboxEntry) -> str:
     else HTTP; a DICOM object with a status from 200 to 260 is STOW-RS (HTTP 2xx: PS3.7 defines no DIMSE
     status from 0x0002 to 0x0104), anything else a DIMSE status.
     """
-    named = _STATUS_IN_ERROR.search(entry.last_error)
+    return status_text(entry.last_status, entry.last_error, entry.kind, entry.destination_type)
+
+
+def status_text(
+    last_status: int | None, last_error: str = "", kind: str = "", destination_type: str = ""
+) -> str:
+    """:func:`outbox_status_text` from an outbox row's columns (``kind`` is the outbox item's kind)."""
+    named = _STATUS_IN_ERROR.search(last_error)
     if named:
         return named[1]
-    status = entry.last_status
+    status = last_status
     if status is None:
         return ""
-    kind = entry.destination_type
-    if not kind:
-        if entry.kind == NOTIFY_KIND:
-            kind = "hl7" if status == 0 else "webhook"
+    kind_of_peer = destination_type
+    if not kind_of_peer:
+        if kind == NOTIFY_KIND:
+            kind_of_peer = "hl7" if status == 0 else "webhook"
         else:
-            kind = "stow-rs" if 200 <= status <= 0x0104 else "dicom"
-    if kind in ("stow-rs", "webhook"):
+            kind_of_peer = "stow-rs" if 200 <= status <= 0x0104 else "dicom"
+    if kind_of_peer in ("stow-rs", "webhook"):
         return f"HTTP {status}"
-    if kind == "hl7":
+    if kind_of_peer == "hl7":
         return "ACK AA" if status == 0 else str(status)
     return f"0x{status:04X}"
 

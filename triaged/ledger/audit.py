@@ -22,7 +22,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from triaged.audit import peer_text
 from triaged.config.ledger_url import LedgerURL
-from triaged.domain import OutboxState
+from triaged.domain import OutboxState, status_text
 from triaged.errors import StorageError
 from triaged.ledger.base import LedgerBase, _associations, _instances, _jobs, _outbox, _series, _studies, _utc
 from triaged.ledger.rows import AuditEventRow
@@ -278,6 +278,7 @@ class AuditMixin(LedgerBase):
                 o.c.kind,
                 o.c.sop_instance_uid,
                 o.c.last_status,
+                o.c.last_error,
                 o.c.attempts,
                 st.c.study_instance_uid,
             )
@@ -302,7 +303,8 @@ class AuditMixin(LedgerBase):
                     "destination": r.destination,
                     "output": r.kind,
                     "sop_instance_uid": r.sop_instance_uid,
-                    "status": f"0x{r.last_status:04X}" if r.last_status is not None else None,
+                    # in the peer's own terms (0x0000, HTTP 200, ACK AA), as `triaged outbox` shows it
+                    "status": status_text(r.last_status, r.last_error or "", r.kind) or None,
                     "attempts": r.attempts,
                 },
                 "outbox",
