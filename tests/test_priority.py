@@ -126,12 +126,12 @@ def test_reasons_say_the_grade_the_worse_lung_the_probability_and_each_escalatio
     assert result.level is PriorityLevel.STAT
     assert result.reasons == (
         "CT3: 58 % of the left lung affected",
-        "P(COVID-19) 0.94",
+        "P(COVID-19) 0.94 (multitask)",  # names the pipeline that gave it
         "STAT: CT grade CT3 >= CT3",
-        "URGENT: P(COVID-19) 0.94 >= 0.9",
+        "URGENT: P(COVID-19) 0.94 (multitask) >= 0.9",
         "score 0.83 by 0.5 x P(COVID-19) + 0.5 x severity",
     )
-    assert result.summary.startswith("CT3: 58 % of the left lung affected; P(COVID-19) 0.94; STAT")
+    assert result.summary.startswith("CT3: 58 % of the left lung affected; P(COVID-19) 0.94 (multitask); STAT")
     assert prioritise(HEALTHY, policy("severity")).reasons[0] == "CT0: no affected lung tissue found"
 
 

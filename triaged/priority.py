@@ -77,7 +77,9 @@ def prioritise(findings: Findings, policy: PriorityPolicyConfig) -> Priority:
     findings : Findings
         What the pipeline measured.  ``p_covid`` is None when the pipeline has no classifier validated
         on real data: the reasons then say "P(COVID-19): not assessed", and a policy that needs it
-        (identification, both) ranks by severity instead and says so.
+        (identification, both) ranks by severity instead and says so.  ``p_severe`` (seed 000's
+        P(severe)) is named with its pipeline in the reasons and feeds the ``severity_mil`` escalation;
+        without it that escalation does not fire and the reasons say "P(severe) not available".
     policy : PriorityPolicyConfig
         ``scenario`` (identification, severity, both), ``weights`` for both, and ``escalate``.
 
@@ -91,7 +93,7 @@ def prioritise(findings: Findings, policy: PriorityPolicyConfig) -> Priority:
     sev = severity_score(findings)
 
     if p is not None:
-        reasons.append(f"P(COVID-19) {p:.2f}")
+        reasons.append(f"P(COVID-19) {p:.2f} ({findings.pipeline})")  # the pipeline that gave it
     elif policy.scenario == "severity":
         reasons.append(f"{P_COVID_NOT_ASSESSED}{p_note}")
     else:
@@ -112,12 +114,16 @@ def prioritise(findings: Findings, policy: PriorityPolicyConfig) -> Priority:
         score, how = wp * p + ws * sev, f"{wp:.2g} x P(COVID-19) + {ws:.2g} x severity"
     score = min(max(score, 0.0), 1.0)
 
+    p_severe_reason = _p_severe_reason(findings, policy)
+    if p_severe_reason:
+        reasons.append(p_severe_reason)
+
     level = PriorityLevel.ROUTINE
     for esc in policy.escalate:
         value = _measure(esc, findings, p, score)
         if value is not None and value >= esc.at_least:
             esc_level = PriorityLevel(esc.level)
-            reasons.append(f"{esc_level}: {_escalation_text(esc, value)}")
+            reasons.append(f"{esc_level}: {_escalation_text(esc, value, findings.pipeline)}")
             if PRIORITY_ORDER[esc_level] < PRIORITY_ORDER[level]:
                 level = esc_level
     reasons.append(f"score {score:.2f} by {how}")
@@ -149,6 +155,37 @@ def _p_covid(findings: Findings) -> tuple[float | None, str]:
     return min(max(p, 0.0), 1.0), ""
 
 
+def p_severe_value(findings: Findings) -> float | None:
+    """P(severe) (seed 000's hierarchical MIL, ``Findings.p_severe``) clipped to [0, 1]; None when the
+    pipeline gives none or it is not a number (an escalation on ``severity_mil`` then does not hold)."""
+    p = findings.p_severe
+    if p is None or not math.isfinite(p):
+        return None
+    return min(max(p, 0.0), 1.0)
+
+
+def p_severe_text(findings: Findings) -> str:
+    """``"P(severe) 0.91 (m2unet)"``, naming the pipeline that gave it, or ``"P(severe) not available"``."""
+    p = p_severe_value(findings)
+    if p is None:
+        if findings.p_severe is not None:
+            return (
+                f"P(severe) not available (pipeline {findings.pipeline!r} gave a value that is not a number)"
+            )
+        return (
+            f"P(severe) not available (pipeline {findings.pipeline!r} has no severe / non-severe classifier)"
+        )
+    return f"P(severe) {p:.2f} ({findings.pipeline})"
+
+
+def _p_severe_reason(findings: Findings, policy: PriorityPolicyConfig) -> str:
+    """The P(severe) reason: whenever the pipeline gives one, and "not available" when the policy would
+    escalate on it (``severity_mil``) but the pipeline gives none; "" otherwise."""
+    if findings.p_severe is not None or any(esc.measure == "severity_mil" for esc in policy.escalate):
+        return p_severe_text(findings)
+    return ""
+
+
 def _no_p_note(findings: Findings) -> str:
     return f" (pipeline {findings.pipeline!r} gives no P(COVID-19) validated on real data)"
 
@@ -177,6 +214,8 @@ def _measure(esc: Escalation, findings: Findings, p: float | None, score: float)
         return findings.severity_pct
     if esc.measure == "whole_lung_pct":
         return findings.whole_lung_pct
+    if esc.measure == "severity_mil":
+        return p_severe_value(findings)  # None: the escalation does not fire
     if esc.measure == "ctss":
         # None without lobes (a stack that does not cover the lungs): the escalation does not apply
         ctss = findings.ct_severity_score
@@ -184,13 +223,15 @@ def _measure(esc: Escalation, findings: Findings, p: float | None, score: float)
     return findings.consolidation_pct
 
 
-def _escalation_text(esc: Escalation, value: float) -> str:
+def _escalation_text(esc: Escalation, value: float, pipeline: str = "") -> str:
     if esc.measure == "ct_grade":
         return f"CT grade {CTGrade(int(value)).name} >= {CTGrade(int(esc.at_least)).name}"
     if esc.measure == "p_covid":
-        return f"P(COVID-19) {value:.2f} >= {esc.at_least:g}"
+        return f"P(COVID-19) {value:.2f} ({pipeline}) >= {esc.at_least:g}"
     if esc.measure == "score":
         return f"score {value:.2f} >= {esc.at_least:g}"
+    if esc.measure == "severity_mil":
+        return f"P(severe) {value:.2f} ({pipeline}) >= {esc.at_least:g}"
     if esc.measure == "ctss":
         return f"CT severity score {value:.0f}/25 >= {esc.at_least:g}"
     label = {
@@ -201,7 +242,9 @@ def _escalation_text(esc: Escalation, value: float) -> str:
     return f"{label} {_pct(value)} >= {esc.at_least:g} %"
 
 
-def order_worklist(rows: Sequence[WorklistRow], now: datetime, waiting_alert_minutes: float | None) -> list[WorklistRow]:
+def order_worklist(
+    rows: Sequence[WorklistRow], now: datetime, waiting_alert_minutes: float | None
+) -> list[WorklistRow]:
     """The worklist in reading order: priority level (STAT first), higher score, then earlier arrival.
 
     Studies without a priority yet (still being received or analysed, or ignored) come after every
@@ -216,7 +259,10 @@ def order_worklist(rows: Sequence[WorklistRow], now: datetime, waiting_alert_min
 
     out = []
     for row in sorted(rows, key=key):
-        late = row.result_at is None and row.state not in ("IGNORED", "FAILED", "SUPERSEDED") and is_overdue(
-            row.arrived, now, waiting_alert_minutes)
+        late = (
+            row.result_at is None
+            and row.state not in ("IGNORED", "FAILED", "SUPERSEDED")
+            and is_overdue(row.arrived, now, waiting_alert_minutes)
+        )
         out.append(replace(row, overdue=late))
     return out

@@ -16,7 +16,11 @@ from triaged.config import Config, load_config
 from triaged.domain import RESEARCH_NOTE, Findings, p_covid_text
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from pydicom import Dataset
+
+    from triaged.lab.metrics import PaperCase
 
 
 def _registry(config: Config | None = None):  # type: ignore[no-untyped-def]
@@ -54,9 +58,20 @@ def findings_table(findings: Findings) -> str:
         "CT severity score not assessed (no lobes)" if ctss is None else f"CT severity score {ctss}/25"
     )
     extra.append(p_covid_text(findings.p_covid))
+    if findings.p_severe is not None:
+        from triaged.priority import p_severe_text
+
+        extra.append(p_severe_text(findings))
     if findings.key_slices:
-        extra.append("key slices " + ", ".join(str(z) for z in findings.key_slices))
+        method = dict(findings.provenance).get("key_slices_by")
+        extra.append(
+            "key slices "
+            + ", ".join(str(z) for z in findings.key_slices)
+            + (f" (by {method})" if method else "")
+        )
     extra.append(f"{len(findings.lesion_boxes)} lesion box(es)")
+    if findings.saliency_boxes:
+        extra.append(f"{len(findings.saliency_boxes)} saliency box(es)")
     return text + "\n" + "; ".join(extra) + "\n" + RESEARCH_NOTE
 
 
@@ -435,10 +450,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print()
             print(volume_cases_markdown(vols.results))
             print(volume_summary_markdown(vrows))
+            papers = _print_papers({name: vols.papers[name] for name in names}, real=True)
             report.update(
                 kind="volume manifest",
                 root=str(root),
                 rows=[dataclasses.asdict(r) for r in vrows],
+                papers=papers,
                 **vols.to_json(),
             )
         else:
@@ -448,6 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 case_result,
                 lobe_dice_table,
                 markdown_table,
+                paper_case,
                 table2_row,
             )
 
@@ -461,6 +479,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not cases:
                 raise RealSetError(f"no labelled case in {folder}")
             results: dict[str, list[CaseResult]] = {n: [] for n in names}
+            paper_cases: dict[str, list[PaperCase]] = {n: [] for n in names}
             with tqdm(total=len(cases) * len(names), disable=args.quiet, unit="run") as bar:
                 for case in cases:
                     volume = case.volume()
@@ -484,6 +503,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 true_lobes=truth["lobes"],
                             )
                         )
+                        paper_cases[name].append(
+                            paper_case(
+                                case.case_id,
+                                case.label,
+                                result.findings,
+                                true_pct=case.affected_pct_max,
+                                true_lesions=truth["lesions"] > 0,
+                            )
+                        )
                         bar.update()
             rows = [table2_row(name, results[name]) for name in names]
             print(
@@ -495,9 +523,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if lobe_table:
                 print("Lobe Dice per lobe (seed 000; phantom lobes as reference):")
                 print(lobe_table)
+            papers = _print_papers(paper_cases, real=False)
             report.update(
                 kind="phantom dataset",
                 rows=[dataclasses.asdict(r) for r in rows],
+                papers=papers,
                 cases={n: [dataclasses.asdict(c) for c in cs] for n, cs in results.items()},
             )
     except RealSetError as exc:
@@ -506,6 +536,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(RESEARCH_NOTE)
     _write_json(args.json, report)
     return 0
+
+
+def _print_papers(cases: Mapping[str, Sequence[PaperCase]], *, real: bool) -> dict[str, object]:
+    """Print the papers' classifier columns (seeds 000, 002, 003) of the pipelines that output them and
+    return them for the JSON report: ``rows`` and each such pipeline's per-case outputs (``cases``); both
+    empty and nothing printed when no pipeline has a classifier output."""
+    import dataclasses
+
+    from triaged.lab.metrics import paper_row, paper_row_json, papers_markdown
+
+    rows = [paper_row(name, cs) for name, cs in cases.items()]
+    rows = [r for r in rows if not r.empty]
+    if not rows:
+        return {"rows": [], "cases": {}}
+    where = (
+        "real series: no severity reference, bacterial/CAP cases only where the manifest lists them"
+        if real
+        else "phantoms: reference severity and lesions from the phantom's ground truth"
+    )
+    print(f"The papers' classifier columns ({where}); n/a where a class is missing. Research outputs:")
+    print(papers_markdown(rows))
+    return {
+        "rows": [paper_row_json(r) for r in rows],
+        "cases": {r.method: [dataclasses.asdict(c) for c in cases[r.method]] for r in rows},
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -247,15 +247,22 @@ class RoutingConfig(_Model):
 
 
 PriorityMeasure = Literal[
-    "p_covid", "severity_pct", "whole_lung_pct", "consolidation_pct", "ct_grade", "score", "ctss"
+    "p_covid",
+    "severity_pct",
+    "whole_lung_pct",
+    "consolidation_pct",
+    "ct_grade",
+    "score",
+    "ctss",
+    "severity_mil",
 ]
 
 
 class Escalation(_Model):
     """Raise a study to ``level`` when ``measure >= at_least`` (structured data, not an expression).
 
-    ``ct_grade`` thresholds are written ``CT0``..``CT4``; percentages are 0-100; ``p_covid`` and
-    ``score`` are 0-1.
+    ``ct_grade`` thresholds are written ``CT0``..``CT4``; percentages are 0-100; ``p_covid``,
+    ``severity_mil`` (P(severe), seed 000) and ``score`` are 0-1.
     """
 
     measure: PriorityMeasure

@@ -69,6 +69,12 @@ GROUND_GLASS_OPACITY: Final = Code("112120", "DCM", "Ground glass opacity")  # C
 OPACITY: Final = Code("112001", "DCM", "Opacity")
 COVID_19: Final = Code("840539006", "SCT", "COVID-19")
 PNEUMONIA: Final = Code("233604007", "SCT", "Pneumonia")
+#: Value of a saliency region's ``SALCLASS`` evaluation for seed 003's CAP class.
+COMMUNITY_ACQUIRED_PNEUMONIA: Final = Code("385093006", "SCT", "Community acquired pneumonia")
+#: PS3.16 CID 7203 "Image Derivation" (AI explanation maps: 130402 Class activation, 130403 Grad-CAM,
+#: 130404 Saliency): the finding type of a saliency region, i.e. a region a classifier attended to,
+#: derived from its saliency map (integrated gradients, seed 003) -- not a segmented lesion.
+SALIENCY: Final = Code("130404", "DCM", "Saliency")
 
 # --- segmentation property categories (PS3.16 CID 7150) ---------------------------------------------
 ANATOMICAL_STRUCTURE: Final = Code("123037004", "SCT", "Anatomical Structure")
@@ -110,6 +116,7 @@ UNIT_MM: Final = Code("mm", "UCUM", "millimeter")
 UNIT_MM2: Final = Code("mm2", "UCUM", "square millimeter")
 UNIT_HU: Final = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UNIT_SCORE: Final = Code("{score}", "UCUM", "score")
+UNIT_RATIO: Final = Code("{ratio}", "UCUM", "ratio")
 
 # --- private codes (99TRIAGED); docs/codes.md explains each ------------------------------------------
 LESION_VOLUME: Final = Code("LESVOL", PRIVATE_SCHEME, "Lesion volume (GGO + consolidation)")
@@ -123,6 +130,13 @@ CT_SEVERITY_SCORE: Final = Code("CTSS", PRIVATE_SCHEME, "CT severity score (0-25
 CT_SEVERITY_LOBE_SCORE: Final = Code("CTSSLOBE", PRIVATE_SCHEME, "CT severity score of a lobe (0-5)")
 TRIAGE_PRIORITY: Final = Code("PRIORITY", PRIVATE_SCHEME, "Triage priority")
 PROBABILITY_COVID_19: Final = Code("PCOVID", PRIVATE_SCHEME, "Probability of COVID-19 pneumonia")
+#: P(severe) of seed 000's severe / non-severe classifier (hierarchical MIL; severe = CT3-CT4, worse
+#: lung more than 50 % affected).  No public code names it.
+PROBABILITY_SEVERE: Final = Code("PSEVERE", PRIVATE_SCHEME, "Probability of severe COVID-19 pneumonia")
+#: Mean normalised saliency (0-1) inside a saliency region's box (seed 003's integrated gradients).
+SALIENCY_SCORE: Final = Code("SALSCORE", PRIVATE_SCHEME, "Mean normalised saliency in region")
+#: The class a saliency region explains (value: COVID-19 or community acquired pneumonia, SCT).
+SALIENCY_CLASS: Final = Code("SALCLASS", PRIVATE_SCHEME, "Class explained by saliency")
 #: Value of a ``PCOVID`` qualitative evaluation when the pipeline has no classifier validated on real
 #: data.  DICOM's nearest standard concept, (114007, DCM, "Measurement not attempted"), is a Numeric
 #: Value Qualifier (CID 42) of a NUM item; a coded value that says "not assessed" reads the same in
@@ -171,6 +185,17 @@ def class_probability_code(class_name: str) -> Code:
             return code
     value = ("P-" + re.sub(r"[^A-Z0-9]", "", class_name.upper()))[:_CODE_VALUE_MAX]
     return Code(value, PRIVATE_SCHEME, f"Probability of class '{class_name.strip()}'")
+
+
+def saliency_class_code(label: str) -> Code:
+    """Value of ``SALCLASS`` for a saliency box's class label ("covid", "cap"; any other label: ``CLS-<NAME>``)."""
+    key = label.strip().lower()
+    if key == "covid":
+        return COVID_19
+    if key == "cap":
+        return COMMUNITY_ACQUIRED_PNEUMONIA
+    value = ("CLS-" + re.sub(r"[^A-Z0-9]", "", label.upper()))[:_CODE_VALUE_MAX]
+    return Code(value, PRIVATE_SCHEME, f"Class '{label.strip()}'")
 
 
 def private_scheme_identification() -> Dataset:

@@ -3,7 +3,9 @@
 The first image is an X-ray-like coronal projection computed from the CT (a digitally reconstructed
 radiograph), with the lung outlines, a colour map of the lesion fraction and the key figures burned in.
 Further images (``OutputContext.key_slice_images``) are axial key slices in a lung window with the
-lesion overlay, the lesion boxes, R/L markers and the CT image's Instance Number.  Every image has a
+lesion overlay, the boxes of the lesions the SR reports (:func:`triaged.encode.sr.reported_lesions`), the
+saliency boxes of a classifier (seed 003, magenta, labelled with class and score), R/L markers and the CT
+image's Instance Number.  Every image has a
 legend band (lung outline and lesion colours; the overview's colour bar with its printed 0-100 % scale),
 carries "NOT FOR DIAGNOSTIC USE" in its pixels and Burned In Annotation = YES.  ``triaged analyze``
 writes the same overview (:func:`render_overview`) as ``overview.png``.
@@ -41,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from triaged.domain import Findings, Masks, Volume, p_covid_text
+from triaged.domain import Findings, Masks, SaliencyBox, Volume, p_covid_text
 from triaged.encode.context import (
     NOT_FOR_DIAGNOSTIC_USE,
     SC_SERIES_DESCRIPTION,
@@ -51,6 +53,7 @@ from triaged.encode.context import (
     set_content_datetime,
     with_patient_study_defaults,
 )
+from triaged.encode.sr import p_severe_assessed, provenance_value, reported_lesions
 from triaged.encode.uids import OutputUIDs, output_uids
 
 #: Linear attenuation of water at an effective radiographic energy (~60 keV), 1/mm.
@@ -80,6 +83,8 @@ _RGB = npt.NDArray[np.uint8]
 
 _OUTLINE_RGB = (40, 200, 255)
 _BOX_RGB = (255, 235, 0)
+#: Saliency boxes (seed 003: where the classifier looked): magenta, distinct from the yellow lesion boxes.
+_SALIENCY_RGB = (255, 60, 255)
 _LESION_RGB = (255, 150, 0)
 _CONSOLIDATION_RGB = (255, 30, 30)
 _WARNING_RGB = (255, 70, 70)
@@ -240,8 +245,10 @@ def _blend_fraction(rgb: _RGB, fraction: _F32) -> _RGB:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _with_legend(image: Image.Image, *, colour_bar: bool) -> Image.Image:
+def _with_legend(image: Image.Image, *, colour_bar: bool, saliency: bool = False) -> Image.Image:
     """Append a black legend band: lung outline and lesion swatches, and (overview) the colour bar.
+
+    ``saliency`` adds the swatch of the saliency boxes (key slices of a pipeline that has them).
 
     The colour bar shows the colour map from 0 to 100 % with printed ticks every 25 % and says what is
     not drawn (below :data:`FRACTION_MIN`).
@@ -263,6 +270,8 @@ def _with_legend(image: Image.Image, *, colour_bar: bool) -> Image.Image:
             ("Consolidation", _CONSOLIDATION_RGB, False),
             ("Lesion box", _BOX_RGB, True),
         ]
+        if saliency:
+            swatches.append(("Saliency box (where the classifier looked)", _SALIENCY_RGB, True))
     for text, colour, outline in swatches:
         box = (x, pad + 2, x + size, pad + 2 + size - 4)
         if outline:
@@ -326,16 +335,34 @@ def render_key_slice(
     rgb[_outline(masks.lungs[z] > 0, width=1)] = _OUTLINE_RGB
     image = Image.fromarray(rgb, "RGB")
     draw = ImageDraw.Draw(image)
-    for box in findings.lesion_boxes:
+    # The lesions the SR reports (>= 5 ml, none in a CT0 study): the picture and the report agree.
+    for box in reported_lesions(findings):
         if box.z == z:
             draw.rectangle(
                 (box.col_min - 2, box.row_min - 2, box.col_max + 2, box.row_max + 2),
                 outline=_BOX_RGB,
                 width=2,
             )
+    font = _font(max(14, image.width // 36))
+    small = _font(max(11, image.width // 48))
+    for sbox in findings.saliency_boxes:
+        if sbox.z == z:
+            draw.rectangle(
+                (sbox.col_min - 1, sbox.row_min - 1, sbox.col_max + 1, sbox.row_max + 1),
+                outline=_SALIENCY_RGB,
+                width=2,
+            )
+            draw.text(
+                (sbox.col_min, max(0, sbox.row_min - 3)),
+                saliency_label(sbox),
+                fill=_SALIENCY_RGB,
+                font=small,
+                anchor="lb",
+                stroke_width=2,
+                stroke_fill=(0, 0, 0),
+            )
     _side_markers(image, _row_side_letters(volume))
     name = image_label or f"slice {z + 1} of {volume.hu.shape[0]} of the analysed stack"
-    font = _font(max(14, image.width // 36))
     draw.text(
         (image.width // 2, max(6, image.width // 80)),
         name,
@@ -345,10 +372,17 @@ def render_key_slice(
         stroke_width=2,
         stroke_fill=(0, 0, 0),
     )
-    image = _with_legend(image, colour_bar=False)
+    image = _with_legend(image, colour_bar=False, saliency=bool(findings.saliency_boxes))
     lines = _summary_lines(findings, ctx)
-    lines.insert(1, (f"Axial key slice: {name}; lung window", _TEXT_RGB))
+    method = provenance_value(findings, "key_slices_by")
+    chosen = f"; chosen by {method}" if method else ""
+    lines.insert(1, (f"Axial key slice: {name}; lung window{chosen}", _TEXT_RGB))
     return np.asarray(_with_text_band(image, lines))
+
+
+def saliency_label(box: SaliencyBox) -> str:
+    """The burned-in label of a saliency box, e.g. ``"saliency: covid 0.82"`` (class and mean saliency)."""
+    return f"saliency: {box.label} {box.score:.2f}"
 
 
 def _image_label(instance_number: object, frame_number: int | None) -> str:
@@ -514,14 +548,27 @@ def _summary_lines(findings: Findings, ctx: OutputContext) -> list[tuple[str, tu
         f"Right {findings.right.affected_pct:.1f} %   Left {findings.left.affected_pct:.1f} %   "
         f"Both {findings.whole_lung_pct:.1f} %   Consolidation {findings.consolidation_pct:.1f} %"
     )
+    severe = _p_severe_line(findings)
     origin = f"triaged {ctx.software_version}   {findings.pipeline} {findings.pipeline_version}   revision {ctx.revision}"
-    return [
+    lines = [
         (f"{NOT_FOR_DIAGNOSTIC_USE} - research use only", _WARNING_RGB),
         (figures, _TEXT_RGB),
         (triage, _TEXT_RGB),
         (lungs, _TEXT_RGB),
         (origin, (170, 170, 170)),
     ]
+    if severe:
+        lines.insert(3, (severe, _TEXT_RGB))
+    return lines
+
+
+def _p_severe_line(findings: Findings) -> str:
+    """The P(severe) line (seed 000) with its pipeline and what it was validated on; "" without one."""
+    if findings.p_severe is None:
+        return ""
+    validated = provenance_value(findings, "p_severe_validated_on") or "not stated"
+    value = f"{findings.p_severe:.2f}" if p_severe_assessed(findings) else "not available"
+    return f"P(severe) {value} ({findings.pipeline}; validated on {validated})"
 
 
 def _with_text_band(image: Image.Image, lines: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:

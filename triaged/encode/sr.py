@@ -21,7 +21,10 @@ with the model's SHA-256 as a parameter, and the Tracking UID of the SEG segment
   - classification (TID 1501): P(COVID-19) and the other class probabilities ({probability}) when the
     pipeline's classifier was validated on real data, else the qualitative evaluation P(COVID-19) =
     "Not assessed" (no number);
-  - key slices (TID 1501, finding type DCM Key Images): the source images, highest lesion burden first;
+  - severity classification (TID 1501, only with ``Findings.p_severe``, seed 000): P(severe)
+    (``PSEVERE``, {probability});
+  - key slices (TID 1501, finding type DCM Key Images): the source images, highest lesion burden first,
+    or as the pipeline chose them (provenance ``key_slices_by``, named in the Tracking Identifier);
   - per lesion (a 3-D connected opacity of at least :data:`LESION_FINDING_MIN_ML` ml, none when the
     study is CT0; the same floor as the CT0 rule, so sub-threshold specks are not findings): a TID 1501
     group with its volume (ml) and its share of its lung (%), and a TID 1410 group with the same Tracking
@@ -31,9 +34,14 @@ with the model's SHA-256 as a parameter, and the Tracking UID of the SEG segment
 Tracking Identifiers of groups that describe a SEG segment are the segment's label (and Tracking ID)
 for the same Tracking UID (:func:`triaged.encode.seg.segment_label`).
 
+* per saliency box (seed 003, ``Findings.saliency_boxes``): a TID 1410 group "Saliency region n (class)",
+  finding type DCM 130404 Saliency, the box as a POLYLINE, its mean saliency (``SALSCORE``) and the class
+  it explains (``SALCLASS``); a region the classifier attended to, not a lesion.
+
 * Qualitative Evaluations (TID 1500 row 12): the research-use statement (TEXT, DCM Comment), "P(COVID-19):
-  not assessed ..." (Comment) when there is no P(COVID-19), the triage priority (TEXT) and each analysis
-  warning (TEXT, Comment).
+  not assessed ..." (Comment) when there is no P(COVID-19), the research outputs' Comments
+  (:func:`research_texts`: what P(severe) was validated on, an unvalidated classifier's classes without
+  numbers, the key-slice method), the triage priority (TEXT) and each analysis warning (TEXT, Comment).
 
 docs/codes.md lists every code and what each item means.
 """
@@ -185,9 +193,13 @@ def build_sr(
             )
     groups.extend(_lobe_groups(masks, volume, segmentation, uids, algorithm, findings))
     groups.append(_classification_group(findings, uids, algorithm))
+    severe = _severity_classification_group(findings, uids, algorithm)
+    if severe is not None:
+        groups.append(severe)
     if findings.key_slices:
         groups.append(_key_slices_group(findings, images, uids, algorithm))
     groups.extend(_lesion_groups(findings, masks, volume, images, uids, algorithm))
+    groups.extend(_saliency_groups(findings, images, uids, algorithm))
 
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(Code("121007", "DCM", "Device")),
@@ -407,6 +419,53 @@ def _classification_group(
     )
 
 
+def p_severe_assessed(findings: Findings) -> bool:
+    """Whether the findings carry a P(severe) to report (seed 000's classifier gave a finite number)."""
+    return findings.p_severe is not None and math.isfinite(findings.p_severe)
+
+
+def _severity_classification_group(
+    findings: Findings, uids: OutputUIDs, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """P(severe) (``PSEVERE``, {probability}) of seed 000's severe / non-severe classifier; None when the
+    pipeline has none.  What it was validated on is a Comment in the Qualitative Evaluations."""
+    if findings.p_severe is None or not p_severe_assessed(findings):
+        return None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uids, "severity_classification"), identifier="Severity classification"
+        ),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes.LUNG)],
+        measurements=[
+            _measurement(
+                codes.PROBABILITY_SEVERE,
+                min(max(findings.p_severe, 0.0), 1.0),
+                codes.UNIT_PROBABILITY,
+                _PROBABILITY_DECIMALS,
+            )
+        ],
+    )
+
+
+def provenance_value(findings: Findings, key: str) -> str | None:
+    """The last value of ``key`` in the findings' provenance, None when absent."""
+    value = None
+    for k, v in findings.provenance:
+        if k == key:
+            value = v
+    return value
+
+
+def key_slices_title(findings: Findings) -> str:
+    """The key-slice group's Tracking Identifier: how the slices were chosen (provenance ``key_slices_by``,
+    e.g. "attention (DA-CMIL)"), or the default lesion-burden order."""
+    method = provenance_value(findings, "key_slices_by")
+    if not method:
+        return "Key slices, highest lesion burden first"
+    return f"Key slices by {method}"[:64]  # LO, 64 characters (PS3.5 6.2)
+
+
 def _key_slices_group(
     findings: Findings, images: SourceImages, uids: OutputUIDs, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -421,7 +480,7 @@ def _key_slices_group(
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uids, "key_slices"), identifier="Key slices, highest lesion burden first"
+            uid=tracking_uid(uids, "key_slices"), identifier=key_slices_title(findings)
         ),
         finding_type=codes.KEY_IMAGES,
         algorithm_id=algorithm,
@@ -574,6 +633,97 @@ def _lesion_groups(
     return groups
 
 
+def _saliency_groups(
+    findings: Findings,
+    images: SourceImages,
+    uids: OutputUIDs,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[MeasurementGroup]:
+    """Per saliency box (seed 003): a TID 1410 Planar ROI group, finding type DCM 130404 Saliency (a region
+    the classifier attended to, not a lesion), the box as a closed POLYLINE on its source image (pixel
+    edges as :func:`_lesion_groups`), the mean normalised saliency (``SALSCORE``, {ratio}) and the class it
+    explains (``SALCLASS``).  Tracking identifiers "Saliency region n (class)", UIDs of their own."""
+    groups: list[MeasurementGroup] = []
+    for i, box in enumerate(findings.saliency_boxes):
+        ref = _ref(images, box.z)
+        frame = box.frame_number if box.frame_number is not None else ref.frame_number
+        c0, r0, c1, r1 = (
+            float(box.col_min),
+            float(box.row_min),
+            float(box.col_max + 1),
+            float(box.row_max + 1),
+        )
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=ref.sop_class_uid,
+                referenced_sop_instance_uid=box.sop_instance_uid,
+                referenced_frame_numbers=[frame] if frame is not None else None,
+            ),
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=tracking_uid(uids, f"saliency_{i}"),
+                    identifier=f"Saliency region {i + 1} ({box.label})"[:64],
+                ),
+                referenced_region=region,
+                finding_type=codes.SALIENCY,
+                algorithm_id=algorithm,
+                finding_sites=[hd.sr.FindingSite(codes.LUNG)],
+                measurements=[
+                    _measurement(
+                        codes.SALIENCY_SCORE,
+                        min(max(box.score, 0.0), 1.0),
+                        codes.UNIT_RATIO,
+                        _PROBABILITY_DECIMALS,
+                    )
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(codes.SALIENCY_CLASS, codes.saliency_class_code(box.label))
+                ],
+            )
+        )
+    return groups
+
+
+def research_texts(findings: Findings) -> list[str]:
+    """The Comments on the new pipelines' research outputs (empty for a pipeline without them).
+
+    * P(severe): its value, pipeline and what it was validated on (provenance ``p_severe_validated_on``);
+    * a classifier not validated on real data (``p_covid`` None): its classes are named, its probabilities
+      are not reported (no number that could be read as P(COVID-19); they stay in the ledger's findings
+      and in ``triaged eval``);
+    * how the key slices were chosen (provenance ``key_slices_by``) when not by lesion burden;
+    * that saliency regions mark where the classifier looked, not lesions.
+    """
+    texts: list[str] = []
+    if findings.p_severe is not None:
+        validated = provenance_value(findings, "p_severe_validated_on") or "not stated"
+        value = (
+            f"{min(max(findings.p_severe, 0.0), 1.0):.2f}" if p_severe_assessed(findings) else "not available"
+        )
+        texts.append(
+            f"P(severe) {value} from pipeline '{findings.pipeline}' (severe = CT3-CT4, worse lung more than "
+            f"50 % affected); validated on: {validated}. Research output, not for diagnosis."
+        )
+    if findings.class_probabilities and not p_covid_assessed(findings):
+        classes = ", ".join(name for name, _ in findings.class_probabilities)
+        texts.append(
+            f"Pipeline '{findings.pipeline}' has a research classifier ({classes}); its probabilities are not "
+            "reported: it is not validated on real data (see the model card)."
+        )
+    method = provenance_value(findings, "key_slices_by")
+    if method and findings.key_slices:
+        texts.append(f"Key slices chosen by {method}, highest first.")
+    if findings.saliency_boxes:
+        texts.append(
+            "Saliency regions mark where the classifier looked (integrated gradients), not segmented lesions."
+        )
+    return texts
+
+
 def _qualitative_evaluations(findings: Findings, ctx: OutputContext) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 container: research-use statement, triage priority, analysis warnings."""
     container = hd.sr.ContainerContentItem(
@@ -586,6 +736,8 @@ def _qualitative_evaluations(findings: Findings, ctx: OutputContext) -> hd.sr.Co
                 codes.COMMENT, p_covid_not_assessed_text(findings), hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
+    for text in research_texts(findings):
+        items.append(hd.sr.TextContentItem(codes.COMMENT, text, hd.sr.RelationshipTypeValues.CONTAINS))
     if ctx.priority_level:
         items.append(
             hd.sr.TextContentItem(

@@ -25,6 +25,7 @@ Real labelled sets (issue 11) have their own summaries:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -698,3 +699,360 @@ def volume_summary_markdown(rows: Sequence[VolumeSetRow]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ---- the papers' classifier columns (issue 14: seeds 000, 002, 003) ------------------------------------
+#: Seed 002's two classes (DA-CMIL: COVID-19 vs bacterial pneumonia), in ``Findings.class_probabilities``.
+CLASSES_COVID_BACTERIAL: tuple[str, ...] = ("covid", "bacterial")
+#: Seed 003's three classes (normal / community-acquired pneumonia / COVID-19), in that order.
+CLASSES_THREE_WAY: tuple[str, ...] = ("normal", "cap", "covid")
+#: Reference class of a label: phantom ``healthy`` and ``other`` (tumours, nodules) and a manifest's
+#: ``normal`` are no pneumonia; phantom ``bacterial`` and a manifest's ``cap`` are non-COVID pneumonia.
+_REFERENCE_CLASS: dict[str, str] = {
+    "covid": "covid",
+    "healthy": "normal",
+    "other": "normal",
+    "normal": "normal",
+    "bacterial": "cap",
+    "cap": "cap",
+}
+#: Severe (seed 000): a COVID-19 case whose reference worse lung is more than 50 % affected (CT3–CT4).
+SEVERE_MIN_PCT = 50.0
+
+
+def reference_class(label: str) -> str:
+    """``normal``, ``cap`` or ``covid`` for a phantom label or a manifest diagnosis ("" when unknown)."""
+    return _REFERENCE_CLASS.get(label.strip().lower(), "")
+
+
+def saliency_box_hits(findings: Findings, true_lesions: npt.ArrayLike) -> tuple[int, int]:
+    """(boxes that overlap a reference lesion on their own slice, boxes) of ``findings.saliency_boxes``.
+
+    ``true_lesions`` is the reference lesion mask on the analysed volume's (z, y, x) grid; a box overlaps
+    when any reference lesion pixel lies inside it (inclusive bounds) on slice ``box.z``.
+    """
+    truth = np.asarray(true_lesions)
+    hits = 0
+    for box in findings.saliency_boxes:
+        if 0 <= box.z < truth.shape[0]:
+            patch = truth[box.z, max(box.row_min, 0) : box.row_max + 1, max(box.col_min, 0) : box.col_max + 1]
+            hits += int(bool(np.any(patch)))
+    return hits, len(findings.saliency_boxes)
+
+
+@dataclass(frozen=True)
+class PaperCase:
+    """One case's classifier outputs and references for the papers' columns (:func:`paper_row`).
+
+    ``reference`` is ``normal``, ``cap`` or ``covid`` (:func:`reference_class`); ``severe`` is the
+    reference severity of a COVID-19 case (None without a reference affected % or for another class);
+    ``box_hits``/``boxes`` count saliency boxes overlapping a reference lesion (``boxes`` is None when
+    the case has no reference lesion mask or is not a pneumonia case).
+    """
+
+    case_id: str
+    reference: str
+    severe: bool | None
+    p_severe: float | None
+    probabilities: tuple[tuple[str, float], ...]
+    box_hits: int = 0
+    boxes: int | None = None
+
+
+def paper_case(
+    case_id: str,
+    label: str,
+    findings: Findings,
+    *,
+    true_pct: float | None = None,
+    true_lesions: npt.ArrayLike | None = None,
+) -> PaperCase:
+    """A :class:`PaperCase` from a pipeline's findings, the case's label and (optionally) its reference
+    worse-lung affected % and lesion mask."""
+    reference = reference_class(label)
+    severe = None
+    if reference == "covid" and true_pct is not None and math.isfinite(true_pct):
+        severe = true_pct > SEVERE_MIN_PCT
+    hits, boxes = 0, None
+    if true_lesions is not None and reference in ("covid", "cap"):
+        hits, boxes = saliency_box_hits(findings, true_lesions)
+    p_severe = (
+        findings.p_severe if findings.p_severe is not None and math.isfinite(findings.p_severe) else None
+    )
+    return PaperCase(
+        case_id=case_id,
+        reference=reference,
+        severe=severe,
+        p_severe=p_severe,
+        probabilities=tuple((str(k), float(v)) for k, v in findings.class_probabilities),
+        box_hits=hits,
+        boxes=boxes,
+    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of the papers' columns: ``value``, or None with ``why`` ("n/a (n=…)")."""
+
+    value: float | None
+    n: int
+    why: str = ""
+
+    def text(self, digits: int = 3) -> str:
+        """``"0.917 (n=12)"``, or ``"n/a (…)"``: never a number that was not computed."""
+        if self.value is None:
+            return f"n/a ({self.why})" if self.why else f"n/a (n={self.n})"
+        return f"{self.value:.{digits}f} (n={self.n})"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """The papers' classifier columns of one method; a task is None when the method does not output it.
+
+    * seed 000 (P(severe), COVID-19 cases with a reference only): ``severe_accuracy`` (P ≥ 0.5),
+      ``severe_auc``;
+    * seed 002 (covid / bacterial probabilities, covid and bacterial/CAP cases only): accuracy, ROC AUC of
+      P(covid), F1 of COVID-19 as the positive class;
+    * seed 003 (normal / cap / covid probabilities): 3-way accuracy (argmax), macro one-vs-rest AUC,
+      per-pair AUC (Hand & Till: the mean of the two one-vs-one AUCs), box hit rate.
+    """
+
+    method: str
+    severe_accuracy: Metric | None = None
+    severe_auc: Metric | None = None
+    severe_counts: str = ""
+    cvb_accuracy: Metric | None = None
+    cvb_auc: Metric | None = None
+    cvb_f1: Metric | None = None
+    cvb_counts: str = ""
+    three_accuracy: Metric | None = None
+    three_auc_macro: Metric | None = None
+    three_auc_pairs: tuple[tuple[str, Metric], ...] = ()
+    three_counts: str = ""
+    box_hit_rate: Metric | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.severe_auc is None and self.cvb_auc is None and self.three_accuracy is None
+
+
+def _probability(case: PaperCase, name: str) -> float | None:
+    for k, v in case.probabilities:
+        if k == name:
+            return v if math.isfinite(v) else None
+    return None
+
+
+def _has_classes(cases: Sequence[PaperCase], classes: Sequence[str]) -> list[PaperCase]:
+    """Cases whose probabilities name every class (with a number)."""
+    return [c for c in cases if all(_probability(c, k) is not None for k in classes)]
+
+
+def _missing(counts: Mapping[str, int]) -> str:
+    absent = [k for k, n in counts.items() if n == 0]
+    listed = ", ".join(f"{k} {n}" for k, n in counts.items())
+    return f"n={listed}; no {' or '.join(absent)} case" if absent else ""
+
+
+def severe_metrics(cases: Sequence[PaperCase]) -> tuple[Metric, Metric, str]:
+    """Seed 000: accuracy (P(severe) ≥ 0.5 is severe) and ROC AUC of P(severe), severe vs non-severe.
+
+    Only COVID-19 cases with a reference severity and a P(severe) count; both metrics are n/a when the
+    severe or the non-severe class is missing.
+    """
+    used = [c for c in cases if c.reference == "covid" and c.severe is not None and c.p_severe is not None]
+    counts = {"severe": sum(1 for c in used if c.severe), "non-severe": sum(1 for c in used if not c.severe)}
+    text = f"{counts['severe']}/{counts['non-severe']}"
+    why = _missing(counts)
+    if why:
+        return Metric(None, len(used), why), Metric(None, len(used), why), text
+    truth = [bool(c.severe) for c in used]
+    scores = [float(c.p_severe or 0.0) for c in used]
+    acc = float(np.mean([(s >= 0.5) == t for s, t in zip(scores, truth, strict=True)]))
+    return Metric(acc, len(used)), Metric(roc_auc(truth, scores), len(used)), text
+
+
+def covid_bacterial_metrics(cases: Sequence[PaperCase]) -> tuple[Metric, Metric, Metric, str]:
+    """Seed 002: accuracy, ROC AUC and F1 (COVID-19 positive) of COVID-19 vs bacterial pneumonia.
+
+    Only covid and bacterial/CAP cases count; a case is called COVID-19 when P(covid) ≥ P(bacterial).
+    Every metric is n/a when either class is missing.
+    """
+    used = [c for c in _has_classes(cases, CLASSES_COVID_BACTERIAL) if c.reference in ("covid", "cap")]
+    counts = {
+        "covid": sum(1 for c in used if c.reference == "covid"),
+        "bacterial": sum(1 for c in used if c.reference == "cap"),
+    }
+    text = f"{counts['covid']}/{counts['bacterial']}"
+    why = _missing(counts)
+    if why:
+        na = Metric(None, len(used), why)
+        return na, na, na, text
+    truth = np.array([c.reference == "covid" for c in used])
+    p_covid = np.array([_probability(c, "covid") or 0.0 for c in used])
+    p_bact = np.array([_probability(c, "bacterial") or 0.0 for c in used])
+    pred = p_covid >= p_bact
+    tp, fp, fn = int(np.sum(pred & truth)), int(np.sum(pred & ~truth)), int(np.sum(~pred & truth))
+    f1 = 2 * tp / (2 * tp + fp + fn)  # 2tp + fn > 0: there is a covid case
+    return (
+        Metric(float(np.mean(pred == truth)), len(used)),
+        Metric(roc_auc(truth, p_covid), len(used)),
+        Metric(float(f1), len(used)),
+        text,
+    )
+
+
+def three_way_metrics(
+    cases: Sequence[PaperCase],
+) -> tuple[Metric, Metric, tuple[tuple[str, Metric], ...], str]:
+    """Seed 003: 3-way accuracy (argmax of normal / cap / covid), macro one-vs-rest ROC AUC and per-pair
+    AUC (Hand & Till 2001: the mean of AUC(P(a); a vs b) and AUC(P(b); b vs a) on the a and b cases).
+
+    Accuracy and the macro AUC are n/a unless all three classes are present; a pair's AUC is n/a unless
+    both its classes are.
+    """
+    used = [c for c in _has_classes(cases, CLASSES_THREE_WAY) if c.reference in CLASSES_THREE_WAY]
+    counts = {k: sum(1 for c in used if c.reference == k) for k in CLASSES_THREE_WAY}
+    text = "/".join(str(counts[k]) for k in CLASSES_THREE_WAY)
+    why = _missing(counts)
+    probs = {k: np.array([_probability(c, k) or 0.0 for c in used]) for k in CLASSES_THREE_WAY}
+    refs = np.array([c.reference for c in used])
+    if why:
+        acc = macro = Metric(None, len(used), why)
+    else:
+        stacked = np.stack([probs[k] for k in CLASSES_THREE_WAY], axis=1)
+        pred = np.array(CLASSES_THREE_WAY)[np.argmax(stacked, axis=1)]
+        acc = Metric(float(np.mean(pred == refs)), len(used))
+        macro = Metric(float(np.mean([roc_auc(refs == k, probs[k]) for k in CLASSES_THREE_WAY])), len(used))
+    pairs: list[tuple[str, Metric]] = []
+    for i, a in enumerate(CLASSES_THREE_WAY):
+        for b in CLASSES_THREE_WAY[i + 1 :]:
+            sel = (refs == a) | (refs == b)
+            n = int(np.sum(sel))
+            pair_why = _missing({a: counts[a], b: counts[b]})
+            if pair_why:
+                pairs.append((f"{a}/{b}", Metric(None, n, pair_why)))
+                continue
+            auc_a = roc_auc(refs[sel] == a, probs[a][sel])
+            auc_b = roc_auc(refs[sel] == b, probs[b][sel])
+            pairs.append((f"{a}/{b}", Metric((auc_a + auc_b) / 2.0, n)))
+    return acc, macro, tuple(pairs), text
+
+
+def box_hit_rate(cases: Sequence[PaperCase]) -> Metric:
+    """Share of the saliency boxes on covid and CAP cases with a reference lesion mask that overlap a
+    reference lesion on their slice; n/a when no such box exists."""
+    with_ref = [c for c in cases if c.boxes is not None]
+    boxes = sum(c.boxes or 0 for c in with_ref)
+    if boxes == 0:
+        return Metric(None, 0, f"n=0 boxes on {len(with_ref)} pneumonia case(s) with a lesion reference")
+    return Metric(sum(c.box_hits for c in with_ref) / boxes, boxes)
+
+
+def paper_row(method: str, cases: Sequence[PaperCase]) -> PaperRow:
+    """The papers' columns for the tasks the method's outputs cover (a task is left out, None, when no
+    case of the method has its output: no P(severe), no covid/bacterial or normal/cap/covid
+    probabilities)."""
+    row = PaperRow(method)
+    if any(c.p_severe is not None for c in cases):
+        acc, auc, counts = severe_metrics(cases)
+        row = dataclasses.replace(row, severe_accuracy=acc, severe_auc=auc, severe_counts=counts)
+    if _has_classes(cases, CLASSES_COVID_BACTERIAL):
+        acc, auc, f1, counts = covid_bacterial_metrics(cases)
+        row = dataclasses.replace(row, cvb_accuracy=acc, cvb_auc=auc, cvb_f1=f1, cvb_counts=counts)
+    if _has_classes(cases, CLASSES_THREE_WAY):
+        acc, macro, pairs, counts = three_way_metrics(cases)
+        row = dataclasses.replace(
+            row,
+            three_accuracy=acc,
+            three_auc_macro=macro,
+            three_auc_pairs=pairs,
+            three_counts=counts,
+            box_hit_rate=box_hit_rate(cases),
+        )
+    return row
+
+
+def papers_markdown(rows: Sequence[PaperRow]) -> str:
+    """Markdown tables of the papers' columns, one per task that some method outputs ("" when none)."""
+    out: list[str] = []
+    severe = [r for r in rows if r.severe_auc is not None]
+    if severe:
+        out += [
+            "Seed 000, severe (CT3–CT4) vs non-severe COVID-19, from P(severe):",
+            "| method | accuracy | ROC AUC | cases severe/non-severe |",
+            "| --- | --- | --- | --- |",
+        ]
+        out += [
+            f"| {r.method} | {_metric(r.severe_accuracy)} | {_metric(r.severe_auc)} | {r.severe_counts} |"
+            for r in severe
+        ]
+        out.append("")
+    cvb = [r for r in rows if r.cvb_auc is not None]
+    if cvb:
+        out += [
+            "Seed 002, COVID-19 vs bacterial pneumonia (covid and bacterial cases only):",
+            "| method | accuracy | ROC AUC | F1 (COVID-19) | cases covid/bacterial |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        out += [
+            f"| {r.method} | {_metric(r.cvb_accuracy)} | {_metric(r.cvb_auc)} | {_metric(r.cvb_f1)} "
+            f"| {r.cvb_counts} |"
+            for r in cvb
+        ]
+        out.append("")
+    three = [r for r in rows if r.three_accuracy is not None]
+    if three:
+        names = [name for name, _ in three[0].three_auc_pairs]
+        out += [
+            "Seed 003, normal / CAP / COVID-19 (phantom healthy and other = normal, bacterial = CAP):",
+            "| method | 3-way accuracy | macro ROC AUC (one vs rest) | "
+            + " | ".join(f"AUC {n}" for n in names)
+            + " | box hit rate | cases normal/cap/covid |",
+            "|" + " --- |" * (5 + len(names)),
+        ]
+        for r in three:
+            pairs = " | ".join(_metric(m) for _, m in r.three_auc_pairs)
+            out.append(
+                f"| {r.method} | {_metric(r.three_accuracy)} | {_metric(r.three_auc_macro)} | {pairs} | "
+                f"{_metric(r.box_hit_rate)} | {r.three_counts} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _metric(m: Metric | None) -> str:
+    return "—" if m is None else m.text()
+
+
+def paper_row_json(row: PaperRow) -> dict[str, object]:
+    """A :class:`PaperRow` as JSON-ready data (``None`` for n/a, with the reason beside it)."""
+
+    def one(m: Metric | None) -> dict[str, object] | None:
+        if m is None:
+            return None
+        return {"value": None if m.value is None else round(m.value, 4), "n": m.n, "why": m.why or None}
+
+    return {
+        "method": row.method,
+        "seed000_severe": None
+        if row.severe_auc is None
+        else {"accuracy": one(row.severe_accuracy), "auc": one(row.severe_auc), "cases": row.severe_counts},
+        "seed002_covid_vs_bacterial": None
+        if row.cvb_auc is None
+        else {
+            "accuracy": one(row.cvb_accuracy),
+            "auc": one(row.cvb_auc),
+            "f1": one(row.cvb_f1),
+            "cases": row.cvb_counts,
+        },
+        "seed003_three_way": None
+        if row.three_accuracy is None
+        else {
+            "accuracy": one(row.three_accuracy),
+            "auc_macro": one(row.three_auc_macro),
+            "auc_pairs": {name: one(m) for name, m in row.three_auc_pairs},
+            "box_hit_rate": one(row.box_hit_rate),
+            "cases": row.three_counts,
+        },
+    }

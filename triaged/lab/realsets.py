@@ -58,8 +58,10 @@ from triaged.domain import Volume
 from triaged.errors import TriagedError
 from triaged.lab.metrics import (
     DIAGNOSES,
+    PaperCase,
     SliceScore,
     VolumeCaseScore,
+    paper_case,
     slice_score,
     volume_case_score,
 )
@@ -469,6 +471,9 @@ class VolumeEvaluation:
     entries: list[ManifestEntry]
     results: dict[str, list[VolumeCaseScore]] = field(default_factory=dict)
     series: dict[str, str] = field(default_factory=dict)
+    #: The papers' classifier outputs per pipeline and case (:func:`triaged.lab.metrics.paper_row`);
+    #: no reference severity on real series, box hits only where the manifest gives a lesion mask.
+    papers: dict[str, list[PaperCase]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def r(v: float | None) -> float | None:
@@ -525,7 +530,9 @@ def evaluate_volume_set(
     progress : callable, optional
         Called with a message before each pipeline run.
     """
-    out = VolumeEvaluation(list(entries), {name: [] for name in pipelines})
+    out = VolumeEvaluation(
+        list(entries), {name: [] for name in pipelines}, papers={name: [] for name in pipelines}
+    )
     for e in entries:
         try:
             volume, reason = load_series(e.folder)
@@ -567,6 +574,7 @@ def evaluate_volume_set(
                     note=e.note,
                 )
             )
+            out.papers[name].append(paper_case(e.case_id, e.diagnosis, res.findings, true_lesions=truth))
     return out
 
 
