@@ -72,7 +72,7 @@ def test_built_in_pipelines_satisfy_the_protocol_and_need_only_the_volume() -> N
     for p in default_registry():
         assert isinstance(p, Pipeline)
         assert p.needs == frozenset({"volume"})
-        assert p.version == "1.2" and p.description
+        assert p.version == "1.3" and p.description
 
 
 def test_extra_pipelines_join_the_default_registry() -> None:
@@ -85,7 +85,7 @@ def test_extra_pipelines_join_the_default_registry() -> None:
 def test_pipeline_results_are_consistent_with_their_masks(name: str) -> None:
     volume, result = _result(name)
     f, m = result.findings, result.masks
-    assert f.pipeline == name and f.pipeline_version == "1.2"
+    assert f.pipeline == name and f.pipeline_version == "1.3"
     assert m.lungs.shape == m.lesions.shape == m.consolidation.shape == volume.hu.shape
     assert m.lungs.dtype == np.uint8 and m.lesions.dtype == bool and m.consolidation.dtype == bool
     assert not np.any(m.lesions & (m.lungs == 0)) and not np.any(m.consolidation & ~m.lesions)
@@ -129,7 +129,9 @@ def test_lesion_boxes_carry_frame_numbers_of_multi_frame_sources() -> None:
     lungs = np.zeros(hu.shape, np.uint8)
     lungs[:, 5:35, 2:18] = 1
     lungs[:, 5:35, 22:38] = 2
-    volume = Volume(hu, (2.0, 1.0, 1.0), np.eye(4), ("1.2.3",) * 6, "1", "2", frame_numbers=(1, 2, 3, 4, 5, 6))
+    volume = Volume(
+        hu, (2.0, 1.0, 1.0), np.eye(4), ("1.2.3",) * 6, "1", "2", frame_numbers=(1, 2, 3, 4, 5, 6)
+    )
     (box,) = lesion_boxes(volume, lungs, lesions)
     assert (box.z, box.frame_number, box.sop_instance_uid) == (1, 2, "1.2.3")
     assert (box.row_min, box.col_min, box.row_max, box.col_max) == (10, 5, 19, 11)

@@ -13,7 +13,11 @@ independent and simple definitions, what a radiologist would call a leak:
 * **sides**: the right lung's centroid at smaller LPS x (METHODS.md);
 * **volumes**: each lung 1–4 L on a whole-thorax series, right/left ratio 0.65–1.6;
 * **dense consolidation** (COVID-19): on the 50 MedSeg doctor-labelled slices, the share of the
-  radiologists' infection pixels that falls inside the lung mask.
+  radiologists' infection pixels that falls inside the lung mask;
+* **gas below the diaphragm** (issue 11): no mask voxel within 3 mm of a pocket of pure air (< −900 HU,
+  ≥ 5 mL) that the mask leaves out in the lower half of the lungs (stomach or colon gas: the diaphragm
+  and the gut wall together are thicker than that), and on a whole-thorax series the two lungs' lowest
+  slices lie within 35 mm of each other (the left dome is 0–3 cm below the right).
 """
 
 from __future__ import annotations
@@ -116,7 +120,9 @@ def test_no_lung_voxel_beyond_the_aerated_lungs_convex_outline(name: str) -> Non
     case = _case(name)
     lungs_ml = float(np.count_nonzero(case.labels)) * case.voxel_ml
     leak = beyond_aerated_outline_ml(case)
-    assert leak <= 0.0005 * lungs_ml, f"{name}: {leak:.2f} mL of soft tissue beyond the lungs in {lungs_ml:.0f} mL"
+    assert leak <= 0.0005 * lungs_ml, (
+        f"{name}: {leak:.2f} mL of soft tissue beyond the lungs in {lungs_ml:.0f} mL"
+    )
 
 
 # ---- trachea ---------------------------------------------------------------------------------------------
@@ -176,6 +182,60 @@ def test_whole_thorax_lung_volumes_and_their_ratio_are_physiological(name: str) 
     assert 0.65 <= right / left <= 1.6, (right, left)
 
 
+# ---- gas below the diaphragm (issue 11) -------------------------------------------------------------------
+def lung_in_the_wall_of_low_gas_ml(case: Case, wall_mm: float = 3.0) -> float:
+    """Mask voxels within ``wall_mm`` of pure air that the mask leaves out in the lungs' lower half, mL.
+
+    Pure air is < −900 HU inside the body; a pocket counts from 5 mL when its slices lie, on average,
+    in the lower half of the lungs' extent (stomach, colon; the trachea lies above it). Lung is
+    separated from gut gas by the diaphragm and the gut wall, so no lung voxel lies that close; the
+    partial-volume rim of the gas (its wall and a gas–fluid level) would.
+    """
+    body = body_of(case.hu)
+    lung = case.labels > 0
+    order = [int(z) for z in _superior_first(case) if lung[z].any()]
+    height = {z: i / max(1, len(order) - 1) for i, z in enumerate(order)}
+    lab, n = ndimage.label((case.hu < -900) & body & ~lung)
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    gas = np.zeros_like(lung)
+    up = 1 if case.affine[2, 2] > 0 else -1  # index step towards the head (LPS +z is superior)
+    for i in np.nonzero(sizes * case.voxel_ml >= 5.0)[0]:
+        zs = np.nonzero((lab == i).any(axis=(1, 2)))[0]
+        # a slice without lung lies above the lungs (height 0) or below them (height 1)
+        heights = [height.get(int(z), 1.0 if (z - order[-1]) * up < 0 else 0.0) for z in zs]
+        if float(np.mean(heights)) >= 0.5:
+            gas |= lab == i
+    if not gas.any():
+        return 0.0
+    distance = ndimage.distance_transform_edt(~gas, sampling=case.spacing)
+    return float(np.count_nonzero(lung & (distance <= wall_mm))) * case.voxel_ml
+
+
+@pytest.mark.parametrize("name", list(SERIES))
+def test_no_lung_voxel_in_the_wall_of_stomach_or_colon_gas(name: str) -> None:
+    case = _case(name)
+    # before issue 11's gas rim: 8.7 mL on RICORD (a ring of stomach wall and its gas-fluid level under
+    # the left dome), 9.8 mL on CMB-CRC (lung around a hyperlucent pocket cut out as if it were gas)
+    leak = lung_in_the_wall_of_low_gas_ml(case)
+    assert leak <= 0.5, f"{name}: {leak:.2f} mL of the lung mask within 3 mm of gas below the lungs"
+
+
+@pytest.mark.parametrize("name", WHOLE_THORAX)
+def test_the_lung_bases_lie_within_35_mm_of_each_other(name: str) -> None:
+    case = _case(name)
+    lowest = []
+    for side in (1, 2):
+        zs = [int(z) for z in _superior_first(case) if (case.labels[z] == side).any()]
+        lowest.append(zs[-1])
+    gap = abs(lowest[0] - lowest[1]) * case.spacing[0]
+    # before issue 11: the left "lung" of RICORD reached 42.5 mm below the right base (the rim of the
+    # stomach bubble, down to the scan's last slice); LIDC-IDRI-0001's left base is 30 mm lower
+    assert gap <= 35.0, f"{name}: the lung bases lie {gap:.1f} mm apart (right, left lowest slices {lowest})"
+
+
 # ---- dense consolidation stays in (real radiologist masks) ------------------------------------------------
 MEDSEG = REAL_DATA / "medseg-covid-slices" / "doctor-label"
 #: The doctor-labelled JPGs carry no HU. Their landmarks (air ≈ 11, lung ≈ 43, soft tissue ≈ 217 grey)
@@ -204,10 +264,14 @@ def _medseg_inside() -> tuple[float, float]:
         hu = np.rot90(ndimage.zoom(lo + grey * (hi - lo) / 255.0, f, order=1), -1)
         infection = np.rot90(ndimage.zoom(infection.astype(np.float32), f, order=1) > 0.5, -1)
         # a rim of soft tissue and air around the crop makes a body that encloses the lungs
-        framed = np.pad(np.pad(hu, 6, constant_values=40.0), 6, constant_values=-1000.0)[None].astype(np.float32)
+        framed = np.pad(np.pad(hu, 6, constant_values=40.0), 6, constant_values=-1000.0)[None].astype(
+            np.float32
+        )
         grid = WorkGrid.for_volume(framed.shape, (2.0, 2.0, 2.0))  # type: ignore[arg-type]
         try:
-            labels = segment_lungs_coarse(framed, grid, np.diag([2.0, 2.0, 2.0, 1.0])).labels[0, 12:-12, 12:-12]
+            labels = segment_lungs_coarse(framed, grid, np.diag([2.0, 2.0, 2.0, 1.0])).labels[
+                0, 12:-12, 12:-12
+            ]
         except Exception:  # a slice without aerated lung: nothing inside
             labels = np.zeros(hu.shape, np.uint8)
         n_in = int(np.count_nonzero(infection & (labels > 0)))
