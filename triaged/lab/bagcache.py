@@ -12,7 +12,7 @@ Dice ≥ 0.97 on phantoms; ``--phantom-lungs classical`` uses it anyway).  It wr
 * ``DIR/index.csv``: ``case_id,set,source,label,severity_pct,ct_grade,whole_lung_pct,split,n``;
 * ``DIR/DONE`` when every case is written.
 
-Splits: the ``--train`` phantoms are ``train`` except every sixth case (``val``); the ``--test`` phantoms
+Splits: the ``--train`` phantoms are ``train`` except every fifth case (``val``: the kinds cycle by four, so every kind gets some); the ``--test`` phantoms
 are ``test``; real volumes of :data:`REAL_TRAIN` are ``train`` (no-pneumonia negatives, as the multitask
 card), the other real volumes of ``eval/real-volumes.csv`` are ``test``.  Cases already written are kept
 (the build resumes).
@@ -91,7 +91,7 @@ def build(
         if root is None:
             continue
         for i, case in enumerate(read_dataset(root)):
-            s = ("val" if i % 6 == 5 else "train") if split == "train" else "test"
+            s = ("val" if i % 5 == 4 else "train") if split == "train" else "test"  # kinds cycle by 4
             jobs.append((f"{root.name}-{case.case_id}", s, case))
     if real_manifest is not None:
         from triaged.lab.realsets import default_data_root, read_manifest

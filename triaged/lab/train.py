@@ -66,7 +66,7 @@ B = npt.NDArray[np.bool_]
 MODEL_NAMES: Final[tuple[str, ...]] = ("multitask", "consolidation-em")
 WEIGHTS_FILE: Final[str] = "model.pt"
 CHECKPOINT_FILE: Final[str] = "checkpoint.pt"
-VERSION: Final[str] = "2.0.0"
+VERSION: Final[str] = "2.1.0"  # 2.1.0: lobes + CT-SS in the pipeline (weights format unchanged)
 #: HU used to pad crops that reach outside the volume (air).
 PAD_HU: Final[float] = -1024.0
 

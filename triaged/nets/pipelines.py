@@ -43,6 +43,7 @@ from scipy import ndimage
 from triaged.analysis import Pipeline, PipelineRegistry, default_registry
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.lesions import ThresholdParams, threshold_consolidation
+from triaged.analysis.lobes import lobes_for
 from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
 from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Findings, Masks, Volume
@@ -429,17 +430,25 @@ class LearnedPipeline:
         else:
             inside = np.where(out.lesion_prob > out.threshold, out.consolidation_prob, 0.0).astype(np.float32)
             consolidation = _to_full(front, inside, out.consolidation_threshold) & lesions
-        masks = Masks(front.lungs_full, lesions, consolidation)
         times.append(("masks", time.perf_counter() - t))
+        t = time.perf_counter()
+        say(0.85, "segmenting lobes")
+        # the non-learned lobes on the (extended) lungs, so the CT severity score is reported too
+        lobes, lobe_prov, lobe_warnings = lobes_for(
+            front.coarse_hu, front.lungs_coarse, front.lungs_full, front.grid, volume.affine
+        )
+        masks = Masks(front.lungs_full, lesions, consolidation, lobes=lobes)
+        times.append(("lobes", time.perf_counter() - t))
         say(0.9, "measuring")
         prov = [
             *out.provenance,
+            *lobe_prov,
             ("precision", precision.describe()),
             *[(f"time.{k}_s", f"{v:.2f}") for k, v in times],
         ]
         findings = self._findings(volume, masks, front, out.p_covid, prov)
-        if out.warnings:
-            findings = replace(findings, warnings=(*findings.warnings, *out.warnings))
+        if out.warnings or lobe_warnings:
+            findings = replace(findings, warnings=(*findings.warnings, *lobe_warnings, *out.warnings))
         say(1.0, "done")
         return AnalysisResult(findings, masks)
 
@@ -578,6 +587,12 @@ LEARNED: dict[str, tuple[str, type[LearnedPipeline]]] = {
     "multitask": ("multitask", MultitaskPipeline),
     "consolidation-em": ("consolidation-em", ConsolidationEMPipeline),
 }
+
+# The paper pipelines subclass LearnedPipeline (so they import this module) and add themselves to LEARNED
+# when imported; importing them here, once LEARNED exists, completes it whichever module is imported first.
+import triaged.nets.paper_dacmil  # noqa: E402, F401
+import triaged.nets.paper_m2unet  # noqa: E402, F401
+import triaged.nets.paper_multiscale  # noqa: E402, F401
 
 
 def build_pipeline(

@@ -26,6 +26,10 @@ import yaml
 from torch import nn
 
 from triaged.errors import TriagedError
+from triaged.nets.dacmil import DACMIL
+from triaged.nets.m2unet import DEFAULT_CONCEPTS, DEFAULT_WIDTHS, M2UNet
+from triaged.nets.multiscale import DEFAULT_WIDTH as MULTISCALE_WIDTH
+from triaged.nets.multiscale import MultiScaleNet
 from triaged.nets.multitask import MultitaskNet
 from triaged.nets.wu import ConsolidationEM
 
@@ -66,10 +70,35 @@ def _consolidation_em(kwargs: Mapping[str, Any]) -> nn.Module:
     return ConsolidationEM(widths=tuple(kwargs.get("widths", (16, 32, 64, 128, 128))))
 
 
+def _m2unet(kwargs: Mapping[str, Any]) -> nn.Module:
+    return M2UNet(
+        widths=tuple(kwargs.get("widths", DEFAULT_WIDTHS)),
+        concepts=tuple(kwargs.get("concepts", DEFAULT_CONCEPTS)),
+    )
+
+
+def _dacmil(kwargs: Mapping[str, Any]) -> nn.Module:
+    return DACMIL(
+        widths=tuple(kwargs.get("widths", (16, 32, 64, 128))),
+        blocks=int(kwargs.get("blocks", 1)),
+        spatial_hidden=int(kwargs.get("spatial_hidden", 64)),
+        instance_hidden=int(kwargs.get("instance_hidden", 64)),
+    )
+
+
+def _multiscale(kwargs: Mapping[str, Any]) -> nn.Module:
+    return MultiScaleNet(
+        classes=int(kwargs.get("classes", 3)), width=float(kwargs.get("width", MULTISCALE_WIDTH))
+    )
+
+
 #: Architectures a manifest may name (``architecture.name``) → constructor from ``architecture.kwargs``.
 ARCHITECTURES: Final[dict[str, Callable[[Mapping[str, Any]], nn.Module]]] = {
     "MultitaskNet": _multitask,
     "ConsolidationEM": _consolidation_em,
+    "DACMIL": _dacmil,
+    "M2UNet": _m2unet,
+    "MultiScaleNet": _multiscale,
 }
 
 
