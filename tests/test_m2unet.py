@@ -104,6 +104,7 @@ def test_shipped_weights_reproduce_the_cards_phantom_check() -> None:
     assert abs(p - float(check["p_severe"])) <= TOLERANCE, (p, check)
 
 
+@pytest.mark.slow  # a whole real series (10-15 s): `make soak` runs it, `make test` does not
 def test_m2unet_on_the_real_covid_series_reproduces_the_card_within_budget() -> None:
     folder = REAL_DATA / RICORD
     if not folder.is_dir():

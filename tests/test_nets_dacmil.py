@@ -25,7 +25,7 @@ from triaged.lab.train_dacmil import Row, augment, binary_figures, split_rows
 from triaged.nets.bags import make_bag
 from triaged.nets.dacmil import DACMIL
 from triaged.nets.paper_dacmil import KEY_SLICES_BY, DACMILPipeline, key_slices, predict_bag
-from triaged.nets.pipelines import LEARNED, P_COVID_NOT_ASSESSED, node_registry
+from triaged.nets.pipelines import LEARNED, P_COVID_NOT_ASSESSED, learned_class, node_registry
 from triaged.nets.weights import WeightsError, model_dir
 from triaged.volume import load_series_folder
 
@@ -109,7 +109,7 @@ def test_binary_figures_match_a_hand_computed_case() -> None:
 
 
 def test_dacmil_is_registered_with_the_node_and_its_card_says_p_covid_is_not_validated() -> None:
-    assert LEARNED["dacmil"] == ("dacmil", DACMILPipeline)
+    assert LEARNED["dacmil"][0] == "dacmil" and learned_class("dacmil") is DACMILPipeline
     assert "dacmil" in node_registry().pipeline_names()
     card = _card()
     assert card["p_covid_validated_on"] is None
@@ -151,6 +151,7 @@ def test_pipeline_composes_classical_and_ranks_key_slices_by_attention() -> None
     assert weights == sorted(weights, reverse=True)
 
 
+@pytest.mark.slow  # a whole real series (10-15 s): `make soak` runs it, `make test` does not
 def test_shipped_weights_reproduce_the_cards_output_on_a_real_series() -> None:
     entry = _card()["reproduce"]["real"]
     folder = REAL_DATA / entry["folder"]

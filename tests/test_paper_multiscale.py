@@ -24,7 +24,13 @@ from triaged.analysis.pipeline import ClassicalPipeline
 from triaged.config import SeriesSelectionConfig
 from triaged.domain import RESEARCH_NOTE, AnalysisResult, Volume, findings_from_json, findings_to_json
 from triaged.nets.paper_multiscale import CLASS_KEYS, MultiScalePipeline, aggregate, top_k
-from triaged.nets.pipelines import LEARNED, P_COVID_NOT_ASSESSED, build_pipeline, node_registry
+from triaged.nets.pipelines import (
+    LEARNED,
+    P_COVID_NOT_ASSESSED,
+    build_pipeline,
+    learned_class,
+    node_registry,
+)
 from triaged.nets.weights import model_dir
 
 CARD: dict[str, Any] = yaml.safe_load((model_dir("multiscale") / "manifest.yaml").read_text(encoding="utf-8"))
@@ -62,7 +68,7 @@ def test_top_fraction_pooling_by_hand() -> None:
 
 
 def test_registered_with_a_card_that_reports_no_p_covid() -> None:
-    assert LEARNED["multiscale"] == ("multiscale", MultiScalePipeline)
+    assert LEARNED["multiscale"][0] == "multiscale" and learned_class("multiscale") is MultiScalePipeline
     assert "multiscale" in node_registry().pipeline_names()
     assert CARD["p_covid_validated_on"] is None
     assert CARD["architecture"]["name"] == "MultiScaleNet"
@@ -88,7 +94,7 @@ def test_pipeline_composes_classical_and_adds_saliency() -> None:
     assert P_COVID_NOT_ASSESSED in f.warnings
     prov = dict(f.provenance)
     assert prov["note"] == RESEARCH_NOTE
-    assert prov["masks.method"].startswith("classical v")
+    assert prov["masks_from"].startswith("classical v")
     # boxes: in the image, inside the lungs' box, on slices with lung, naming their source image
     assert f.saliency_boxes, "a non-normal prediction with no saliency box"
     lungs = result.masks.lungs > 0
@@ -121,6 +127,7 @@ def test_card_reproduction_phantoms(case: dict[str, Any]) -> None:
         assert result.findings.saliency_boxes == ()
 
 
+@pytest.mark.slow  # a whole real series (10-15 s): `make soak` runs it, `make test` does not
 def test_real_ricord_end_to_end() -> None:
     folder = REAL_DATA / RICORD
     if not folder.is_dir():

@@ -2,8 +2,9 @@
 
 It composes the ``classical`` pipeline (:mod:`triaged.analysis`): classical segments the lungs, lesions,
 consolidation and lobes and measures the CT grade and CT severity score, so the SEG and the SR keep their
-content.  DA-CMIL then runs on the bag of lung-cropped slices cut from classical's lungs
-(:func:`triaged.nets.bags.make_bag`) and adds
+content.  Model loading, the bag, the common provenance and the P(COVID-19) note are
+:class:`~triaged.nets.paper_base.ClassicalPlusNetwork`'s.  DA-CMIL then runs on the bag of lung-cropped
+slices cut from classical's lungs (:func:`triaged.nets.bags.make_bag`) and adds
 
 * ``class_probabilities`` ``(("covid", p), ("bacterial", 1 - p))``: the bag classifier's softmax;
 * ``key_slices``: the slices with the highest instance attention (highest first, at most
@@ -19,29 +20,17 @@ says nothing about whether there is a pneumonia at all.  Research use only - not
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from triaged.analysis import Pipeline, default_registry
-from triaged.domain import AnalysisResult, Volume
-from triaged.nets.bags import make_bag
+from triaged.domain import Volume
+from triaged.nets.bags import Bag
 from triaged.nets.dacmil import DACMIL
-from triaged.nets.pipelines import (
-    LEARNED,
-    P_COVID_NOT_ASSESSED,
-    LearnedPipeline,
-    Progress,
-    _no_progress,
-    p_covid_validation,
-    pick_device,
-)
-from triaged.nets.weights import LoadedModel
+from triaged.nets.paper_base import ClassicalPlusNetwork, NetworkOutput
+from triaged.nets.pipelines import Progress, pick_device
 
 F32 = npt.NDArray[np.float32]
 
@@ -111,7 +100,7 @@ def key_slices(
     return [(int(z[i]), float(attention[i])) for i in order[:k]]
 
 
-class DACMILPipeline(LearnedPipeline):
+class DACMILPipeline(ClassicalPlusNetwork[DACMIL]):
     """Classical masks and measures + DA-CMIL's COVID-19 vs bacterial probabilities and key slices.
 
     Parameters
@@ -127,102 +116,32 @@ class DACMILPipeline(LearnedPipeline):
     name = "dacmil"
     seed_paper = "DA-CMIL dual-attention contrastive MIL of Chikontwe et al. 2021 (seed 002)"
     network_message = "running DA-CMIL"
+    network_type = DACMIL
+    network_label = "DA-CMIL"
 
-    def __init__(
-        self,
-        model: LoadedModel | Path | str,
-        *,
-        device: str | None = None,
-        allow_bf16: bool = True,
-        classical: Pipeline | None = None,
-    ) -> None:
-        super().__init__(model, device=device, allow_bf16=allow_bf16)
-        self._classical = classical
+    def network_device(self) -> torch.device:
+        """The pipeline's device: CUDA when present unless one was given (float32 either way)."""
+        return pick_device(self.device)
 
-    @property
-    def description(self) -> str:
-        return super().description.replace("Non-learned lungs.", "Masks and measures from classical.")
+    def method_provenance(self) -> list[tuple[str, str]]:
+        return [("class_probabilities.validated_on", self.card_text("class_probabilities_validated_on"))]
 
-    def classical(self) -> Pipeline:
-        """The composed masks pipeline."""
-        if self._classical is None:
-            self._classical = default_registry().get("classical")
-        return self._classical
-
-    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
-        """Classical analysis, then DA-CMIL on the bag cut from classical's lungs (module docstring)."""
-        say = progress or _no_progress
-        t0 = time.perf_counter()
-        model = self.model  # verified and loaded before the (longer) classical run
-        net = model.module
-        assert isinstance(net, DACMIL)
-        base = self.classical().run(volume, progress=lambda f, m: say(0.8 * f, f"classical: {m}"))
-        t_classical = time.perf_counter() - t0
-        t = time.perf_counter()
-        say(0.8, self.network_message)
-        findings = base.findings
-        validated = p_covid_validation(self._manifest)
-        prov: list[tuple[str, str]] = [
-            ("masks_from", f"classical v{findings.pipeline_version}"),
-            ("model.name", model.name),
-            ("model.version", model.version),
-            ("model.sha256", model.sha256),
-            (
-                "class_probabilities.validated_on",
-                str(self._manifest.get("class_probabilities_validated_on") or "not stated"),
-            ),
-        ]
-        warnings = list(findings.warnings)
-        if validated is None:
-            prov.append(("identification.method", P_COVID_NOT_ASSESSED))
-            warnings.append(P_COVID_NOT_ASSESSED)
-        else:
-            prov.append(("identification.validated_on", validated))
-        try:
-            bag = make_bag(volume.hu, base.masks.lungs, volume.spacing)
-        except ValueError as exc:
-            message = f"DA-CMIL not run: {exc}"
-            findings = replace(
-                findings,
-                pipeline=self.name,
-                pipeline_version=self.version,
-                model_sha256=model.sha256,
-                provenance=(*findings.provenance, *prov, ("dacmil", message)),
-                warnings=(*warnings, message),
-            )
-            say(1.0, "done")
-            return AnalysisResult(findings, base.masks)
-        device = pick_device(self.device)
-        net.to(device)
+    def infer(
+        self, net: DACMIL, bag: Bag, volume: Volume, device: torch.device, say: Progress
+    ) -> NetworkOutput:
+        """DA-CMIL on the whole bag: class probabilities, and the key slices by instance attention."""
         pred = predict_bag(net, bag.images, bag.lung, device)
         keys = key_slices(bag.z, pred.attention, bag.lung)
-        t_net = time.perf_counter() - t
-        prov += [
-            ("identification.classes", "covid vs bacterial (DA-CMIL bag classifier)"),
-            ("bag.slices", str(len(bag.z))),
-            ("bag.box", " ".join(str(v) for v in bag.box)),
-            ("key_slices_by", KEY_SLICES_BY),
-            ("key_slices.attention", ", ".join(f"z={z}:{a:.3f}" for z, a in keys)),
-            ("precision", f"{device.type} fp32"),
-            ("time.classical_s", f"{t_classical:.2f}"),
-            ("time.dacmil_s", f"{t_net:.2f}"),
-        ]
-        findings = replace(
-            findings,
-            pipeline=self.name,
-            pipeline_version=self.version,
+        return NetworkOutput(
+            [
+                ("identification.classes", "covid vs bacterial (DA-CMIL bag classifier)"),
+                ("key_slices_by", KEY_SLICES_BY),
+                ("key_slices.attention", ", ".join(f"z={z}:{a:.3f}" for z, a in keys)),
+            ],
+            p_covid=pred.p_covid,
             class_probabilities=(("covid", pred.p_covid), ("bacterial", 1.0 - pred.p_covid)),
-            p_covid=pred.p_covid if validated is not None else None,
             key_slices=tuple(z for z, _ in keys),
-            model_sha256=model.sha256,
-            provenance=(*findings.provenance, *prov),
-            warnings=tuple(warnings),
         )
-        say(1.0, "done")
-        return AnalysisResult(findings, base.masks)
-
-
-LEARNED.setdefault(DACMILPipeline.name, ("dacmil", DACMILPipeline))
 
 
 __all__ = ["KEY_SLICES", "KEY_SLICES_BY", "BagPrediction", "DACMILPipeline", "key_slices", "predict_bag"]

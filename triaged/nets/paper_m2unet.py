@@ -1,7 +1,9 @@
 """Pipeline ``m2unet``: seed 000 (He et al. 2021) severe / non-severe COVID-19 by hierarchical MIL.
 
 The pipeline composes ``classical`` (:mod:`triaged.analysis`): lungs, lobes, lesions, consolidation, CT
-grade and CT severity score are classical's, so the SEG and SR measurements are unchanged.  It then
+grade and CT severity score are classical's, so the SEG and SR measurements are unchanged.  Like every
+paper pipeline (:class:`~triaged.nets.paper_base.ClassicalPlusNetwork`: model loading, bag, common
+provenance, P(COVID-19) note), it then
 
 1. cuts the study's bag of lung-cropped slices (:func:`triaged.nets.bags.make_bag` on classical's lungs:
    one slice every ≈ 5 mm, at most 64, 128 × 128, HU → [0, 1]);
@@ -23,34 +25,20 @@ COVID-19), so triage falls back to severity and the SR says
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from triaged.analysis import Pipeline
-from triaged.analysis.registry import default_registry
-from triaged.domain import RESEARCH_NOTE, AnalysisResult, Volume
-from triaged.nets.bags import make_bag
+from triaged.domain import Volume
+from triaged.nets.bags import Bag
 from triaged.nets.m2unet import M2UNet
-from triaged.nets.pipelines import (
-    LEARNED,
-    P_COVID_NOT_ASSESSED,
-    LearnedPipeline,
-    Progress,
-    _no_progress,
-    p_covid_validation,
-)
-from triaged.nets.weights import LoadedModel
+from triaged.nets.paper_base import ClassicalPlusNetwork, NetworkOutput
+from triaged.nets.pipelines import Progress
 
 #: Slices of the bag the severity head sees (evenly spread; training bags have 20 random slices).
 INFER_BAG: Final[int] = 24
-#: What the provenance says when the card does not say what P(severe) was validated on.
-NOT_VALIDATED: Final[str] = "not stated by the model card"
 
 
 def bag_indices(n: int, k: int = INFER_BAG) -> npt.NDArray[np.int64]:
@@ -69,7 +57,7 @@ def severity_probability(model: M2UNet, images: npt.ArrayLike, k: int = INFER_BA
     return float(logits.float().softmax(-1)[0, 1])
 
 
-class M2UNetPipeline(LearnedPipeline):
+class M2UNetPipeline(ClassicalPlusNetwork[M2UNet]):
     """Seed 000's hierarchical-MIL severity head on top of ``classical`` (module docstring)."""
 
     name = "m2unet"
@@ -78,81 +66,23 @@ class M2UNetPipeline(LearnedPipeline):
         "(seed 000), on the classical pipeline's masks"
     )
     network_message = "running the M2UNet severity head"
+    network_type = M2UNet
+    network_label = "M2UNet severity head"
 
-    def __init__(
-        self,
-        model: LoadedModel | Path | str,
-        *,
-        device: str | None = None,
-        allow_bf16: bool = True,
-        classical: Pipeline | None = None,
-    ) -> None:
-        super().__init__(model, device=device, allow_bf16=allow_bf16)
-        self._classical = classical
-
-    @property
-    def classical(self) -> Pipeline:
-        """The composed ``classical`` pipeline (the default registry's unless one was given)."""
-        if self._classical is None:
-            self._classical = default_registry().get("classical")
-        return self._classical
-
-    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
-        """Classical masks and findings plus P(severe) from the M²UNet's hierarchical MIL head."""
-        say = progress or _no_progress
-        t0 = time.perf_counter()
-        base = self.classical.run(volume, progress=lambda f, m: say(0.8 * f, m))
-        t_classical = time.perf_counter() - t0
-        say(0.8, self.network_message)
-        t = time.perf_counter()
-        net = self.model.module
-        assert isinstance(net, M2UNet)
-        validated_on = str(self._manifest.get("p_severe_validated_on") or NOT_VALIDATED)
+    def method_provenance(self) -> list[tuple[str, str]]:
         lobes_used = str((self._manifest.get("lobes") or {}).get("used", "classical"))
-        prov: list[tuple[str, str]] = [
-            (
-                "masks.method",
-                f"classical v{base.findings.pipeline_version} (lungs, lobes, lesions, consolidation)",
-            ),
+        return [
             ("lobes.source", f"{lobes_used} (chosen on the test phantoms' lobe Dice, model card)"),
-            ("model.name", self.model.name),
-            ("model.version", self.model.version),
-            ("model.sha256", self.model.sha256),
             ("severity.method", "M2UNet hierarchical MIL (GCP over slice positions, then over slices)"),
-            ("p_severe_validated_on", validated_on),
+            ("p_severe_validated_on", self.card_text("p_severe_validated_on")),
         ]
-        p_severe: float | None = None
-        warnings = list(base.findings.warnings)
-        try:
-            bag = make_bag(volume.hu, base.masks.lungs, volume.spacing)
-        except ValueError as exc:
-            bag = None
-            warnings.append(f"P(severe) not assessed: {exc}")
-        if bag is not None:
-            # the network is small: float32 on the CPU whatever the node's device
-            p_severe = round(severity_probability(net.cpu(), bag.images), 4)
-            prov.append(("bag.slices", f"{len(bag.z)} (severity head on {len(bag_indices(len(bag.z)))})"))
-        prov += [
-            ("time.network_s", f"{time.perf_counter() - t:.2f}"),
-            ("time.classical_s", f"{t_classical:.2f}"),
-        ]
-        if p_covid_validation(self._manifest) is None and P_COVID_NOT_ASSESSED not in warnings:
-            warnings.append(P_COVID_NOT_ASSESSED)
-        findings = replace(
-            base.findings,
-            pipeline=self.name,
-            pipeline_version=self.version,
-            p_covid=None,
-            p_severe=p_severe,
-            model_sha256=self.model.sha256,
-            provenance=(*base.findings.provenance, *prov, ("note", RESEARCH_NOTE)),
-            warnings=tuple(warnings),
-        )
-        say(1.0, "done")
-        return AnalysisResult(findings, base.masks)
 
-
-LEARNED.setdefault(M2UNetPipeline.name, ("m2unet", M2UNetPipeline))
+    def infer(
+        self, net: M2UNet, bag: Bag, volume: Volume, device: torch.device, say: Progress
+    ) -> NetworkOutput:
+        """P(severe) from the hierarchical MIL head on :func:`bag_indices` slices of the bag."""
+        p_severe = round(severity_probability(net, bag.images), 4)
+        return NetworkOutput([("severity.slices", str(len(bag_indices(len(bag.z)))))], p_severe=p_severe)
 
 
 __all__ = ["INFER_BAG", "M2UNetPipeline", "bag_indices", "severity_probability"]

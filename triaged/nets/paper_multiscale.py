@@ -1,7 +1,9 @@
 """Pipeline ``multiscale``: seed 003 (Hu et al. 2020) normal / CAP / COVID-19 with saliency boxes.
 
 The pipeline composes ``classical`` (:mod:`triaged.analysis`): lungs, lobes, lesions, consolidation,
-CT grade and CT severity score are classical's, so the SEG and SR measurements are unchanged.  It then
+CT grade and CT severity score are classical's, so the SEG and SR measurements are unchanged.  Like every
+paper pipeline (:class:`~triaged.nets.paper_base.ClassicalPlusNetwork`: model loading, bag, common
+provenance, P(COVID-19) note), it then
 
 1. cuts the study's bag of lung-cropped slices (:func:`triaged.nets.bags.make_bag` on classical's lungs:
    one slice every ≈ 5 mm, at most 64, 128 × 128, HU → [0, 1]);
@@ -26,30 +28,19 @@ probabilities are research outputs.  Research use only - not for diagnosis.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from triaged.analysis import Pipeline
-from triaged.analysis.registry import default_registry
-from triaged.domain import RESEARCH_NOTE, AnalysisResult, SaliencyBox, Volume
-from triaged.nets.bags import Bag, make_bag
+from triaged.domain import SaliencyBox, Volume
+from triaged.nets.bags import Bag
 from triaged.nets.multiscale import MultiScaleNet, scale_saliency
-from triaged.nets.pipelines import (
-    LEARNED,
-    P_COVID_NOT_ASSESSED,
-    LearnedPipeline,
-    Precision,
-    Progress,
-    _no_progress,
-    p_covid_validation,
-)
+from triaged.nets.paper_base import ClassicalPlusNetwork, NetworkOutput
+from triaged.nets.pipelines import Precision, Progress
 from triaged.nets.saliency import joint_saliency, saliency_boxes
-from triaged.nets.weights import LoadedModel
 
 F32 = npt.NDArray[np.float32]
 
@@ -67,6 +58,8 @@ MIN_BOX_AREA = 16
 BOXES_PER_SLICE = 3
 #: Slices per forward pass.
 CHUNK = 64
+#: ``class_probabilities.validated_on`` when the card has no ``class_probabilities_validated_on``.
+VALIDATED_ON_DEFAULT = "phantoms only (p_covid_validated_on: null)"
 
 
 def top_k(n: int, fraction: float = TOP_FRACTION) -> int:
@@ -196,7 +189,7 @@ def key_slices_of(boxes: tuple[SaliencyBox, ...], limit: int = 5) -> tuple[int, 
     return tuple(seen)
 
 
-class MultiScalePipeline(LearnedPipeline):
+class MultiScalePipeline(ClassicalPlusNetwork[MultiScaleNet]):
     """Seed 003's multi-scale classifier and integrated-gradient boxes on top of ``classical`` (module
     docstring)."""
 
@@ -206,106 +199,48 @@ class MultiScalePipeline(LearnedPipeline):
         "Hu et al. 2020 (seed 003), on the classical pipeline's masks"
     )
     network_message = "running the multi-scale network"
+    network_type = MultiScaleNet
+    network_label = "multi-scale classifier"
+    classical_share = 0.7
 
-    def __init__(
-        self,
-        model: LoadedModel | Path | str,
-        *,
-        device: str | None = None,
-        allow_bf16: bool = True,
-        classical: Pipeline | None = None,
-    ) -> None:
-        super().__init__(model, device=device, allow_bf16=allow_bf16)
-        self._classical = classical
-
-    @property
-    def classical(self) -> Pipeline:
-        """The composed ``classical`` pipeline (the default registry's unless one was given)."""
-        if self._classical is None:
-            self._classical = default_registry().get("classical")
-        return self._classical
-
-    def run(self, volume: Volume, *, progress: Progress | None = None) -> AnalysisResult:
-        """Classical masks and findings plus the network's class probabilities and saliency boxes."""
-        say = progress or _no_progress
-        t0 = time.perf_counter()
-        base = self.classical.run(volume, progress=lambda f, m: say(0.7 * f, m))
-        t_classical = time.perf_counter() - t0
-        say(0.7, self.network_message)
-        t = time.perf_counter()
-        net = self.model.module
-        assert isinstance(net, MultiScaleNet)
-        # the network is tiny: float32 on the CPU (integrated gradients need autograd there anyway)
-        precision = Precision(torch.device("cpu"), None, False)
-        prov: list[tuple[str, str]] = [
-            (
-                "masks.method",
-                f"classical v{base.findings.pipeline_version} (lungs, lobes, lesions, consolidation)",
-            ),
-            ("model.name", self.model.name),
-            ("model.version", self.model.version),
-            ("model.sha256", self.model.sha256),
+    def method_provenance(self) -> list[tuple[str, str]]:
+        return [
             ("classification.method", "multi-scale CNN (Conv3-5 class-score maps, max-pooled, summed)"),
             ("classification.pooling", f"mean of the top {TOP_FRACTION:g} of slice scores per class"),
-            ("classification.validated_on", "phantoms only (p_covid_validated_on: null)"),
+            (
+                "class_probabilities.validated_on",
+                self.card_text("class_probabilities_validated_on", VALIDATED_ON_DEFAULT),
+            ),
         ]
-        probs: tuple[tuple[str, float], ...] = ()
-        boxes: tuple[SaliencyBox, ...] = ()
-        key_slices = base.findings.key_slices
-        warnings = list(base.findings.warnings)
-        try:
-            bag = make_bag(volume.hu, base.masks.lungs, volume.spacing)
-        except ValueError as exc:
-            bag = None
-            warnings.append(f"multi-scale classifier not run: {exc}")
-        if bag is not None:
-            logits = slice_logits(net, bag.images, precision)
-            p = study_probabilities(logits)
-            probs = tuple((k, round(float(v), 4)) for k, v in zip(CLASS_KEYS, p, strict=True))
-            cls = int(np.argmax(p))
-            prov.append(("bag.slices", str(len(bag.z))))
-            t_net = time.perf_counter() - t
-            t = time.perf_counter()
-            if cls != 0:
-                say(0.85, "integrated-gradient saliency")
-                slice_p = torch.from_numpy(logits).softmax(-1)[:, cls].numpy()
-                bag_boxes = bag_saliency_boxes(net, bag.images, bag.lung, cls, slice_p)
-                boxes = to_source_boxes(volume, bag, bag_boxes, CLASS_KEYS[cls])
-                prov.append(
-                    (
-                        "saliency.method",
-                        f"integrated gradients ({IG_STEPS} steps, zero baseline) at Conv3-5 of the "
-                        f"{MAX_SALIENCY_SLICES} slices scoring {CLASS_KEYS[cls]} highest; product, Gaussian, "
-                        "Isodata, closing, components",
-                    )
-                )
-                if boxes:
-                    key_slices = key_slices_of(boxes)
-                    prov.append(("key_slices_by", "saliency (multi-scale IG)"))
-            else:
-                prov.append(("saliency.method", "none (predicted normal)"))
-            prov += [
-                ("time.network_s", f"{t_net:.2f}"),
-                ("time.saliency_s", f"{time.perf_counter() - t:.2f}"),
-            ]
-        prov.append(("time.classical_s", f"{t_classical:.2f}"))
-        validated = p_covid_validation(self._manifest)
-        if validated is None and P_COVID_NOT_ASSESSED not in warnings:
-            warnings.append(P_COVID_NOT_ASSESSED)
-        findings = replace(
-            base.findings,
-            pipeline=self.name,
-            pipeline_version=self.version,
-            p_covid=None,
-            class_probabilities=probs,
-            key_slices=key_slices,
-            saliency_boxes=boxes,
-            model_sha256=self.model.sha256,
-            provenance=(*base.findings.provenance, *prov, ("note", RESEARCH_NOTE)),
-            warnings=tuple(warnings),
-        )
-        say(1.0, "done")
-        return AnalysisResult(findings, base.masks)
 
-
-LEARNED.setdefault(MultiScalePipeline.name, ("multiscale", MultiScalePipeline))
+    def infer(
+        self, net: MultiScaleNet, bag: Bag, volume: Volume, device: torch.device, say: Progress
+    ) -> NetworkOutput:
+        """Class probabilities of the bag and, for a non-normal prediction, the saliency boxes."""
+        # the network is tiny: float32 on the CPU (integrated gradients need autograd there anyway)
+        logits = slice_logits(net, bag.images, Precision(device, None, False))
+        p = study_probabilities(logits)
+        probs = tuple((k, round(float(v), 4)) for k, v in zip(CLASS_KEYS, p, strict=True))
+        cls = int(np.argmax(p))
+        if cls == 0:
+            return NetworkOutput(
+                [("saliency.method", "none (predicted normal)")], class_probabilities=probs, saliency_boxes=()
+            )
+        t = time.perf_counter()
+        say(0.85, "integrated-gradient saliency")
+        slice_p = torch.from_numpy(logits).softmax(-1)[:, cls].numpy()
+        bag_boxes = bag_saliency_boxes(net, bag.images, bag.lung, cls, slice_p)
+        boxes = to_source_boxes(volume, bag, bag_boxes, CLASS_KEYS[cls])
+        prov = [
+            (
+                "saliency.method",
+                f"integrated gradients ({IG_STEPS} steps, zero baseline) at Conv3-5 of the "
+                f"{MAX_SALIENCY_SLICES} slices scoring {CLASS_KEYS[cls]} highest; product, Gaussian, "
+                "Isodata, closing, components",
+            )
+        ]
+        if boxes:
+            prov.append(("key_slices_by", "saliency (multi-scale IG)"))
+        prov.append(("time.saliency_s", f"{time.perf_counter() - t:.2f}"))
+        key_slices = key_slices_of(boxes) if boxes else None  # None: classical's (lesion burden)
+        return NetworkOutput(prov, class_probabilities=probs, key_slices=key_slices, saliency_boxes=boxes)

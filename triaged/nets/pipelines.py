@@ -29,6 +29,7 @@ consolidation (Wu et al. 2020, Algorithm 1 and Section III-C); no P(COVID-19).
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
@@ -582,25 +583,34 @@ class ConsolidationEMPipeline(LearnedPipeline):
         )
 
 
-#: Pipeline name → (model folder name, pipeline class).
-LEARNED: dict[str, tuple[str, type[LearnedPipeline]]] = {
-    "multitask": ("multitask", MultitaskPipeline),
-    "consolidation-em": ("consolidation-em", ConsolidationEMPipeline),
+#: Pipeline name → (model folder name, ``"module:Class"`` of the pipeline class).  Every learned pipeline
+#: is listed here, by reference: the paper pipelines (``triaged/nets/paper_*.py``) subclass
+#: :class:`LearnedPipeline`, so they import this module and it cannot import them at its top; their
+#: modules are imported only when a pipeline is built (:func:`learned_class`).
+LEARNED: dict[str, tuple[str, str]] = {
+    "multitask": ("multitask", "triaged.nets.pipelines:MultitaskPipeline"),
+    "consolidation-em": ("consolidation-em", "triaged.nets.pipelines:ConsolidationEMPipeline"),
+    "m2unet": ("m2unet", "triaged.nets.paper_m2unet:M2UNetPipeline"),
+    "dacmil": ("dacmil", "triaged.nets.paper_dacmil:DACMILPipeline"),
+    "multiscale": ("multiscale", "triaged.nets.paper_multiscale:MultiScalePipeline"),
 }
 
-# The paper pipelines subclass LearnedPipeline (so they import this module) and add themselves to LEARNED
-# when imported; importing them here, once LEARNED exists, completes it whichever module is imported first.
-import triaged.nets.paper_dacmil  # noqa: E402, F401
-import triaged.nets.paper_m2unet  # noqa: E402, F401
-import triaged.nets.paper_multiscale  # noqa: E402, F401
+
+def learned_class(name: str) -> type[LearnedPipeline]:
+    """The class of the learned pipeline ``name`` (its module imported now); KeyError for an unknown name."""
+    module, _, attr = LEARNED[name][1].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, LearnedPipeline)):
+        raise TypeError(f"LEARNED[{name!r}] = {LEARNED[name][1]!r} is not a LearnedPipeline subclass")
+    return cls
 
 
 def build_pipeline(
     name: str, models_root: Path | str | None = None, device: str | None = None
 ) -> LearnedPipeline:
     """The learned pipeline ``name`` for ``<models_root>/<name>`` (weights verified and loaded lazily)."""
-    folder, cls = LEARNED[name]
-    return cls(model_dir(folder, Path(models_root) if models_root else None), device=device)
+    folder = LEARNED[name][0]
+    return learned_class(name)(model_dir(folder, Path(models_root) if models_root else None), device=device)
 
 
 def register_learned(
