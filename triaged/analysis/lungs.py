@@ -55,7 +55,13 @@ grid of :mod:`triaged.analysis.grid` (in-plane ~2 mm, z untouched, as seed 004 p
    outline of both lungs together (within ``pocket_mouth_mm``; a mediastinal pocket opens inside it),
    and when it is no deeper than ``pocket_depth_per_mouth`` times its mouth's width (an organ that
    a lung wraps around is reached through a narrow mouth). Pockets are cut at
-   ``pocket_max_depth_mm``; bone, fat, other air and the airway never join.
+   ``pocket_max_depth_mm``; bone, fat, other air and the airway never join. A *lesional* pocket, one
+   whose lung within ``pocket_lesion_ring_mm`` reads above ``pocket_lesion_hu`` (ground glass or
+   consolidation borders it, not aerated lung; voxels on the lung's cranio-caudal surface, partial
+   volume of a dome or an apex, do not count), also takes its fat-range voxels (partly aerated
+   consolidation reads −160…−60 HU) and may open inside the outline of both lungs (consolidation in
+   the paravertebral gutter, whose dent opens backwards beside the spine); the angle and depth rules
+   still apply to it, so the domes and the heart stay out (see Limits for the paravertebral gutter).
 9. **Sides**: the lung whose centroid has the larger LPS x (the affine maps indices to LPS) is the
    left lung (METHODS.md, "Common vocabulary"), whatever the patient position or column order.
 
@@ -67,7 +73,10 @@ Issue 11: on RICORD 1a-001012 the rim of the stomach bubble (its wall and gas–
 the left dome down to the scan's last slice, 42 mm below the right base) was 12.6 mL of the left lung;
 with the 4 mm rim and the wall test at most 0.07 mL of lung lies within 3 mm of gas below the lungs'
 mid-height on any real series (was 8.7 mL), the two bases lie at the same level (were 42.5 mm apart), and a hyperlucent anterior stretch of lung on CMB-CRC 01068 (−958 HU, LUNG kernel) is
-no longer cut out as gas (+15 mL).
+no longer cut out as gas (+15 mL). Lesional pockets (lungs of classical/threshold 1.4): the MedSeg
+slices as ``triaged eval`` reads them (window estimated per slice) hold 87.6 % of the infection inside
+the mask (84.5 % before; classical's Dice 0.505 → 0.533), while the real series change by at most
+0.02 mL on the no-pneumonia ones and 3.6 mL (of 2.9 L) on RICORD.
 
 Limits: consolidation that reaches the pleura with no aerated lung beyond it on that slice (a
 consolidated posterior base, a lobe filled by bacterial pneumonia) makes no dent and stays out, as
@@ -75,7 +84,9 @@ does the part of a dent's consolidation lying between the hull's chord and the r
 effusion that dents the outline is added like consolidation; a pleural-based nodule deeper than its
 mouth is wide stays out; gut gas that reads above the scan's pure-air threshold (−910 HU at most), is
 smaller than ``gas_min_ml`` or lies in the upper part of the lungs stays in, as does a walled air
-space at a lung base (a large basal bulla or cyst would be cut out as gut gas).
+space at a lung base (a large basal bulla or cyst would be cut out as gut gas). A lesional pocket
+beside the spine may take the descending aorta, the azygos vein or the oesophagus where ground glass
+or consolidation borders them (more lung on a pneumonia, not on a normal lung).
 
 The working-grid labels are returned; :func:`segment_lungs` also upsamples them to the volume grid by
 linear interpolation of each lung's indicator and a 0.5 threshold.
@@ -166,6 +177,12 @@ class LungParams:
         Pocket pixels deeper than this below the hull's edge are not added, mm.
     pocket_min_mm2 : float
         Smaller pockets are ignored, mm².
+    pocket_lesion_hu, pocket_lesion_ring_mm : float
+        A pocket is *lesional* when the median HU of its lung within ``pocket_lesion_ring_mm`` of it
+        (voxels on the lung's cranio-caudal surface left out) exceeds ``pocket_lesion_hu``: ground
+        glass or consolidation borders it, not aerated lung. A lesional pocket also takes its
+        fat-range voxels and may open inside the outline of both lungs
+        (module docstring, step 8).
     """
 
     target_mm: float = 2.0
@@ -198,6 +215,8 @@ class LungParams:
     pocket_min_mm2: float = 8.0
     pocket_mouth_mm: float = 6.0
     pocket_depth_per_mouth: float = 2.5
+    pocket_lesion_hu: float = -600.0
+    pocket_lesion_ring_mm: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -834,6 +853,16 @@ def _split_merged(
     return "erosion", out
 
 
+def _lesional(pocket: B, lung: B, hu: F32, ring: int, lesion_hu: float) -> bool:
+    """Whether the lung bordering ``pocket`` (within ``ring`` pixels of it) is ground glass or denser.
+
+    The median HU of the ``lung`` pixels within ``ring`` pixels of the pocket exceeds ``lesion_hu``
+    (aerated lung reads about −850 HU, its one-pixel partial-volume rim −600…−300 HU).
+    """
+    border = lung & ndimage.binary_dilation(pocket, iterations=ring)
+    return bool(border.any()) and float(np.median(hu[border])) > lesion_hu
+
+
 def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, params: LungParams) -> U8:
     """Add dense tissue that lies inside each lung's convex outline on the costal side (step 8).
 
@@ -852,8 +881,11 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
     which a pocket by the aorta, oesophagus or trachea does not, and the pocket is at most
     ``pocket_depth_per_mouth`` times as deep as its mouth is wide, which a dome that the lung's
     crescent nearly encloses is not. Pockets deeper than ``pocket_max_depth_mm`` from the hull's edge
-    are cut at that depth, and bone, fat, air outside the lung and the airway never join. Only pixels
-    connected to their lung are added.
+    are cut at that depth, and bone, fat, air outside the lung and the airway never join. A pocket whose
+    bordering lung is ground glass or consolidation (:func:`_lesional`, ``pocket_lesion_hu``) also
+    takes its fat-range pixels and is exempt from the mouth rule: partly aerated consolidation reads in
+    the fat range, and consolidation in the paravertebral gutter opens beside the spine, inside the
+    outline of both lungs. Only pixels connected to their lung are added.
     """
     from skimage.morphology import convex_hull_image
 
@@ -866,6 +898,14 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
     cut = ndimage.binary_dilation(airway, _cross2d()) if airway.any() else airway
     four = ndimage.generate_binary_structure(2, 1)
     ny, nx = labels.shape[1:]
+    ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
+    # lung on its cranio-caudal surface (a neighbouring slice outside the lung): partial volume of a
+    # dome or an apex, which must not make a pocket look lesional
+    lungs_3d = labels > 0
+    z_surface = np.zeros_like(lungs_3d)
+    z_surface[1:] |= lungs_3d[1:] & ~lungs_3d[:-1]
+    z_surface[:-1] |= lungs_3d[:-1] & ~lungs_3d[1:]
+    del lungs_3d
     for z in range(nz):
         if not labels[z].any():
             continue
@@ -880,13 +920,10 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
         out_z = out[z][frame]
         joint_depth: F64 | None = None  # depth inside the hull of both lungs, computed when needed
         hz = hu[z][frame]
-        allowed = (
-            body[z][frame]
-            & (hz > params.air_hu)
-            & (hz < params.bone_hu)
-            & ~((hz > params.fat_hu[0]) & (hz < params.fat_hu[1]))
-            & ~cut[z][frame]
-        )
+        # a lesional pocket also takes fat-range voxels (partly aerated consolidation reads -160…-60 HU)
+        allowed_lesional = body[z][frame] & (hz > params.air_hu) & (hz < params.bone_hu) & ~cut[z][frame]
+        allowed = allowed_lesional & ~((hz > params.fat_hu[0]) & (hz < params.fat_hu[1]))
+        gauge = (lab > 0) & ~z_surface[z][frame]  # lung voxels that may tell whether a pocket is lesional
         for lab_id in (1, 2):
             lung = lab == lab_id
             if np.count_nonzero(lung) < min_px:
@@ -902,6 +939,7 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
             rim = hull & ~ndimage.binary_erosion(np.pad(hull, 1), four)[1:-1, 1:-1]
             comp, n = ndimage.label(pocket, four)
             accept = np.zeros_like(pocket)
+            lesional_accept = np.zeros_like(pocket)
             depth: F64 | None = None  # below the edge of this lung's hull, mm; computed when needed
             sizes = np.bincount(comp.ravel(), minlength=n + 1)
             for c_id in np.nonzero(sizes[1:] >= min_px)[0] + 1:
@@ -917,11 +955,12 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
                 norm = float(np.linalg.norm(opening) * np.linalg.norm(radial))
                 if norm <= 0 or float(opening @ radial) < cos_max * norm:
                     continue
+                lesional = _lesional(pk, gauge[box] & sub, hz[box], ring, params.pocket_lesion_hu)
                 if joint_depth is None:
                     # a costal dent opens at the edge of both lungs' hull, a medial one inside it
                     joint = np.pad(convex_hull_image(lab > 0), 1)
                     joint_depth = ndimage.distance_transform_edt(joint)[1:-1, 1:-1] * px_mm
-                if float(np.median(joint_depth[box][mouth])) > params.pocket_mouth_mm:
+                if float(np.median(joint_depth[box][mouth])) > params.pocket_mouth_mm and not lesional:
                     continue
                 if depth is None:
                     depth = ndimage.distance_transform_edt(np.pad(hull, 1))[1:-1, 1:-1] * px_mm
@@ -930,9 +969,13 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
                 if float(depth[pk].max()) > params.pocket_depth_per_mouth * np.count_nonzero(mouth) * px_mm:
                     continue
                 accept |= pk
+                if lesional:
+                    lesional_accept |= pk
             if depth is None or not accept.any():
                 continue
-            accept &= (depth <= params.pocket_max_depth_mm) & allowed[box]
+            accept &= (depth <= params.pocket_max_depth_mm) & (
+                allowed[box] | (lesional_accept & allowed_lesional[box])
+            )
             if not accept.any():
                 continue
             grown, _ = ndimage.label(accept | sub, four)

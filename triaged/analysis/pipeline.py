@@ -14,6 +14,9 @@ Built-in pipelines (both run on seed 004's 2 × 2 mm in-plane working grid, see
     Version 1.2 (both pipelines): lobes and the CT severity score. Version 1.3 (both): the lungs leave
     out the partial-volume rim of stomach and colon gas under the left dome, and keep hyperlucent lung
     that has no gut wall around it (issue 11, :func:`triaged.analysis.lungs._remove_abdominal_gas`).
+    Version 1.4 (both): a pleural pocket bordered by ground glass or consolidation also takes its
+    fat-range voxels (partly aerated consolidation) and may open inside the outline of both lungs (the
+    paravertebral gutter): :func:`triaged.analysis.lungs._fill_pleural_pockets`, issue 11.
 ``classical``
     The vessel-suppressed density variant of :func:`triaged.analysis.lesions.classical_lesions` and
     its consolidation. Version 1.1: components that are not pneumonia on a real scan (faint haze,
@@ -199,7 +202,7 @@ class ThresholdPipeline:
     """Seed 004's thresholding baseline + seed 001's −200 HU consolidation (module docstring)."""
 
     name: str = "threshold"
-    version: str = "1.3"
+    version: str = "1.4"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "HU thresholding baseline of Goncharov et al. 2021 (seed 004): [-700, 300] HU in the lungs, "
@@ -240,7 +243,7 @@ class ClassicalPipeline:
     """Vessel-suppressed density lesions and consolidation (module docstring)."""
 
     name: str = "classical"
-    version: str = "1.3"
+    version: str = "1.4"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "Classical lesion segmentation: lung HU extended past the pleura, per-slice grey opening "
