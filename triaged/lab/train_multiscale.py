@@ -444,11 +444,11 @@ def write_card(args: argparse.Namespace) -> Path:
             "format": "torch.save state_dict, float16 tensors (load with weights_only=True into float32)",
         },
         "split": {
-            "train": "phantoms of /tmp/p14/train96 (96 phantoms, 160 x 160, seed 14014) except every sixth "
+            "train": "phantoms of train96 (`triaged demo --dataset 96 --matrix 160 --seed 14014`) (96 phantoms, 160 x 160, seed 14014) except every sixth "
             "(val); real no-pneumonia volumes lidc-idri-0002, lidc-idri-0003, lung-pet-ct-dx",
             "val": "the cache's val rows (every sixth train96 phantom: 8 healthy, 8 other) plus every sixth "
             "train96 covid and bacterial phantom (4 + 4; the cache's val has none), selecting the epoch",
-            "test": "the 24 phantoms of /tmp/final/ph24 (192 x 192); real volumes ricord-1a-001012 (covid), "
+            "test": "the 24 phantoms of ph24 (`triaged demo --dataset 24 --matrix 192 --seed 20261130`) (192 x 192); real volumes ricord-1a-001012 (covid), "
             "lidc-idri-0001 and cmb-crc-01068 (normal); never trained on",
             "class_mapping": "phantom healthy + other -> normal, bacterial -> cap, covid -> covid; real normal -> "
             "normal",
@@ -456,7 +456,7 @@ def write_card(args: argparse.Namespace) -> Path:
         "training": {
             "command": summary["command"],
             "data": "bag cache python -m triaged.lab.bagcache --out BAGS --train train96 --test ph24 --real "
-            "eval/real-volumes.csv (classical lungs, 128 x 128 slices every ~5 mm, at most 64)",
+            "eval/real-volumes.csv (lungs = classical's for real volumes, ground truth for phantoms; 128 x 128 slices every ~5 mm, at most 64)",
             "n_train": summary["n_train"],
             "n_val": summary["n_val"],
             "epochs": summary["epochs"],
@@ -474,7 +474,7 @@ def write_card(args: argparse.Namespace) -> Path:
         },
         "figures": {
             "test_phantoms": {
-                "what": "24 test phantoms of /tmp/final/ph24 (192 x 192, never trained on); study-level outputs "
+                "what": "24 test phantoms of ph24 (`triaged demo --dataset 24 --matrix 192 --seed 20261130`) (192 x 192, never trained on); study-level outputs "
                 "of the pipeline's bag step from the cache; triaged.lab.metrics.three_way_metrics (pair AUC a-b: Hand & "
                 "Till, mean of the two one-vs-one AUCs on the a and b cases); "
                 "box hit rate = share of saliency boxes on predicted-positive covid/cap phantoms that overlap a "
