@@ -467,3 +467,17 @@ def test_eval_prints_the_papers_columns_for_the_pipelines_that_have_them(
         again = paper_row(row["method"], cases)
         assert papers_markdown([again]).splitlines()[3] in out
     assert three["seed003_three_way"]["box_hit_rate"]["n"] >= 1
+
+
+def test_the_saliency_swatch_wraps_onto_a_second_legend_row_instead_of_leaving_the_image() -> None:
+    # A 512-pixel key slice had room for four swatches: the fifth (saliency) was drawn past the right edge.
+    from PIL import Image
+
+    from triaged.encode.sc import _SALIENCY_RGB, _with_legend
+
+    image = Image.new("RGB", (512, 512))
+    plain = _with_legend(image, colour_bar=False)
+    with_saliency = _with_legend(image, colour_bar=False, saliency=True)
+    assert with_saliency.height > plain.height  # a second row
+    band = np.asarray(with_saliency)[512:]
+    assert (band == np.array(_SALIENCY_RGB, np.uint8)).all(axis=-1).any()  # its swatch is in the picture

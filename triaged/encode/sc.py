@@ -257,10 +257,6 @@ def _with_legend(image: Image.Image, *, colour_bar: bool, saliency: bool = False
     font = _font(size)
     pad = size // 2
     row = int(size * 1.5)
-    height = pad + row * (3 if colour_bar else 1) + pad
-    band = Image.new("RGB", (image.width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    x = pad
     swatches: list[tuple[str, tuple[int, int, int], bool]] = [("Lung outline", _OUTLINE_RGB, True)]
     if colour_bar:
         swatches.append((f"Lesion fraction >= {100 * FRACTION_MIN:g} % (scale below)", _LESION_RGB, False))
@@ -272,21 +268,34 @@ def _with_legend(image: Image.Image, *, colour_bar: bool, saliency: bool = False
         ]
         if saliency:
             swatches.append(("Saliency box (where the classifier looked)", _SALIENCY_RGB, True))
+    # Lay the swatches out in rows that fit the image's width (a narrow key slice wraps them).
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    placed: list[tuple[int, int, str, tuple[int, int, int], bool]] = []
+    x, y = pad, pad
     for text, colour, outline in swatches:
-        box = (x, pad + 2, x + size, pad + 2 + size - 4)
+        width = size + pad // 2 + int(measure.textlength(text, font=font))
+        if placed and x + width > image.width:
+            x, y = pad, y + row
+        placed.append((x, y, text, colour, outline))
+        x += width + 2 * size
+    swatch_rows = (y - pad) // row + 1
+    height = pad + row * (swatch_rows + (2 if colour_bar else 0)) + pad
+    band = Image.new("RGB", (image.width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    for x, y, text, colour, outline in placed:
+        box = (x, y + 2, x + size, y + 2 + size - 4)
         if outline:
             draw.rectangle(box, outline=colour, width=2)
         else:
             draw.rectangle(box, fill=colour)
-        x += size + pad // 2
-        draw.text((x, pad), text, fill=_TEXT_RGB, font=font)
-        x += int(draw.textlength(text, font=font)) + 2 * size
+        draw.text((x + size + pad // 2, y), text, fill=_TEXT_RGB, font=font)
+    pad_rows = row * (swatch_rows - 1)  # the colour bar goes below the swatch rows
     if colour_bar:
         title = "Lesion share of the lung depth along each ray (AP projection):"
-        draw.text((pad, pad + row), title, fill=_TEXT_RGB, font=font)
+        draw.text((pad, pad + row + pad_rows), title, fill=_TEXT_RGB, font=font)
         bar_x0 = pad + int(draw.textlength("0 %", font=font)) // 2
         bar_x1 = image.width - pad - int(draw.textlength("100 %", font=font)) // 2
-        y0 = pad + 2 * row
+        y0 = pad + 2 * row + pad_rows
         ramp = np.linspace(0.0, 1.0, max(2, bar_x1 - bar_x0), dtype=np.float32)
         colours = fraction_colour(ramp).astype(np.uint8)
         bar = np.repeat(colours[None], max(4, size // 2), axis=0)
