@@ -274,7 +274,10 @@ def test_a_leader_that_loses_its_connection_is_no_longer_leader(
     assert a.is_leader()
     with psycopg.connect(str(ledger_location), autocommit=True) as conn:
         conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = 2 AND objsubid = 2"
+            # with a timeout (PostgreSQL >= 14) it returns once the backend has exited and its advisory lock is
+            # gone; without one it only signals, and b could ask before the lock is released (a CI flake)
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND objid = 2 AND objsubid = 2"
         )
     assert b.is_leader()
     assert not a.is_leader()
