@@ -68,6 +68,7 @@ from triaged.domain import (
     LesionBox,
     LungMeasures,
     Masks,
+    SaliencyBox,
     Volume,
 )
 from triaged.encode import codes
@@ -594,21 +595,7 @@ def _lesion_groups(
                 ],
             )
         )
-        c0, r0, c1, r1 = (
-            float(box.col_min),
-            float(box.row_min),
-            float(box.col_max + 1),
-            float(box.row_max + 1),
-        )
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=ref.sop_class_uid,
-                referenced_sop_instance_uid=box.sop_instance_uid,
-                referenced_frame_numbers=[frame] if frame is not None else None,
-            ),
-        )
+        region = _box_region(box, ref.sop_class_uid, frame)
         planar = planar_measures(box, masks, volume)
         measurements = (
             [
@@ -633,6 +620,21 @@ def _lesion_groups(
     return groups
 
 
+def _box_region(box: LesionBox | SaliencyBox, sop_class_uid: str, frame: int | None) -> hd.sr.ImageRegion:
+    """A box as a closed 5-point POLYLINE on its source image: the outer pixel edges of rows
+    ``row_min..row_max`` and columns ``col_min..col_max`` (inclusive), in (column, row) order."""
+    c0, r0, c1, r1 = float(box.col_min), float(box.row_min), float(box.col_max + 1), float(box.row_max + 1)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=sop_class_uid,
+            referenced_sop_instance_uid=box.sop_instance_uid,
+            referenced_frame_numbers=[frame] if frame is not None else None,
+        ),
+    )
+
+
 def _saliency_groups(
     findings: Findings,
     images: SourceImages,
@@ -647,21 +649,7 @@ def _saliency_groups(
     for i, box in enumerate(findings.saliency_boxes):
         ref = _ref(images, box.z)
         frame = box.frame_number if box.frame_number is not None else ref.frame_number
-        c0, r0, c1, r1 = (
-            float(box.col_min),
-            float(box.row_min),
-            float(box.col_max + 1),
-            float(box.row_max + 1),
-        )
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=ref.sop_class_uid,
-                referenced_sop_instance_uid=box.sop_instance_uid,
-                referenced_frame_numbers=[frame] if frame is not None else None,
-            ),
-        )
+        region = _box_region(box, ref.sop_class_uid, frame)
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
