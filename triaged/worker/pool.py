@@ -16,8 +16,10 @@ A worker is warm: :class:`WorkerPool` starts its processes with the node, not at
 process lowers its priority (``analysis.worker_nice``), sets ``OMP_NUM_THREADS`` and
 ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets them) before it imports torch, sets torch's
 threads, and builds the configured pipeline registry once (:func:`~triaged.worker.task.registry_for`);
-it then keeps all of it for every job.  New :class:`WorkerSettings` (a config reload that changes the
-registry, device, threads or niceness) replace the process between jobs.
+it then keeps all of it for every job.  Once it has said it is ready it encodes a tiny synthetic study
+(:func:`~triaged.worker.warm.warm_encoders`), so the first real study does not pay for highdicom's
+tables.  New :class:`WorkerSettings` (a config reload that changes the registry, device, threads or
+niceness) replace the process between jobs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 from triaged.worker.queue import ClaimQueue, TaskQueue
 from triaged.worker.task import AnalysisTask, EncodingStarted, TaskOutcome, registry_for, run_task
+from triaged.worker.warm import warm_encoders
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,12 @@ def _worker_main(
     _warm_up(settings)
     if ready is not None:
         ready.set()
+    # after "ready": a task sent meanwhile waits in the pipe (no longer than the first encoding would
+    # have paid anyway), and a node waiting for its workers is not held up by it
+    try:
+        log.debug("worker: encoders warmed in %.2f s", warm_encoders())
+    except Exception:  # noqa: BLE001 - an encoder that fails here fails the first task with its own error
+        log.exception("worker: warming the encoders failed")
     while True:
         try:
             task = conn.recv()
