@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
@@ -332,6 +333,24 @@ def _both_lungs_group(
     )
 
 
+#: Slices counted at once by :func:`_lobe_counts` (np.bincount counts through an intp copy of its input).
+_COUNT_SLAB = 16
+
+
+def _lobe_counts(
+    lobes: npt.NDArray[np.uint8], lesions: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Voxels of each lobe label and lesion voxels in each, one pass over slabs of slices."""
+    n = max(label for label, _ in codes.LOBES) + 1
+    voxels = np.zeros(n, np.int64)
+    lesion = np.zeros(n, np.int64)
+    for z0 in range(0, lobes.shape[0], _COUNT_SLAB):
+        part = lobes[z0 : z0 + _COUNT_SLAB]
+        voxels += np.bincount(part.ravel(), minlength=n)[:n]
+        lesion += np.bincount(part[lesions[z0 : z0 + _COUNT_SLAB]], minlength=n)[:n]
+    return voxels, lesion
+
+
 def _lobe_groups(
     masks: Masks,
     volume: Volume,
@@ -346,13 +365,12 @@ def _lobe_groups(
         return []
     scores = {lobe.label: lobe.score for lobe in findings.lobes}
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    voxels, lesions = _lobe_counts(masks.lobes, masks.lesions)
     groups: list[MeasurementGroup] = []
     for label, code in codes.LOBES:
-        lobe = masks.lobes == label
-        count = int(np.count_nonzero(lobe))
+        count, lesion = int(voxels[label]), int(lesions[label])
         if count == 0:
             continue
-        lesion = int(np.count_nonzero(masks.lesions & lobe))
         measurements = [
             _measurement(codes.VOLUME, count * voxel_ml, codes.UNIT_ML),
             _measurement(codes.LESION_VOLUME, lesion * voxel_ml, codes.UNIT_ML),
