@@ -14,36 +14,22 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from tests.synthetic_chest import SPACING, add_noise, ellipsoid, two_lungs
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.lungs import LEFT, RIGHT, segment_lungs_coarse
 
-SPACING = (2.5, 2.0, 2.0)  # z, y, x mm: already the working grid
 SHAPE = (60, 100, 120)
 
 
-def _ellipsoid(
-    centre: tuple[float, float, float], radii: tuple[float, float, float]
-) -> npt.NDArray[np.bool_]:
-    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-    q = sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radii, strict=True))
-    return np.asarray(q <= 1.0)
-
-
 def _chest() -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.bool_]]]:
-    rng = np.random.default_rng(11)
-    hu = np.full(SHAPE, -1000.0, np.float32)
-    body = _ellipsoid((30, 50, 60), (400, 42, 56))
-    hu[body] = 40.0
-    right = _ellipsoid((36, 48, 33), (24, 26, 19))
-    left = _ellipsoid((36, 48, 87), (24, 26, 19))
-    hu[right | left] = -850.0
-    gas = _ellipsoid((8, 48, 87), (6, 12, 14))
+    hu, right, left = two_lungs(SHAPE, lung_z=36, lung_half_height=24)
+    gas = ellipsoid(SHAPE, (8, 48, 87), (6, 12, 14))
     shell = ndimage.binary_dilation(gas, ndimage.generate_binary_structure(3, 1)) & ~gas
     hu[shell] = -500.0  # the partial volume of a diaphragm thinner than a voxel, and of the stomach wall
     hu[gas] = -1000.0
-    pocket = _ellipsoid((20, 32, 87), (4, 7, 7)) & left
+    pocket = ellipsoid(SHAPE, (20, 32, 87), (4, 7, 7)) & left
     hu[pocket] = -990.0
-    hu += rng.normal(0.0, 15.0, SHAPE).astype(np.float32)
+    add_noise(hu, seed=11)
     left &= ~(gas | shell)
     return hu, {"right": right, "left": left, "gas": gas, "shell": shell, "pocket": pocket}
 

@@ -22,38 +22,25 @@ import numpy.typing as npt
 import pytest
 
 from tests.conftest import REAL_DATA
+from tests.synthetic_chest import SPACING, add_noise, ellipsoid, two_lungs
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.lungs import LEFT, RIGHT, segment_lungs_coarse, upsample_labels
 from triaged.analysis.realslice import assumed_pixel_mm, slice_volume
 from triaged.analysis.window import estimate_window, gray_to_hu
 from triaged.lab.realsets import read_slice_set
 
-SPACING = (2.5, 2.0, 2.0)  # z, y, x mm: already the working grid
 SHAPE = (40, 100, 120)
 
 
-def _ellipsoid(
-    centre: tuple[float, float, float], radii: tuple[float, float, float]
-) -> npt.NDArray[np.bool_]:
-    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-    q = sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radii, strict=True))
-    return np.asarray(q <= 1.0)
-
-
 def _chest() -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.bool_]]]:
-    rng = np.random.default_rng(11)
-    hu = np.full(SHAPE, -1000.0, np.float32)
-    hu[_ellipsoid((20, 50, 60), (400, 42, 56))] = 40.0
-    right = _ellipsoid((20, 48, 33), (30, 26, 19))
-    left = _ellipsoid((20, 48, 87), (30, 26, 19))
-    hu[right | left] = -850.0
+    hu, right, left = two_lungs(SHAPE, lung_z=20, lung_half_height=30)
     # a costal dent of each lung: consolidation in the left one, fat in the right one
-    consolidation = _ellipsoid((20, 48, 104), (14, 9, 9)) & left
-    halo = _ellipsoid((20, 48, 104), (16, 14, 14)) & left & ~consolidation
-    fat = _ellipsoid((20, 48, 16), (14, 9, 9)) & right
+    consolidation = ellipsoid(SHAPE, (20, 48, 104), (14, 9, 9)) & left
+    halo = ellipsoid(SHAPE, (20, 48, 104), (16, 14, 14)) & left & ~consolidation
+    fat = ellipsoid(SHAPE, (20, 48, 16), (14, 9, 9)) & right
     hu[halo] = -450.0
     hu[consolidation | fat] = -100.0
-    hu += rng.normal(0.0, 15.0, SHAPE).astype(np.float32)
+    add_noise(hu, seed=11)
     return hu, {"consolidation": consolidation, "fat": fat}
 
 
