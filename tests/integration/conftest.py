@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 
+from tests.conftest import free_port
 from triaged.config import Config
 from triaged.daemon import Node
 from triaged.domain import InstanceRecord, JobState
@@ -77,6 +79,30 @@ def storescu(
         timeout=120,
         env={**os.environ, "TCP_NODELAY": "1"},
     )
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_storescp(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """DCMTK storescp as a destination, listening on a free port of 127.0.0.1 and writing what it receives
+    (any transfer syntax, ``+xa``) to ``tmp_path/received``: ``(process, port, received)``.  The caller
+    terminates it.  Fails the test when storescp is not installed."""
+    if shutil.which("storescp") is None:
+        pytest.fail("storescp is not installed; `make test` installs it (apt: dcmtk)")
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    storescp = subprocess.Popen(
+        ["storescp", "-od", str(received), "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: listening(port), what="storescp to listen")
+    return storescp, port, received
 
 
 def dispatching_job(ledger: Ledger, spool: Path, study: str, files: list[Path],

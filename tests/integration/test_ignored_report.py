@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +10,9 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import free_port, make_config
+from tests.conftest import make_config
 from tests.encode_fixtures import dciodvfy, errors
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import start_storescp, storescu, wait_for
 from triaged.config import Config
 from triaged.daemon import Node
 from triaged.domain import JobState
@@ -26,25 +24,10 @@ pytestmark = pytest.mark.integration
 _RULES = [{"name": "skip-me", "match": {"calling_ae": "SKIPME"}, "action": {"ignore": "sent by a test AE"}}]
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _node_and_storescp(
     node_factory: Callable[[Config], Node], tmp_path: Path, report: str
 ) -> tuple[Node, subprocess.Popen[bytes], Path]:
-    if shutil.which("storescp") is None:
-        pytest.fail("storescp is not installed; `make test` installs it (apt: dcmtk)")
-    port = free_port()
-    received = tmp_path / "received"
-    received.mkdir()
-    storescp = subprocess.Popen(
-        ["storescp", "-od", str(received), "+xa", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: _listening(port), what="storescp to listen")
+    storescp, port, received = start_storescp(tmp_path)
     node = node_factory(
         make_config(
             tmp_path,

@@ -3,9 +3,6 @@ DCMTK storescp, on a phantom and on a real series, each with the shipped weights
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +11,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port, make_config
+from tests.conftest import make_config
 from tests.encode_fixtures import dciodvfy, errors
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import start_storescp, storescu, wait_for
 from triaged.config import Config
 from triaged.daemon import Node
 from triaged.domain import JobState
@@ -28,11 +25,6 @@ SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 #: Calling AE title → the pipeline its studies are routed to.
 PIPELINES = {"M2U": "m2unet", "DAC": "dacmil", "MSC": "multiscale"}
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _copy_as_new_study(files: list[Path], out: Path) -> list[Path]:
@@ -54,17 +46,7 @@ def test_each_paper_pipeline_analyses_a_phantom_and_a_real_series_through_the_no
 ) -> None:
     missing = [name for name in PIPELINES.values() if not weights_present(name)]
     assert not missing, f"models/ lacks the weights of {missing}"
-    if shutil.which("storescp") is None:
-        pytest.fail("storescp is not installed; `make test` installs it (apt: dcmtk)")
-    port = free_port()
-    received = tmp_path / "received"
-    received.mkdir()
-    storescp = subprocess.Popen(
-        ["storescp", "-od", str(received), "+xa", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: _listening(port), what="storescp to listen")
+    storescp, port, received = start_storescp(tmp_path)
     rules = [
         {"name": f"to-{name}", "match": {"calling_ae": aet}, "action": {"pipelines": [name]}}
         for aet, name in PIPELINES.items()
