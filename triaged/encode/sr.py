@@ -264,6 +264,12 @@ def _measurement(name: Code, value: float, unit: Code, decimals: int = _VALUE_DE
     return hd.sr.Measurement(name=name, value=round(float(value), decimals), unit=unit)
 
 
+def _unit_interval_measurement(name: Code, value: float, unit: Code) -> hd.sr.Measurement:
+    """A probability-like value (P(severe), a saliency score) clamped to [0, 1], to
+    :data:`_PROBABILITY_DECIMALS` decimals."""
+    return _measurement(name, min(max(value, 0.0), 1.0), unit, _PROBABILITY_DECIMALS)
+
+
 def _lung_measurements(m: LungMeasures) -> list[hd.sr.Measurement]:
     return [
         _measurement(codes.VOLUME, m.lung_ml, codes.UNIT_ML),
@@ -457,12 +463,7 @@ def _severity_classification_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.LUNG)],
         measurements=[
-            _measurement(
-                codes.PROBABILITY_SEVERE,
-                min(max(findings.p_severe, 0.0), 1.0),
-                codes.UNIT_PROBABILITY,
-                _PROBABILITY_DECIMALS,
-            )
+            _unit_interval_measurement(codes.PROBABILITY_SEVERE, findings.p_severe, codes.UNIT_PROBABILITY)
         ],
     )
 
@@ -678,14 +679,7 @@ def _saliency_groups(
                 finding_type=codes.SALIENCY,
                 algorithm_id=algorithm,
                 finding_sites=[hd.sr.FindingSite(codes.LUNG)],
-                measurements=[
-                    _measurement(
-                        codes.SALIENCY_SCORE,
-                        min(max(box.score, 0.0), 1.0),
-                        codes.UNIT_RATIO,
-                        _PROBABILITY_DECIMALS,
-                    )
-                ],
+                measurements=[_unit_interval_measurement(codes.SALIENCY_SCORE, box.score, codes.UNIT_RATIO)],
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(codes.SALIENCY_CLASS, codes.saliency_class_code(box.label))
                 ],
