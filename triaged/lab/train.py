@@ -55,6 +55,7 @@ from torch import nn
 
 from triaged.errors import TriagedError
 from triaged.lab import data
+from triaged.lab.cards import save_card
 from triaged.nets import multitask as mt
 from triaged.nets import preprocess, wu
 from triaged.nets.unet2d import count_parameters
@@ -1352,11 +1353,7 @@ def write_manifest(
     card = json.loads(json.dumps(card))  # plain YAML types only (tuples, numpy scalars)
     path = out / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        "# Model card of a triaged learned pipeline (research use only).\n"
-        + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110),
-        encoding="utf-8",
-    )
+    save_card(tmp, card)
     tmp.replace(path)
     return path
 
@@ -1410,21 +1407,13 @@ def rewrite_card_metrics(model_dir: Path | str, *, test_data: Path | None, real_
     weights = out / str(card["weights"]["file"])
     card["weights"]["sha256"] = sha256_of(weights)
     card["weights"]["bytes"] = weights.stat().st_size
-    path.write_text(
-        "# Model card of a triaged learned pipeline (research use only).\n"
-        + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110),
-        encoding="utf-8",
-    )
+    save_card(path, card)
     card["metrics"] = json.loads(
         json.dumps(card_metrics(out, test_data=test_data, real_slices=real_slices, progress=True))
     )
     net = build_module(card)
     assert count_parameters(net) == card["architecture"]["parameters"]
-    path.write_text(
-        "# Model card of a triaged learned pipeline (research use only).\n"
-        + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110),
-        encoding="utf-8",
-    )
+    save_card(path, card)
     return path
 
 

@@ -407,9 +407,7 @@ def write_card(args: argparse.Namespace) -> Path:
     record their outputs in the card."""
     import shutil
 
-    import yaml
-
-    from triaged.domain import RESEARCH_NOTE
+    from triaged.lab.cards import HEADER_WITH_NOTE, save_card
     from triaged.lab.paths import real_data_root
     from triaged.lab.phantom import PhantomSpec, generate, to_volume
     from triaged.nets.paper_multiscale import MultiScalePipeline
@@ -491,13 +489,7 @@ def write_card(args: argparse.Namespace) -> Path:
         "limits": LIMITS,
         "deviations_from_seed_paper": DEVIATIONS,
     }
-    (dest / "manifest.yaml").write_text(
-        "# Model card of a triaged learned pipeline ("
-        + RESEARCH_NOTE
-        + ")\n"
-        + yaml.safe_dump(manifest, sort_keys=False, width=110, allow_unicode=True),
-        encoding="utf-8",
-    )
+    save_card(dest / "manifest.yaml", manifest, HEADER_WITH_NOTE)
     pipeline = MultiScalePipeline(dest)
     repro: dict[str, Any] = {
         "what": "the whole pipeline on these inputs (tests/test_paper_multiscale.py checks them)",
@@ -530,13 +522,7 @@ def write_card(args: argparse.Namespace) -> Path:
             repro["real"][name] = {k: round(float(v), 4) for k, v in f.class_probabilities}
             repro.setdefault("cpu_s", {})[name] = round(time.process_time() - t0, 1)
     manifest["reproduce"] = repro
-    (dest / "manifest.yaml").write_text(
-        "# Model card of a triaged learned pipeline ("
-        + RESEARCH_NOTE
-        + ")\n"
-        + yaml.safe_dump(manifest, sort_keys=False, width=110, allow_unicode=True),
-        encoding="utf-8",
-    )
+    save_card(dest / "manifest.yaml", manifest, HEADER_WITH_NOTE)
     return dest
 
 
