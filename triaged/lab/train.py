@@ -67,7 +67,9 @@ B = npt.NDArray[np.bool_]
 MODEL_NAMES: Final[tuple[str, ...]] = ("multitask", "consolidation-em")
 WEIGHTS_FILE: Final[str] = "model.pt"
 CHECKPOINT_FILE: Final[str] = "checkpoint.pt"
-VERSION: Final[str] = "2.1.0"  # 2.1.0: lobes + CT-SS in the pipeline (weights format unchanged)
+#: The version a newly trained card gets, by model: 2.1.0 lobes + CT-SS in the pipeline (weights format
+#: unchanged); consolidation-em 2.2.0 the thick-slice vessel-haze rule (triaged.nets.thick_slices).
+VERSIONS: Final[dict[str, str]] = {"multitask": "2.1.0", "consolidation-em": "2.2.0"}
 #: HU used to pad crops that reach outside the volume (air).
 PAD_HU: Final[float] = -1024.0
 
@@ -1279,7 +1281,7 @@ def write_manifest(
         )
     card = {
         "name": model_name,
-        "version": VERSION,
+        "version": VERSIONS[model_name],
         "intended_use": "Research use only - not for diagnosis. Not a medical device.",
         "licence": (
             "CC BY-NC 4.0 (trained on CC BY-NC 4.0 pseudo-label slices)"

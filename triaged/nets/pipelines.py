@@ -50,6 +50,7 @@ from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Findings, Masks, Volume
 from triaged.nets import multitask as mt
 from triaged.nets import preprocess, wu
+from triaged.nets import thick_slices as thick
 from triaged.nets.weights import (
     MANIFEST,
     LoadedModel,
@@ -557,6 +558,8 @@ class ConsolidationEMPipeline(LearnedPipeline):
     name = "consolidation-em"
     seed_paper = "UNet-1 infection + hard-EM UNet-2 consolidation (prior phi2) of Wu et al. 2020 (seed 001)"
     network_message = "running UNet-1 and UNet-2"
+    #: lesions on slices thicker than the network's slab must be opacities (:mod:`triaged.nets.thick_slices`)
+    thick_slice_rule: thick.ThickSliceRule = thick.ThickSliceRule()
 
     def _network(self, front: _Front, precision: Precision) -> _NetOutput:
         net = self.model.module
@@ -565,12 +568,14 @@ class ConsolidationEMPipeline(LearnedPipeline):
         infection, cons = wu_infer(net, front.coarse_hu[front.box], dz, precision)
         t_inf = self.model.thresholds.get("infection", 0.5)
         t_cons = self.model.thresholds.get("consolidation", 0.5)
+        infection, thick_note = self._drop_thick_slice_haze(front, infection, t_inf)
         return _NetOutput(
             infection,
             t_inf,
             [
                 ("lesions.method", "seed 001 UNet-1 (2.5D, 7 slabs)"),
                 ("lesions.threshold", f"{t_inf:g}"),
+                ("lesions.thick_slices", thick_note),
                 (
                     "consolidation.method",
                     "seed 001 UNet-2 trained by hard EM with prior phi2 (b2 9.0, k2 0.5)",
@@ -581,6 +586,34 @@ class ConsolidationEMPipeline(LearnedPipeline):
             consolidation_prob=cons,
             consolidation_threshold=t_cons,
         )
+
+    def _drop_thick_slice_haze(self, front: _Front, infection: F32, threshold: float) -> tuple[F32, str]:
+        """UNet-1's probability with the vessel-haze components of a thick-slice volume set to 0
+        (:mod:`triaged.nets.thick_slices`), and a provenance note saying what was dropped.
+
+        The components are judged inside the lungs as the network's lesions extend them
+        (:func:`_extend_lungs`), so the dropped ones no longer extend them either.
+        """
+        rule = self.thick_slice_rule
+        dz = front.grid.coarse_spacing[0]
+        if dz <= rule.thick_slice_mm:
+            return infection, f"slices {dz:.3g} mm <= {rule.thick_slice_mm:g} mm: no thick-slice rule"
+        lungs = _extend_lungs(front, infection, threshold, self.lung_params).lungs_coarse
+        prob = np.zeros(front.grid.coarse_shape, np.float32)
+        prob[front.box] = infection
+        found = thick.faint_thick_slice_lesions(prob > threshold, front.coarse_hu, lungs, front.grid, rule)
+        dropped = found.dropped[front.box]
+        ml = float(np.count_nonzero(dropped)) * front.grid.coarse_voxel_ml
+        note = (
+            f"slices {dz:.3g} mm > {rule.thick_slice_mm:g} mm: {len(found.dropped_components)} of "
+            f"{len(found.components)} component(s) dropped as vessel haze (less than {rule.min_contrast_hu:g} HU "
+            f"denser than the lung around them after vessel suppression, at least {rule.min_narrow_hu:g} HU "
+            f"of their density from narrow structures): {ml:.1f} mL"
+            + "".join(f"; {c.contrast:.0f}/{c.narrow:.0f} HU" for c in found.dropped_components)
+        )
+        if not dropped.any():
+            return infection, note
+        return np.where(dropped, np.float32(0.0), infection).astype(np.float32), note
 
 
 #: Pipeline name → (model folder name, ``"module:Class"`` of the pipeline class).  Every learned pipeline
