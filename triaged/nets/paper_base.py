@@ -111,6 +111,7 @@ class ClassicalPlusNetwork(LearnedPipeline, Generic[N]):
     network_label: str = "the network"
     #: share of the progress bar taken by the classical run
     classical_share: float = 0.8
+    masks_note = "Masks and measures from classical."
 
     def __init__(
         self,
@@ -122,10 +123,6 @@ class ClassicalPlusNetwork(LearnedPipeline, Generic[N]):
     ) -> None:
         super().__init__(model, device=device, allow_bf16=allow_bf16)
         self._classical = classical
-
-    @property
-    def description(self) -> str:
-        return super().description.replace("Non-learned lungs.", "Masks and measures from classical.")
 
     @property
     def classical(self) -> Pipeline:

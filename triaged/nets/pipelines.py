@@ -340,6 +340,8 @@ class LearnedPipeline:
 
     name: str = ""
     seed_paper: str = ""
+    #: the last sentence of :attr:`description`: where the masks come from
+    masks_note: str = "Non-learned lungs."
 
     def __init__(
         self,
@@ -384,7 +386,7 @@ class LearnedPipeline:
         return (
             f"{self.seed_paper}; {arch.get('name')} with {arch.get('parameters', '?')} parameters, "
             f"weights {self._dir.name}/{self._manifest['weights']['file']} (sha256 "
-            f"{str(self._manifest['weights']['sha256'])[:12]}...). Non-learned lungs."
+            f"{str(self._manifest['weights']['sha256'])[:12]}...). {self.masks_note}"
         )
 
     @property
