@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from triaged.domain import Findings, Masks, Volume
 from triaged.encode.context import OutputContext
 from triaged.encode.sc import build_sc
-from triaged.encode.seg import SegmentationReference, build_seg, segmentation_reference
+from triaged.encode.seg import SegmentationReference, build_seg, planned_reference, segmentation_reference
 from triaged.encode.sr import build_sr
 from triaged.encode.uids import OutputUIDs, output_uids
 
@@ -23,10 +23,12 @@ __all__ = [
     "OutputUIDs",
     "SegmentationReference",
     "build_outputs",
+    "build_report_and_images",
     "build_sc",
     "build_seg",
     "build_sr",
     "output_uids",
+    "planned_reference",
     "segmentation_reference",
 ]
 
@@ -58,10 +60,22 @@ def build_outputs(
     """
     uids = output_uids(volume.study_instance_uid, findings.pipeline, findings.pipeline_version, ctx.revision)
     seg = build_seg(findings, masks, volume, source, ctx, uids=uids)
-    reference = segmentation_reference(seg) if seg is not None else None
+    sr, *scs = build_report_and_images(findings, masks, volume, source, ctx, uids=uids)
+    return [sr, seg, *scs] if seg is not None else [sr, *scs]
+
+
+def build_report_and_images(
+    findings: Findings,
+    masks: Masks,
+    volume: Volume,
+    source: Sequence[Dataset],
+    ctx: OutputContext,
+    *,
+    uids: OutputUIDs,
+) -> list[Dataset]:
+    """The outputs but the SEG: ``[SR, SC overview, SC key slices...]``, the SR referencing the SEG that
+    :func:`build_seg` makes with the same ``uids`` (:func:`planned_reference`), so both can be built at
+    the same time (the worker builds the SEG in a second process)."""
+    reference = planned_reference(findings, masks, volume, uids)
     sr = build_sr(findings, masks, volume, source, ctx, segmentation=reference, uids=uids)
-    outputs: list[Dataset] = [sr]
-    if seg is not None:
-        outputs.append(seg)
-    outputs.extend(build_sc(findings, masks, volume, source, ctx, uids=uids))
-    return outputs
+    return [sr, *build_sc(findings, masks, volume, source, ctx, uids=uids)]

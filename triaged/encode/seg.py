@@ -516,6 +516,26 @@ def build_seg(
     return seg
 
 
+def planned_reference(
+    findings: Findings, masks: Masks, volume: Volume, uids: OutputUIDs
+) -> SegmentationReference | None:
+    """The :class:`SegmentationReference` of the SEG :func:`build_seg` makes of these masks, without
+    building it (None: every mask is empty, no SEG), so that the SR can be built while the SEG is.
+
+    Equal to ``segmentation_reference(build_seg(findings, masks, volume, ..., uids=uids))`` (tested).
+    """
+    planned = planned_cuts(masks, findings)
+    if not planned:
+        return None
+    return SegmentationReference(
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=uids.seg_series,
+        sop_instance_uid=uids.seg_instance,
+        source_series_instance_uid=volume.series_instance_uid,
+        segment_numbers=tuple((spec.key, number) for number, (spec, _) in enumerate(planned, start=1)),
+    )
+
+
 def segmentation_reference(seg: Dataset) -> SegmentationReference:
     """Read the UIDs and segment numbers of a SEG built by :func:`build_seg` (or any SEG whose segment
     property types are those of :func:`planned_segments`)."""
