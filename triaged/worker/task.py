@@ -263,7 +263,7 @@ def _encode(
         seg = build_seg(findings, masks, volume, source, ctx, uids=uids)
         return None if seg is None else _store_output(spool, task.job_id, seg)
 
-    pending = _ForkedCall.start(seg_output)
+    pending = _ForkedCall.start(seg_output, "SEG")
     try:
         sr, *scs = (
             _store_output(spool, task.job_id, ds)
@@ -298,7 +298,8 @@ class _ForkedCall:
     which multiprocessing does not let have children.
     """
 
-    def __init__(self, call: Callable[[], Any]) -> None:
+    def __init__(self, call: Callable[[], Any], what: str) -> None:
+        self._what = what
         self._pid = 0
         self._value: Any = None
         if not hasattr(os, "fork"):  # pragma: no cover - Linux and macOS have it
@@ -324,8 +325,9 @@ class _ForkedCall:
         self._pid, self._pipe = pid, os.fdopen(read, "rb")
 
     @classmethod
-    def start(cls, call: Callable[[], Any]) -> _ForkedCall:
-        return cls(call)
+    def start(cls, call: Callable[[], Any], what: str) -> _ForkedCall:
+        """Fork now; ``what`` names the call in the errors :meth:`result` raises."""
+        return cls(call, what)
 
     def result(self) -> Any:
         """Wait for the child and return what the call returned (or raise what it raised)."""
@@ -335,10 +337,10 @@ class _ForkedCall:
             data = self._pipe.read()
         _, status = os.waitpid(self._pid, 0)
         if not data:
-            raise RuntimeError(f"the SEG process ended without an answer (wait status {status})")
+            raise RuntimeError(f"the {self._what} process ended without an answer (wait status {status})")
         kind, value = pickle.loads(data)
         if kind != "ok":
-            raise RuntimeError(f"SEG: {value}")
+            raise RuntimeError(f"{self._what}: {value}")
         return value
 
     def cancel(self) -> None:
