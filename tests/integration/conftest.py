@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -81,41 +81,78 @@ def storescu(
     )
 
 
-def listening(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def listening(port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` (a connect that hangs for ``timeout``
+    seconds, as on a full accept queue, counts as not listening)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
-def start_storescp(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_storescp(
+    tmp_path: Path,
+    *,
+    folder: str = "received",
+    ae_title: str | None = None,
+    options: Sequence[str] = ("+xa",),
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     """DCMTK storescp as a destination, listening on a free port of 127.0.0.1 and writing what it receives
-    (any transfer syntax, ``+xa``) to ``tmp_path/received``: ``(process, port, received)``.  The caller
-    terminates it.  Fails the test when storescp is not installed."""
+    to the new folder ``tmp_path/folder``: ``(process, port, received)``, once it listens.  ``ae_title`` is
+    its ``-aet`` (storescp's default when None); ``options`` are the other storescp options, by default
+    ``+xa`` (any transfer syntax); pass ``+xa`` along with any others (``+uf``, ``+tls ...``) to keep it.
+    It runs with ``TCP_NODELAY=1`` as :func:`storescu` does.  The caller terminates it.  Fails the test when
+    storescp is not installed, exits before it listens or does not listen within 20 s (and then stops it)."""
     if shutil.which("storescp") is None:
         pytest.fail("storescp is not installed; `make test` installs it (apt: dcmtk)")
     port = free_port()
-    received = tmp_path / "received"
+    received = tmp_path / folder
     received.mkdir()
+    aet = ["-aet", ae_title] if ae_title is not None else []
     storescp = subprocess.Popen(
-        ["storescp", "-od", str(received), "+xa", str(port)],
+        ["storescp", *aet, "-od", str(received), *options, str(port)],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
-    wait_for(lambda: listening(port), what="storescp to listen")
+    try:
+        wait_for(lambda: storescp.poll() is not None or listening(port), what="storescp to listen")
+        if storescp.poll() is not None:
+            pytest.fail(f"storescp exited with status {storescp.returncode} before it listened on {port}")
+    except BaseException:  # pytest.fail raises an exception that is not an Exception
+        storescp.terminate()
+        storescp.wait(timeout=10)
+        raise
     return storescp, port, received
 
 
-def dispatching_job(ledger: Ledger, spool: Path, study: str, files: list[Path],
-                     destinations: list[str]) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
+def dispatching_job(
+    ledger: Ledger, spool: Path, study: str, files: list[Path], destinations: list[str]
+) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
     """A job driven to ENCODING through the ledger's own API, routed to ``destinations``, whose outputs
     are copies of ``files`` in the spool (kind ``sc``)."""
-    ledger.record_instance(InstanceRecord(study, f"{study}.1", f"{study}.1.1", CTImageStorage, "1.2.840.10008.1.2.1",
-                                          f"studies/{study}/{study}.1/{study}.1.1.dcm", 10, "0" * 64),
-                           association_id=None)
+    ledger.record_instance(
+        InstanceRecord(
+            study,
+            f"{study}.1",
+            f"{study}.1.1",
+            CTImageStorage,
+            "1.2.840.10008.1.2.1",
+            f"studies/{study}/{study}.1/{study}.1.1.dcm",
+            10,
+            "0" * 64,
+        ),
+        association_id=None,
+    )
     job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
     ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    route = RouteDecision.from_json(json.dumps(
-        {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}))
+    route = RouteDecision.from_json(
+        json.dumps(
+            {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}
+        )
+    )
     ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
     ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
     ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,8 +27,8 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.conftest import config_data, free_port
-from tests.integration.conftest import storescu, wait_for
+from tests.conftest import config_data
+from tests.integration.conftest import listening, start_storescp, storescu, wait_for
 from tests.pg import PostgresCluster
 from triaged.config import load_config
 from triaged.domain import JobRow, JobState
@@ -90,14 +89,6 @@ class NodeProcess:
                 self.proc.wait(timeout=10)
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _study(src: Path, dest: Path, accession: str) -> str:
     """A copy of the phantom series as a new study; returns its Study Instance UID."""
     study, series = generate_uid(), generate_uid()
@@ -122,15 +113,8 @@ def _analysing_at(job: JobRow) -> list[object]:
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp as the PACS, every object received kept in its own file (``+uf``)."""
-    port, received = free_port(), tmp_path / "pacs"
-    received.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-od", str(received), "+uf", "+xa", "-aet", "PACS", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, port, received = start_storescp(tmp_path, folder="pacs", ae_title="PACS", options=("+uf", "+xa"))
     try:
-        wait_for(lambda: _listening(port), what="storescp to listen")
         yield port, received
     finally:
         proc.terminate()
@@ -197,7 +181,7 @@ def test_three_nodes_share_the_work_exactly_once_survive_a_kill_and_keep_stat_fi
                 if node.proc.poll() is not None:
                     pytest.fail(f"{node.name} exited: {node.log.read_text()[-3000:]}")
             alive = {n.name for n in ledger.nodes() if n.stopped_at is None}
-            return alive == set(nodes) and all(_listening(n.port) for n in nodes.values() if n.port)
+            return alive == set(nodes) and all(listening(n.port) for n in nodes.values() if n.port)
 
         wait_for(up, timeout=90, what="three nodes to start")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.conftest import free_port, make_config
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import listening, start_storescp, storescu, wait_for
 from triaged.config import CompletionConfig, Config
 from triaged.daemon import Node
 from triaged.domain import JobState
@@ -49,19 +48,16 @@ def _accepts(port: int, ae_title: str) -> bool:
     return False
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, int]]:
     port = free_port()
     cfg = tmp_path / "config.yaml"
     cfg.write_text(_config_text(tmp_path, port))
     log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)], stderr=log, text=True)
-    wait_for(lambda: _listening(port) or proc.poll() is not None, what="the daemon to listen")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)], stderr=log, text=True
+    )
+    wait_for(lambda: listening(port) or proc.poll() is not None, what="the daemon to listen")
     assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
     yield proc, cfg, port
     log.close()
@@ -79,7 +75,7 @@ def test_sigterm_stops_accepting_lets_the_open_association_finish_and_exits_zero
     assert assoc.is_established
     assert assoc.send_c_store(files[0]).Status == 0
     proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: not _listening(port), what="the listening socket to close")
+    wait_for(lambda: not listening(port), what="the listening socket to close")
     # The association opened before SIGTERM is still served to the end.
     assert all(assoc.send_c_store(f).Status == 0 for f in files[1:])
     assoc.release()
@@ -192,7 +188,7 @@ def test_a_second_serve_on_the_same_state_exits_touching_nothing(
         text=True,
     )
     try:
-        wait_for(lambda: _listening(port) or restarted.poll() is not None, what="the restarted daemon")
+        wait_for(lambda: listening(port) or restarted.poll() is not None, what="the restarted daemon")
         assert restarted.poll() is None
         assert lock.read_text().strip() == str(restarted.pid)
         assert not partial.exists()  # the restarted node, holding the lock, cleans the dead one's partials
@@ -207,24 +203,27 @@ def test_a_study_reaches_its_destination_within_delay_plus_work_not_timer_ticks(
     # Issue 13 item 1: default timers (sweep, feeder, dispatch tick) except a small completion delay.  With
     # tick-driven hand-offs COMPLETE -> QUEUED alone waited a whole sweep period (5 s) on top of the delay.
     delay = 1.0
-    dest_port = free_port()
-    received = tmp_path / "received"
-    received.mkdir()
-    storescp = subprocess.Popen(["storescp", "-od", str(received), "+xa", str(dest_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storescp, dest_port, received = start_storescp(tmp_path)
     try:
-        wait_for(lambda: _listening(dest_port), what="storescp to listen")
-        node = node_factory(make_config(
-            tmp_path,
-            completion={"delay_seconds": delay, "sweep_interval_seconds": CompletionConfig().sweep_interval_seconds},
-            destinations={"dest": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}},
-            routing={"default": {"destinations": ["dest"]}},
-        ))
+        node = node_factory(
+            make_config(
+                tmp_path,
+                completion={
+                    "delay_seconds": delay,
+                    "sweep_interval_seconds": CompletionConfig().sweep_interval_seconds,
+                },
+                destinations={"dest": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}},
+                routing={"default": {"destinations": ["dest"]}},
+            )
+        )
         assert node.workers.wait_ready(120), "the worker did not start with the node"
         assert storescu(*node.listener.address, phantom_ct_series).returncode == 0
         last_store = datetime.now(UTC)
-        job = wait_for(lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None), timeout=120,
-                       what="the results to be delivered")
+        job = wait_for(
+            lambda: next(iter(node.ledger.jobs(states=[JobState.DONE])), None),
+            timeout=120,
+            what="the results to be delivered",
+        )
     finally:
         storescp.terminate()
         storescp.wait()
@@ -235,8 +234,12 @@ def test_a_study_reaches_its_destination_within_delay_plus_work_not_timer_ticks(
     elapsed = (acked - last_store).total_seconds()
     logging.getLogger(__name__).warning(
         "last C-STORE -> last result acknowledged: %.2f s (delay %.1f s, analysis + encoding %.2f s, "
-        "COMPLETE +%.2f s, ANALYSING +%.2f s)", elapsed, delay, work,
-        (at["COMPLETE"] - last_store).total_seconds(), (at["ANALYSING"] - last_store).total_seconds(),
+        "COMPLETE +%.2f s, ANALYSING +%.2f s)",
+        elapsed,
+        delay,
+        work,
+        (at["COMPLETE"] - last_store).total_seconds(),
+        (at["ANALYSING"] - last_store).total_seconds(),
     )
     assert len(list(received.iterdir())) == len(node.ledger.outbox(job_id=job.id)) == 3
     assert elapsed <= delay + work + 2.5, f"{elapsed:.2f} s > delay {delay} s + work {work:.2f} s + 2.5 s"

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.conftest import free_port, make_config
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import start_storescp, storescu, wait_for
 from triaged.daemon import Node
 
 pytestmark = pytest.mark.integration
@@ -228,8 +227,6 @@ def test_the_dashboard_screenshot_shows_a_working_node(tmp_path: Path) -> None:
     One study's notification goes to a webhook that refuses it, so the outbox shows a dead letter with its
     reason.  Writes ``$TRIAGED_DASHBOARD_SCREENSHOT`` (``docs/dashboard.png``).
     """
-    import subprocess
-
     from tests.conftest import phantom_ct_spec
     from triaged.lab.datasets import write_dicom_study
     from triaged.lab.phantom import generate, to_datasets
@@ -240,10 +237,7 @@ def test_the_dashboard_screenshot_shows_a_working_node(tmp_path: Path) -> None:
     if not CHROMIUM.exists() or shutil.which("storescp") is None:
         pytest.fail("the screenshot needs Debian's chromium and DCMTK's storescp (apt: chromium dcmtk)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    pacs_port = free_port()
-    received = tmp_path / "pacs"
-    received.mkdir()
-    storescp = subprocess.Popen(["storescp", "-od", str(received), "+xa", "-aet", "PACS", str(pacs_port)])
+    storescp, pacs_port, received = start_storescp(tmp_path, folder="pacs", ae_title="PACS")
     pager = _RefusingHook()
     mild = "ACC-1003"
     rules = [
@@ -269,7 +263,6 @@ def test_the_dashboard_screenshot_shows_a_working_node(tmp_path: Path) -> None:
     )
     node = Node(config)
     try:
-        wait_for(lambda: _listening(pacs_port), what="storescp to listen")
         node.start()
         spec = phantom_ct_spec()
         for seed, (acc, (severity, patient)) in enumerate(SCREENSHOT_CASES.items(), 11):
@@ -308,11 +301,6 @@ def test_the_dashboard_screenshot_shows_a_working_node(tmp_path: Path) -> None:
         pager.close()
         storescp.terminate()
         storescp.wait()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_the_dashboard_lists_the_nodes_of_the_ledger(dashboard_node: tuple[Node, dict[str, str]]) -> None:

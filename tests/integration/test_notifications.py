@@ -348,23 +348,16 @@ def test_outbox_statuses_read_in_each_destinations_terms_in_the_cli_and_the_json
     tmp_path: Path,
 ) -> None:
     """DIMSE status for DICOM, HTTP status for webhooks, the HL7 ACK code; also once a destination is gone."""
-    import shutil
-    import subprocess
     import urllib.request
 
     import yaml
 
     from tests.conftest import config_data, free_port
-    from tests.integration.conftest import dispatching_job, wait_for
+    from tests.integration.conftest import dispatching_job, start_storescp
     from triaged.config import parse_config
     from triaged.daemon import Node
 
-    if shutil.which("storescp") is None:
-        pytest.fail("storescp is not installed; `make test` installs it (apt: dcmtk)")
-    pacs_port = free_port()
-    received = tmp_path / "received"
-    received.mkdir()
-    storescp = subprocess.Popen(["storescp", "-od", str(received), "+xa", str(pacs_port)])
+    storescp, pacs_port, _received = start_storescp(tmp_path)
     hook, refusing_hook = Hook([200]), Hook([400])
     accepting, refusing = MLLPListener("AA"), MLLPListener("AE", "PID-3 unknown")
     destinations: dict[str, dict[str, object]] = {
@@ -384,7 +377,6 @@ def test_outbox_statuses_read_in_each_destinations_terms_in_the_cli_and_the_json
     config_path.write_text(yaml.safe_dump(data))
     config = parse_config(config_path.read_text(), str(config_path), base_dir=tmp_path)
     try:
-        wait_for(lambda: _listening(pacs_port), what="storescp to listen")
         with Ledger(config.storage.ledger) as ledger:
             dispatch = Dispatch(ledger, Spool(config.storage.spool), lambda: config)
             try:
@@ -450,8 +442,3 @@ def test_outbox_statuses_read_in_each_destinations_terms_in_the_cli_and_the_json
         storescp.wait()
         for server in (hook, refusing_hook, accepting, refusing):
             server.close()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.conftest import free_port, write_config
-from tests.integration.conftest import storescu, wait_for
+from tests.integration.conftest import listening, storescu, wait_for
 from triaged.config import parse_config
 from triaged.daemon import Node
 from triaged.domain import JobRow, JobState
@@ -44,11 +43,6 @@ def _accepted(port: int, ae_title: str) -> bool:
         assoc.release()
         return True
     return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _alive(pid: int) -> bool:
@@ -158,7 +152,7 @@ def test_three_receivers_store_once_restart_reload_and_drain(
         assert assoc.send_c_store(files[0]).Status == 0
         stopper = threading.Thread(target=node.stop, kwargs={"drain_seconds": 20})
         stopper.start()
-        wait_for(lambda: not _listening(port), what="the listening socket to close")
+        wait_for(lambda: not listening(port), what="the listening socket to close")
         assert all(assoc.send_c_store(f).Status == 0 for f in files[1:4])
         assoc.release()
         stopper.join(30)
@@ -198,11 +192,11 @@ def test_a_kill_9_of_the_parent_leaves_no_receiver_holding_the_port(tmp_path: Pa
         assert proc.stdout is not None
         receivers = [int(pid) for pid in proc.stdout.readline().split()]
         assert len(receivers) == 2, proc.stderr.read() if proc.stderr else ""
-        assert all(_alive(pid) for pid in receivers) and _listening(port)
+        assert all(_alive(pid) for pid in receivers) and listening(port)
         proc.kill()
         proc.wait()
         wait_for(lambda: not any(_alive(pid) for pid in receivers), timeout=10, what="the receivers to end")
-        wait_for(lambda: not _listening(port), timeout=5, what="the port to be free")
+        wait_for(lambda: not listening(port), timeout=5, what="the port to be free")
     finally:
         if proc.poll() is None:
             proc.kill()

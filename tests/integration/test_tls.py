@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, make_config, write_config
+from tests.conftest import make_config, write_config
 from tests.integration import orthanc as orthanc_helpers
-from tests.integration.conftest import dispatching_job, storescu, wait_for
+from tests.integration.conftest import dispatching_job, start_storescp, storescu, wait_for
 from tests.integration.orthanc import OrthancPeer, OrthancTLS
 from triaged.config import Config, load_config
 from triaged.daemon import Node, configure_logging
@@ -37,7 +35,6 @@ pytestmark = pytest.mark.integration
 orthanc_factory = orthanc_helpers.orthanc_factory
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK (and Orthanc) leave Nagle on otherwise
 
 
 def _tool(name: str) -> str:
@@ -199,43 +196,14 @@ def test_a_listener_requiring_client_certificates_refuses_a_client_without_one(
 @pytest.fixture
 def tls_storescp(tmp_path: Path, pki: PKI) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp over TLS (client certificate required, signed by the test CA): (port, output folder)."""
-    binary = _tool("storescp")
-    out = tmp_path / "storescp"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "-aet",
-            "PACS",
-            "-od",
-            str(out),
-            "+tls",
-            str(pki.key("peer")),
-            str(pki.cert("peer")),
-            "+cf",
-            str(pki.ca),
-            str(port),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
+    _tool("storescp")  # skips, as this module does for every missing tool (start_storescp would fail)
+    tls = ("+tls", str(pki.key("peer")), str(pki.cert("peer")), "+cf", str(pki.ca))
+    proc, port, out = start_storescp(tmp_path, folder="storescp", ae_title="PACS", options=tls)
     try:
-        wait_for(lambda: _listening(port), timeout=10, what="storescp")
         yield port, out
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _dest(port: int, aet: str, tls: dict[str, object] | None) -> dict[str, object]:
@@ -286,15 +254,9 @@ def test_a_tls_failure_is_a_transient_dispatch_failure_with_the_tls_error(
     tmp_path: Path, phantom_ct_series: Path, pki: PKI, tls_storescp: tuple[int, Path]
 ) -> None:
     port, out = tls_storescp
-    plain = subprocess.Popen(  # a destination that speaks plain DICOM only
-        [_tool("storescp"), "-aet", "PLAIN", "-od", str(tmp_path), str(plain_port := free_port())],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
+    # a destination that speaks plain DICOM only
+    plain, plain_port, _ = start_storescp(tmp_path, folder="plain", ae_title="PLAIN", options=())
     try:
-        wait_for(lambda: _listening(plain_port), timeout=10, what="plain storescp")
         items = _dispatch(
             tmp_path / "node",
             {
