@@ -81,7 +81,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from triaged.analysis.arrays import Labels, component_sizes, label_compact
+from triaged.analysis.arrays import Labels, component_sizes, for_each_slice, label_compact
 from triaged.analysis.grid import WorkGrid
 
 B = npt.NDArray[np.bool_]
@@ -240,7 +240,12 @@ def threshold_lesions(
 
 
 def classical_lesions(
-    hu: F32, lungs: U8, grid: WorkGrid, params: ClassicalParams = ClassicalParams(), *, posterior_sign: int = 1
+    hu: F32,
+    lungs: U8,
+    grid: WorkGrid,
+    params: ClassicalParams = ClassicalParams(),
+    *,
+    posterior_sign: int = 1,
 ) -> CoarseLesions:
     """Vessel-suppressed density thresholding on the working grid (module docstring, steps 1–5b).
 
@@ -272,7 +277,8 @@ def classical_lesions(
         hu = _replace_z_rim(hu, lung)
     sig = (params.presmooth_mm / dy, params.presmooth_mm / dx)
     pad = radius + 2
-    for z in zs:
+
+    def one(z: int) -> None:  # writes density[z] only (for_each_slice)
         m = lung[z]
         rows = np.nonzero(m.any(axis=1))[0]
         cols = np.nonzero(m.any(axis=0))[0]
@@ -292,6 +298,8 @@ def classical_lesions(
             ext = ndimage.gaussian_filter(ext, sigma=sig, mode="nearest")
         opened = ndimage.grey_opening(ext, footprint=disk, mode="nearest")
         density[z, r0:r1, c0:c1] = np.where(mm, opened, -1000.0)
+
+    for_each_slice(one, (int(z) for z in zs))
     candidate = (density >= params.ggo_hu) & (density <= params.max_hu) & lung
     candidate = _drop_small(candidate, params.min_component_ml / grid.coarse_voxel_ml)
     candidate = _drop_hilar_vessels(candidate, lungs, grid, params)
@@ -504,13 +512,20 @@ def non_pneumonia_reasons(
         several_slices = comp.shape[0] > 1 and lung.shape[0] > 2
         if float(np.median(density[sl][comp])) - background < params.min_contrast_hu:
             reasons[lab_id] = "faint"
-        elif (near_pleura >= 0.9 and width <= params.pleural_max_width_mm
-              and _dependent_position(comp, sl, lung, posterior_sign) >= params.pleural_band_dependent):
+        elif (
+            near_pleura >= 0.9
+            and width <= params.pleural_max_width_mm
+            and _dependent_position(comp, sl, lung, posterior_sign) >= params.pleural_band_dependent
+        ):
             reasons[lab_id] = "subpleural band"
         elif several_slices and float(np.mean(z_surface[sl][comp])) >= params.surface_fraction:
             reasons[lab_id] = "lung surface"
-        elif (several_slices and max(ez, ey, ex) <= params.nodule_max_mm and ez >= 0.5 * max(ey, ex)
-              and fill >= params.nodule_min_fill):
+        elif (
+            several_slices
+            and max(ez, ey, ex) <= params.nodule_max_mm
+            and ez >= 0.5 * max(ey, ex)
+            and fill >= params.nodule_min_fill
+        ):
             reasons[lab_id] = "nodule"
     return reasons
 

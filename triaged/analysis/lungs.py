@@ -102,7 +102,7 @@ import numpy.typing as npt
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from triaged.analysis.arrays import component_sizes, label_compact
+from triaged.analysis.arrays import component_sizes, for_each_slice, label_compact
 from triaged.analysis.grid import WorkGrid
 from triaged.domain import Volume
 from triaged.errors import TriagedError
@@ -906,9 +906,10 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
     z_surface[1:] |= lungs_3d[1:] & ~lungs_3d[:-1]
     z_surface[:-1] |= lungs_3d[:-1] & ~lungs_3d[1:]
     del lungs_3d
-    for z in range(nz):
+
+    def one(z: int) -> None:  # writes out[z] only (for_each_slice)
         if not labels[z].any():
-            continue
+            return
         rows, cols = np.nonzero(body[z])
         centre = np.array([rows.mean() * dy, cols.mean() * dx])
         # work in the lungs' bounding box: every pocket lies inside the lungs' hull
@@ -983,4 +984,6 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
             keep = keep[keep > 0]
             add = accept & np.isin(grown, keep)
             out_z[box][add] = lab_id
+
+    for_each_slice(one, range(nz))
     return out
