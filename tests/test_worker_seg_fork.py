@@ -6,6 +6,9 @@ Run in this process (``run_task``), so the forked child inherits what a test pat
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from tests.test_worker import _spooled_task
 from triaged.analysis.severity import findings_from_masks
 from triaged.encode import OutputContext, build_seg, output_uids, planned_reference, segmentation_reference
 from triaged.volume import load_volume, read_headers
-from triaged.worker.task import run_task
+from triaged.worker.task import _ForkedCall, run_task
 from triaged.worker.warm import synthetic_study
 
 #: attributes that carry the moment an object was made
@@ -113,3 +116,39 @@ def test_a_seg_process_that_dies_fails_the_task_and_the_worker_goes_on(
     assert not outcome.ok and "the SEG process ended without an answer" in (outcome.error or "")
     monkeypatch.undo()
     assert run_task(_spooled_task(phantom_ct_series, tmp_path / "two", 24)).ok
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for a reaper counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_seg_child_dies_with_its_worker(tmp_path: Path) -> None:
+    pid_file = tmp_path / "seg-child"
+    worker = os.fork()
+    if worker == 0:  # a stand-in worker whose SEG child would run for a minute
+        try:
+
+            def slow() -> None:
+                pid_file.write_text(str(os.getpid()))
+                time.sleep(60)
+
+            _ForkedCall.start(slow, "SEG").result()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the SEG child did not start"
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    os.kill(worker, signal.SIGKILL)  # the memory guard or the job timeout
+    os.waitpid(worker, 0)
+    deadline = time.monotonic() + 10
+    while not _gone(child):
+        assert time.monotonic() < deadline, "the SEG child outlived its worker"
+        time.sleep(0.05)

@@ -295,7 +295,8 @@ class _ForkedCall:
     pickled but the answer), runs no torch and ends with ``os._exit`` when the call returns; an exception
     in it is raised here by :meth:`result` with its type and message, as is a child that dies without
     answering.  A bare ``os.fork`` rather than :mod:`multiprocessing`: the worker is a daemonic process,
-    which multiprocessing does not let have children.
+    which multiprocessing does not let have children.  On Linux the child dies with the worker
+    (``PR_SET_PDEATHSIG``), so a worker killed for its timeout or memory leaves no SEG writer behind.
     """
 
     def __init__(self, call: Callable[[], Any], what: str) -> None:
@@ -306,11 +307,18 @@ class _ForkedCall:
             self._value = call()
             return
         read, write = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: answer through the pipe, then leave without the parent's exit handlers
             code = 0
             try:
                 os.close(read)
+                # a worker killed for its timeout or memory takes its child along (Linux)
+                from triaged.worker.pool import _set_parent_death_signal
+
+                _set_parent_death_signal()
+                if os.getppid() != parent:  # the worker died before the signal was asked for
+                    raise SystemExit(71)
                 try:
                     answer: tuple[str, Any] = ("ok", call())
                 except BaseException as exc:  # noqa: BLE001 - goes back to the worker as the job's error
