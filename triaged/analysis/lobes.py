@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from triaged.analysis.arrays import for_each_slice
 from triaged.analysis.grid import WorkGrid
 
 F32 = npt.NDArray[np.float32]
@@ -128,8 +129,13 @@ class LobeSurfaces:
         full_obl = {s: _upsample_plane(g, m) for s, m in self.oblique.items()}
         full_hor = _upsample_plane(g, self.horizontal) if self.horizontal is not None else None
         out = np.zeros(lungs.shape, np.uint8)
-        for zs in g.chunks():
+        chunks = list(g.chunks())
+
+        def one(i: int) -> None:  # writes out[chunks[i]] only (numpy's element-wise loops release the GIL)
+            zs = chunks[i]
             out[zs] = self.label_slab(np.asarray(lungs[zs]), zs.start, full_obl, full_hor)
+
+        for_each_slice(one, range(len(chunks)))
         return out
 
     def to_coarse(self, lungs_c: U8) -> U8:
