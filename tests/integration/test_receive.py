@@ -610,6 +610,11 @@ def test_an_association_beyond_max_associations_is_rejected_logged_and_recorded(
         assert "association limit reached" in caplog.text and "LATECOMER" in caplog.text
     finally:
         held.release()
-    again = _scu().associate(host, port, ae_title="TRIAGED")  # a slot is free again
-    assert again.is_established
+    # a slot is free again once the node has ended the held association, which can come just after the
+    # SCU's release returned (a CI run was refused here once)
+    def associated() -> object:
+        assoc = _scu().associate(host, port, ae_title="TRIAGED")
+        return assoc if assoc.is_established else None
+
+    again = wait_for(associated, timeout=10, what="a free association slot")
     again.release()
