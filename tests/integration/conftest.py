@@ -128,11 +128,9 @@ def start_storescp(
     return storescp, port, received
 
 
-def dispatching_job(
-    ledger: Ledger, spool: Path, study: str, files: list[Path], destinations: list[str]
-) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
-    """A job driven to ENCODING through the ledger's own API, routed to ``destinations``, whose outputs
-    are copies of ``files`` in the spool (kind ``sc``)."""
+def analysing_job(ledger: Ledger, study: str, destinations: list[dict[str, object]]) -> int:
+    """A one-instance study (``studies/<study>/<study>.1/<study>.1.1.dcm``) driven to ANALYSING through the
+    ledger's own API, routed to ``destinations`` (route entries, e.g. ``{"name": "pacs"}``): its job id."""
     ledger.record_instance(
         InstanceRecord(
             study,
@@ -148,19 +146,24 @@ def dispatching_job(
     )
     job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
     ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    route = RouteDecision.from_json(
-        json.dumps(
-            {"pipelines": ["ok"], "destinations": [{"name": d, "outputs": ["sc"]} for d in destinations]}
-        )
-    )
+    route = RouteDecision.from_json(json.dumps({"pipelines": ["ok"], "destinations": destinations}))
     ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
     ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
-    ledger.transition(job.id, JobState.ANALYSING, JobState.ENCODING)
+    return job.id
+
+
+def dispatching_job(
+    ledger: Ledger, spool: Path, study: str, files: list[Path], destinations: list[str]
+) -> tuple[int, tuple[tuple[str, str, str, str], ...]]:
+    """A job driven to ENCODING through the ledger's own API, routed to ``destinations``, whose outputs
+    are copies of ``files`` in the spool (kind ``sc``)."""
+    job_id = analysing_job(ledger, study, [{"name": d, "outputs": ["sc"]} for d in destinations])
+    ledger.transition(job_id, JobState.ANALYSING, JobState.ENCODING)
     outputs = []
     for f in files:
         hdr = dcmread(f, stop_before_pixels=True)
-        rel = f"work/{job.id}/outputs/{f.name}"
+        rel = f"work/{job_id}/outputs/{f.name}"
         (spool / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, spool / rel)
         outputs.append(("sc", rel, str(hdr.SOPClassUID), str(hdr.SOPInstanceUID)))
-    return job.id, tuple(outputs)
+    return job_id, tuple(outputs)

@@ -18,10 +18,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from tests.conftest import make_config
+from tests.integration.conftest import analysing_job
 from triaged.config import Config
-from triaged.domain import CTGrade, Findings, InstanceRecord, JobState, LungMeasures
+from triaged.domain import CTGrade, Findings, JobState, LungMeasures
 from triaged.ledger import Ledger
-from triaged.routing import RouteDecision
 from triaged.spool import Spool
 from triaged.stages import Dispatch
 
@@ -41,26 +41,7 @@ def notified_job(ledger: Ledger, spool: Path, study: str, level: str, destinatio
     ds.PatientID, ds.PatientName, ds.AccessionNumber = "PID-42", "Doe^Jane|Q", "ACC^7"
     (spool / rel).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(spool / rel, enforce_file_format=True)
-    ledger.record_instance(
-        InstanceRecord(
-            study,
-            f"{study}.1",
-            f"{study}.1.1",
-            CTImageStorage,
-            str(ExplicitVRLittleEndian),
-            rel,
-            10,
-            "0" * 64,
-        ),
-        association_id=None,
-    )
-    job = next(j for j in ledger.jobs() if j.study_instance_uid == study)
-    ledger.transition(job.id, JobState.RECEIVING, JobState.COMPLETE)
-    route = RouteDecision.from_json(
-        json.dumps({"pipelines": ["ok"], "destinations": [{"name": d} for d in destinations]})
-    )
-    ledger.queue_job(job.id, route=route, pipeline="ok", series_instance_uid=f"{study}.1", detail="")
-    ledger.transition(job.id, JobState.QUEUED, JobState.ANALYSING)
+    job_id = analysing_job(ledger, study, [{"name": d} for d in destinations])
     findings = Findings(
         "classical",
         "1",
@@ -70,9 +51,9 @@ def notified_job(ledger: Ledger, spool: Path, study: str, level: str, destinatio
         p_covid=0.87,
     )
     ledger.record_analysis(
-        job.id, findings, priority=(0.9, level, "CT2: 35.0 % of the worse lung"), detail=""
+        job_id, findings, priority=(0.9, level, "CT2: 35.0 % of the worse lung"), detail=""
     )
-    return job.id
+    return job_id
 
 
 class Hook:
