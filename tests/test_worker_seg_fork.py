@@ -138,7 +138,7 @@ def test_the_seg_child_dies_with_its_worker(tmp_path: Path) -> None:
                 pid_file.write_text(str(os.getpid()))
                 time.sleep(60)
 
-            _ForkedCall.start(slow, "SEG").result()
+            _ForkedCall(slow, "SEG").result()
         finally:
             os._exit(0)
     deadline = time.monotonic() + 20

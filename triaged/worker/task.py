@@ -263,7 +263,7 @@ def _encode(
         seg = build_seg(findings, masks, volume, source, ctx, uids=uids)
         return None if seg is None else _store_output(spool, task.job_id, seg)
 
-    pending = _ForkedCall.start(seg_output, "SEG")
+    pending = _ForkedCall(seg_output, "SEG")  # forks now
     try:
         sr, *scs = (
             _store_output(spool, task.job_id, ds)
@@ -300,6 +300,7 @@ class _ForkedCall:
     """
 
     def __init__(self, call: Callable[[], Any], what: str) -> None:
+        """Fork now; ``what`` names the call in the errors :meth:`result` raises."""
         self._what = what
         self._pid = 0
         self._value: Any = None
@@ -331,11 +332,6 @@ class _ForkedCall:
                 os._exit(code)
         os.close(write)
         self._pid, self._pipe = pid, os.fdopen(read, "rb")
-
-    @classmethod
-    def start(cls, call: Callable[[], Any], what: str) -> _ForkedCall:
-        """Fork now; ``what`` names the call in the errors :meth:`result` raises."""
-        return cls(call, what)
 
     def result(self) -> Any:
         """Wait for the child and return what the call returned (or raise what it raised)."""
