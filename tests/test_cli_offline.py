@@ -147,3 +147,9 @@ def test_train_says_which_data_it_needs(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", "consolidation-em", "--out", str(tmp_path / "run"),
                  "--real-slices", str(tmp_path / "slices"), "--epochs", "1", "--quiet"]) == 2
     assert "no pseudo-label/images or doctor-label/images in it" in capsys.readouterr().err
+    # --init-from names a model folder: anything else is refused before training starts
+    (tmp_path / "slices" / "doctor-label" / "images").mkdir(parents=True)
+    no_model = tmp_path / "nomodel"
+    assert main(["train", "multitask", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "slices"),
+                 "--init-from", str(no_model), "--quiet"]) == 2
+    assert f"{no_model} is not a model folder (no manifest.yaml in it)" in capsys.readouterr().err

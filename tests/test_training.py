@@ -182,3 +182,92 @@ def test_consolidation_em_trains_unet1_then_unet2_by_em(tiny_dataset: Path, tmp_
 def test_an_unknown_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(training.TrainingError, match="unknown model"):
         training.train("resnet", tiny_dataset, tmp_path / "x", epochs=1, progress=False)
+
+
+def test_a_continuation_starts_from_the_given_models_verified_weights(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    recipe = replace(TINY, steps_per_epoch=2)
+    first = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "first",
+        epochs=1,
+        seed=4,
+        progress=False,
+        recipe=recipe,
+        evaluate=False,
+    )
+    still = replace(recipe, lr=1e-12, warmup=0)  # the weights can barely move: what is left is the start
+
+    def parameters(folder: Path) -> dict[str, torch.Tensor]:
+        return dict(load_model(folder).module.named_parameters())
+
+    kept = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "kept",
+        epochs=1,
+        seed=6,
+        progress=False,
+        recipe=still,
+        evaluate=False,
+        init_from=first,
+    )
+    fresh = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "fresh",
+        epochs=1,
+        seed=6,
+        progress=False,
+        recipe=still,
+        evaluate=False,
+    )
+    a, b, c = parameters(first), parameters(kept), parameters(fresh)
+    assert all(torch.allclose(a[k], b[k], atol=2e-3) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=2e-3) for k in a)
+    card = yaml.safe_load((kept / MANIFEST).read_text())
+    origin = card["training"]["initialised_from"]
+    assert origin["model"] == "multitask"
+    assert origin["sha256"] == load_model(first).sha256
+    assert origin["steps"] == 2  # one epoch of two steps
+    assert "initialised_from" not in yaml.safe_load((fresh / MANIFEST).read_text())["training"]
+
+
+def test_a_continuation_from_weights_that_do_not_fit_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    recipe = replace(TINY, steps_per_epoch=1)
+    small = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "small",
+        epochs=1,
+        seed=4,
+        progress=False,
+        recipe=replace(recipe, widths=(4, 8, 16, 32)),
+        evaluate=False,
+    )
+    with pytest.raises(training.TrainingError, match="do not fit"):
+        training.train(
+            "multitask",
+            tiny_dataset,
+            tmp_path / "wide",
+            epochs=1,
+            seed=4,
+            progress=False,
+            recipe=replace(recipe, widths=(8, 16, 32, 64)),
+            evaluate=False,
+            init_from=small,
+        )
+    with pytest.raises(training.TrainingError, match="not 'consolidation-em'"):
+        training.train(
+            "consolidation-em",
+            tiny_dataset,
+            tmp_path / "em",
+            epochs=1,
+            seed=4,
+            progress=False,
+            recipe=recipe,
+            evaluate=False,
+            init_from=small,
+        )

@@ -588,6 +588,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.init_from is not None and not (args.init_from / "manifest.yaml").is_file():
+        print(
+            f"triaged train: {args.init_from} is not a model folder (no manifest.yaml in it)",
+            file=sys.stderr,
+        )
+        return 2
     out = train_from_args(args, command=" ".join(["triaged", *sys.argv[1:]]), progress=not args.quiet)
     print(f"weights and model card in {out}/ (copy to models/{args.model}/ to ship them). {RESEARCH_NOTE}")
     return 0
@@ -647,6 +653,12 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--epochs", type=int, default=24, help="training epochs (default %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from the weights of a model folder (e.g. models/multitask; sha256-checked) instead of "
+        "random ones: a continuation, recorded in the card",
+    )
     p.add_argument("--device", help="cpu or cuda (default: CUDA when present)")
     p.add_argument("--real-slices", type=Path, help="the MedSeg COVID-19 slices folder (CC BY-NC 4.0)")
     p.add_argument(

@@ -682,6 +682,7 @@ def train(
     data_note: str | None = None,
     evaluate: bool = True,
     until_epoch: int | None = None,
+    init_from: Path | str | None = None,
 ) -> Path:
     """Train ``model_name`` and write ``<out_dir>/model.pt`` and its ``manifest.yaml``; return ``out_dir``.
 
@@ -717,6 +718,12 @@ def train(
     until_epoch : int or None
         Stop after this epoch with only the checkpoint written (continue later with ``resume``); the
         schedule still follows ``epochs``.
+    init_from : Path or None
+        A model folder (``models/<name>``) of the same model and architecture whose weights, verified
+        against its card's sha256, start this run instead of a random initialisation (a continuation:
+        the whole schedule, warm-up included, runs again).  The card records the folder's name, version
+        and sha256 under ``training.initialised_from``.  Ignored when ``resume`` finds a checkpoint
+        (the checkpoint already holds the continued weights).
     """
     if model_name not in MODEL_NAMES:
         raise TrainingError(f"unknown model {model_name!r}; one of {', '.join(MODEL_NAMES)}")
@@ -755,6 +762,11 @@ def train(
                 f"not {model_name} seed {seed}"
             )
         net.load_state_dict(state["model"])
+    start = _initial_weights(model_name, net, init_from) if init_from is not None else None
+    if start is not None and not (resume and ckpt.is_file()):
+        net.load_state_dict(start.pop("state"))
+    elif start is not None:
+        del start["state"]
     optimizer: torch.optim.Optimizer | None = None
     phase_of_opt: str | None = None
     total_steps = epochs * recipe.steps_per_epoch
@@ -850,6 +862,7 @@ def train(
             "negative_slices": len(pools.negative),
         },
         "negative_volumes": sorted({s.case for s in pools.negative}),
+        "initialised_from": start,
     }
     write_manifest(out, model_name, net, info, metrics={})
     if evaluate:
@@ -861,6 +874,35 @@ def train(
         )
         write_manifest(out, model_name, net, info, metrics=metrics)
     return out
+
+
+def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dict[str, Any]:
+    """The verified weights of the model folder ``folder`` for ``net`` (``state``) and what the card says
+    of their origin (name, version, sha256, epochs, steps); :class:`TrainingError` naming the folder when
+    they are of another model or another architecture."""
+    loaded = load_model(Path(folder))
+    if loaded.name != model_name:
+        raise TrainingError(f"{folder}: --init-from holds {loaded.name!r} weights, not {model_name!r}")
+    state = loaded.module.state_dict()
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if theirs != ours:
+        diff = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+        raise TrainingError(
+            f"{folder}: --init-from weights do not fit this recipe's architecture (first differences: {diff})"
+        )
+    training = loaded.manifest.get("training") or {}
+    recipe = training.get("recipe") or {}
+    epochs = training.get("epochs")
+    steps = recipe.get("steps_per_epoch")
+    return {
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "model": loaded.name,
+        "version": loaded.version,
+        "sha256": loaded.sha256,
+        "epochs": epochs,
+        "steps": epochs * steps if isinstance(epochs, int) and isinstance(steps, int) else None,
+    }
 
 
 def _trainable(net: nn.Module, phase: str) -> list[nn.Parameter]:
@@ -1340,6 +1382,7 @@ def write_manifest(
             "epochs": info["epochs"],
             "device": info["device"],
             "recipe": info["recipe"],
+            **({"initialised_from": info["initialised_from"]} if info.get("initialised_from") else {}),
             "wall_time_s": info["wall_time_s"],
             "torch": str(torch.__version__),
             "python": platform.python_version(),
@@ -1463,6 +1506,7 @@ def train_from_args(
         recipe=recipe,
         command=command,
         data_note=data_note,
+        init_from=getattr(args, "init_from", None),
     )
 
 
@@ -1487,6 +1531,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--test-data", type=Path, default=None, help="labelled phantom test set (card metrics)")
     ap.add_argument("--data-note", default=None, help="how the phantom dataset was generated (for the card)")
     ap.add_argument("--steps-per-epoch", type=int, default=None)
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the verified weights of this model folder (a continuation), not at random",
+    )
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -1494,6 +1545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = RECIPES[args.model]
     if args.steps_per_epoch:
         recipe = replace(recipe, steps_per_epoch=args.steps_per_epoch)
+    if args.lr:
+        recipe = replace(recipe, lr=args.lr)
     command = "python -m triaged.lab.train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
