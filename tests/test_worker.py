@@ -190,6 +190,23 @@ def test_the_worker_reports_encoding_when_it_starts_before_any_output_exists(
     assert on_disk_then == []  # reported before the first object was written
     assert sorted(kind for kind, *_ in outcome.outputs) == ["sc", "seg", "sr"]
     assert sorted(p.name for p in outputs.glob("*.dcm")) == sorted(Path(rel).name for _, rel, *_ in outcome.outputs)
+    # the masks are written while the SEG is built, but before the task answers
+    assert set(np.load(outputs.parent / "masks.npz").files) >= {"lungs", "lesions", "consolidation"}
+
+
+def test_a_disk_full_on_the_masks_while_encoding_fails_the_task_at_writing_results(
+    worker: WorkerProcess, phantom_ct_series: Path, tmp_path: Path
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full to make a write fail with ENOSPC")
+    task = _spooled_task(phantom_ct_series, tmp_path / "spool", 13)
+    work = Path(task.work_dir)
+    work.mkdir(parents=True)
+    (work / "masks.tmp.npz").symlink_to("/dev/full")
+    outcome = worker.run(task, timeout=300, memory_limit_mb=0)
+    assert not outcome.ok
+    assert outcome.error.startswith("write results: OSError"), outcome.error  # a transient, retried failure
+    assert "No space left on device" in outcome.error
 
 
 def test_a_refused_encoding_stops_the_worker_and_the_next_task_still_runs(

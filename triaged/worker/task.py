@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from triaged.analysis.registry import PipelineRegistry, load_registry
 from triaged.config import PriorityPolicyConfig
-from triaged.domain import AnalysisResult, InstanceHeader, Volume
+from triaged.domain import AnalysisResult, InstanceHeader, Masks, Volume
 from triaged.encode.uids import OutputKind
 
 if TYPE_CHECKING:
@@ -160,17 +160,15 @@ def run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | Non
         stage = "write results"
         work = Path(task.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        masks = result.masks
-        arrays: dict[str, Any] = {
-            "lungs": masks.lungs,
-            "lesions": masks.lesions,
-            "consolidation": masks.consolidation,
-        }
-        if masks.lobes is not None:
-            arrays["lobes"] = masks.lobes
-        tmp = work / "masks.tmp.npz"
-        save_masks(tmp, arrays)
-        os.replace(tmp, work / "masks.npz")
+
+        def write_masks() -> None:
+            nonlocal stage
+            before, stage = stage, "write results"
+            _write_masks(work, result.masks)
+            stage = before
+
+        if not task.encode:
+            write_masks()
         text = findings_to_json(result.findings)
         (work / "findings.json").write_text(text, encoding="utf-8")
         priority = None
@@ -184,8 +182,16 @@ def run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | Non
             stage = "encode"
             if report is not None:
                 report(EncodingStarted(task.job_id, text, priority, seconds=time.perf_counter() - t0))
+            # the masks are written while the forked child still builds the SEG (the longer part)
             outputs = _encode(
-                task, result, volume, series, root, priority.level if priority else None, datasets
+                task,
+                result,
+                volume,
+                series,
+                root,
+                priority.level if priority else None,
+                datasets,
+                meanwhile=write_masks,
             )
         return TaskOutcome(
             task.job_id, True, text, seconds=time.perf_counter() - t0, outputs=outputs, priority=priority
@@ -198,6 +204,20 @@ def run_task(task: AnalysisTask, report: Callable[[EncodingStarted], None] | Non
             error=f"{stage}: {type(exc).__name__}: {exc}",
             seconds=time.perf_counter() - t0,
         )
+
+
+def _write_masks(work: Path, masks: Masks) -> None:
+    """``work/masks.npz``: lungs, lesions, consolidation (and lobes), written whole or not at all."""
+    arrays: dict[str, Any] = {
+        "lungs": masks.lungs,
+        "lesions": masks.lesions,
+        "consolidation": masks.consolidation,
+    }
+    if masks.lobes is not None:
+        arrays["lobes"] = masks.lobes
+    tmp = work / "masks.tmp.npz"
+    save_masks(tmp, arrays)
+    os.replace(tmp, work / "masks.npz")
 
 
 def save_masks(path: Path, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -234,12 +254,14 @@ def _encode(
     root: Path,
     level: str | None,
     datasets: Mapping[str, Dataset],
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[EncodedOutput, ...]:
     """Build SR, SEG and SC and write them under ``work/<job>/outputs`` (atomically, fsynced).
 
     The SEG (the largest object: highdicom's per-frame functional groups) is built and written in a
     forked child process while this one builds the SR and the SC: encoding is single-threaded Python,
-    so on two cores this takes the SEG's time instead of the sum.  The objects come back in
+    so on two cores this takes the SEG's time instead of the sum.  ``meanwhile`` runs here after the SR
+    and the SC, while the child is still at work (the SEG takes longer), before waiting for it.  The objects come back in
     :func:`~triaged.encode.build_outputs` order (SR, SEG, SC...).  The source datasets are the whole
     headers already read for the volume (``datasets``, by path).
     """
@@ -269,6 +291,8 @@ def _encode(
             _store_output(spool, task.job_id, ds)
             for ds in build_report_and_images(findings, masks, volume, source, ctx, uids=uids)
         )
+        if meanwhile is not None:
+            meanwhile()
     except BaseException:
         pending.cancel()
         raise
