@@ -233,6 +233,19 @@ def test_a_continuation_starts_from_the_given_models_verified_weights(
     assert origin["sha256"] == load_model(first).sha256
     assert origin["steps"] == 2  # one epoch of two steps
     assert "initialised_from" not in yaml.safe_load((fresh / MANIFEST).read_text())["training"]
+    again = training.train(
+        "multitask",
+        tiny_dataset,
+        tmp_path / "again",
+        epochs=1,
+        seed=6,
+        progress=False,
+        recipe=still,
+        evaluate=False,
+        init_from=kept,
+    )
+    chain = yaml.safe_load((again / MANIFEST).read_text())["training"]["initialised_from"]
+    assert chain["sha256"] == load_model(kept).sha256 and chain["initialised_from"] == origin
 
 
 def test_a_continuation_from_weights_that_do_not_fit_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:

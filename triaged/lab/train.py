@@ -878,8 +878,9 @@ def train(
 
 def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dict[str, Any]:
     """The verified weights of the model folder ``folder`` for ``net`` (``state``) and what the card says
-    of their origin (name, version, sha256, epochs, steps); :class:`TrainingError` naming the folder when
-    they are of another model or another architecture."""
+    of their origin (name, version, sha256, epochs, steps, and its own ``initialised_from`` when those
+    weights were a continuation too); :class:`TrainingError` naming the folder when they are of another
+    model or another architecture."""
     loaded = load_model(Path(folder))
     if loaded.name != model_name:
         raise TrainingError(f"{folder}: --init-from holds {loaded.name!r} weights, not {model_name!r}")
@@ -902,6 +903,8 @@ def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dic
         "sha256": loaded.sha256,
         "epochs": epochs,
         "steps": epochs * steps if isinstance(epochs, int) and isinstance(steps, int) else None,
+        # a chain of continuations stays on the card: where those weights started in turn
+        **({"initialised_from": training["initialised_from"]} if training.get("initialised_from") else {}),
     }
 
 
