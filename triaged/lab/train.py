@@ -67,9 +67,10 @@ B = npt.NDArray[np.bool_]
 MODEL_NAMES: Final[tuple[str, ...]] = ("multitask", "consolidation-em")
 WEIGHTS_FILE: Final[str] = "model.pt"
 CHECKPOINT_FILE: Final[str] = "checkpoint.pt"
-#: The version a newly trained card gets, by model: 2.1.0 lobes + CT-SS in the pipeline (weights format
-#: unchanged); consolidation-em 2.2.0 the thick-slice vessel-haze rule (triaged.nets.thick_slices).
-VERSIONS: Final[dict[str, str]] = {"multitask": "2.1.0", "consolidation-em": "2.2.0"}
+#: The version a newly trained card gets, by model: multitask 2.1.0 lobes + CT-SS in the pipeline (weights
+#: format unchanged), 2.2.0 weights trained 150 epochs more (two continuations, ``--init-from``);
+#: consolidation-em 2.2.0 the thick-slice vessel-haze rule (triaged.nets.thick_slices).
+VERSIONS: Final[dict[str, str]] = {"multitask": "2.2.0", "consolidation-em": "2.2.0"}
 #: HU used to pad crops that reach outside the volume (air).
 PAD_HU: Final[float] = -1024.0
 
@@ -878,7 +879,7 @@ def train(
 
 def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dict[str, Any]:
     """The verified weights of the model folder ``folder`` for ``net`` (``state``) and what the card says
-    of their origin (name, version, sha256, epochs, steps, and its own ``initialised_from`` when those
+    of their origin (name, version, sha256, epochs, steps, training command, and its own ``initialised_from`` when those
     weights were a continuation too); :class:`TrainingError` naming the folder when they are of another
     model or another architecture."""
     loaded = load_model(Path(folder))
@@ -903,6 +904,7 @@ def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dic
         "sha256": loaded.sha256,
         "epochs": epochs,
         "steps": epochs * steps if isinstance(epochs, int) and isinstance(steps, int) else None,
+        "command": training.get("command"),
         # a chain of continuations stays on the card: where those weights started in turn
         **({"initialised_from": training["initialised_from"]} if training.get("initialised_from") else {}),
     }
