@@ -722,8 +722,9 @@ def train(
     init_from : Path or None
         A model folder (``models/<name>``) of the same model and architecture whose weights, verified
         against its card's sha256, start this run instead of a random initialisation (a continuation:
-        the whole schedule, warm-up included, runs again).  The card records the folder's name, version
-        and sha256 under ``training.initialised_from``.  Ignored when ``resume`` finds a checkpoint
+        the whole schedule, warm-up included, runs again).  The card records the folder's name, version,
+        sha256 and training command (and where those weights started, in turn) under
+        ``training.initialised_from``.  Ignored when ``resume`` finds a checkpoint
         (the checkpoint already holds the continued weights).
     """
     if model_name not in MODEL_NAMES:
@@ -879,9 +880,9 @@ def train(
 
 def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dict[str, Any]:
     """The verified weights of the model folder ``folder`` for ``net`` (``state``) and what the card says
-    of their origin (name, version, sha256, epochs, steps, training command, and its own ``initialised_from`` when those
-    weights were a continuation too); :class:`TrainingError` naming the folder when they are of another
-    model or another architecture."""
+    of their origin (name, version, sha256, epochs, steps, training command, and its own
+    ``initialised_from`` when those weights were a continuation too); :class:`TrainingError` naming the
+    folder when they are of another model or another architecture."""
     loaded = load_model(Path(folder))
     if loaded.name != model_name:
         raise TrainingError(f"{folder}: --init-from holds {loaded.name!r} weights, not {model_name!r}")
