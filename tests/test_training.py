@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,46 +185,27 @@ def test_an_unknown_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None
         training.train("resnet", tiny_dataset, tmp_path / "x", epochs=1, progress=False)
 
 
+def _one_epoch(
+    data_dir: Path, out: Path, recipe: training.Recipe, *, seed: int, model: str = "multitask", **kw: Any
+) -> Path:
+    """One epoch of ``model`` on the tiny phantoms into ``out`` (no card metrics)."""
+    return training.train(
+        model, data_dir, out, epochs=1, seed=seed, progress=False, recipe=recipe, evaluate=False, **kw
+    )
+
+
 def test_a_continuation_starts_from_the_given_models_verified_weights(
     tiny_dataset: Path, tmp_path: Path
 ) -> None:
     recipe = replace(TINY, steps_per_epoch=2)
-    first = training.train(
-        "multitask",
-        tiny_dataset,
-        tmp_path / "first",
-        epochs=1,
-        seed=4,
-        progress=False,
-        recipe=recipe,
-        evaluate=False,
-    )
+    first = _one_epoch(tiny_dataset, tmp_path / "first", recipe, seed=4)
     still = replace(recipe, lr=1e-12, warmup=0)  # the weights can barely move: what is left is the start
 
     def parameters(folder: Path) -> dict[str, torch.Tensor]:
         return dict(load_model(folder).module.named_parameters())
 
-    kept = training.train(
-        "multitask",
-        tiny_dataset,
-        tmp_path / "kept",
-        epochs=1,
-        seed=6,
-        progress=False,
-        recipe=still,
-        evaluate=False,
-        init_from=first,
-    )
-    fresh = training.train(
-        "multitask",
-        tiny_dataset,
-        tmp_path / "fresh",
-        epochs=1,
-        seed=6,
-        progress=False,
-        recipe=still,
-        evaluate=False,
-    )
+    kept = _one_epoch(tiny_dataset, tmp_path / "kept", still, seed=6, init_from=first)
+    fresh = _one_epoch(tiny_dataset, tmp_path / "fresh", still, seed=6)
     a, b, c = parameters(first), parameters(kept), parameters(fresh)
     assert all(torch.allclose(a[k], b[k], atol=2e-3) for k in a)
     assert not all(torch.allclose(a[k], c[k], atol=2e-3) for k in a)
@@ -233,54 +215,17 @@ def test_a_continuation_starts_from_the_given_models_verified_weights(
     assert origin["sha256"] == load_model(first).sha256
     assert origin["steps"] == 2  # one epoch of two steps
     assert "initialised_from" not in yaml.safe_load((fresh / MANIFEST).read_text())["training"]
-    again = training.train(
-        "multitask",
-        tiny_dataset,
-        tmp_path / "again",
-        epochs=1,
-        seed=6,
-        progress=False,
-        recipe=still,
-        evaluate=False,
-        init_from=kept,
-    )
+    again = _one_epoch(tiny_dataset, tmp_path / "again", still, seed=6, init_from=kept)
     chain = yaml.safe_load((again / MANIFEST).read_text())["training"]["initialised_from"]
     assert chain["sha256"] == load_model(kept).sha256 and chain["initialised_from"] == origin
 
 
 def test_a_continuation_from_weights_that_do_not_fit_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
     recipe = replace(TINY, steps_per_epoch=1)
-    small = training.train(
-        "multitask",
-        tiny_dataset,
-        tmp_path / "small",
-        epochs=1,
-        seed=4,
-        progress=False,
-        recipe=replace(recipe, widths=(4, 8, 16, 32)),
-        evaluate=False,
-    )
+    small = _one_epoch(tiny_dataset, tmp_path / "small", replace(recipe, widths=(4, 8, 16, 32)), seed=4)
     with pytest.raises(training.TrainingError, match="do not fit"):
-        training.train(
-            "multitask",
-            tiny_dataset,
-            tmp_path / "wide",
-            epochs=1,
-            seed=4,
-            progress=False,
-            recipe=replace(recipe, widths=(8, 16, 32, 64)),
-            evaluate=False,
-            init_from=small,
+        _one_epoch(
+            tiny_dataset, tmp_path / "wide", replace(recipe, widths=(8, 16, 32, 64)), seed=4, init_from=small
         )
     with pytest.raises(training.TrainingError, match="not 'consolidation-em'"):
-        training.train(
-            "consolidation-em",
-            tiny_dataset,
-            tmp_path / "em",
-            epochs=1,
-            seed=4,
-            progress=False,
-            recipe=recipe,
-            evaluate=False,
-            init_from=small,
-        )
+        _one_epoch(tiny_dataset, tmp_path / "em", recipe, seed=4, model="consolidation-em", init_from=small)
