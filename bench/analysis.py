@@ -5,7 +5,9 @@ Each run is a fresh process limited to 2 threads (as on the target machine), gen
 non-learned pipelines (issue 13), <= 20 s for the paper pipelines ``m2unet``, ``dacmil`` and
 ``multiscale`` (issue 14: each runs ``classical`` first, then its network), time growing no faster than
 linearly.  ``BENCH_PIPELINES`` chooses the pipelines (learned ones are timed only when their weights are
-shipped).
+shipped).  The CPU table runs on the CPU even where there is a GPU; with a CUDA device the learned
+pipelines (``BENCH_GPU_PIPELINES``) are then timed on it too, against the CPU in the same run (issue 13
+item 5; printed as skipped without one).
 
 Then the whole worker task (``triaged.worker.task.run_task``: load the DICOM files, analyse with the
 default ``classical`` pipeline, write masks and findings, encode SR + SEG + SC) on phantom studies of
@@ -25,6 +27,10 @@ import tempfile
 
 SIZES = [int(n) for n in os.environ.get("BENCH_SLICES", "100,300,600").split(",") if n]
 PIPELINES = os.environ.get("BENCH_PIPELINES", "threshold,classical,m2unet,dacmil,multiscale").split(",")
+#: Timed on the CUDA device as well, when there is one (issue 13 item 5).
+GPU_PIPELINES = os.environ.get(
+    "BENCH_GPU_PIPELINES", "multitask,consolidation-em,m2unet,dacmil,multiscale"
+).split(",")
 #: Seconds allowed at 300 slices: the non-learned pipelines (issue 13) and the learned ones (issue 14).
 TARGET_300_S = {"threshold": 10.0, "classical": 10.0}
 LEARNED_TARGET_300_S = 20.0
@@ -70,7 +76,7 @@ from triaged.nets.pipelines import node_registry
 name = sys.argv[2]
 with open(sys.argv[3], "rb") as fh:
     volume = pickle.load(fh)
-pipeline = node_registry().get(name)
+pipeline = node_registry(sys.argv[4]).get(name)  # "cpu", or "cuda" for the GPU table
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 result = pipeline.run(volume)
@@ -126,9 +132,12 @@ def load_volume(*a, **k):
     return v
 triaged.volume.load_volume = load_volume
 save_masks = triaged.worker.task.save_masks
-def save(*a, **k):
-    phase[0] = "write"
-    return save_masks(*a, **k)
+def save(*a, **k):  # while the SEG child works, when the task encodes: then back to "encode"
+    before, phase[0] = phase[0], "write"
+    try:
+        return save_masks(*a, **k)
+    finally:
+        phase[0] = before
 triaged.worker.task.save_masks = save
 def encoding(_):
     phase[0] = "encode"
@@ -185,6 +194,33 @@ def task_memory(env: dict[str, str]) -> None:
         print(f"| {slices} | {cells} | {peak:.0f} | {verdict} | {r['seconds']:.0f} | {r['child_mb']:.0f} |", flush=True)
 
 
+def gpu_analysis(env: dict[str, str], volume: str, shipped: set[str]) -> None:
+    """Issue 13 item 5: the learned pipelines on the CUDA device (bf16, slices batched), when there is one.
+
+    The same 300-slice phantom and fresh processes as the CPU table; the CPU parts of each pipeline (lungs,
+    lobes, measures) run as on the CPU, so the ratio is the whole pipeline's, not the network's alone.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        print("# analysis on a GPU: skipped, no CUDA device (torch.cuda.is_available() is False)")
+        return
+    print(f"# analysis on the GPU ({torch.cuda.get_device_name(0)}), 512x512x300 covid phantom, bf16; CPU on "
+          "the same machine for the ratio")
+    print("| pipeline | CPU seconds | GPU seconds | GPU / CPU |")
+    print("| --- | --- | --- | --- |")
+    for name in GPU_PIPELINES:
+        if name not in shipped:
+            continue
+        seconds = {}
+        for device in ("cpu", "cuda"):
+            out = subprocess.run([sys.executable, "-c", CHILD, "300", name, volume, device], env=env,
+                                 capture_output=True, text=True, check=True)
+            seconds[device] = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        print(f"| {name} | {seconds['cpu']:.2f} | {seconds['cuda']:.2f} | {seconds['cuda'] / seconds['cpu']:.2f} |",
+              flush=True)
+
+
 def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     tmp = tempfile.mkdtemp(prefix="triaged-bench-")
@@ -210,8 +246,8 @@ def main() -> int:
         per100 = []
         limit = TARGET_300_S.get(name, LEARNED_TARGET_300_S)
         for slices in SIZES:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(slices), name, volumes[slices]], env=env,
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", CHILD, str(slices), name, volumes[slices], "cpu"],
+                                 env=env, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             per100.append(r["seconds"] / slices * 100)
             target = ""
@@ -222,6 +258,8 @@ def main() -> int:
         growth = per100[-1] / per100[0] if per100[0] else float("nan")
         print(f"{name}: time per slice at {SIZES[-1]} vs {SIZES[0]} slices: x{growth:.2f} "
               f"({'linear or better' if growth <= 1.15 else 'worse than linear'})")
+    if 300 in SIZES:
+        gpu_analysis(env, volumes[300], shipped)
     shutil.rmtree(tmp, ignore_errors=True)
     if 300 in SIZES:
         out = subprocess.run([sys.executable, "-c", ENCODE], env=env, capture_output=True, text=True, check=True)

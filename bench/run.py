@@ -435,10 +435,16 @@ class LatencyNode:
 
 
 def bench_latency(work: Path, study: Path, pipelines: list[str]) -> None:
+    import torch
+
+    # the default config's analysis.device is "auto": the networks run on the GPU when there is one
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    target = 2.0 if gpu else 10.0
     print(f"\n# latency: {SLICES}-slice 512x512 phantom, default config (completion.delay_seconds 30), "
-          "last C-STORE -> last result acknowledged by storescp")
+          "last C-STORE -> last result acknowledged by storescp; networks on "
+          + (f"the GPU ({gpu}): issue 13's goal 2 s" if gpu else "the CPU: target 10 s"))
     print("| pipeline | wait for completion | queue -> analysis start | analysis | encode | dispatch "
-          "| COMPLETE -> last ack | target <= 10 s |")
+          f"| COMPLETE -> last ack | target <= {target:g} s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in pipelines:
         node = LatencyNode(work / f"latency-{name}", name)
@@ -451,7 +457,7 @@ def bench_latency(work: Path, study: Path, pipelines: list[str]) -> None:
         total = t["complete_to_ack"]
         print(f"| {name} | {t['completion']:.2f} s | {t['queue']:.2f} s | {t['analysis']:.2f} s | "
               f"{t['encode']:.2f} s | {t['dispatch']:.2f} s | {total:.2f} s | "
-              f"{'met' if total <= 10 else 'NOT met'} |", flush=True)
+              f"{'met' if total <= target else 'NOT met'} |", flush=True)
 
 
 def bench_batch(work: Path, studies: list[Path]) -> None:
