@@ -229,3 +229,42 @@ def test_a_continuation_from_weights_that_do_not_fit_is_refused(tiny_dataset: Pa
         )
     with pytest.raises(training.TrainingError, match="not 'consolidation-em'"):
         _one_epoch(tiny_dataset, tmp_path / "em", recipe, seed=4, model="consolidation-em", init_from=small)
+
+
+def test_a_recipe_field_is_set_from_the_command_line_in_its_own_type(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    recipe = training._recipe_with(TINY, "unet1_bce_weight=1", ap)
+    assert recipe.unet1_bce_weight == 1.0 and isinstance(recipe.unet1_bce_weight, float)
+    assert training._recipe_with(recipe, "steps_per_epoch=3", ap).steps_per_epoch == 3
+    for bad, says in (
+        ("nosuch=1", "FIELD one of"),
+        ("steps_per_epoch=many", "takes a int"),
+        ("lr", "FIELD=VALUE"),
+    ):
+        with pytest.raises(SystemExit):
+            training._recipe_with(TINY, bad, ap)
+        assert says in capsys.readouterr().err
+
+
+def test_the_unet1_bce_term_is_added_to_wus_smooth_dice(tiny_dataset: Path, tmp_path: Path) -> None:
+    recipe = replace(TINY, steps_per_epoch=2)
+    plain = _one_epoch(tiny_dataset, tmp_path / "dice", recipe, seed=8, model="consolidation-em")
+    mixed = _one_epoch(
+        tiny_dataset,
+        tmp_path / "bce",
+        replace(recipe, unet1_bce_weight=1.0),
+        seed=8,
+        model="consolidation-em",
+    )
+
+    def first_loss(folder: Path) -> float:
+        return float(yaml.safe_load((folder / MANIFEST).read_text())["training"]["loss_history"][0]["loss"])
+
+    # same seed and batches: the BCE term (positive) is what lifts the loss above the Dice term (negative)
+    assert first_loss(mixed) > first_loss(plain)
+    card = yaml.safe_load((mixed / MANIFEST).read_text())
+    assert card["training"]["recipe"]["unet1_bce_weight"] == 1.0

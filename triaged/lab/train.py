@@ -111,6 +111,9 @@ class Recipe:
     augment: str = "v1"
     #: warm-up steps of the cosine schedule (multitask)
     warmup: int = 20
+    #: consolidation-em UNet-1: weight of a pixel BCE term added to Wu's per-image smooth Dice (0 = the
+    #: paper's loss; with σ = 1 on lesion-free images that loss alone pushes every prediction to zero)
+    unet1_bce_weight: float = 0.0
 
 
 RECIPES: Final[dict[str, Recipe]] = {
@@ -599,8 +602,10 @@ def wu_unet1_step(
 ) -> dict[str, float]:
     x, les, _, _ = _wu_batch(rng, slabs, pools, recipe, em=False)
     x, les = x.to(device), les.to(device)
-    prob = torch.sigmoid(net.unet1(x))[:, 0]
-    loss = wu.smooth_dice_loss(prob, les)
+    logits = net.unet1(x)[:, 0]
+    loss = wu.smooth_dice_loss(torch.sigmoid(logits), les)
+    if recipe.unet1_bce_weight:
+        loss = loss + recipe.unet1_bce_weight * F.binary_cross_entropy_with_logits(logits, les)
     loss.backward()
     return {"loss": loss.item()}
 
@@ -1516,6 +1521,21 @@ def train_from_args(
     )
 
 
+def _recipe_with(recipe: Recipe, item: str, ap: argparse.ArgumentParser) -> Recipe:
+    """``recipe`` with one scalar field set from ``FIELD=VALUE`` (the field's own type); a parser error
+    naming the field otherwise."""
+    name, sep, text = item.partition("=")
+    fields = {k: v for k, v in asdict(recipe).items() if isinstance(v, (int, float, str, bool))}
+    if not sep or name not in fields:
+        ap.error(f"--recipe-set {item!r}: give FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+    kind = type(fields[name])
+    try:
+        value: Any = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+    except ValueError:
+        ap.error(f"--recipe-set {item!r}: {name} takes a {kind.__name__}")
+    return replace(recipe, **{name: value})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m triaged.lab.train MODEL --out DIR [--real-slices DIR] [--data DIR] ...``: ``triaged train``
     with the researcher's extra knobs (``--threads``, ``--steps-per-epoch``, ``--data-note``)."""
@@ -1544,6 +1564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="start from the verified weights of this model folder (a continuation), not at random",
     )
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument(
+        "--recipe-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one recipe field (a number or word), e.g. unet1_bce_weight=1; repeatable",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -1553,6 +1580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = replace(recipe, steps_per_epoch=args.steps_per_epoch)
     if args.lr:
         recipe = replace(recipe, lr=args.lr)
+    for item in args.recipe_set:
+        recipe = _recipe_with(recipe, item, ap)
     command = "python -m triaged.lab.train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
