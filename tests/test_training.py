@@ -268,3 +268,7 @@ def test_the_unet1_bce_term_is_added_to_wus_smooth_dice(tiny_dataset: Path, tmp_
     assert first_loss(mixed) > first_loss(plain)
     card = yaml.safe_load((mixed / MANIFEST).read_text())
     assert card["training"]["recipe"]["unet1_bce_weight"] == 1.0
+    assert any("pixel BCE" in d for d in card["deviations_from_seed_paper"])
+    assert not any(
+        "pixel BCE" in d for d in yaml.safe_load((plain / MANIFEST).read_text())["deviations_from_seed_paper"]
+    )

@@ -1332,6 +1332,13 @@ def write_manifest(
                 "licence": _LICENCES["negatives"],
             }
         )
+    deviations = list(DEVIATIONS[model_name])
+    bce = float((info.get("recipe") or {}).get("unet1_bce_weight") or 0.0)
+    if bce and model_name == "consolidation-em":
+        deviations.append(
+            f"UNet-1 loss: Wu's per-image smooth Dice plus {bce:g} x pixel BCE (the smooth Dice alone, with sigma 1 "
+            "on lesion-free images, left UNet-1 under-fitting its training slices)"
+        )
     card = {
         "name": model_name,
         "version": VERSIONS[model_name],
@@ -1386,7 +1393,7 @@ def write_manifest(
         "preprocessing": _preprocessing_text(
             model_name, real_first=(info.get("recipe") or {}).get("augment") == "v2"
         ),
-        "deviations_from_seed_paper": DEVIATIONS[model_name],
+        "deviations_from_seed_paper": deviations,
         "training": {
             "command": info.get("command"),
             "seed": info["seed"],
