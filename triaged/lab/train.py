@@ -769,11 +769,11 @@ def train(
                 f"not {model_name} seed {seed}"
             )
         net.load_state_dict(state["model"])
-    start = _initial_weights(model_name, net, init_from) if init_from is not None else None
-    if start is not None and not (resume and ckpt.is_file()):
-        net.load_state_dict(start.pop("state"))
-    elif start is not None:
-        del start["state"]
+    origin: dict[str, Any] | None = None
+    if init_from is not None:
+        start_weights, origin = _initial_weights(model_name, net, init_from)
+        if not (resume and ckpt.is_file()):  # a checkpoint already holds the continued weights
+            net.load_state_dict(start_weights)
     optimizer: torch.optim.Optimizer | None = None
     phase_of_opt: str | None = None
     total_steps = epochs * recipe.steps_per_epoch
@@ -869,7 +869,7 @@ def train(
             "negative_slices": len(pools.negative),
         },
         "negative_volumes": sorted({s.case for s in pools.negative}),
-        "initialised_from": start,
+        "initialised_from": origin,
     }
     write_manifest(out, model_name, net, info, metrics={})
     if evaluate:
@@ -883,9 +883,11 @@ def train(
     return out
 
 
-def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dict[str, Any]:
-    """The verified weights of the model folder ``folder`` for ``net`` (``state``) and what the card says
-    of their origin (name, version, sha256, epochs, steps, training command, and its own
+def _initial_weights(
+    model_name: str, net: nn.Module, folder: Path | str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The verified weights of the model folder ``folder`` for ``net``, and what its card says of their
+    origin (name, version, sha256, epochs, steps, training command, and its own
     ``initialised_from`` when those weights were a continuation too); :class:`TrainingError` naming the
     folder when they are of another model or another architecture."""
     loaded = load_model(Path(folder))
@@ -903,8 +905,7 @@ def _initial_weights(model_name: str, net: nn.Module, folder: Path | str) -> dic
     recipe = training.get("recipe") or {}
     epochs = training.get("epochs")
     steps = recipe.get("steps_per_epoch")
-    return {
-        "state": {k: v.detach().clone() for k, v in state.items()},
+    return state, {
         "model": loaded.name,
         "version": loaded.version,
         "sha256": loaded.sha256,

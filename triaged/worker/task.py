@@ -261,8 +261,8 @@ def _encode(
     The SEG (the largest object: highdicom's per-frame functional groups) is built and written in a
     forked child process while this one builds the SR and the SC: encoding is single-threaded Python,
     so on two cores this takes the SEG's time instead of the sum.  ``meanwhile`` runs here after the SR
-    and the SC, while the child is still at work (the SEG takes longer), before waiting for it.  The objects come back in
-    :func:`~triaged.encode.build_outputs` order (SR, SEG, SC...).  The source datasets are the whole
+    and the SC, while the child is still at work (the SEG takes longer), before waiting for it.  The
+    objects come back in :func:`~triaged.encode.build_outputs` order (SR, SEG, SC...).  The source datasets are the whole
     headers already read for the volume (``datasets``, by path).
     """
     from triaged import __version__
