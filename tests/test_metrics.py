@@ -22,6 +22,7 @@ from triaged.lab.metrics import (
     markdown_table,
     roc_auc,
     sensitivity,
+    severity_error,
     slice_markdown_table,
     slice_score,
     slice_set_row,
@@ -31,6 +32,8 @@ from triaged.lab.metrics import (
     volume_case_score,
     volume_cases_markdown,
     volume_set_row,
+    volume_severity,
+    volume_severity_markdown,
     volume_summary_markdown,
 )
 
@@ -86,7 +89,9 @@ def test_dice_of_two_empty_masks_is_one_and_of_disjoint_masks_zero() -> None:
 
 def _findings(pct: float, p_covid: float | None = None) -> Findings:
     lung = LungMeasures(1000.0, 10.0 * pct, 0.0)
-    return Findings("t", "1", lung, LungMeasures(1000.0, 0.0, 0.0), CTGrade.from_affected_pct(pct), p_covid=p_covid)
+    return Findings(
+        "t", "1", lung, LungMeasures(1000.0, 0.0, 0.0), CTGrade.from_affected_pct(pct), p_covid=p_covid
+    )
 
 
 def test_case_result_scores_by_probability_when_there_is_one_else_by_severity() -> None:
@@ -127,7 +132,9 @@ def test_markdown_table_prints_one_row_per_method_with_dashes_for_missing_values
     ]
     text = markdown_table(rows)
     lines = text.strip().splitlines()
-    assert lines[0].startswith("| method | ROC AUC vs healthy | ROC AUC vs all others | Spearman ρ | lesion Dice")
+    assert lines[0].startswith(
+        "| method | ROC AUC vs healthy | ROC AUC vs all others | Spearman ρ | lesion Dice"
+    )
     assert len(lines) == 4
     assert "| thresholding | 0.649 | 0.567 | 0.87 | 0.45 |" in lines[2]
     assert lines[3].count("—") >= 4
@@ -172,7 +179,7 @@ def test_slice_set_row_averages_per_image_and_keeps_lesion_free_images_for_speci
     assert row.specificity == pytest.approx((15 / 16 + 1 + 17 / 20 + 1) / 4)
     assert row.consolidation_dice is None
     table = slice_markdown_table([row])
-    assert "| m | 4 (3) | 0.524 | 0.500 | 0.947 | — | 1 |" in table
+    assert "| m | 4 (3) | 0.524 | 0.500 | 0.947 | — | – | 1 |" in table
     assert "consolidation" not in table
 
 
@@ -185,7 +192,47 @@ def test_slice_score_measures_how_much_of_the_reference_lesion_the_lung_mask_hol
     assert slice_score("b", pred, np.zeros_like(truth), lungs=lungs).lesion_in_lungs is None
     row = slice_set_row("m", [a, slice_score("c", truth, truth, lungs=np.ones_like(lungs))])
     assert row.lesion_in_lungs == pytest.approx((0.75 + 1.0) / 2)
-    assert "| reference lesion in lung mask | failed |" in slice_markdown_table([row])
+    assert "| reference lesion in lung mask | affected % − reference, pp: mean (mean \\|·\\|) | failed |" in (
+        slice_markdown_table([row])
+    )
+
+
+def test_slice_affected_percentages_and_the_severity_error_are_the_pixel_counts_by_hand() -> None:
+    pred, truth = _masks()
+    lungs = np.zeros(truth.shape, np.uint8)
+    lungs[:2] = 1  # rows 0-1: 10 pixels, hold all 4 reference pixels and 2 of the 3 predicted ones
+    a = slice_score("a", pred, truth, lungs=lungs)
+    assert (a.lesion_px, a.lung_px, a.reference_px, a.reference_lung_px) == (2, 10, 4, 10)
+    assert a.affected_pct == pytest.approx(20.0) and a.reference_pct == pytest.approx(40.0)
+    assert severity_error(a) == pytest.approx(-20.0)
+    lungs[0] = 0  # the reference now lies outside the lungs: it joins the denominator
+    b = slice_score("b", truth, truth, lungs=lungs)
+    assert b.affected_pct == pytest.approx(0.0) and b.reference_pct == pytest.approx(4 / 9 * 100)
+    failed = slice_score("f", np.zeros_like(truth), truth, error="no lungs")
+    assert failed.affected_pct is None and severity_error(failed) is None
+    row = slice_set_row("m", [a, b, failed])
+    assert row.severity_bias == pytest.approx((-20.0 - 400 / 9) / 2)
+    assert row.severity_mae == pytest.approx((20.0 + 400 / 9) / 2)
+    assert "| -32.2 (32.2) |" in slice_markdown_table([row])
+
+
+def test_volume_severity_sums_the_slices_pixels_and_the_table_scores_each_method() -> None:
+    pred, truth = _masks()
+    lungs = np.ones(truth.shape, np.uint8)  # 20 pixels
+    over = slice_score("v/1", truth | pred, truth, lungs=lungs)  # 5 marked, 4 true
+    clear = slice_score("v/2", np.zeros_like(truth), np.zeros_like(truth), lungs=lungs)
+    failed = slice_score("v/3", np.zeros_like(truth), truth, error="no lungs")
+    v = volume_severity("v", [over, clear, failed])
+    assert v.n_slices == 3 and v.affected_pct == pytest.approx(5 / 40 * 100)
+    assert v.reference_pct == pytest.approx(4 / 40 * 100)
+    vols = []
+    for k in (1, 2, 3):  # exact predictions of 1, 2 and 3 reference pixels
+        t = np.zeros_like(truth)
+        t[0, :k] = True
+        vols.append(volume_severity(f"v{k}", [slice_score("s", t, t, lungs=lungs)]))
+    table = volume_severity_markdown({"exact": vols, "over": [v, v, v]})
+    assert "| v1 | 1 | 5.0 (5.0) | 12.5 (10.0) |" in table
+    assert "+0.0 (0.0) pp, ρ 1.00" in table and "+2.5 (2.5) pp, ρ –" in table
 
 
 def test_slice_score_reports_consolidation_dice_only_where_the_reference_has_consolidation() -> None:
@@ -199,9 +246,18 @@ def test_slice_score_reports_consolidation_dice_only_where_the_reference_has_con
 
 
 # ---- real volume sets (issue 11) -----------------------------------------------------------------------
-def _vcase(case_id: str, diagnosis: str, right: float, left: float, p: float | None = None) -> VolumeCaseScore:
-    return VolumeCaseScore(case_id, diagnosis, right_pct=right, left_pct=left, whole_pct=(right + left) / 2,
-                           ct_grade=int(CTGrade.from_affected_pct(max(right, left))), p_covid=p)
+def _vcase(
+    case_id: str, diagnosis: str, right: float, left: float, p: float | None = None
+) -> VolumeCaseScore:
+    return VolumeCaseScore(
+        case_id,
+        diagnosis,
+        right_pct=right,
+        left_pct=left,
+        whole_pct=(right + left) / 2,
+        ct_grade=int(CTGrade.from_affected_pct(max(right, left))),
+        p_covid=p,
+    )
 
 
 def test_volume_set_row_aucs_worst_normal_and_counts_by_hand() -> None:
@@ -237,8 +293,14 @@ def test_volume_set_row_ranks_by_probability_only_when_every_case_has_one() -> N
 
 
 def test_volume_case_score_takes_per_lung_and_whole_percentages_from_the_findings() -> None:
-    f = Findings("p", "1", right=LungMeasures(1000.0, 50.0, 5.0), left=LungMeasures(800.0, 0.0, 0.0),
-                 ct_grade=CTGrade.CT1, p_covid=None)
+    f = Findings(
+        "p",
+        "1",
+        right=LungMeasures(1000.0, 50.0, 5.0),
+        left=LungMeasures(800.0, 0.0, 0.0),
+        ct_grade=CTGrade.CT1,
+        p_covid=None,
+    )
     c = volume_case_score("x", "covid", f, lesions=np.ones((2, 2), bool), true_lesions=np.eye(2, dtype=bool))
     assert (c.right_pct, c.left_pct) == (5.0, 0.0)
     assert c.whole_pct == pytest.approx(100 * 50 / 1800) and c.severity_pct == 5.0

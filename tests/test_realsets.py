@@ -3,6 +3,7 @@ sets and volume manifests, their errors, and running real pipelines on real slic
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from tests.conftest import REAL_DATA
 from triaged.analysis.pipeline import default_registry
 from triaged.analysis.realslice import (
     DOCTOR_VALIDATION,
+    PSEUDO_VALIDATION,
     assumed_pixel_mm,
     lungs_stacked_vertically,
     slice_volume,
@@ -64,7 +66,10 @@ def test_doctor_label_set_reads_50_slices_and_its_15_held_out_ones(slices: Path)
     assert len(everything.refs) == 50 and len(held.refs) == 15 and len(rest.refs) == 35
     assert [r.name.split("/")[1] for r in held.refs] == list(DOCTOR_VALIDATION)
     assert [r.name for r in read_slice_set(slices / "doctor-label", limit=3).refs] == [
-        "doctor-label/0", "doctor-label/1", "doctor-label/2"]
+        "doctor-label/0",
+        "doctor-label/1",
+        "doctor-label/2",
+    ]
     s = held.refs[0].load()
     assert s.grey.dtype == np.uint8 and s.lesion.shape == s.grey.shape and s.lesion.any()
     assert s.consolidation is None and not everything.multiclass
@@ -80,12 +85,28 @@ def test_multiclass_labels_give_lesions_and_consolidation(slices: Path) -> None:
         assert s.consolidation is not None and not np.any(s.consolidation & ~s.lesion)
 
 
-def test_pseudo_label_slices_share_a_source_per_volume_and_have_no_split(slices: Path) -> None:
+def test_pseudo_label_slices_share_a_source_per_volume_and_hold_out_whole_volumes(slices: Path) -> None:
     ps = read_slice_set(slices / "pseudo-label", limit=5)
     assert {r.source for r in ps.refs} == {"Data-1_coronacases_org_001"}
-    assert [int(r.name.rpartition("_")[2]) for r in ps.refs] == sorted(int(r.name.rpartition("_")[2]) for r in ps.refs)
-    with pytest.raises(RealSetError, match="no validation split is defined"):
-        read_slice_set(slices / "pseudo-label", split="validation")
+    assert [int(r.name.rpartition("_")[2]) for r in ps.refs] == sorted(
+        int(r.name.rpartition("_")[2]) for r in ps.refs
+    )
+    held = read_slice_set(slices / "pseudo-label", split="validation")
+    rest = read_slice_set(slices / "pseudo-label", split="training")
+    assert {r.source for r in held.refs} == set(PSEUDO_VALIDATION) and len(held.refs) == 286
+    assert not {r.source for r in rest.refs} & set(PSEUDO_VALIDATION) and len(rest.refs) == 1600 - 286
+
+
+def test_a_split_of_a_set_that_has_none_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for sub in ("images", "infection"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "images" / "3.jpg")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "infection" / "3.png")
+    assert len(read_slice_set(tmp_path).refs) == 1
+    with pytest.raises(RealSetError, match="no validation split is defined for this set"):
+        read_slice_set(tmp_path, split="validation")
 
 
 def test_a_slice_without_its_mask_is_named(tmp_path: Path) -> None:
@@ -132,6 +153,27 @@ def test_non_learned_pipelines_analyse_real_slices_without_failing(slices: Path)
             assert 0.0 <= s.dice <= 1.0 and s.specificity is not None and s.specificity > 0.8
     w = result.windows["doctor-label/44"]
     assert w.lo_hu < -900 and w.hi_hu > -200  # a lung-type window was found, not garbage
+    assert result.volume_severities() == {}  # one slice per source: no volumes
+    for s in result.scores["classical"]:  # the slices are infected: both percentages are real numbers
+        assert s.affected_pct is not None and s.reference_pct is not None and 0 < s.reference_pct < 100
+
+
+def test_the_slices_of_a_pseudo_labelled_volume_are_summed_into_its_severity(slices: Path) -> None:
+    sset = read_slice_set(slices / "pseudo-label", split="validation")
+    one = [r for r in sset.refs if r.source == PSEUDO_VALIDATION[0]][30:33]
+    result = evaluate_slice_set(
+        replace(sset, refs=tuple(one)), {"classical": default_registry().get("classical")}
+    )
+    (v,) = result.volume_severities()["classical"]
+    scores = result.scores["classical"]
+    assert v.source == PSEUDO_VALIDATION[0] and v.n_slices == 3
+    assert v.reference_pct == pytest.approx(
+        100 * sum(s.reference_px for s in scores) / sum(s.reference_lung_px for s in scores)
+    )
+    assert v.reference_pct is not None and v.reference_pct > 1  # infected slices of a COVID-19 volume
+    assert result.to_json()["volumes"][0]["classical"]["reference_pct"] == pytest.approx(
+        v.reference_pct, abs=1e-3
+    )
 
 
 # ---- manifests ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from triaged.lab import train as training
 from triaged.lab.datasets import write_dataset
 from triaged.lab.phantom import PhantomSpec
 from triaged.nets.weights import MANIFEST, load_model
+from triaged.nets.wu import ConsolidationEM
 
 torch.set_num_threads(2)
 
@@ -240,14 +241,29 @@ def test_a_recipe_field_is_set_from_the_command_line_in_its_own_type(
     recipe = training._recipe_with(TINY, "unet1_bce_weight=1", ap)
     assert recipe.unet1_bce_weight == 1.0 and isinstance(recipe.unet1_bce_weight, float)
     assert training._recipe_with(recipe, "steps_per_epoch=3", ap).steps_per_epoch == 3
+    assert training._recipe_with(recipe, "widths=8,16,32", ap).widths == (8, 16, 32)
     for bad, says in (
         ("nosuch=1", "FIELD one of"),
         ("steps_per_epoch=many", "takes a int"),
         ("lr", "FIELD=VALUE"),
+        ("widths=8,x", "positive whole numbers"),
+        ("widths=8", "positive whole numbers"),
     ):
         with pytest.raises(SystemExit):
             training._recipe_with(TINY, bad, ap)
         assert says in capsys.readouterr().err
+
+
+def test_consolidation_em_is_built_with_the_recipes_widths_and_its_card_says_so(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    recipe = replace(TINY, steps_per_epoch=1, widths=(4, 8, 16, 24, 24))
+    out = _one_epoch(tiny_dataset, tmp_path / "narrow", recipe, seed=3, model="consolidation-em")
+    card = yaml.safe_load((out / MANIFEST).read_text())
+    assert card["architecture"]["kwargs"]["widths"] == [4, 8, 16, 24, 24]
+    assert any(d.startswith("widths 4-24 (paper 32-512)") for d in card["deviations_from_seed_paper"])
+    net = load_model(out).module
+    assert isinstance(net, ConsolidationEM) and net.unet1.widths == (4, 8, 16, 24, 24)
 
 
 def test_the_unet1_bce_term_is_added_to_wus_smooth_dice(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ evaluation therefore transposes a whole set when most of its slices show stacked
 the masks back. Left and right of such a volume still mean nothing (mirroring is not known); only the
 union of the lesion masks is scored.
 
-The fixed validation split of the doctor-labelled slices, :data:`DOCTOR_VALIDATION`, lives here so that
-both the training code (``triaged.lab``) and the evaluation (``triaged.lab.realsets``) can import it.
+The fixed validation splits of the doctor-labelled slices (:data:`DOCTOR_VALIDATION`) and of the
+pseudo-labelled volumes (:data:`PSEUDO_VALIDATION`) live here so that both the training code
+(``triaged.lab``) and the evaluation (``triaged.lab.realsets``) can import them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ DOCTOR_VALIDATION: Final[tuple[str, ...]] = (
     "57",
     "58",
     "67",
+)
+
+#: Pseudo-labelled volumes (``<source>`` of the ``<source>_<index>`` stems) held out from every training
+#: run, whole volumes; ``triaged.lab.data`` imports it from here, so training and eval hold out the same.
+PSEUDO_VALIDATION: Final[tuple[str, ...]] = (
+    "Data-1_coronacases_org_003",
+    "Data-1_coronacases_org_009",
+    "Data-1_radiopaedia_org_covid-19-pneumonia-14_85914_0-dcm",
+    "Data-1_radiopaedia_org_covid-19-pneumonia-36_86526_0-dcm",
 )
 
 
@@ -146,6 +156,7 @@ __all__ = [
     "AIR_MM",
     "ASSUMED_FIELD_MM",
     "DOCTOR_VALIDATION",
+    "PSEUDO_VALIDATION",
     "REAL_LONG_SIDE",
     "SLICE_MM",
     "TARGET_MM",

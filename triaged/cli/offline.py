@@ -385,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise RealSetError(f"--limit must be ≥ 0, got {args.limit}")
         kind = detect_kind(args.dataset)
         if kind == "slices":
-            from triaged.lab.metrics import slice_markdown_table, slice_set_row
+            from triaged.lab.metrics import slice_markdown_table, slice_set_row, volume_severity_markdown
             from triaged.lab.realsets import evaluate_slice_set, read_slice_set
 
             sset = read_slice_set(args.dataset, split=args.split, limit=args.limit)
@@ -406,8 +406,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(slice_markdown_table(srows))
             print(
                 "Dice and sensitivity: mean over images with a reference lesion; specificity: over all "
-                "images; a failed analysis counts as an empty prediction."
+                "images; a failed analysis counts as an empty prediction. Affected %: lesion / lungs on the "
+                "slice; reference %: reference lesion / (lungs ∪ reference lesion), the pipeline's own lungs "
+                "(the slices have no reference lung mask); its error over the analysed slices."
             )
+            volumes = slices.volume_severities()
+            if volumes:
+                print("\nPer volume (slices of one source summed), affected % of the lungs:")
+                print(volume_severity_markdown(volumes))
             report.update(
                 kind="slice set",
                 split=args.split,
@@ -471,7 +477,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             folder = args.dataset.parent if args.dataset.is_file() else args.dataset
             if args.split != "all":
-                raise RealSetError(f"{folder}: --split applies to the doctor-labelled slice sets only")
+                raise RealSetError(f"{folder}: --split applies to the doctor-label, multiclass and pseudo-label slice sets only")
             try:
                 cases = read_dataset(folder)[: args.limit or None]
             except (FileNotFoundError, ValueError) as exc:
@@ -621,7 +627,8 @@ def _add_eval(sub: Subparsers) -> None:
         "--subset",
         choices=["all", "validation", "training"],
         default="all",
-        help="doctor-labelled slice sets: the 15 held-out slices (validation) or the others",
+        help="doctor-labelled slice sets: the 15 held-out slices (validation) or the others; the "
+        "pseudo-label set: the slices of its 4 held-out volumes or of the others",
     )
     p.add_argument(
         "--root",

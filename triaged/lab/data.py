@@ -48,7 +48,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from triaged.analysis.grid import WorkGrid
-from triaged.analysis.realslice import DOCTOR_VALIDATION, REAL_LONG_SIDE, TARGET_MM
+from triaged.analysis.realslice import DOCTOR_VALIDATION, PSEUDO_VALIDATION, REAL_LONG_SIDE, TARGET_MM
 from triaged.analysis.window import Window, estimate_window, gray_to_hu
 from triaged.lab.paths import real_data_root
 
@@ -73,16 +73,9 @@ def default_real_slices(root: Path | None = None) -> Path:
 #: Assumed display window of the 8-bit real slices (lung window): width and level, HU.
 REAL_WINDOW_WIDTH: Final[float] = 1500.0
 REAL_WINDOW_LEVEL: Final[float] = -600.0
-# REAL_LONG_SIDE, TARGET_MM and the doctor-slice hold-out DOCTOR_VALIDATION are owned by
+# REAL_LONG_SIDE, TARGET_MM and the hold-outs DOCTOR_VALIDATION and PSEUDO_VALIDATION are owned by
 # triaged.analysis.realslice (shared with `triaged eval`); they are re-exported here.
 
-#: Pseudo-labelled volumes held out from training (whole volumes; case = file stem before the last ``_``).
-PSEUDO_VALIDATION: Final[tuple[str, ...]] = (
-    "Data-1_coronacases_org_003",
-    "Data-1_coronacases_org_009",
-    "Data-1_radiopaedia_org_covid-19-pneumonia-14_85914_0-dcm",
-    "Data-1_radiopaedia_org_covid-19-pneumonia-36_86526_0-dcm",
-)
 
 #: Real no-pneumonia volumes used as training negatives (folders under the real data root).
 NEGATIVE_VOLUMES: Final[tuple[str, ...]] = (

@@ -379,6 +379,11 @@ class SliceScore:
     the share of the reference lesion inside the pipeline's lung mask (None without a reference lesion
     or lung mask: a lesion outside the lungs can never be found). ``failed`` marks a pipeline that could
     not analyse the slice (its prediction counts as empty; ``error`` says why).
+
+    The pixel counts give the slice's affected percentage (:attr:`affected_pct`: predicted lesion inside
+    the pipeline's lungs over those lungs, what the pipeline would report) and the reference's
+    (:attr:`reference_pct`: reference lesion over the same lungs joined with the reference lesion, the
+    slices having no reference lung mask); summed over the slices of one volume they give its severity.
     """
 
     name: str
@@ -390,6 +395,25 @@ class SliceScore:
     lesion_in_lungs: float | None = None
     failed: bool = False
     error: str = ""
+    #: predicted lesion pixels inside the lungs; lung pixels; reference lesion pixels; lungs ∪ reference
+    lesion_px: int = 0
+    lung_px: int = 0
+    reference_px: int = 0
+    reference_lung_px: int = 0
+
+    @property
+    def affected_pct(self) -> float | None:
+        """Predicted lesion / lungs × 100 on this slice (None without lungs)."""
+        return _pct(self.lesion_px, self.lung_px)
+
+    @property
+    def reference_pct(self) -> float | None:
+        """Reference lesion / (lungs ∪ reference lesion) × 100 on this slice (None when both are empty)."""
+        return _pct(self.reference_px, self.reference_lung_px)
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return 100.0 * part / whole if whole else None
 
 
 def slice_score(
@@ -415,8 +439,17 @@ def slice_score(
     if consolidation is not None and true_consolidation is not None and np.any(true_consolidation):
         cons = dice(consolidation, true_consolidation)
     inside = None
-    if lungs is not None and t.any():
-        inside = sensitivity(np.asarray(lungs) > 0, t)
+    counts: dict[str, int] = {}
+    if lungs is not None:
+        lung = np.asarray(lungs) > 0
+        if t.any():
+            inside = sensitivity(lung, t)
+        counts = {
+            "lesion_px": int(np.count_nonzero(np.asarray(pred, dtype=bool) & lung)),
+            "lung_px": int(np.count_nonzero(lung)),
+            "reference_px": int(np.count_nonzero(t)),
+            "reference_lung_px": int(np.count_nonzero(lung | t)),
+        }
     return SliceScore(
         name=name,
         dice=dice(pred, t),
@@ -427,6 +460,7 @@ def slice_score(
         lesion_in_lungs=inside,
         failed=bool(error),
         error=error,
+        **counts,
     )
 
 
@@ -444,6 +478,10 @@ class SliceSetRow:
     n_consolidation: int = 0
     n_failed: int = 0
     lesion_in_lungs: float | None = None
+    #: affected % of the lungs, pipeline − reference, percentage points: mean (bias) and mean |·| over
+    #: the analysed slices with lungs (see :attr:`SliceScore.affected_pct`)
+    severity_bias: float | None = None
+    severity_mae: float | None = None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -460,6 +498,7 @@ def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
     """
     with_lesion = [s for s in scores if s.has_lesion]
     cons = [s.consolidation_dice for s in scores if s.consolidation_dice is not None]
+    errors = [severity_error(s) for s in scores]
     return SliceSetRow(
         method=method,
         n_images=len(scores),
@@ -471,17 +510,26 @@ def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
         n_consolidation=len(cons),
         n_failed=sum(1 for s in scores if s.failed),
         lesion_in_lungs=_mean([s.lesion_in_lungs for s in with_lesion]),
+        severity_bias=_mean(errors),
+        severity_mae=_mean([None if e is None else abs(e) for e in errors]),
     )
+
+
+def severity_error(score: SliceScore) -> float | None:
+    """Affected % minus reference %, percentage points (None for a failed slice or one without lungs)."""
+    got, ref = score.affected_pct, score.reference_pct
+    return None if score.failed or got is None or ref is None else got - ref
 
 
 def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
     """Markdown table of :class:`SliceSetRow` s (consolidation Dice column only when some row has one;
-    "reference lesion in lung mask" is the mean share of the reference lesion inside the lung mask)."""
+    "reference lesion in lung mask" is the mean share of the reference lesion inside the lung mask; the
+    affected-% column is :attr:`SliceSetRow.severity_bias` with :attr:`SliceSetRow.severity_mae`)."""
     with_cons = any(r.consolidation_dice is not None for r in rows)
     head = ["method", "images (with lesion)", "Dice", "sensitivity", "specificity"]
     if with_cons:
         head.append("consolidation Dice (images)")
-    head += ["reference lesion in lung mask", "failed"]
+    head += ["reference lesion in lung mask", "affected % − reference, pp: mean (mean \\|·\\|)", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [
@@ -493,8 +541,64 @@ def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
         ]
         if with_cons:
             cells.append(f"{_fmt(r.consolidation_dice)} ({r.n_consolidation})")
-        cells += [_fmt(r.lesion_in_lungs), str(r.n_failed)]
+        cells += [_fmt(r.lesion_in_lungs), _pp(r.severity_bias, r.severity_mae), str(r.n_failed)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pp(bias: float | None, mae: float | None) -> str:
+    return "–" if bias is None or mae is None else f"{bias:+.1f} ({mae:.1f})"
+
+
+@dataclass(frozen=True)
+class VolumeSeverity:
+    """One pipeline on the slices of one volume of a slice set: affected % of the lungs over all its
+    slices (lesion pixels summed over lung pixels summed) and the reference's, as in
+    :attr:`SliceScore.affected_pct` and :attr:`SliceScore.reference_pct`."""
+
+    source: str
+    n_slices: int
+    affected_pct: float | None
+    reference_pct: float | None
+
+
+def volume_severity(source: str, scores: Sequence[SliceScore]) -> VolumeSeverity:
+    """Sum the pixel counts of one volume's analysed slices (failed ones are left out: they have no
+    lungs) into its affected and reference percentages."""
+    ok = [s for s in scores if not s.failed]
+    return VolumeSeverity(
+        source=source,
+        n_slices=len(scores),
+        affected_pct=_pct(sum(s.lesion_px for s in ok), sum(s.lung_px for s in ok)),
+        reference_pct=_pct(sum(s.reference_px for s in ok), sum(s.reference_lung_px for s in ok)),
+    )
+
+
+def volume_severity_markdown(results: Mapping[str, Sequence[VolumeSeverity]]) -> str:
+    """One row per volume: each method's affected % with the reference % on its own lungs in brackets;
+    then per method the mean error, mean absolute error (percentage points) and Spearman ρ over volumes."""
+    methods = list(results)
+    first = results[methods[0]] if methods else []
+    head = ["volume", "slices", *[f"{m}: affected % (reference %)" for m in methods]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for i, v in enumerate(first):
+        cells = [v.source, str(v.n_slices)]
+        for m in methods:
+            w = results[m][i]
+            cells.append(f"{_fmt(w.affected_pct, 1)} ({_fmt(w.reference_pct, 1)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = ["**error: mean (mean \\|·\\|), ρ**", ""]
+    for m in methods:
+        pairs = [
+            (v.affected_pct, v.reference_pct)
+            for v in results[m]
+            if v.affected_pct is not None and v.reference_pct is not None
+        ]
+        errs = [a - r for a, r in pairs]
+        rho = spearman([a for a, _ in pairs], [r for _, r in pairs]) if len(pairs) >= 3 else None
+        rho_text = "–" if rho is None or math.isnan(rho) else f"{rho:.2f}"
+        summary.append(f"{_pp(_mean(errs), _mean([abs(e) for e in errs]))} pp, ρ {rho_text}")
+    lines.append("| " + " | ".join(summary) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,7 @@ import numpy.typing as npt
 from triaged.analysis.pipeline import Pipeline
 from triaged.analysis.realslice import (
     DOCTOR_VALIDATION,
+    PSEUDO_VALIDATION,
     assumed_pixel_mm,
     lungs_stacked_vertically,
     slice_volume,
@@ -61,9 +62,11 @@ from triaged.lab.metrics import (
     PaperCase,
     SliceScore,
     VolumeCaseScore,
+    VolumeSeverity,
     paper_case,
     slice_score,
     volume_case_score,
+    volume_severity,
 )
 from triaged.lab.paths import DATA_ENV, real_data_root
 
@@ -75,6 +78,8 @@ MANIFEST_COLUMNS: Final[tuple[str, ...]] = ("case_id", "folder", "diagnosis", "l
 REQUIRED_COLUMNS: Final[tuple[str, ...]] = MANIFEST_COLUMNS[:3]
 #: Slice sets whose file stems are the doctor-labelled MedSeg slices (the validation split applies).
 DOCTOR_SETS: Final[tuple[str, ...]] = ("doctor-label", "multiclass")
+#: Slice sets of pseudo-labelled volumes (``<source>_<index>`` stems; the split holds out whole volumes).
+PSEUDO_SETS: Final[tuple[str, ...]] = ("pseudo-label",)
 
 Kind = Literal["phantoms", "slices", "volumes"]
 Split = Literal["all", "validation", "training"]
@@ -198,8 +203,10 @@ def read_slice_set(path: Path, *, split: Split = "all", limit: int = 0) -> Slice
         Folder with ``images/`` and ``infection/`` or ``labels/``.
     split : {"all", "validation", "training"}
         ``validation``: only the held-out doctor-labelled stems
-        (:data:`~triaged.analysis.realslice.DOCTOR_VALIDATION`); ``training``: all others. Defined only
-        for the ``doctor-label`` and ``multiclass`` sets.
+        (:data:`~triaged.analysis.realslice.DOCTOR_VALIDATION`) of the ``doctor-label`` and ``multiclass``
+        sets, or the slices of the held-out volumes
+        (:data:`~triaged.analysis.realslice.PSEUDO_VALIDATION`) of the ``pseudo-label`` set;
+        ``training``: all others. Not defined for other sets.
     limit : int
         Keep the first ``limit`` slices (0 = all).
 
@@ -214,17 +221,19 @@ def read_slice_set(path: Path, *, split: Split = "all", limit: int = 0) -> Slice
     masks = root / ("labels" if multiclass else "infection")
     if not images.is_dir() or not masks.is_dir():
         raise RealSetError(f"{root}: a slice set needs images/ and infection/ or labels/")
-    if split != "all" and root.name not in DOCTOR_SETS:
+    if split != "all" and root.name not in DOCTOR_SETS + PSEUDO_SETS:
         raise RealSetError(
-            f"{root}: no {split} split is defined for this set (only for {', '.join(DOCTOR_SETS)}; "
-            f"the held-out stems are {' '.join(DOCTOR_VALIDATION)})"
+            f"{root}: no {split} split is defined for this set (only for "
+            f"{', '.join(DOCTOR_SETS + PSEUDO_SETS)}; the held-out doctor stems are "
+            f"{' '.join(DOCTOR_VALIDATION)}, the held-out pseudo-labelled volumes {' '.join(PSEUDO_VALIDATION)})"
         )
     stems = sorted(
         (p.stem for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=_stem_key
     )
     if split != "all":
-        held = set(DOCTOR_VALIDATION)
-        stems = [s for s in stems if (s in held) == (split == "validation")]
+        pseudo = root.name in PSEUDO_SETS
+        held = set(PSEUDO_VALIDATION if pseudo else DOCTOR_VALIDATION)
+        stems = [s for s in stems if ((_stem_key(s)[0] if pseudo else s) in held) == (split == "validation")]
     if limit:
         stems = stems[:limit]
     if not stems:
@@ -260,14 +269,52 @@ class SliceEvaluation:
     stacked: int = 0
     transposed: bool = False
 
+    def volume_severities(self) -> dict[str, list[VolumeSeverity]]:
+        """Per pipeline, the affected % of each source with more than one slice (the pseudo-labelled
+        volumes; :func:`~triaged.lab.metrics.volume_severity`), in the set's order; empty when no source
+        has several slices."""
+        by_source: dict[str, list[str]] = {}
+        for ref in self.slice_set.refs:
+            by_source.setdefault(ref.source, []).append(ref.name)
+        volumes = {source: set(names) for source, names in by_source.items() if len(names) > 1}
+        return (
+            {
+                pipeline: [
+                    volume_severity(source, [s for s in scores if s.name in names])
+                    for source, names in volumes.items()
+                ]
+                for pipeline, scores in self.scores.items()
+            }
+            if volumes
+            else {}
+        )
+
     def describe_orientation(self) -> str:
         n = len(self.slice_set.refs)
         verdict = "transposed for the analysis" if self.transposed else "analysed as stored"
         return f"{self.stacked} of {n} slice(s) show the lungs above and below each other: {verdict}"
 
     def to_json(self) -> dict[str, Any]:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 3)
+
+        volumes = self.volume_severities()
         return {
             "orientation": self.describe_orientation(),
+            "volumes": [
+                {
+                    "source": v.source,
+                    "slices": v.n_slices,
+                    **{
+                        name: {
+                            "affected_pct": r(results[i].affected_pct),
+                            "reference_pct": r(results[i].reference_pct),
+                        }
+                        for name, results in volumes.items()
+                    },
+                }
+                for i, v in enumerate(next(iter(volumes.values()), []))
+            ],
             "slices": [
                 {
                     "name": ref.name,
@@ -304,6 +351,8 @@ def _slice_json(s: SliceScore) -> dict[str, Any]:
         "sensitivity": r(s.sensitivity),
         "specificity": r(s.specificity),
         "lesion_in_lungs": r(s.lesion_in_lungs),
+        "affected_pct": r(s.affected_pct),
+        "reference_pct": r(s.reference_pct),
     }
     if s.consolidation_dice is not None:
         out["consolidation_dice"] = r(s.consolidation_dice)

@@ -656,7 +656,8 @@ def new_module(model_name: str, recipe: Recipe | None = None) -> nn.Module:
         widths = recipe.widths if recipe is not None and recipe.widths else None
         return mt.MultitaskNet() if widths is None else mt.MultitaskNet(widths=widths)
     if model_name == "consolidation-em":
-        return wu.ConsolidationEM()
+        widths = recipe.widths if recipe is not None and recipe.widths else wu.DEFAULT_WIDTHS
+        return wu.ConsolidationEM(widths=widths)
     raise TrainingError(f"unknown model {model_name!r}; one of {', '.join(MODEL_NAMES)}")
 
 
@@ -668,7 +669,8 @@ def architecture_of(model_name: str, recipe: Recipe | None = None) -> dict[str, 
             "name": "MultitaskNet",
             "kwargs": {"widths": list(widths), "fc_units": 128, "levels": list(mt.PYRAMID_LEVELS)},
         }
-    return {"name": "ConsolidationEM", "kwargs": {"widths": list(wu.DEFAULT_WIDTHS)}}
+    widths = recipe.widths if recipe is not None and recipe.widths else wu.DEFAULT_WIDTHS
+    return {"name": "ConsolidationEM", "kwargs": {"widths": list(widths)}}
 
 
 def train(
@@ -1334,6 +1336,8 @@ def write_manifest(
             }
         )
     deviations = list(DEVIATIONS[model_name])
+    if widths and model_name == "consolidation-em":
+        deviations[1] = deviations[1].replace("widths 16-128", f"widths {widths[0]}-{max(widths)}")
     bce = float((info.get("recipe") or {}).get("unet1_bce_weight") or 0.0)
     if bce and model_name == "consolidation-em":
         deviations.append(
@@ -1534,8 +1538,17 @@ def _recipe_with(recipe: Recipe, item: str, ap: argparse.ArgumentParser) -> Reci
     naming the field otherwise."""
     name, sep, text = item.partition("=")
     fields = {k: v for k, v in asdict(recipe).items() if isinstance(v, (int, float, str, bool))}
+    if sep and name == "widths":
+        try:
+            widths = tuple(int(w) for w in text.split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) < 2 or min(widths) < 1:
+            ap.error(f"--recipe-set {item!r}: widths takes positive whole numbers separated by commas")
+        return replace(recipe, widths=widths)
     if not sep or name not in fields:
-        ap.error(f"--recipe-set {item!r}: give FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        names = ", ".join(sorted([*fields, "widths"]))
+        ap.error(f"--recipe-set {item!r}: give FIELD=VALUE with FIELD one of {names}")
     kind = type(fields[name])
     try:
         value: Any = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
@@ -1577,7 +1590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override one recipe field (a number or word), e.g. unet1_bce_weight=1; repeatable",
+        help="override one recipe field (a number or word; widths: comma-separated), e.g. unet1_bce_weight=1 or "
+        "widths=24,48,96,192,192; repeatable",
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
