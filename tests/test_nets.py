@@ -224,6 +224,41 @@ def test_network_lesions_touching_a_lung_extend_it_over_dense_consolidation() ->
     assert _extend_lungs(front, np.zeros_like(prob), 0.5, LungParams()) is front  # type: ignore[arg-type]
 
 
+def test_network_lesions_beyond_a_rib_of_a_neighbouring_slice_stay_out_of_the_lungs() -> None:
+    """The network fires on consolidation under the lung and on the chest wall beyond it; on this slice
+    the chest wall lies in an intercostal space, but the rib of the slice 5 mm above closes it."""
+    from triaged.analysis.grid import WorkGrid
+    from triaged.analysis.lungs import LungParams
+    from triaged.nets.pipelines import _extend_lungs, _Front
+
+    nz, ny, nx = 3, 80, 80
+    yy, xx = np.mgrid[:ny, :nx]
+    body = np.broadcast_to(((yy - 40) / 36.0) ** 2 + ((xx - 40) / 36.0) ** 2 <= 1.0, (nz, ny, nx)).copy()
+    hu = np.where(body, 40.0, -1000.0).astype(np.float32)
+    lung = (yy >= 15) & (yy < 40) & (xx >= 12) & (xx < 34)
+    hu[:, lung] = -850.0
+    cons = (yy >= 40) & (yy < 45) & (xx >= 12) & (xx < 34)  # 10 mm of consolidation under the lung
+    hu[1][cons] = 30.0
+    labels = np.zeros((nz, ny, nx), np.uint8)
+    labels[:, lung] = 1
+    prob = np.zeros((nz, ny, nx), np.float32)
+    prob[1, 40:53, 12:34] = 0.9  # consolidation and, below row 45, chest-wall muscle
+    grid = WorkGrid.for_volume((nz, ny, nx), (5.0, 2.0, 2.0))
+    box = (slice(0, nz), slice(0, ny), slice(0, nx))
+
+    def extend(hu: np.ndarray) -> np.ndarray:
+        front = _Front(grid, hu, labels, labels.copy(), box, "one lung", (), body)
+        return np.asarray(_extend_lungs(front, prob, 0.5, LungParams()).lungs_coarse)  # type: ignore[arg-type]
+
+    open_wall = extend(hu)
+    assert open_wall[1, 40:53, 12:34].all()  # no rib anywhere near: the chest wall joins (the old leak)
+    hu[0, 45:47, 8:38] = 700.0  # a rib on the slice above, at the level of the pleura
+    out = extend(hu)
+    assert (out[1][cons] == 1).all()  # the consolidation between the lung and the rib joins
+    assert not out[1, 45:53].any()  # the muscle at and beyond the rib's level does not
+    assert np.array_equal(out[[0, 2]], labels[[0, 2]])
+
+
 def test_network_lesions_beyond_the_extension_distance_stay_out() -> None:
     from triaged.analysis.lungs import LungParams
     from triaged.nets import pipelines

@@ -286,3 +286,61 @@ def test_dense_covid_opacities_inside_the_pleura_stay_in_the_lung_mask() -> None
     # today: 75.6 % pooled, 79.4 % per slice; before the pleural-pocket step: 73.7 % and 76.7 %
     assert pooled >= 0.75, f"{100 * pooled:.1f} % of the radiologists' infection pixels inside the lungs"
     assert mean >= 0.78, f"{100 * mean:.1f} % per slice"
+
+
+# ---- lungs extended over the network's lesions (multitask) ---------------------------------------------
+def beyond_ribs_ml(
+    lungs: npt.NDArray[np.uint8],
+    aerated: npt.NDArray[np.bool_],
+    hu: npt.NDArray[np.float32],
+    spacing: tuple[float, float, float],
+) -> tuple[float, float]:
+    """(extended mL, extended mL beyond a rib), on a volume grid.
+
+    Extended voxels are mask voxels outside ``aerated`` (the non-learned lungs). One lies beyond a rib
+    when the straight line from its lung's centroid on that slice to it crosses bone (≥ 300 HU) of any
+    slice within 10 mm: the rib cage encloses the lungs, so consolidated lung never lies beyond a rib
+    seen from the lung's own centre, chest-wall muscle does.
+    """
+    dz = spacing[0]
+    half = int(10.0 // dz)
+    ext = (lungs > 0) & ~aerated
+    bad = 0
+    t = np.linspace(0.0, 1.0, 64)[:, None]
+    for z in np.nonzero(ext.any(axis=(1, 2)))[0]:
+        bone = np.any(hu[max(0, z - half) : z + half + 1] >= 300.0, axis=0)
+        for lab in (1, 2):
+            lung = lungs[z] == lab
+            e = ext[z] & lung
+            if not e.any():
+                continue
+            cy, cx = np.argwhere(lung).mean(axis=0)
+            py, px = np.nonzero(e)
+            ys = np.rint(cy + t * (py - cy)).astype(np.intp)
+            xs = np.rint(cx + t * (px - cx)).astype(np.intp)
+            bad += int(np.count_nonzero(bone[ys, xs].any(axis=0)))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return float(np.count_nonzero(ext)) * voxel_ml, bad * voxel_ml
+
+
+def test_multitask_extends_the_covid_lungs_over_consolidation_but_not_beyond_the_ribs() -> None:
+    """RICORD: the network marks the posterior right-lobe consolidation (kept) and, beside the upper-lobe
+    consolidation, the chest-wall muscle in an intercostal space (was 11.6 mL beyond a rib, 0.03 mL since
+    the rib barrier of ``triaged.nets.pipelines._extend_lungs``)."""
+    from triaged.analysis.lungs import upsample_labels
+    from triaged.nets.pipelines import MultitaskPipeline
+
+    models = Path(__file__).resolve().parents[1] / "models" / "multitask"
+    folder = _folder("RICORD COVID-19 248 x 1.25 mm")
+    rels = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.dcm"))
+    headers, _ = read_headers(folder, rels)
+    volume = load_volume(folder, select_series(headers, RELAXED), "1.2.826.0.1.3680043.8.498.2")
+    lungs = MultitaskPipeline(models).run(volume).masks.lungs
+    grid = WorkGrid.for_volume(volume.hu.shape, volume.spacing)  # type: ignore[arg-type]
+    aerated = upsample_labels(_case("RICORD COVID-19 248 x 1.25 mm").labels, grid) > 0
+    step = 3  # every third row and column: the check is geometric, 2 mm is plenty
+    sub = (slice(None), slice(None, None, step), slice(None, None, step))
+    spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
+    extended, beyond = beyond_ribs_ml(lungs[sub], aerated[sub], volume.hu[sub].astype(np.float32), spacing)
+    assert extended > 30.0, f"only {extended:.1f} mL of consolidation added to the aerated lungs"
+    assert beyond <= 1.0, f"{beyond:.2f} mL of the extended lungs lie beyond a rib"

@@ -69,8 +69,9 @@ WEIGHTS_FILE: Final[str] = "model.pt"
 CHECKPOINT_FILE: Final[str] = "checkpoint.pt"
 #: The version a newly trained card gets, by model: multitask 2.1.0 lobes + CT-SS in the pipeline (weights
 #: format unchanged), 2.2.0 weights trained 150 epochs more (two continuations, ``--init-from``);
-#: consolidation-em 2.2.0 the thick-slice vessel-haze rule (triaged.nets.thick_slices).
-VERSIONS: Final[dict[str, str]] = {"multitask": "2.2.0", "consolidation-em": "2.2.0"}
+#: consolidation-em 2.2.0 the thick-slice vessel-haze rule (triaged.nets.thick_slices); both 2.2.1: the
+#: lungs extended over the network's lesions stop at the ribs (triaged.nets.pipelines._extend_lungs).
+VERSIONS: Final[dict[str, str]] = {"multitask": "2.2.1", "consolidation-em": "2.2.1"}
 #: HU used to pad crops that reach outside the volume (air).
 PAD_HU: Final[float] = -1024.0
 
