@@ -192,8 +192,9 @@ def test_slice_score_measures_how_much_of_the_reference_lesion_the_lung_mask_hol
     assert slice_score("b", pred, np.zeros_like(truth), lungs=lungs).lesion_in_lungs is None
     row = slice_set_row("m", [a, slice_score("c", truth, truth, lungs=np.ones_like(lungs))])
     assert row.lesion_in_lungs == pytest.approx((0.75 + 1.0) / 2)
-    assert "| reference lesion in lung mask | affected % − reference, pp: mean (mean \\|·\\|) | failed |" in (
-        slice_markdown_table([row])
+    assert (
+        "| reference lesion in lung mask | affected % − reference, pp: mean (mean \\|·\\|), ρ | failed |"
+        in (slice_markdown_table([row]))
     )
 
 
@@ -213,7 +214,15 @@ def test_slice_affected_percentages_and_the_severity_error_are_the_pixel_counts_
     row = slice_set_row("m", [a, b, failed])
     assert row.severity_bias == pytest.approx((-20.0 - 400 / 9) / 2)
     assert row.severity_mae == pytest.approx((20.0 + 400 / 9) / 2)
+    assert row.severity_rho is None  # two analysed slices: no rank correlation
     assert "| -32.2 (32.2) |" in slice_markdown_table([row])
+    exact = []
+    for k in (1, 2, 3):  # exact predictions of 1, 2 and 3 pixels: the ranks agree
+        t = np.zeros_like(truth)
+        t[0, :k] = True
+        exact.append(slice_score(str(k), t, t, lungs=np.ones_like(lungs)))
+    ranked = slice_set_row("m", exact)
+    assert ranked.severity_rho == pytest.approx(1.0) and ", ρ 1.00 |" in slice_markdown_table([ranked])
 
 
 def test_volume_severity_sums_the_slices_pixels_and_the_table_scores_each_method() -> None:

@@ -482,6 +482,8 @@ class SliceSetRow:
     #: the analysed slices with lungs (see :attr:`SliceScore.affected_pct`)
     severity_bias: float | None = None
     severity_mae: float | None = None
+    #: Spearman ρ of the affected % against the reference % over the same slices (None below 3 slices)
+    severity_rho: float | None = None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -499,6 +501,7 @@ def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
     with_lesion = [s for s in scores if s.has_lesion]
     cons = [s.consolidation_dice for s in scores if s.consolidation_dice is not None]
     errors = [severity_error(s) for s in scores]
+    paired = [(s.affected_pct, s.reference_pct) for s, e in zip(scores, errors, strict=True) if e is not None]
     return SliceSetRow(
         method=method,
         n_images=len(scores),
@@ -512,7 +515,18 @@ def slice_set_row(method: str, scores: Sequence[SliceScore]) -> SliceSetRow:
         lesion_in_lungs=_mean([s.lesion_in_lungs for s in with_lesion]),
         severity_bias=_mean(errors),
         severity_mae=_mean([None if e is None else abs(e) for e in errors]),
+        severity_rho=_rho(paired),
     )
+
+
+def _rho(pairs: Sequence[tuple[float | None, float | None]]) -> float | None:
+    """Spearman ρ of the pairs (None with fewer than 3 or when either side is constant)."""
+    a = [x for x, y in pairs if x is not None and y is not None]
+    b = [y for x, y in pairs if x is not None and y is not None]
+    if len(a) < 3:
+        return None
+    rho = spearman(a, b)
+    return None if math.isnan(rho) else rho
 
 
 def severity_error(score: SliceScore) -> float | None:
@@ -524,12 +538,13 @@ def severity_error(score: SliceScore) -> float | None:
 def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
     """Markdown table of :class:`SliceSetRow` s (consolidation Dice column only when some row has one;
     "reference lesion in lung mask" is the mean share of the reference lesion inside the lung mask; the
-    affected-% column is :attr:`SliceSetRow.severity_bias` with :attr:`SliceSetRow.severity_mae`)."""
+    affected-% column is :attr:`SliceSetRow.severity_bias` with :attr:`SliceSetRow.severity_mae` and
+    :attr:`SliceSetRow.severity_rho`)."""
     with_cons = any(r.consolidation_dice is not None for r in rows)
     head = ["method", "images (with lesion)", "Dice", "sensitivity", "specificity"]
     if with_cons:
         head.append("consolidation Dice (images)")
-    head += ["reference lesion in lung mask", "affected % − reference, pp: mean (mean \\|·\\|)", "failed"]
+    head += ["reference lesion in lung mask", "affected % − reference, pp: mean (mean \\|·\\|), ρ", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [
@@ -541,7 +556,8 @@ def slice_markdown_table(rows: Sequence[SliceSetRow]) -> str:
         ]
         if with_cons:
             cells.append(f"{_fmt(r.consolidation_dice)} ({r.n_consolidation})")
-        cells += [_fmt(r.lesion_in_lungs), _pp(r.severity_bias, r.severity_mae), str(r.n_failed)]
+        rho = "" if r.severity_rho is None else f", ρ {r.severity_rho:.2f}"
+        cells += [_fmt(r.lesion_in_lungs), _pp(r.severity_bias, r.severity_mae) + rho, str(r.n_failed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -595,8 +611,8 @@ def volume_severity_markdown(results: Mapping[str, Sequence[VolumeSeverity]]) ->
             if v.affected_pct is not None and v.reference_pct is not None
         ]
         errs = [a - r for a, r in pairs]
-        rho = spearman([a for a, _ in pairs], [r for _, r in pairs]) if len(pairs) >= 3 else None
-        rho_text = "–" if rho is None or math.isnan(rho) else f"{rho:.2f}"
+        rho = _rho(pairs)
+        rho_text = "–" if rho is None else f"{rho:.2f}"
         summary.append(f"{_pp(_mean(errs), _mean([abs(e) for e in errs]))} pp, ρ {rho_text}")
     lines.append("| " + " | ".join(summary) + " |")
     return "\n".join(lines) + "\n"
