@@ -72,7 +72,7 @@ def test_built_in_pipelines_satisfy_the_protocol_and_need_only_the_volume() -> N
     for p in default_registry():
         assert isinstance(p, Pipeline)
         assert p.needs == frozenset({"volume"})
-        assert p.version == "1.4" and p.description
+        assert p.version == "1.5" and p.description
 
 
 def test_extra_pipelines_join_the_default_registry() -> None:
@@ -85,7 +85,7 @@ def test_extra_pipelines_join_the_default_registry() -> None:
 def test_pipeline_results_are_consistent_with_their_masks(name: str) -> None:
     volume, result = _result(name)
     f, m = result.findings, result.masks
-    assert f.pipeline == name and f.pipeline_version == "1.4"
+    assert f.pipeline == name and f.pipeline_version == "1.5"
     assert m.lungs.shape == m.lesions.shape == m.consolidation.shape == volume.hu.shape
     assert m.lungs.dtype == np.uint8 and m.lesions.dtype == bool and m.consolidation.dtype == bool
     assert not np.any(m.lesions & (m.lungs == 0)) and not np.any(m.consolidation & ~m.lesions)

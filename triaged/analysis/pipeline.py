@@ -202,7 +202,7 @@ class ThresholdPipeline:
     """Seed 004's thresholding baseline + seed 001's −200 HU consolidation (module docstring)."""
 
     name: str = "threshold"
-    version: str = "1.4"
+    version: str = "1.5"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "HU thresholding baseline of Goncharov et al. 2021 (seed 004): [-700, 300] HU in the lungs, "
@@ -243,7 +243,7 @@ class ClassicalPipeline:
     """Vessel-suppressed density lesions and consolidation (module docstring)."""
 
     name: str = "classical"
-    version: str = "1.4"
+    version: str = "1.5"
     needs: frozenset[str] = frozenset({"volume"})
     description: str = (
         "Classical lesion segmentation: lung HU extended past the pleura, per-slice grey opening "

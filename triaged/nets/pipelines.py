@@ -45,7 +45,7 @@ from triaged.analysis import Pipeline, PipelineRegistry, default_registry
 from triaged.analysis.grid import WorkGrid
 from triaged.analysis.lesions import ThresholdParams, threshold_consolidation
 from triaged.analysis.lobes import lobes_for
-from triaged.analysis.lungs import LungParams, segment_lungs_coarse, upsample_labels
+from triaged.analysis.lungs import LungParams, behind_bone, rib_cage, segment_lungs_coarse, upsample_labels
 from triaged.analysis.severity import findings_from_masks
 from triaged.domain import AnalysisResult, Findings, Masks, Volume
 from triaged.nets import multitask as mt
@@ -72,9 +72,6 @@ CONSOLIDATION_HU = -200.0
 _CONSOLIDATION_CUT = ThresholdParams(consolidation_hu=CONSOLIDATION_HU)
 #: Network lesions outside the air-threshold lungs join a lung within this distance of it, mm (in-plane).
 EXTEND_MM = 30.0
-#: Half-thickness of the slab whose bone stands for the rib cage when lungs are extended, mm: the ribs of
-#: the slices within it close the intercostal gaps of the slice itself (ribs lie 1-2 cm apart along z).
-RIB_SLAB_MM = 10.0
 #: The note of a pipeline whose classifier has not been validated on real data (no P(COVID-19) reported).
 P_COVID_NOT_ASSESSED = "P(COVID-19) not assessed: classifier not validated on real data"
 
@@ -285,12 +282,12 @@ def _extend_lungs(front: _Front, crop_prob: F32, threshold: float, params: LungP
     outside the lungs are added to them when, on their slice, they are connected to a lung, lie within
     :data:`EXTEND_MM` of it and inside the body, and are neither bone (``bone_hu``) nor air outside the
     lungs (below ``air_hu``); each joins the nearer lung. Nor does a voxel that lies beyond the rib cage:
-    one whose straight line to its nearest lung voxel crosses bone of the slices within
-    :data:`RIB_SLAB_MM` (a rib, the scapula; the network fires on the chest-wall muscle next to a
-    consolidation and would otherwise pass through an intercostal space). Everything else the network
-    marks outside the lungs is still dropped.
+    one whose straight line to its nearest lung voxel crosses bone of the slices within ``rib_slab_mm``
+    (:func:`~triaged.analysis.lungs.rib_cage`: a rib, the scapula; the network fires on the chest-wall
+    muscle next to a consolidation and would otherwise pass through an intercostal space). Everything
+    else the network marks outside the lungs is still dropped.
     """
-    dz, dy, dx = front.grid.coarse_spacing
+    _, dy, dx = front.grid.coarse_spacing
     lungs = front.lungs_coarse
     prob = np.zeros(front.grid.coarse_shape, np.float32)
     prob[front.box] = crop_prob
@@ -301,7 +298,6 @@ def _extend_lungs(front: _Front, crop_prob: F32, threshold: float, params: LungP
     four = ndimage.generate_binary_structure(2, 1)
     out = lungs.copy()
     added = 0
-    half = int(RIB_SLAB_MM // dz) if dz > 0 else 0
     for z in np.nonzero(cand.any(axis=(1, 2)))[0]:
         lz = lungs[z]
         if not lz.any():
@@ -310,8 +306,8 @@ def _extend_lungs(front: _Front, crop_prob: F32, threshold: float, params: LungP
         cz = cand[z] & (dist <= EXTEND_MM)
         if not cz.any():
             continue
-        ribs = np.any(hu[max(0, z - half) : z + half + 1] >= params.bone_hu, axis=0) & front.body[z]
-        cz &= ~_behind_bone(cz, iy, ix, ribs, EXTEND_MM / min(dy, dx))
+        ribs = rib_cage(hu, int(z), front.body, front.grid, params.rib_slab_mm, params.bone_hu)
+        cz &= ~behind_bone(cz, iy, ix, ribs, EXTEND_MM / min(dy, dx))
         if not cz.any():
             continue
         grown, _ = ndimage.label(cz | (lz > 0), four)
@@ -324,22 +320,6 @@ def _extend_lungs(front: _Front, crop_prob: F32, threshold: float, params: LungP
     return replace(
         front, lungs_coarse=out, lungs_full=upsample_labels(out, front.grid), extended_voxels=added
     )
-
-
-def _behind_bone(cand: B, iy: npt.NDArray[np.intp], ix: npt.NDArray[np.intp], bone: B, reach_px: float) -> B:
-    """The candidates whose straight line to their nearest lung pixel (``iy``, ``ix``: the indices of
-    the distance transform) passes through ``bone``, sampled every half pixel up to ``reach_px``."""
-    py, px = np.nonzero(cand)
-    out = np.zeros_like(cand)
-    if not py.size or not bone.any():
-        return out
-    qy, qx = iy[py, px], ix[py, px]
-    steps = max(2, int(np.ceil(2 * reach_px)) + 1)
-    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
-    ys = np.rint(qy + t * (py - qy)).astype(np.intp)
-    xs = np.rint(qx + t * (px - qx)).astype(np.intp)
-    out[py, px] = bone[ys, xs].any(axis=0)
-    return out
 
 
 def _to_full(front: _Front, crop_prob: F32, threshold: float) -> B:
