@@ -1057,7 +1057,8 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     direction points away from the body's centre within ``pocket_max_angle_deg``. A connected group of
     candidates touching the lung is added when the lung bordering it is lesional (:func:`_lesional`,
     ``pocket_lesion_hu`` within ``pocket_lesion_ring_mm``; voxels on the lung's cranio-caudal surface
-    left out): ground glass or consolidation continues into it. Each pixel joins its nearest lung.
+    left out): ground glass or consolidation continues into it; groups smaller than ``pocket_min_mm2``
+    are ignored. Each pixel joins its nearest lung.
     """
     _, dy, dx = grid.coarse_spacing
     px_mm = float(min(dy, dx))
@@ -1070,56 +1071,83 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     del lungs_3d
     cos_max = float(np.cos(np.deg2rad(params.pocket_max_angle_deg)))
     ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
+    min_px = max(2, int(round(params.pocket_min_mm2 / (dy * dx))))
     rib_px = params.rib_fill_rib_mm / px_mm
     steps = np.linspace(0.0, 1.0, max(2, int(np.ceil(2 * rib_px)) + 1))
     out = labels.copy()
 
+    pad = int(np.ceil(rib_px)) + 2
+
     def one(z: int) -> None:  # writes out[z] only (for_each_slice)
-        lz = labels[z]
-        if not lz.any():
+        if not labels[z].any():
             return
+        # work in the lungs' bounding box widened by the farthest a rib may lie
+        box = ndimage.find_objects((labels[z] > 0).astype(np.uint8))[0]
+        assert box is not None
+        win = tuple(
+            slice(max(0, b.start - pad), min(n, b.stop + pad))
+            for b, n in zip(box, labels.shape[1:], strict=True)
+        )
+        lz = labels[z][win]
         dist, (iy, ix) = ndimage.distance_transform_edt(lz == 0, sampling=(dy, dx), return_indices=True)
-        hz = hu[z]
-        cand = body[z] & (hz > params.air_hu) & (hz < params.bone_hu) & (lz == 0) & ~cut[z]
+        hz = hu[z][win]
+        cand = body[z][win] & (hz > params.air_hu) & (hz < params.bone_hu) & (lz == 0) & ~cut[z][win]
         cand &= dist <= params.rib_fill_reach_mm
         if not cand.any():
             return
-        bone = rib_cage(hu, z, body, grid, params.rib_slab_mm, params.bone_hu)
+        bone = rib_cage(hu, z, body, grid, params.rib_slab_mm, params.bone_hu)[win]
         if not bone.any():
             return
-        cand &= ~behind_bone(cand, iy, ix, bone, params.rib_fill_reach_mm / px_mm)
         py, px = np.nonzero(cand)
-        if not py.size:
-            return
         vy = (py - iy[py, px]).astype(np.float32)
         vx = (px - ix[py, px]).astype(np.float32)
         norm = np.hypot(vy, vx)
         norm[norm == 0] = 1.0
         uy, ux = vy / norm, vx / norm
+        # pointing away from the body's centre (cheapest test first)
+        rows, cols = np.nonzero(body[z])
+        ry = (py + win[0].start - rows.mean()) * dy
+        rx = (px + win[1].start - cols.mean()) * dx
+        oy, ox = uy * dy, ux * dx
+        ok = (oy * ry + ox * rx >= cos_max * np.hypot(oy, ox) * np.hypot(ry, rx)) & (norm < rib_px)
+        py, px, norm, uy, ux = py[ok], px[ok], norm[ok], uy[ok], ux[ok]
+        if not py.size:
+            return
+        # from the pixel on outward, bone within rib_px of its lung pixel
         ny, nx = lz.shape
-        # from the pixel on outward, up to rib_px from its lung pixel
-        along = norm[None, :] + steps[:, None] * np.maximum(rib_px - norm, 0.0)[None, :]
+        along = norm[None, :] + steps[:, None] * (rib_px - norm)[None, :]
         ys = np.clip(np.rint(iy[py, px] + along * uy), 0, ny - 1).astype(np.intp)
         xs = np.clip(np.rint(ix[py, px] + along * ux), 0, nx - 1).astype(np.intp)
-        ok = bone[ys, xs].any(axis=0) & (norm < rib_px)
-        rows, cols = np.nonzero(body[z])
-        ry, rx = (py - rows.mean()) * dy, (px - cols.mean()) * dx
-        oy, ox = uy * dy, ux * dx
-        ok &= oy * ry + ox * rx >= cos_max * np.hypot(oy, ox) * np.hypot(ry, rx)
+        ok = bone[ys, xs].any(axis=0)
         if not ok.any():
             return
         cz = np.zeros_like(cand)
         cz[py[ok], px[ok]] = True
+        # and not across the rib cage on the way from the lung
+        cz &= ~behind_bone(cz, iy, ix, bone, params.rib_fill_reach_mm / px_mm)
+        if not cz.any():
+            return
         comp, _ = ndimage.label(cz, four)
-        touching = np.unique(comp[ndimage.binary_dilation(lz > 0, four) & cz])
-        gauge = (lz > 0) & ~z_surface[z]
+        touching = np.unique(comp[cz & (dist <= 1.01 * max(dy, dx))])  # next to a lung pixel
+        gauge = (lz > 0) & ~z_surface[z][win]
         add = np.zeros_like(cz)
+        boxes = ndimage.find_objects(comp)
+        sizes = np.bincount(comp.ravel())
         for c_id in touching[touching > 0]:
-            pk = comp == c_id
-            if _lesional(pk, gauge, hz, ring, params.pocket_lesion_hu):
-                add |= pk
+            if sizes[c_id] < min_px:
+                continue
+            cbox = boxes[c_id - 1]
+            assert cbox is not None
+            # the component and the ring around it
+            ring_win = tuple(
+                slice(max(0, b.start - ring), min(n, b.stop + ring))
+                for b, n in zip(cbox, lz.shape, strict=True)
+            )
+            pk = comp[ring_win] == c_id
+            if _lesional(pk, gauge[ring_win], hz[ring_win], ring, params.pocket_lesion_hu):
+                add[ring_win] |= pk
         if add.any():
-            out[z][add] = lz[iy[add], ix[add]]
+            out[z][win][add] = lz[iy[add], ix[add]]
 
     for_each_slice(one, range(labels.shape[0]))
     return out
