@@ -42,7 +42,8 @@ def test_eval_on_three_real_doctor_labelled_slices(tmp_path: Path, capsys: pytes
     # non-learned lung segmentation, which looks for the lungs left and right of the midline
     assert "orientation: 3 of 3 slice(s) show the lungs above and below each other: transposed" in out
     assert ("| method | images (with lesion) | Dice | sensitivity | specificity | reference lesion in lung mask "
-            "| failed |") in out
+            "| affected % − reference, pp: mean (mean \\|·\\|), ρ | failed |") in out
+    assert "Per volume" not in out  # one slice per source: no volumes
     data = json.loads(report.read_text(encoding="utf-8"))
     assert data["kind"] == "slice set" and [s["name"] for s in data["slices"]] == [
         "doctor-label/0", "doctor-label/1", "doctor-label/2"]
@@ -61,12 +62,32 @@ def test_eval_on_three_real_doctor_labelled_slices(tmp_path: Path, capsys: pytes
     assert out.rstrip().endswith(f"{RESEARCH_NOTE}\nJSON report in {report}")
 
 
-def test_eval_split_refuses_a_set_without_one(capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_split_refuses_a_set_without_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    for sub in ("images", "infection"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / sub / f"1.{'jpg' if sub == 'images' else 'png'}")
+    assert main(["eval", str(tmp_path), "--split", "validation", "-p", "classical", "-q", *NONLEARNED]) == 2
+    assert "no validation split is defined" in capsys.readouterr().err
+
+
+def test_eval_of_held_out_pseudo_labelled_slices_sums_them_per_volume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pseudo = REAL_DATA / "medseg-covid-slices" / "pseudo-label"
     if not pseudo.is_dir():
         pytest.skip(f"real data folder {pseudo} is absent (only on development machines)")
-    assert main(["eval", str(pseudo), "--split", "validation", "-p", "classical", "-q", *NONLEARNED]) == 2
-    assert "no validation split is defined" in capsys.readouterr().err
+    report = tmp_path / "r.json"
+    args = ["eval", str(pseudo), "--split", "validation", "--limit", "3", "-p", "classical", "-q", *NONLEARNED]
+    assert main([*args, "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s), validation split" in out
+    assert "Per volume (slices of one source summed), affected % of the lungs:" in out
+    assert "| Data-1_coronacases_org_003 | 3 | " in out  # the first held-out volume
+    (volume,) = json.loads(report.read_text(encoding="utf-8"))["volumes"]
+    assert volume["source"] == "Data-1_coronacases_org_003" and volume["slices"] == 3
+    assert volume["classical"]["reference_pct"] > 0
 
 
 def test_eval_on_a_manifest_of_the_short_real_lidc_stacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
