@@ -87,10 +87,10 @@ slices as ``triaged eval`` reads them (window estimated per slice) hold 87.6 % o
 the mask (84.5 % before; classical's Dice 0.505 → 0.533), while the real series change by at most
 0.02 mL on the no-pneumonia ones and 3.6 mL (of 2.9 L) on RICORD.
 
-Step 9 (lungs of classical/threshold 1.5): RICORD 1a-001012 gains 87 mL, the dense posterior right
-lower-lobe consolidation (right lung 13.3 → 17.6 % affected with ``classical``), the no-pneumonia series
-0.0–1.3 mL (every one still CT0, worst 0.95 % of a lung); the MedSeg slices hold 88.3 % of the infection
-(87.6 % before), the 4 held-out pseudo-labelled volumes 69.6 % (68.3 %).
+Step 9 (lungs of classical/threshold 1.5): RICORD 1a-001012 gains 100 mL, the dense posterior right
+lower-lobe consolidation (right lung 13.3 → 18.4 % affected with ``classical``), the no-pneumonia series
+0.0–2.3 mL (every one still CT0, worst 0.95 % of a lung); the MedSeg slices hold 88.7 % of the infection
+(87.6 % before), the 4 held-out pseudo-labelled volumes 72.2 % (68.3 %).
 
 Limits: consolidation that reaches the pleura with no aerated lung beyond it on that slice stays out
 where no rib lies within ``rib_fill_rib_mm`` of the lung along the way (a lobe filled by bacterial
