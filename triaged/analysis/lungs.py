@@ -1073,7 +1073,11 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
     min_px = max(2, int(round(params.pocket_min_mm2 / (dy * dx))))
     rib_px = params.rib_fill_rib_mm / px_mm
-    steps = np.linspace(0.0, 1.0, max(2, int(np.ceil(2 * rib_px)) + 1))
+    steps = np.linspace(0.0, 1.0, max(2, int(np.ceil(rib_px)) + 1))  # a sample per pixel: a rib is wider
+    # each slice's body centre (rows, columns)
+    body_px = np.maximum(body.sum(axis=(1, 2)), 1)
+    centre_y = body.sum(axis=2) @ np.arange(body.shape[1]) / body_px
+    centre_x = body.sum(axis=1) @ np.arange(body.shape[2]) / body_px
     out = labels.copy()
 
     pad = int(np.ceil(rib_px)) + 2
@@ -1105,9 +1109,8 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
         norm[norm == 0] = 1.0
         uy, ux = vy / norm, vx / norm
         # pointing away from the body's centre (cheapest test first)
-        rows, cols = np.nonzero(body[z])
-        ry = (py + win[0].start - rows.mean()) * dy
-        rx = (px + win[1].start - cols.mean()) * dx
+        ry = (py + win[0].start - centre_y[z]) * dy
+        rx = (px + win[1].start - centre_x[z]) * dx
         oy, ox = uy * dy, ux * dx
         ok = (oy * ry + ox * rx >= cos_max * np.hypot(oy, ox) * np.hypot(ry, rx)) & (norm < rib_px)
         py, px, norm, uy, ux = py[ok], px[ok], norm[ok], uy[ok], ux[ok]
