@@ -224,6 +224,8 @@ def test_a_continuation_starts_from_the_given_models_verified_weights(
 def test_a_continuation_from_weights_that_do_not_fit_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
     recipe = replace(TINY, steps_per_epoch=1)
     small = _one_epoch(tiny_dataset, tmp_path / "small", replace(recipe, widths=(4, 8, 16, 32)), seed=4)
+    deviations = yaml.safe_load((small / MANIFEST).read_text())["deviations_from_seed_paper"]
+    assert any(d.startswith("widths 4-32 (reference code 8-512)") for d in deviations)  # the card names its widths
     with pytest.raises(training.TrainingError, match="do not fit"):
         _one_epoch(
             tiny_dataset, tmp_path / "wide", replace(recipe, widths=(8, 16, 32, 64)), seed=4, init_from=small

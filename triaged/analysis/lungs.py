@@ -893,6 +893,16 @@ def _lesional(pocket: B, lung: B, hu: F32, ring: int, lesion_hu: float) -> bool:
     return bool(border.any()) and float(np.median(hu[border])) > lesion_hu
 
 
+def _z_surface(labels: U8) -> B:
+    """Lung voxels on the lungs' cranio-caudal surface (a neighbouring slice outside the lung): partial
+    volume of a dome or an apex, which must not make a pocket look lesional (steps 8 and 9)."""
+    lungs = labels > 0
+    surface = np.zeros_like(lungs)
+    surface[1:] |= lungs[1:] & ~lungs[:-1]
+    surface[:-1] |= lungs[:-1] & ~lungs[1:]
+    return surface
+
+
 def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, params: LungParams) -> U8:
     """Add dense tissue that lies inside each lung's convex outline on the costal side (step 8).
 
@@ -929,13 +939,7 @@ def _fill_pleural_pockets(labels: U8, hu: F32, body: B, airway: B, grid: WorkGri
     four = ndimage.generate_binary_structure(2, 1)
     ny, nx = labels.shape[1:]
     ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
-    # lung on its cranio-caudal surface (a neighbouring slice outside the lung): partial volume of a
-    # dome or an apex, which must not make a pocket look lesional
-    lungs_3d = labels > 0
-    z_surface = np.zeros_like(lungs_3d)
-    z_surface[1:] |= lungs_3d[1:] & ~lungs_3d[:-1]
-    z_surface[:-1] |= lungs_3d[:-1] & ~lungs_3d[1:]
-    del lungs_3d
+    z_surface = _z_surface(labels)
 
     def one(z: int) -> None:  # writes out[z] only (for_each_slice)
         if not labels[z].any():
@@ -1064,11 +1068,7 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     px_mm = float(min(dy, dx))
     four = ndimage.generate_binary_structure(2, 1)
     cut = ndimage.binary_dilation(airway, _cross2d()) if airway.any() else airway
-    lungs_3d = labels > 0
-    z_surface = np.zeros_like(lungs_3d)
-    z_surface[1:] |= lungs_3d[1:] & ~lungs_3d[:-1]
-    z_surface[:-1] |= lungs_3d[:-1] & ~lungs_3d[1:]
-    del lungs_3d
+    z_surface = _z_surface(labels)
     cos_max = float(np.cos(np.deg2rad(params.pocket_max_angle_deg)))
     ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
     min_px = max(2, int(round(params.pocket_min_mm2 / (dy * dx))))

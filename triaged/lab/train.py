@@ -1252,13 +1252,14 @@ _WINDOW_TEXT: Final[str] = (
     "W1500/L-600 put coronacases soft tissue near -650 HU)."
 )
 
-#: What each model does differently from its seed paper (copied into the model card).
+#: What each model does differently from its seed paper (copied into the model card; ``{widths}`` becomes the
+#: built network's narrowest-widest widths).
 DEVIATIONS: Final[dict[str, list[str]]] = {
     "multitask": [
         "real data first (issue 11): the segmentation branch is trained on real 2D slices only (pseudo-labelled "
         "and doctor-labelled COVID-19 slices, lesion-free slices of real no-pneumonia volumes); no phantoms, "
         "so the classification head is untrained and P(COVID-19) is not reported (p_covid_validated_on: null)",
-        "widths 12-96 (reference code 8-512) and FC 128 (paper 1024); epochs x steps_per_epoch CPU steps of "
+        "widths {widths} (reference code 8-512) and FC 128 (paper 1024); epochs x steps_per_epoch CPU steps of "
         "8 slices (112 px crops) instead of 60k batches",
         "segmentation loss BCE + soft Dice (paper: BCE only)",
         "classification head (LayerNorm of the pooled vector, leaky ReLU) kept in the architecture but not "
@@ -1272,7 +1273,7 @@ DEVIATIONS: Final[dict[str, list[str]]] = {
         "COVID-19 slices with estimated display windows, lesion-free slices of real no-pneumonia volumes); "
         "the EM stage (UNet-2) on the 35 doctor-labelled training slices, whose multiclass labels give the "
         "image-level consolidation z; no phantoms",
-        "widths 16-128 (paper 32-512); epochs x steps_per_epoch CPU steps of 8 crops (96 px) instead of "
+        "widths {widths} (paper 32-512); epochs x steps_per_epoch CPU steps of 8 crops (96 px) instead of "
         "200 + 50 epochs",
         "input not multiplied by a lung mask (the real 8-bit slices have none); outputs are cut to the lungs",
         "learning rate 3e-3, x0.3 at 50 %, x0.1 at 75 % of the UNet-1 steps (paper 1e-2/1e-3/1e-4 over 200 epochs)",
@@ -1336,9 +1337,8 @@ def write_manifest(
                 "licence": _LICENCES["negatives"],
             }
         )
-    deviations = list(DEVIATIONS[model_name])
-    if widths and model_name == "consolidation-em":
-        deviations[1] = deviations[1].replace("widths 16-128", f"widths {widths[0]}-{max(widths)}")
+    built = arch["kwargs"]["widths"]
+    deviations = [d.replace("{widths}", f"{built[0]}-{max(built)}") for d in DEVIATIONS[model_name]]
     bce = float((info.get("recipe") or {}).get("unet1_bce_weight") or 0.0)
     if bce and model_name == "consolidation-em":
         deviations.append(
