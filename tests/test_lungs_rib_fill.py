@@ -69,3 +69,26 @@ def test_without_step_10_the_consolidation_stays_out() -> None:
     labels, truth = _labels(replace(LungParams(), rib_fill=False))
     cons = truth["consolidation"]
     assert np.count_nonzero(labels[cons] == LEFT) <= 0.2 * np.count_nonzero(cons)
+
+
+def test_a_skin_marker_is_not_a_rib() -> None:
+    """Ground glass against the lateral pleura, no rib beside it, an ECG electrode on the skin (+700 HU at
+    the body's edge): the chest wall between lung and skin must not join the lung (CMB-CRC 01068 had a
+    29 mm line of lateral chest wall joined this way before bone at the skin stopped counting)."""
+    hu, truth = _chest()
+    cols = np.arange(SHAPE[2])[None, None, :]
+    rows = np.arange(SHAPE[1])[None, :, None]
+    lateral_gg = (
+        np.broadcast_to((cols >= 100) & (rows >= 35) & (rows < 60), SHAPE) & (hu < -700) & (hu > -920)
+    )
+    hu[lateral_gg] = -450.0  # ground glass along the left lung's lateral pleura (col 106)
+    hu[16:24, 46:51, 114:116] = 700.0  # the electrode, at the skin (the body ends at col 116)
+    grid = WorkGrid.for_volume(SHAPE, SPACING, target_mm=2.0)
+    affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
+    wall = np.broadcast_to((cols >= 108) & (cols < 114) & (rows >= 44) & (rows < 53), SHAPE)
+    labels = segment_lungs_coarse(hu, grid, affine).labels
+    assert not labels[wall].any(), (
+        f"{np.count_nonzero(labels[wall])} voxels of lateral chest wall in the lungs"
+    )
+    at_skin = segment_lungs_coarse(hu, grid, affine, replace(LungParams(), rib_min_depth_mm=0.1)).labels
+    assert labels[wall].sum() < at_skin[wall].sum()  # the electrode counted as a rib would let the wall in

@@ -69,7 +69,8 @@ grid of :mod:`triaged.analysis.grid` (in-plane ~2 mm, z untouched, as seed 004 p
    from the nearest lung pixel does not cross the rib cage (the bone of the slices within
    ``rib_slab_mm``, so a neighbouring rib closes an intercostal space: :func:`rib_cage`,
    :func:`behind_bone`), that line continued outward meets bone within ``rib_fill_rib_mm`` of the lung
-   (between lung and ribs, not the heart, the mediastinum or a dome), it points away from the body's
+   (between lung and ribs, not the heart, the mediastinum or a dome; bone within ``rib_min_depth_mm`` of
+   the skin does not count), it points away from the body's
    centre (``pocket_max_angle_deg``), and the lung beside it is lesional (as in step 8).
 10. **Sides**: the lung whose centroid has the larger LPS x (the affine maps indices to LPS) is the
    left lung (METHODS.md, "Common vocabulary"), whatever the patient position or column order.
@@ -204,6 +205,9 @@ class LungParams:
     rib_fill_reach_mm, rib_fill_rib_mm : float
         Tissue within ``rib_fill_reach_mm`` of the lung (in-plane) is added only when bone lies beyond it
         on the line from its nearest lung pixel through it, within ``rib_fill_rib_mm`` of that pixel.
+    rib_min_depth_mm : float
+        Only bone at least this deep inside the body counts as a rib for step 9 (skin markers, electrodes
+        and the skin's own partial volume read as bone at the body's edge).
     rib_slab_mm : float
         The bone of the slices within this distance (along z) stands for the rib cage: it closes the
         intercostal spaces of the slice itself (:func:`behind_bone`).
@@ -244,6 +248,7 @@ class LungParams:
     rib_fill: bool = True
     rib_fill_reach_mm: float = 30.0
     rib_fill_rib_mm: float = 40.0
+    rib_min_depth_mm: float = 6.0
     rib_slab_mm: float = 10.0
 
 
@@ -1056,8 +1061,9 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     (denser than ``air_hu``, below ``bone_hu``, inside the body, not the airway) within
     ``rib_fill_reach_mm`` of a lung is a candidate when (1) its straight line to the nearest lung pixel
     does not cross the rib cage (:func:`rib_cage`, :func:`behind_bone`: the chest wall beyond a rib
-    stays out), (2) that line, continued beyond it, meets bone within ``rib_fill_rib_mm`` of the lung
-    pixel (it lies between lung and ribs, not in the mediastinum, the heart or a dome), and (3) that
+    stays out), (2) that line, continued beyond it, meets bone at least ``rib_min_depth_mm`` inside the
+    body within ``rib_fill_rib_mm`` of the lung pixel (it lies between lung and ribs, not in the
+    mediastinum, the heart or a dome, nor in the chest wall in front of a skin marker), and (3) that
     direction points away from the body's centre within ``pocket_max_angle_deg``. A connected group of
     candidates touching the lung is added when the lung bordering it is lesional (:func:`_lesional`,
     ``pocket_lesion_hu`` within ``pocket_lesion_ring_mm``; voxels on the lung's cranio-caudal surface
@@ -1069,6 +1075,10 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
     four = ndimage.generate_binary_structure(2, 1)
     cut = ndimage.binary_dilation(airway, _cross2d()) if airway.any() else airway
     z_surface = _z_surface(labels)
+    # ribs lie under the chest wall, not at the skin: bone within rib_min_depth_mm of the body's edge
+    # (an ECG electrode, a marker, the skin's partial volume) does not count
+    depth_px = max(1, int(round(params.rib_min_depth_mm / px_mm)))
+    inner = ndimage.binary_erosion(body, structure=_cross2d(), iterations=depth_px)
     cos_max = float(np.cos(np.deg2rad(params.pocket_max_angle_deg)))
     ring = max(1, int(round(params.pocket_lesion_ring_mm / px_mm)))
     min_px = max(2, int(round(params.pocket_min_mm2 / (dy * dx))))
@@ -1099,7 +1109,7 @@ def _fill_to_ribs(labels: U8, hu: F32, body: B, airway: B, grid: WorkGrid, param
         cand &= dist <= params.rib_fill_reach_mm
         if not cand.any():
             return
-        bone = rib_cage(hu, z, body, grid, params.rib_slab_mm, params.bone_hu)[win]
+        bone = rib_cage(hu, z, inner, grid, params.rib_slab_mm, params.bone_hu)[win]
         if not bone.any():
             return
         py, px = np.nonzero(cand)
