@@ -9,7 +9,7 @@ a band of ground glass (−450 HU); the right lung is normal. The consolidation 
 nothing may join the normal right lung, and nothing beyond the ribs may join either.
 
 On real CT (``tests/test_real_lungs.py``): RICORD 1a-001012 gains the dense posterior right lower-lobe
-consolidation (100 mL), the no-pneumonia series at most 2.3 mL.
+consolidation (100 mL), the no-pneumonia series at most 2.0 mL.
 """
 
 from __future__ import annotations

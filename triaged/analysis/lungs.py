@@ -90,7 +90,7 @@ the mask (84.5 % before; classical's Dice 0.505 → 0.533), while the real serie
 
 Step 9 (lungs of classical/threshold 1.5): RICORD 1a-001012 gains 100 mL, the dense posterior right
 lower-lobe consolidation (right lung 13.3 → 18.4 % affected with ``classical``), the no-pneumonia series
-0.0–2.3 mL (every one still CT0, worst 0.95 % of a lung); the MedSeg slices hold 88.7 % of the infection
+0.0–2.0 mL (every one still CT0, worst 0.95 % of a lung); the MedSeg slices hold 88.7 % of the infection
 (87.6 % before), the 4 held-out pseudo-labelled volumes 72.2 % (68.3 %).
 
 Limits: consolidation that reaches the pleura with no aerated lung beyond it on that slice stays out
