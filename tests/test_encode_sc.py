@@ -172,6 +172,20 @@ def test_the_burned_in_text_states_p_covid_on_a_line_no_image_cuts(
     assert sc._fit(draw, line, sc._font(size), width - 2 * (size // 2)) == line
 
 
+def test_the_burned_in_severity_of_a_ct0_study_below_1_percent_does_not_read_1_percent(case: Case) -> None:
+    from dataclasses import replace
+
+    from triaged.domain import CTGrade, LungMeasures
+    from triaged.encode import sc
+
+    # A real no-pneumonia chest (CMB-CRC, classical): worse lung 0.95 %, CT0. ".1f" printed "1.0 %   CT0".
+    left = LungMeasures(2000.0, 19.1, 0.0)
+    findings = replace(case.findings, left=left, right=LungMeasures(2100.0, 2.0, 0.0), ct_grade=CTGrade.CT0)
+    lines = [text for text, _ in sc._summary_lines(findings, CTX)]
+    assert "Severity 0.96 % (worse lung)   CT0" in lines
+    assert any(text.startswith("Right 0.1 %   Left 0.96 %   Both 0.5 %") for text in lines)
+
+
 @pytest.mark.parametrize(
     "columns",
     [

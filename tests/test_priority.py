@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from triaged.config import PRIORITY_LEVELS, PriorityConfig, PriorityPolicyConfig
-from triaged.domain import CTGrade, Findings, LungMeasures
+from triaged.domain import CTGrade, Findings, LungMeasures, pct_text
 from triaged.priority import (
     PRIORITY_ORDER,
     Priority,
@@ -133,6 +133,34 @@ def test_reasons_say_the_grade_the_worse_lung_the_probability_and_each_escalatio
     )
     assert result.summary.startswith("CT3: 58 % of the left lung affected; P(COVID-19) 0.94 (multitask); STAT")
     assert prioritise(HEALTHY, policy("severity")).reasons[0] == "CT0: no affected lung tissue found"
+
+
+@pytest.mark.parametrize(
+    ("pct", "text"),
+    [
+        (0.0, "0.0"), (0.5, "0.5"), (0.96, "0.96"), (0.999, "0.99"), (1.0, "1.0"), (12.34, "12.3"),
+        (24.96, "24.96"), (25.0, "25.0"), (25.03, "25.03"), (25.0001, "25.01"), (50.04, "50.04"),
+        (74.96, "74.96"), (74.9999, "74.99"), (75.0, "75.0"), (99.99, "100.0"),
+    ],
+)
+def test_a_percentage_never_reads_as_a_grade_edge_it_is_not_on(pct: float, text: str) -> None:
+    assert pct_text(pct) == text
+    shown = float(text)  # the grade read from the text is the grade of the value
+    assert CTGrade.from_affected_pct(shown) == CTGrade.from_affected_pct(pct)
+
+
+@pytest.mark.parametrize(
+    ("right", "reason"),
+    [
+        (0.96, "CT0: 0.96 % of the right lung affected"),  # CMB-CRC measures 0.95 %: not "1 %" beside CT0
+        (1.4, "CT1: 1.4 % of the right lung affected"),
+        (25.3, "CT2: 25.3 % of the right lung affected"),
+        (74.7, "CT3: 74.7 % of the right lung affected"),
+        (31.4, "CT2: 31 % of the right lung affected"),
+    ],
+)
+def test_short_reasons_round_to_whole_percent_but_not_onto_a_grade_edge(right: float, reason: str) -> None:
+    assert prioritise(findings(right), policy("severity")).reasons[0] == reason
 
 
 @pytest.mark.parametrize("scenario", ["identification", "both"])

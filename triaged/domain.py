@@ -231,11 +231,30 @@ class JobRow:
 #: lung at least this affected, in percent...
 CT1_MIN_PCT = 1.0
 #: ...and at least this much lesion volume in both lungs together, in mL. Measured (issue 11): after
-#: the classical pipeline's non-pneumonia filters, real no-pneumonia series measure 0–0.7 % and healthy
+#: the classical pipeline's non-pneumonia filters, real no-pneumonia series measure 0–0.95 % and healthy
 #: or other-pathology phantoms 0.25–0.8 % (vessels at thick slices), while the mildest COVID-19
 #: phantom (2.5 % requested) measures 1.1 % and the RICORD COVID-19 series about 14 %; the volume floor
 #: keeps a few mL from grading a short stack, whose partial lungs are small.
 CT1_MIN_ML = 5.0
+
+
+#: The affected percentages (worse lung) where the CT grade changes: CT0 below 1 %, CT1 up to 25 %
+#: inclusive, CT2 up to 50 % inclusive, CT3 below 75 %, CT4 from 75 %.
+GRADE_EDGES_PCT: tuple[float, ...] = (CT1_MIN_PCT, 25.0, 50.0, 75.0)
+
+
+def pct_text(pct: float) -> str:
+    """An affected percentage as people read it, without the unit: one decimal, but never rounded onto a
+    grade edge (:data:`GRADE_EDGES_PCT`) it is not on. 0.95 % is CT0 and reads "0.95", not "1.0" beside
+    "CT0"; 0.999 reads "0.99"; 25.03 (CT2) reads "25.03", not "25.0"."""
+    text = f"{pct:.1f}"
+    for edge in GRADE_EDGES_PCT:
+        if float(text) == edge and pct != edge:
+            two = round(pct, 2)
+            if two == edge:  # still on it: the last hundredth on the value's own side
+                two = (math.floor(pct * 100) if pct < edge else math.ceil(pct * 100)) / 100
+            return f"{two:.2f}"
+    return text
 
 
 class CTGrade(enum.IntEnum):
@@ -275,7 +294,7 @@ class CTGrade(enum.IntEnum):
                     f"(worse lung {pct:.2f} %{total})")
         bounds = {cls.CT1: f"{CT1_MIN_PCT:g}-25 %", cls.CT2: "25-50 %", cls.CT3: "50-75 %",
                   cls.CT4: ">= 75 %"}
-        return f"{grade.name}: worse lung {pct:.1f} % affected ({bounds[grade]})"
+        return f"{grade.name}: worse lung {pct_text(pct)} % affected ({bounds[grade]})"
 
 
 @dataclass(frozen=True)

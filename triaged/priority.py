@@ -23,7 +23,15 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from triaged.config import Escalation, PriorityPolicyConfig
-from triaged.domain import P_COVID_NOT_ASSESSED, CTGrade, Findings, PriorityLevel, WorklistRow
+from triaged.domain import (
+    GRADE_EDGES_PCT,
+    P_COVID_NOT_ASSESSED,
+    CTGrade,
+    Findings,
+    PriorityLevel,
+    WorklistRow,
+    pct_text,
+)
 
 #: Sort rank of each level (:attr:`PriorityLevel.rank`): lower is read first (STAT < URGENT < ROUTINE).
 PRIORITY_ORDER: Mapping[PriorityLevel, int] = MappingProxyType({level: level.rank for level in PriorityLevel})
@@ -200,7 +208,9 @@ def _severity_text(findings: Findings) -> str:
 
 
 def _pct(x: float) -> str:
-    return f"{x:.0f} %" if x >= 1 else f"{x:.1f} %"
+    """Whole percent for the worklist's short reasons, unless that would round onto a grade edge."""
+    whole = f"{x:.0f}"
+    return f"{whole} %" if x >= 1 and float(whole) not in GRADE_EDGES_PCT else f"{pct_text(x)} %"
 
 
 def _measure(esc: Escalation, findings: Findings, p: float | None, score: float) -> float | None:

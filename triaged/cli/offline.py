@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from triaged.cli._common import AddParser, Subparsers, _table, _write_json, pipeline_problem, with_config
 from triaged.config import Config, load_config
-from triaged.domain import RESEARCH_NOTE, Findings, p_covid_text
+from triaged.domain import RESEARCH_NOTE, Findings, p_covid_text, pct_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -43,7 +43,7 @@ def findings_table(findings: Findings) -> str:
                 name,
                 f"{m.lung_ml:.0f}",
                 f"{m.lesion_ml:.0f}",
-                f"{m.affected_pct:.1f}",
+                pct_text(m.affected_pct),
                 f"{m.consolidation_pct:.1f}",
             ]
         )
@@ -52,7 +52,7 @@ def findings_table(findings: Findings) -> str:
         name = f"{lobe_names.get(lobe.label, str(lobe.label))} (CT-SS {lobe.score})"
         rows.append([name, f"{lobe.lobe_ml:.0f}", f"{lobe.lesion_ml:.0f}", f"{lobe.affected_pct:.1f}", ""])
     text = _table(["", "lung mL", "lesion mL", "affected %", "consolidation %"], rows)
-    extra = [f"CT grade {findings.ct_grade.name} (worse lung {findings.severity_pct:.1f} %)"]
+    extra = [f"CT grade {findings.ct_grade.name} (worse lung {pct_text(findings.severity_pct)} %)"]
     ctss = findings.ct_severity_score
     extra.append(
         "CT severity score not assessed (no lobes)" if ctss is None else f"CT severity score {ctss}/25"

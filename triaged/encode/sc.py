@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from triaged.domain import Findings, Masks, SaliencyBox, Volume, p_covid_text
+from triaged.domain import Findings, Masks, SaliencyBox, Volume, p_covid_text, pct_text
 from triaged.encode.context import (
     NOT_FOR_DIAGNOSTIC_USE,
     SC_SERIES_DESCRIPTION,
@@ -549,13 +549,13 @@ def _summary_lines(findings: Findings, ctx: OutputContext) -> list[tuple[str, tu
     P(COVID-19) (or "P(COVID-19): not assessed" when the pipeline has no classifier validated on real
     data) and the priority get a short line of their own, so that a narrow image never cuts them off.
     """
-    figures = f"Severity {findings.severity_pct:.1f} % (worse lung)   {findings.ct_grade.name}"
+    figures = f"Severity {pct_text(findings.severity_pct)} % (worse lung)   {findings.ct_grade.name}"
     triage = p_covid_text(findings.p_covid)
     if ctx.priority_level:
         triage += f"   Priority {ctx.priority_level}"
     lungs = (
-        f"Right {findings.right.affected_pct:.1f} %   Left {findings.left.affected_pct:.1f} %   "
-        f"Both {findings.whole_lung_pct:.1f} %   Consolidation {findings.consolidation_pct:.1f} %"
+        f"Right {pct_text(findings.right.affected_pct)} %   Left {pct_text(findings.left.affected_pct)} %   "
+        f"Both {pct_text(findings.whole_lung_pct)} %   Consolidation {findings.consolidation_pct:.1f} %"
     )
     severe = _p_severe_line(findings)
     origin = f"triaged {ctx.software_version}   {findings.pipeline} {findings.pipeline_version}   revision {ctx.revision}"

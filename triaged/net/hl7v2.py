@@ -23,6 +23,7 @@ import hl7
 import hl7.mllp
 
 from triaged.config.schema import AnyDestinationConfig, HL7DestinationConfig
+from triaged.domain import pct_text
 from triaged.errors import DispatchError
 from triaged.net.notify import Delivery, Notification, send_each
 from triaged.net.scu import SendResult, StopSignal
@@ -109,11 +110,11 @@ def oru_message(n: Notification, dest: HL7DestinationConfig, *, control_id: str,
     ]
     if n.severity_pct is not None:
         results.append(
-            ("NM", "AFFECTED^Affected lung, worse lung^L", f"{n.severity_pct:.1f}", "%^percent^UCUM")
+            ("NM", "AFFECTED^Affected lung, worse lung^L", pct_text(n.severity_pct), "%^percent^UCUM")
         )
     if n.whole_lung_pct is not None:
         results.append(
-            ("NM", "AFFECTED-BOTH^Affected lung, both lungs^L", f"{n.whole_lung_pct:.1f}", "%^percent^UCUM")
+            ("NM", "AFFECTED-BOTH^Affected lung, both lungs^L", pct_text(n.whole_lung_pct), "%^percent^UCUM")
         )
     if n.ct_grade is not None:
         results.append(("ST", "CTGRADE^CT severity grade (CT0-CT4)^L", escape(n.ct_grade), ""))

@@ -13,7 +13,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from triaged.assembly import select_series
-from triaged.domain import JobRow, JobState, findings_from_json
+from triaged.domain import JobRow, JobState, findings_from_json, pct_text
 from triaged.encode.uids import output_uids
 from triaged.errors import StateError, TriagedError
 from triaged.ledger import Ledger
@@ -342,7 +342,7 @@ class Analysis:
                 seconds: float, peak_rss_mb: float) -> bool:
         findings = findings_from_json(findings_json)
         summary = (f"{findings.pipeline} {findings.pipeline_version}: {findings.ct_grade.name}, "
-                   f"worse lung {findings.severity_pct:.1f} %, whole lung {findings.whole_lung_pct:.1f} % "
+                   f"worse lung {pct_text(findings.severity_pct)} %, whole lung {pct_text(findings.whole_lung_pct)} % "
                    f"({seconds:.1f} s, peak {peak_rss_mb:.0f} MiB)")
         try:
             self.ledger.record_analysis(task.job_id, findings, priority=priority, detail=summary, owner=self._node)
