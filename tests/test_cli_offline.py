@@ -137,7 +137,9 @@ def test_files_with_bad_uids_are_counted_next_to_the_usable_ones(
         load_series_folder(folder, SeriesSelectionConfig())
 
 
-def test_train_says_which_data_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_says_which_data_it_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["train", "multitask", "--out", str(tmp_path / "run")]) == 2
     assert "give --real-slices DIR" in capsys.readouterr().err
     assert main(["train", "multitask", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "no")]) == 2
@@ -153,3 +155,11 @@ def test_train_says_which_data_it_needs(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", "multitask", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "slices"),
                  "--init-from", str(no_model), "--quiet"]) == 2
     assert f"{no_model} is not a model folder (no manifest.yaml in it)" in capsys.readouterr().err
+    # --real-volumes: a bad manifest is refused with its file and line before training starts
+    (tmp_path / "real").mkdir()
+    monkeypatch.setenv("TRIAGED_REAL_DATA", str(tmp_path / "real"))
+    bad = tmp_path / "volumes.csv"
+    bad.write_text("case_id,folder,diagnosis\nx,missing,covid\n", encoding="utf-8")
+    assert main(["train", "consolidation-em", "--out", str(tmp_path / "run"), "--real-slices", str(tmp_path / "slices"),
+                 "--real-volumes", str(bad), "--epochs", "1", "--quiet"]) == 1
+    assert f"triaged: {bad}:2:" in capsys.readouterr().err

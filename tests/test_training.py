@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from triaged.errors import TriagedError
 from triaged.lab import data
 from triaged.lab import train as training
 from triaged.lab.datasets import write_dataset
@@ -290,3 +291,54 @@ def test_the_unet1_bce_term_is_added_to_wus_smooth_dice(tiny_dataset: Path, tmp_
     assert not any(
         "pixel BCE" in d for d in yaml.safe_load((plain / MANIFEST).read_text())["deviations_from_seed_paper"]
     )
+
+
+def _volume_manifest(tmp_path: Path, series: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data root ($TRIAGED_REAL_DATA) with a chest series and an empty folder, and a manifest naming the
+    chest as COVID-19 and as no pneumonia, and the empty folder."""
+    root = tmp_path / "real"
+    root.mkdir()
+    (root / "chest").symlink_to(series, target_is_directory=True)
+    (root / "empty").mkdir()
+    manifest = tmp_path / "volumes.csv"
+    manifest.write_text(
+        "case_id,folder,diagnosis\nsick,chest,covid\nwell,chest,normal\nbroken,empty,normal\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("TRIAGED_REAL_DATA", str(root))
+    return manifest
+
+
+def test_the_card_records_the_whole_pipeline_on_real_volumes_and_what_looks_wrong(
+    tiny_dataset: Path,
+    tmp_path: Path,
+    phantom_ct_series: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest = _volume_manifest(tmp_path, phantom_ct_series, monkeypatch)
+    out = training.train(
+        "consolidation-em", tiny_dataset, tmp_path / "run", epochs=1, seed=2, progress=False,
+        recipe=replace(TINY, steps_per_epoch=2), real_volumes=manifest,
+    )
+    got = yaml.safe_load((out / MANIFEST).read_text())["metrics"]["real_volumes_pipeline"]
+    assert got["manifest"] == "volumes.csv"
+    sick, well, broken = (got["cases"][k] for k in ("sick", "well", "broken"))
+    assert "error" in broken and "broken: failed (" in " ".join(got["warnings"])
+    # the same series under two diagnoses: the same figures, judged by what each diagnosis expects
+    assert sick["whole_pct"] == well["whole_pct"] and sick["ct_grade"] == well["ct_grade"]
+    grade = sick["ct_grade"]
+    assert (f"sick (covid) graded CT0, worse lung {sick['worse_lung_pct']:.2f} %" in got["warnings"]) == (grade == "CT0")
+    assert any(w.startswith(f"well (no pneumonia) graded {grade}") for w in got["warnings"]) == (grade != "CT0")
+    assert got["worst_no_pneumonia"]["case"] == "well" and got["weakest_covid"]["case"] == "sick"
+    err = capsys.readouterr().err
+    assert all(f"real volumes: {w}" in err for w in got["warnings"])
+
+
+def test_a_bad_volume_manifest_is_refused_before_training_starts(
+    tiny_dataset: Path, tmp_path: Path, phantom_ct_series: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _volume_manifest(tmp_path, phantom_ct_series, monkeypatch)
+    manifest.write_text("case_id,folder,diagnosis\nsick,chest,flu\n", encoding="utf-8")
+    with pytest.raises(TriagedError, match=r"volumes\.csv:2: diagnosis .flu. of sick"):
+        _one_epoch(tiny_dataset, tmp_path / "run", TINY, seed=1, model="consolidation-em", real_volumes=manifest)
+    assert not (tmp_path / "run" / training.WEIGHTS_FILE).exists()

@@ -671,6 +671,13 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument(
         "--test-data", type=Path, help="a labelled dataset with unseen seeds for the card's metrics"
     )
+    p.add_argument(
+        "--real-volumes",
+        type=Path,
+        metavar="CSV",
+        help="a volume manifest (e.g. eval/real-volumes.csv): the card also records the whole pipeline with "
+        "the new weights on those real series ($TRIAGED_REAL_DATA, else ../shared/data/real)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
