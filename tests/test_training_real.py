@@ -112,3 +112,53 @@ def test_the_real_only_recipe_trains_the_segmentation_on_real_slices(tmp_path: P
     assert card["architecture"]["kwargs"]["widths"] == [4, 8, 16, 32]
     assert "landmarks" in card["window_estimation"]
     assert [d["source"] for d in card["training"]["data"]][0] == "pseudo-label"
+
+
+def _slices(case: str, values: list[int], shape: tuple[int, int] = (4, 4)) -> list[data.RealSlice]:
+    return [
+        data.RealSlice(f"pseudo-label/{case}_{i}", case, i, np.full(shape, v, np.int16), np.zeros(shape, bool))
+        for i, v in enumerate(values)
+    ]
+
+
+def test_a_neighbour_stack_of_slabs_averages_stride_slices_around_each_neighbour() -> None:
+    """Seed 001's 2.5D input: 7 adjacent slices, or (stride s) 7 slabs of s slices each, as the pipeline
+    averages thin slices into 5 mm slabs; clamped at the ends of a case, never crossing into the next."""
+    pool = _slices("a", list(range(0, 200, 10))) + _slices("b", [999] * 3)
+    plain = data.neighbour_stack(pool, 10, 7)
+    assert [int(x[0, 0]) for x in plain] == [70, 80, 90, 100, 110, 120, 130]
+    slabs = data.neighbour_stack(pool, 10, 7, stride=2)  # slab k: slices 10 + 2k - 1 and 10 + 2k
+    assert [int(x[0, 0]) for x in slabs] == [35, 55, 75, 95, 115, 135, 155]
+    three = data.neighbour_stack(pool, 10, 7, stride=3)  # slab k: slices 10 + 3k - 1 … 10 + 3k + 1
+    assert [int(x[0, 0]) for x in three] == [10, 40, 70, 100, 130, 160, 187]  # the last: 18, 19, 19 (end of a)
+    assert int(data.neighbour_stack(pool, 1, 7, stride=4)[0, 0, 0]) == 0  # case a's first slice at the top
+    assert all(int(x.max()) < 999 for x in data.neighbour_stack(pool, 19, 7, stride=4))  # never case b
+    # a neighbour of another matrix is resized to the centre's
+    odd = _slices("c", [5, 5]) + _slices("c", [7], shape=(8, 8))
+    odd[2] = data.RealSlice("pseudo-label/c_2", "c", 2, np.full((8, 8), 7, np.int16), np.zeros((8, 8), bool))
+    assert data.neighbour_stack(odd, 0, 3, stride=2).shape == (3, 4, 4)
+
+
+def test_the_slab_stride_is_drawn_per_sample_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``neighbour_stride_max`` 1 (the default) always stacks adjacent slices; 4 draws slabs of 1–4 slices."""
+    strides: list[int] = []
+    real_stack = data.neighbour_stack
+
+    def recording(slices: list[data.RealSlice], i: int, n: int, stride: int = 1) -> np.ndarray:
+        strides.append(stride)
+        return real_stack(slices, i, n, stride)
+
+    monkeypatch.setattr(data, "neighbour_stack", recording)
+    pools = training.RealPools(pseudo=_slices("a", list(range(0, 200, 10)), shape=(8, 8)), doctor=[])
+    recipe = replace(
+        training.RECIPES["consolidation-em"], real_flat_stack_p=0.0, crop_hw=(8, 8), doctor_share=0.0, negative_share=0.0
+    )
+    for seed in range(30):
+        training.wu_real_sample(np.random.default_rng(seed), pools, recipe, need_cons_label=False)
+    assert set(strides) == {1}
+    strides.clear()
+    for seed in range(30):
+        training.wu_real_sample(
+            np.random.default_rng(seed), pools, replace(recipe, neighbour_stride_max=4), need_cons_label=False
+        )
+    assert set(strides) == {1, 2, 3, 4}

@@ -342,17 +342,28 @@ def load_negative_slices(root: Path | None = None) -> list[RealSlice]:
     return out
 
 
-def neighbour_stack(slices: Sequence[RealSlice], i: int, n: int) -> I16:
+def neighbour_stack(slices: Sequence[RealSlice], i: int, n: int, stride: int = 1) -> I16:
     """``n`` adjacent slices centred on ``slices[i]`` (same case, clamped at the ends), each resized to
-    the centre's shape: the 2.5D input of seed 001.  A slice without neighbours is repeated."""
+    the centre's shape: the 2.5D input of seed 001.  A slice without neighbours is repeated.
+
+    With ``stride`` s > 1 the stack holds slabs instead: the k-th is the mean of the s slices around
+    ``i + k·s``, as the node's pipeline averages thin slices into 5 mm slabs (a context s times as long)."""
     centre = slices[i]
     half = n // 2
     out = np.empty((n, *centre.hu.shape), np.int16)
-    for k in range(-half, half + 1):
-        img = slices[_clamp_same_case(slices, i, k)].hu
+
+    def image(j: int) -> F32:
+        img = slices[j].hu.astype(np.float32)
         if img.shape != centre.hu.shape:
-            img = np.round(_resize(img.astype(np.float32), centre.hu.shape, order=1)).astype(np.int16)
-        out[k + half] = img
+            img = _resize(img, centre.hu.shape, order=1)
+        return img
+
+    for k in range(-half, half + 1):
+        if stride == 1:
+            out[k + half] = np.round(image(_clamp_same_case(slices, i, k)))
+            continue
+        offsets = [k * stride + d for d in range(-(stride // 2), stride - stride // 2)]
+        out[k + half] = np.round(np.mean([image(_clamp_same_case(slices, i, o)) for o in offsets], axis=0))
     return out
 
 

@@ -115,6 +115,9 @@ class Recipe:
     #: consolidation-em UNet-1: weight of a pixel BCE term added to Wu's per-image smooth Dice (0 = the
     #: paper's loss; with σ = 1 on lesion-free images that loss alone pushes every prediction to zero)
     unet1_bce_weight: float = 0.0
+    #: consolidation-em: a pseudo-labelled 2.5D sample's neighbours are slabs of s adjacent slices, s drawn
+    #: from 1..this (1 = adjacent slices, as before); the node's pipeline feeds 5 mm slabs
+    neighbour_stride_max: int = 1
 
 
 RECIPES: Final[dict[str, Recipe]] = {
@@ -552,7 +555,8 @@ def wu_real_sample(
     if s.case.startswith("doctor-") or rng.random() < recipe.real_flat_stack_p:
         stack = np.repeat(s.hu[None].astype(np.float32), wu.CONTEXT_SLICES, 0)
     else:
-        stack = data.neighbour_stack(pool, i, wu.CONTEXT_SLICES).astype(np.float32)
+        stride = int(rng.integers(1, recipe.neighbour_stride_max + 1)) if recipe.neighbour_stride_max > 1 else 1
+        stack = data.neighbour_stack(pool, i, wu.CONTEXT_SLICES, stride).astype(np.float32)
     cons = s.consolidation if s.consolidation is not None else np.zeros_like(s.lesion)
     aug = augment_real_v2 if recipe.augment == "v2" else augment_real
     stack, (les, cons) = aug(rng, stack, [s.lesion, cons])
